@@ -1,0 +1,87 @@
+"""Mesh, the one table of logical-axis rules, and partition specs.
+
+Every array in jaxdpo is described by logical axis names ("embed", "mlp", "batch", ...). This module
+is the only place that says which mesh axis each name lands on, so changing a parallelism strategy is
+an edit to `LOGICAL_AXIS_RULES`, never a hunt through model code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # rows of a batch: data-parallel and FSDP both split it
+    "seq": None,
+    "vocab": "tensor",
+    "embed": "fsdp",  # the model dimension: where FSDP (ZeRO-3) shards params and optimizer state
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,  # the stacked-layer axis of the scan
+    "norm": None,
+}
+
+
+def logical_to_mesh_axes(names: Sequence[str | None]) -> tuple:
+    """("embed", "mlp") -> ("fsdp", "tensor") via LOGICAL_AXIS_RULES."""
+    out = []
+    for name in names:
+        if name is None:
+            out.append(None)
+        elif name not in LOGICAL_AXIS_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in jaxdpo.sharding.LOGICAL_AXIS_RULES")
+        else:
+            out.append(LOGICAL_AXIS_RULES[name])
+    return tuple(out)
+
+
+def logical_spec(*names: str | None) -> P:
+    return P(*logical_to_mesh_axes(names))
+
+
+def named_sharding(mesh: Mesh, *names: str | None) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(*names))
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """Fill in the single -1 (if any) so that data*fsdp*tensor == num_devices; errors say what to change."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {tuple(sizes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {tuple(sizes)}")
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh: {num_devices} devices cannot be split with fixed axes of product {known} "
+                f"(data, fsdp, tensor = {tuple(sizes)})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available; "
+            f"set mesh.data/mesh.fsdp/mesh.tensor so their product is {num_devices} (or use -1 for one of them)")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes (Explicit axes break the gathers FSDP relies on)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_axis_size(mesh: Mesh) -> int:
+    """How many ways the batch rows are split: rows per step must be a multiple of this."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,87 @@
+"""Default DPO run. With no overrides it trains the bundled demo on a CPU in a few minutes.
+
+    python -m jaxdpo.train --config=configs/dpo.py --config.workdir=/tmp/run1 --config.optim.lr=5e-7
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/demo"  # metrics.jsonl, tensorboard, checkpoints/, hf/, data_report.json
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "assets/demo/model"  # a Hugging Face checkpoint directory (config.json + safetensors)
+    c.model.tokenizer = ""  # tokenizer directory; empty = model.path
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # dtype params and optimizer state are kept in
+    c.model.remat = "none"  # none | full | dots_saveable: what the layer scan saves for backward
+    c.model.attention = "xla"  # xla | cudnn (GPU) | splash (TPU)
+    c.model.logprob_chunk = 256  # tokens per chunk of the LM head + logsumexp
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = "assets/demo/data/train.jsonl"  # comma-separated files/globs/dirs or hub name
+    c.data.eval_files = "assets/demo/data/eval.jsonl"  # empty = hold out data.eval_fraction of train
+    c.data.eval_fraction = 0.0
+    c.data.prompt_key = "prompt"
+    c.data.chosen_key = "chosen"
+    c.data.rejected_key = "rejected"
+    c.data.chat_template = ""  # a template file or literal; empty = the tokenizer's own
+    c.data.max_length = 128  # tokens of prompt + completion (per row of the padded layout)
+    c.data.max_prompt_length = 96
+    c.data.truncation = "keep_end"  # keep_end (cut the prompt from its left) | keep_start
+    c.data.layout = "padded"  # padded | prefix_shared | packed
+    c.data.on_bad_row = "error"  # error | skip
+    c.data.max_samples = 0  # 0 = all
+    c.data.cache_dir = ""  # tokenized-data cache; empty = ~/.cache/jaxdpo
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.types = ("sigmoid",)  # see LOSSES.md / README for the family
+    c.loss.weights = (1.0,)
+    c.loss.beta = 0.1
+    c.loss.label_smoothing = 0.0  # cDPO / robust / exo_pair epsilon
+    c.loss.ipo_length_normalize = True
+    c.loss.gamma = 0.5  # SimPO target margin (already multiplied into the logit: -s(beta*d - gamma))
+    c.loss.lambda_ = 0.1  # ORPO odds-ratio weight
+    c.loss.discopop_tau = 0.05
+    c.loss.nll_coef = 0.0  # RPO: add nll_coef * NLL of the chosen completion
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 10
+    c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0  # never applied to norms and biases
+    c.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # pairs per optimizer step (global, all processes)
+    c.train.micro_batch_size = 32  # pairs per forward/backward; batch_size/micro_batch_size = accumulation
+    c.train.steps = 120  # 0 = derive from train.epochs
+    c.train.epochs = 0.0
+    c.train.eval_every = 40
+    c.train.eval_batch_size = 64
+    c.train.log_every = 5
+    c.train.save_every = 60
+    c.train.keep_checkpoints = 2
+    c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
+    c.train.export_hf = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1 = all remaining devices
+    c.mesh.tensor = 1
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.mode = "device"  # device | host | cached | lora_base | none (reference-free losses)
+    c.reference.path = ""  # reference checkpoint; empty = the initial policy (model.path)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # empty = auto-detect (TPU pod, SLURM) or single process
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.initialization_timeout = 300
+    return c

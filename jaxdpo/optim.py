@@ -1,0 +1,40 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio,
+    )
+
+
+def _path_names(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def weight_decay_mask(params):
+    """True where weight decay applies: everything but norm scales and biases (as HF/TRL do).
+
+    Decided by name, not rank: stacked layers give a norm scale a [layers, dim] shape that a
+    rank test would mistake for a matrix."""
+    def decays(path, _):
+        name = _path_names(path).lower()
+        return not ("norm" in name or "bias" in name)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
+    parts = []
+    if optim_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*parts), schedule

@@ -1,0 +1,310 @@
+"""The training loop: build everything from a config, train, evaluate, checkpoint, export.
+
+`Trainer(config).run()` is the whole program behind `python -m jaxdpo.train`. Building is split into
+small methods in the order a run needs them; the loop itself is `run()`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxdpo import sharding
+from jaxdpo.config import ConfigError
+from jaxdpo.metrics import MetricsLogger
+from jaxdpo.optim import make_optimizer
+from jaxdpo.step import StepFunctions, init_state
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config
+        self.workdir = config.workdir
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        self.replicated = NamedSharding(self.mesh, P())
+
+    # -- building ---------------------------------------------------------------------------------
+    def build_data(self):
+        from transformers import AutoTokenizer
+
+        from jaxdpo.data import load_preference_data
+        from jaxdpo.data.batcher import PairBatcher
+        from jaxdpo.data.layouts import row_length
+
+        cfg = self.config
+        tokenizer_path = cfg.model.tokenizer or cfg.model.path
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.train_pairs, self.eval_pairs, self.data_report = load_preference_data(
+            cfg.data, self.tokenizer, workdir=self.workdir, seed=cfg.seed)
+        all_pairs = [self.train_pairs] + ([self.eval_pairs] if self.eval_pairs is not None else [])
+        self.row_length = max(row_length(p, cfg.data.layout, cfg.data) for p in all_pairs)
+
+        n_proc, proc = jax.process_count(), jax.process_index()
+        self.row_multiple = self._rows_per_process_multiple()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        common = dict(layout=cfg.data.layout, row_length=self.row_length, process_index=proc,
+                      process_count=n_proc, row_multiple=self.row_multiple, pad_id=pad_id)
+        self.batcher = PairBatcher(self.train_pairs, batch_size=cfg.train.batch_size,
+                                   micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                                   shuffle=True, **common)
+        self.eval_batcher = None
+        if self.eval_pairs is not None and len(self.eval_pairs) > 0:
+            self.eval_batcher = PairBatcher(self.eval_pairs, batch_size=cfg.train.eval_batch_size,
+                                            micro_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
+                                            shuffle=False, **common)
+        if cfg.train.steps > 0:
+            self.total_steps = cfg.train.steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * self.batcher.steps_per_epoch))
+
+    def _rows_per_process_multiple(self) -> int:
+        """Rows (and pairs) of each process's micro-batch must split evenly over its batch shards."""
+        cfg = self.config
+        shards = sharding.batch_axis_size(self.mesh)
+        n_proc = jax.process_count()
+        if shards % n_proc:
+            raise ConfigError(f"mesh: data*fsdp = {shards} must be a multiple of the number of processes ({n_proc})")
+        per_process = shards // n_proc
+        for key in ("micro_batch_size", "eval_batch_size"):
+            pairs = getattr(cfg.train, key)
+            if pairs % shards:
+                raise ConfigError(
+                    f"train.{key} = {pairs} pairs must be a multiple of mesh data*fsdp = {shards} "
+                    f"(the batch is split over those devices)")
+        if cfg.train.batch_size % cfg.train.micro_batch_size:
+            raise ConfigError(
+                f"train.batch_size = {cfg.train.batch_size} must be a multiple of train.micro_batch_size "
+                f"= {cfg.train.micro_batch_size} (their ratio is the gradient-accumulation count)")
+        return per_process
+
+    def build_model(self):
+        from jaxdpo.models import from_pretrained
+
+        cfg = self.config
+        with jax.set_mesh(self.mesh):
+            model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
+                                    remat=cfg.model.remat)
+        self.model_config = model.config
+        self.graphdef, self.params, self.frozen = nnx.split(model, nnx.Param, ...)
+        self.num_params = sum(x.size for x in jax.tree.leaves(self.params))
+
+    def build_reference(self):
+        mode = self.config.reference.mode
+        if mode == "device":
+            if self.config.reference.path:
+                from jaxdpo.models import from_pretrained
+                with jax.set_mesh(self.mesh):
+                    ref_model = from_pretrained(self.config.reference.path,
+                                                dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
+                _, self.reference, _ = nnx.split(ref_model, nnx.Param, ...)
+            else:
+                # A real copy: the policy's buffers are donated to the step and change every update.
+                self.reference = jax.tree.map(jnp.copy, self.params)
+        elif mode == "none":
+            self.reference = None
+        else:
+            raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | none)")
+
+    def build_steps(self):
+        cfg = self.config
+        optimizer, self.schedule = make_optimizer(cfg.optim, self.total_steps)
+        self.state = jax.jit(lambda p: init_state(p, optimizer))(self.params)
+        del self.params  # now owned by self.state (donated at every step)
+        shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        self.state_shardings = shardings_of(self.state)
+        self.frozen_shardings = shardings_of(self.frozen)
+        self.reference_shardings = shardings_of(self.reference) if self.reference is not None else None
+        rows = NamedSharding(self.mesh, sharding.logical_spec(None, "batch", None))
+        pairs = NamedSharding(self.mesh, sharding.logical_spec(None, "batch"))
+        self.train_batch_shardings = {k: (pairs if k in PAIR_KEYS else rows) for k in self._batch_keys()}
+        eval_rows = NamedSharding(self.mesh, sharding.logical_spec("batch", None))
+        eval_pairs = NamedSharding(self.mesh, sharding.logical_spec("batch"))
+        self.eval_batch_shardings = {k: (eval_pairs if k in PAIR_KEYS else eval_rows) for k in self._batch_keys()}
+
+        self.steps = StepFunctions(graphdef=self.graphdef, loss_cfg=cfg.loss, optimizer=optimizer,
+                                   schedule=self.schedule, reference_mode=cfg.reference.mode,
+                                   num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
+        self.train_step = self.steps.jit_train_step(
+            state_shardings=self.state_shardings, frozen_shardings=self.frozen_shardings,
+            reference_shardings=self.reference_shardings, batch_shardings=self.train_batch_shardings,
+            replicated=self.replicated)
+        eval_steps = StepFunctions(graphdef=self.graphdef, loss_cfg=cfg.loss, optimizer=optimizer,
+                                   schedule=self.schedule, reference_mode=cfg.reference.mode,
+                                   num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
+        self.eval_step = eval_steps.jit_eval_step(
+            params_shardings=self.state_shardings["params"], frozen_shardings=self.frozen_shardings,
+            reference_shardings=self.reference_shardings, batch_shardings=self.eval_batch_shardings,
+            replicated=self.replicated)
+
+    def _batch_keys(self):
+        keys = ["input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side",
+                "pair_valid"]
+        if self.config.reference.mode == "cached":
+            keys += ["ref_chosen", "ref_rejected"]
+        return keys
+
+    # -- batches ----------------------------------------------------------------------------------
+    def _to_global(self, local: dict[str, np.ndarray], shardings: dict, pair_axis: int) -> dict:
+        """Process-local numpy -> global jax arrays. Pair indices become global: this process's pairs
+        sit after those of the processes before it."""
+        local = dict(local)
+        n_pairs_local = local["pair_valid"].shape[pair_axis]
+        offset = jax.process_index() * n_pairs_local
+        if offset:
+            local["pair_index"] = np.where(local["pair_index"] >= 0, local["pair_index"] + offset, -1)
+        out = {}
+        for key, sharding_ in shardings.items():
+            value = local[key]
+            if jax.process_count() == 1:
+                out[key] = jax.device_put(value, sharding_)
+            else:
+                out[key] = jax.make_array_from_process_local_data(sharding_, value)
+        return out
+
+    def train_batch(self, step: int) -> dict:
+        micro = self.batcher.train_batch(step)
+        stacked = _stack_micro_batches(micro)
+        return self._to_global(stacked, self.train_batch_shardings, pair_axis=1)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_batcher is None:
+            return {}
+        sums: dict[str, float] = {}
+        batches = list(self.eval_batcher.eval_batches())
+        for local in tqdm(batches, desc="eval", leave=False, disable=jax.process_index() != 0):
+            batch = self._to_global(local, self.eval_batch_shardings, pair_axis=0)
+            out = self.eval_step(self.state["params"], self.frozen, self.reference, batch)
+            for k, v in jax.device_get(out).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        pairs = max(sums.pop("pairs"), 1.0)
+        sums.pop("tokens", None)
+        return {k: v / pairs for k, v in sums.items()}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        cfg = self.config
+        self.build_data()
+        self.build_model()
+        self.build_reference()
+        self.build_steps()
+        self.logger = MetricsLogger(self.workdir)
+        self.logger.truncate_after(-1)
+        self._banner()
+
+        start_step = int(jax.device_get(self.state["step"]))
+        eval_metrics = {}
+        if start_step == 0 and self.eval_batcher is not None:
+            eval_metrics = self.evaluate()
+            self.logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
+
+        window: list[dict] = []
+        t_window = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)
+        for step in range(start_step, self.total_steps):
+            batch = self.train_batch(step)
+            self.state, metrics = self.train_step(self.state, self.frozen, self.reference, batch)
+            window.append(metrics)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == self.total_steps:
+                record = _mean_records(jax.device_get(window))
+                elapsed = time.perf_counter() - t_window
+                record["pairs_per_s"] = record["pairs"] * len(window) / elapsed
+                record["tokens_per_s"] = record["tokens"] * len(window) / elapsed
+                record.pop("pairs"), record.pop("tokens")
+                bad = int(jax.device_get(self.state["bad_steps"]))
+                if bad >= cfg.train.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad} consecutive steps had a non-finite loss or gradient (last at step {done}); "
+                        f"no update was applied for them. Lower optim.lr or check the data.")
+                self.logger.write(done, {f"train/{k}": v for k, v in record.items()})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                pairs_s=f"{record['pairs_per_s']:.1f}")
+                window, t_window = [], time.perf_counter()
+            bar.update(1)
+            if self.eval_batcher is not None and (done % cfg.train.eval_every == 0 or done == self.total_steps):
+                eval_metrics = self.evaluate()
+                self.logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
+                          f"accuracy {eval_metrics['rewards/accuracies']:.3f} "
+                          f"margin {eval_metrics['rewards/margins']:.3f}")
+        bar.close()
+        self.export()
+        self.logger.close()
+        self._summary(eval_metrics)
+        return eval_metrics
+
+    def export(self):
+        if not self.config.train.export_hf:
+            return
+        from jaxdpo.models import save_pretrained
+        model = nnx.merge(self.graphdef, self.state["params"], self.frozen)
+        self.hf_dir = os.path.join(self.workdir, "hf")
+        save_pretrained(model, self.hf_dir, tokenizer=self.tokenizer)
+
+    def _banner(self):
+        cfg = self.config
+        accumulation = cfg.train.batch_size // cfg.train.micro_batch_size
+        _log("\n".join([
+            "jaxdpo",
+            f"  model      {cfg.model.path}  ({self.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})",
+            f"  devices    {jax.device_count()} x {jax.devices()[0].platform}, {jax.process_count()} process(es), "
+            f"mesh {dict(self.mesh.shape)}",
+            f"  data       {len(self.train_pairs)} train pairs, "
+            f"{len(self.eval_pairs) if self.eval_pairs is not None else 0} eval pairs, layout {cfg.data.layout}, "
+            f"rows of {self.row_length} tokens",
+            f"  batch      {cfg.train.batch_size} pairs/step = {accumulation} x {cfg.train.micro_batch_size}, "
+            f"{self.total_steps} steps",
+            f"  loss       {', '.join(cfg.loss.types)} (beta {cfg.loss.beta}), reference {cfg.reference.mode}",
+            f"  outputs    {os.path.abspath(self.workdir)}",
+        ]))
+
+    def _summary(self, eval_metrics):
+        lines = ["done."]
+        if eval_metrics:
+            lines.append("  final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+        lines.append(f"  metrics    {os.path.abspath(self.logger.path)}")
+        if getattr(self, "hf_dir", None):
+            lines.append(f"  HF export  {os.path.abspath(self.hf_dir)}")
+        _log("\n".join(lines))
+
+
+def _stack_micro_batches(micro_batches: list[dict]) -> dict[str, np.ndarray]:
+    """[A] dicts -> one dict of [A, ...] arrays; rows are padded to the longest micro-batch (packed
+    layouts may need different row counts) with rows that count for no pair."""
+    max_rows = max(m["input_ids"].shape[0] for m in micro_batches)
+    out = {}
+    for key in micro_batches[0]:
+        parts = []
+        for m in micro_batches:
+            value = m[key]
+            if key not in PAIR_KEYS and value.shape[0] < max_rows:
+                fill = -1 if key == "pair_index" else 0
+                pad = np.full((max_rows - value.shape[0],) + value.shape[1:], fill, value.dtype)
+                value = np.concatenate([value, pad])
+            parts.append(value)
+        out[key] = np.stack(parts)
+    return out
+
+
+def _mean_records(records: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}

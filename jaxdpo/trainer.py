@@ -34,11 +34,14 @@ def _log(msg: str) -> None:
 
 
 class Trainer:
-    def __init__(self, config):
+    def __init__(self, config, *, devices=None):
         self.config = config
         self.workdir = config.workdir
         os.makedirs(self.workdir, exist_ok=True)
-        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        try:
+            self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.replicated = NamedSharding(self.mesh, P())
 
     # -- building ---------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""End-to-end behaviour of a DPO run on tiny local assets (issue 2's acceptance)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdpo.metrics import read_metrics
+from jaxdpo.trainer import Trainer
+from tests.tiny_assets import make_run_assets, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+def train(assets, workdir, devices=None, **overrides):
+    trainer = Trainer(tiny_run_config(assets, str(workdir), **overrides), devices=devices)
+    trainer.run()
+    return trainer, read_metrics(str(workdir))
+
+
+def series(records, key):
+    return [r[key] for r in records if key in r]
+
+
+def test_step0_equals_ln2_and_export_matches_transformers(assets, tmp_path):
+    trainer, records = train(assets, tmp_path, **{"train.eval_every": 3})
+    # The first step's loss is computed before any update, with the policy equal to the reference.
+    assert series(records, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert series(records, "train/rewards/margins")[0] == pytest.approx(0.0, abs=1e-6)
+    assert series(records, "train/rewards/accuracies")[0] == 0.0
+    assert series(records, "eval/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert series(records, "eval/rewards/accuracies")[0] == 0.0
+    assert len(series(records, "eval/loss")) == 2  # step 0 and the end
+    assert series(records, "train/loss")[-1] < math.log(2)  # it learns
+
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = tmp_path / "hf"
+    torch_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    ids = np.asarray([tokenizer("What color is the owl? The owl is gold.")["input_ids"]], np.int32)
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(ids).long()).logits.numpy()
+    model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.frozen)
+    got = np.asarray(model(ids))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_gradient_accumulation_is_exact(assets, tmp_path):
+    one = jax.devices()[:1]
+    full, rec_full = train(assets, tmp_path / "1x8", devices=one)
+    accum, rec_accum = train(assets, tmp_path / "4x2", devices=one, **{"train.micro_batch_size": 2})
+    np.testing.assert_allclose(series(rec_accum, "train/loss"), series(rec_full, "train/loss"), atol=1e-6)
+    np.testing.assert_allclose(series(rec_accum, "train/grad_norm"), series(rec_full, "train/grad_norm"), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(accum.state["params"]), jax.tree.leaves(full.state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_eight_devices_match_one(assets, tmp_path):
+    _, rec_one = train(assets, tmp_path / "one", devices=jax.devices()[:1])
+    _, rec_eight = train(assets, tmp_path / "eight", **{"mesh.fsdp": 8})
+    np.testing.assert_allclose(series(rec_eight, "train/loss"), series(rec_one, "train/loss"), atol=1e-5)
+    np.testing.assert_allclose(series(rec_eight, "eval/loss"), series(rec_one, "eval/loss"), atol=1e-5)

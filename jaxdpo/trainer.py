@@ -6,6 +6,7 @@ small methods in the order a run needs them; the loop itself is `run()`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -203,17 +204,56 @@ class Trainer:
         return {k: v / pairs for k, v in sums.items()}
 
     # -- the loop ---------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed by this run."""
+        cfg = self.config
+        return {
+            "model": dataclasses.asdict(self.model_config),
+            "param_dtype": cfg.model.param_dtype,
+            "layout": cfg.data.layout,
+            "max_length": cfg.data.max_length,
+            "train_pairs": len(self.train_pairs),
+            "batch_size": cfg.train.batch_size,
+            "loss_types": list(cfg.loss.types),
+            "reference_mode": cfg.reference.mode,
+            "seed": cfg.seed,
+        }
+
+    def restore_or_start(self) -> int:
+        """Resume from the newest good checkpoint in WORKDIR/checkpoints, if any; returns the start step."""
+        from jaxdpo import checkpoint
+
+        cfg = self.config
+        self.checkpointer = checkpoint.Checkpointer(
+            os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+            save_every=cfg.train.save_every)
+        restored = self.checkpointer.restore_latest(checkpoint.abstract_like(self.state),
+                                                    expected_meta_fingerprint=self.fingerprint())
+        if restored is None:
+            return 0
+        step, self.state, meta = restored
+        _log(f"  resumed    from checkpoint step {step} (data position {meta.get('data_position', step)})")
+        return step
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        from jaxdpo.checkpoint import FINGERPRINT_KEY
+        meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint()}
+        self.checkpointer.save(step, self.state, meta, force=force)
+
     def run(self) -> dict[str, float]:
+        from jaxdpo.checkpoint import install_preemption_handler, resume_message
+
         cfg = self.config
         self.build_data()
         self.build_model()
         self.build_reference()
         self.build_steps()
-        self.logger = MetricsLogger(self.workdir)
-        self.logger.truncate_after(-1)
         self._banner()
+        start_step = self.restore_or_start()
+        self.logger = MetricsLogger(self.workdir)
+        self.logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
+        preempted = install_preemption_handler()
 
-        start_step = int(jax.device_get(self.state["step"]))
         eval_metrics = {}
         if start_step == 0 and self.eval_batcher is not None:
             eval_metrics = self.evaluate()
@@ -223,6 +263,7 @@ class Trainer:
         t_window = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
+        self.preempted = False
         for step in range(start_step, self.total_steps):
             batch = self.train_batch(step)
             self.state, metrics = self.train_step(self.state, self.frozen, self.reference, batch)
@@ -236,9 +277,11 @@ class Trainer:
                 record.pop("pairs"), record.pop("tokens")
                 bad = int(jax.device_get(self.state["bad_steps"]))
                 if bad >= cfg.train.max_bad_steps:
+                    self.checkpointer.close()
                     raise RuntimeError(
                         f"{bad} consecutive steps had a non-finite loss or gradient (last at step {done}); "
-                        f"no update was applied for them. Lower optim.lr or check the data.")
+                        f"none of them was applied and the last good checkpoint is intact in "
+                        f"{self.checkpointer.directory}. Lower optim.lr or check the data.")
                 self.logger.write(done, {f"train/{k}": v for k, v in record.items()})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                 pairs_s=f"{record['pairs_per_s']:.1f}")
@@ -250,7 +293,16 @@ class Trainer:
                 bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
                           f"accuracy {eval_metrics['rewards/accuracies']:.3f} "
                           f"margin {eval_metrics['rewards/margins']:.3f}")
+            self.save(done, force=done == self.total_steps)
+            if done < self.total_steps and preempted(done):
+                self.save(done, force=True)
+                self.checkpointer.close()
+                bar.close()
+                _log(resume_message(self.workdir))
+                self.preempted = True
+                return eval_metrics
         bar.close()
+        self.checkpointer.close()
         self.export()
         self.logger.close()
         self._summary(eval_metrics)
@@ -286,6 +338,7 @@ class Trainer:
         if eval_metrics:
             lines.append("  final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
         lines.append(f"  metrics    {os.path.abspath(self.logger.path)}")
+        lines.append(f"  checkpoint {self.checkpointer.directory} (rerun the same command to resume or extend)")
         if getattr(self, "hf_dir", None):
             lines.append(f"  HF export  {os.path.abspath(self.hf_dir)}")
         _log("\n".join(lines))

@@ -1,0 +1,209 @@
+"""Multi-host start-up: the layout decision (pure) and two real local processes talking over gloo.
+
+The two-process tests run this file as a script (`python tests/test_distributed.py worker ...`), one
+process per simulated host with 2 CPU devices each, so the global mesh has 4 devices.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxdpo import distributed
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---------------------------------------------------------------------------------------------
+# plan(): where the layout comes from
+
+
+def test_plan_single_process_when_nothing_is_set():
+    p = distributed.plan({"coordinator_address": "", "num_processes": 0, "process_id": -1,
+                          "initialization_timeout": 300}, environ={}, tpu_present=False)
+    assert p.source == "single" and not p.is_multi_process
+    assert p.heartbeat_timeout == distributed.DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def test_plan_config_wins_over_environment():
+    env = {"JAXDPO_COORDINATOR_ADDRESS": "10.0.0.9:1", "JAXDPO_NUM_PROCESSES": "8", "JAXDPO_PROCESS_ID": "5"}
+    p = distributed.plan({"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
+                          "initialization_timeout": 30, "heartbeat_timeout": 7}, environ=env, tpu_present=False)
+    assert (p.source, p.coordinator_address, p.num_processes, p.process_id) == ("config", "10.0.0.1:1234", 4, 2)
+    assert (p.initialization_timeout, p.heartbeat_timeout) == (30, 7)
+
+
+def test_plan_environment_fills_unset_fields():
+    env = {"JAXDPO_COORDINATOR_ADDRESS": "127.0.0.1:5000", "JAXDPO_NUM_PROCESSES": "2", "JAXDPO_PROCESS_ID": "1"}
+    p = distributed.plan({"coordinator_address": "", "num_processes": 0, "process_id": -1}, environ=env,
+                         tpu_present=False)
+    assert (p.source, p.coordinator_address, p.num_processes, p.process_id) == ("env", "127.0.0.1:5000", 2, 1)
+    mixed = distributed.plan({"process_id": 0}, environ=env, tpu_present=False)
+    assert (mixed.source, mixed.process_id, mixed.num_processes) == ("config+env", 0, 2)
+
+
+def test_plan_slurm_and_tpu_are_left_to_jax_detection():
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "0"}
+    p = distributed.plan({}, environ=slurm, tpu_present=False)
+    assert (p.source, p.coordinator_address, p.num_processes, p.process_id) == ("slurm", None, None, None)
+    assert distributed.plan({}, environ={"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"}, tpu_present=False).source \
+        == "single"
+    assert distributed.plan({}, environ={}, tpu_present=True).source == "tpu"
+    assert distributed.plan({}, environ={"TPU_WORKER_HOSTNAMES": "h0,h1"}).source == "tpu"
+
+
+def test_plan_errors_say_what_to_set():
+    with pytest.raises(RuntimeError, match="srun"):
+        distributed.plan({}, environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}, tpu_present=False)
+    with pytest.raises(ValueError, match="num_processes and process_id are not.*JAXDPO_NUM_PROCESSES"):
+        distributed.plan({"coordinator_address": "h:1"}, environ={}, tpu_present=False)
+    with pytest.raises(ValueError, match="process_id=3 is outside 0..1"):
+        distributed.plan({"coordinator_address": "h:1", "num_processes": 2, "process_id": 3}, environ={},
+                         tpu_present=False)
+    with pytest.raises(ValueError, match="no coordinator address"):
+        distributed.plan({"num_processes": 2, "process_id": 0}, environ={}, tpu_present=False)
+    with pytest.raises(ValueError, match="JAXDPO_PROCESS_ID='one' is not an integer"):
+        distributed.plan({}, environ={"JAXDPO_PROCESS_ID": "one"}, tpu_present=False)
+    with pytest.raises(ValueError, match="heartbeat_timeout must be a positive"):
+        distributed.plan({"heartbeat_timeout": -5}, environ={}, tpu_present=False)
+
+
+def test_initialize_kwargs_match_this_jax():
+    p = distributed.plan({"coordinator_address": "h:1", "num_processes": 2, "process_id": 0,
+                          "heartbeat_timeout": 9, "shutdown_timeout": 11}, environ={}, tpu_present=False)
+    kwargs = distributed._initialize_kwargs(p)
+    assert kwargs["coordinator_address"] == "h:1" and kwargs["num_processes"] == 2 and kwargs["process_id"] == 0
+    assert kwargs["heartbeat_timeout_seconds"] == 9 and kwargs["shutdown_timeout_seconds"] == 11
+
+
+def test_single_process_initialize_is_a_no_op_and_describe_reports_devices(monkeypatch):
+    for name in ("JAXDPO_COORDINATOR_ADDRESS", "JAXDPO_NUM_PROCESSES", "JAXDPO_PROCESS_ID", "SLURM_NTASKS",
+                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    distributed.initialize({"coordinator_address": "", "num_processes": 0, "process_id": -1})
+    import jax
+    assert not jax.distributed.is_initialized()
+    assert distributed.is_main_process()
+    text = distributed.describe()
+    assert "process 0 of 1" in text and f"{jax.device_count()} global" in text and "platform cpu" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# two real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(port: int, process_id: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "PMI_"))}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               JAXDPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXDPO_NUM_PROCESSES="2",
+               JAXDPO_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _start_pair(mode: str, heartbeat_timeout: int) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", mode, str(heartbeat_timeout)],
+                             env=_child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for pid in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
+    """(returncode, output, seconds until exit) per process; kills everything left after `timeout`."""
+    start = time.monotonic()
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"process still running after {timeout}s (hang); output:\n{out[-3000:]}")
+        results.append((proc.returncode, out, time.monotonic() - start))
+    return results
+
+
+def test_two_processes_agree_on_a_global_reduction():
+    results = _finish(_start_pair("ok", heartbeat_timeout=20), timeout=120)
+    for rc, out, _ in results:
+        assert rc == 0, out[-3000:]
+    lines = [[line for line in out.splitlines() if line.startswith("RESULT")] for _, out, _ in results]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, (lines, results[0][1][-2000:])
+    # rows r=0..3 hold r*10 + (0, 1, 2): sum = 10*3*(0+1+2+3) + 4*(0+1+2) = 192; mean = 16; psum of
+    # per-device row sums = the same 192.
+    assert lines[0][0] == "RESULT sum=192.0 mean=16.0 psum=192.0 processes=2 devices=4"
+    assert "process 0 of 2; devices: 2 local, 4 global" in results[0][1]
+    assert "process 1 of 2; devices: 2 local, 4 global" in results[1][1]
+
+
+def test_a_dead_peer_stops_the_survivor_within_bounded_time():
+    heartbeat_timeout = 5
+    procs = _start_pair("peer_dies", heartbeat_timeout=heartbeat_timeout)
+    results = _finish(procs, timeout=90)
+    (rc0, out0, seconds0), (rc1, out1, _) = results
+    assert rc1 == 3 and "process 1 exiting without a goodbye" in out1, out1[-2000:]
+    # The survivor is stuck waiting for its peer in a collective; the coordination service notices
+    # the missing heartbeats and terminates it (SIGABRT), instead of it waiting forever.
+    assert rc0 != 0, out0[-3000:]
+    assert "survivor finished" not in out0
+    assert seconds0 < 60, f"survivor took {seconds0:.0f}s to stop"
+    assert any(hint in out0 for hint in ("stopped sending heartbeats", "another task died", "tasks have crashed")), \
+        out0[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker (runs in the child processes)
+
+
+def _worker(mode: str, heartbeat_timeout: int) -> None:
+    distributed.initialize({"coordinator_address": "", "num_processes": 0, "process_id": -1,
+                            "initialization_timeout": 60, "heartbeat_timeout": heartbeat_timeout,
+                            "shutdown_timeout": 15})
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxdpo.sharding import make_mesh
+
+    print(distributed.describe(), flush=True)
+    mesh = make_mesh(data=2, fsdp=2, tensor=1)  # 4 devices over 2 processes
+    rows = P(("data", "fsdp"))
+    # Each process holds only its own 2 rows of the global [4, 3] batch: row r = r*10 + (0, 1, 2).
+    first_row = 2 * jax.process_index()
+    local = np.stack([np.arange(3, dtype=np.float32) + 10 * r for r in (first_row, first_row + 1)])
+    batch = jax.make_array_from_process_local_data(NamedSharding(mesh, rows), local)
+    assert batch.shape == (4, 3), batch.shape
+
+    if mode == "peer_dies" and jax.process_index() == 1:
+        print("process 1 exiting without a goodbye", flush=True)
+        os._exit(3)  # a crash: no atexit, no distributed shutdown
+
+    replicated = NamedSharding(mesh, P())
+    total, mean = jax.jit(lambda x: (jnp.sum(x), jnp.mean(x)), out_shardings=(replicated, replicated))(batch)
+
+    def per_device_sum(block):  # block: this device's rows
+        return jax.lax.psum(jnp.sum(block), ("data", "fsdp"))
+
+    psum = jax.jit(jax.shard_map(per_device_sum, mesh=mesh, in_specs=rows, out_specs=P()))(batch)
+    if mode == "peer_dies":  # keep talking to the (dead) peer: this must not hang forever
+        for step in range(1000):
+            jax.jit(jnp.sum, out_shardings=replicated)(batch + step).block_until_ready()
+        print("survivor finished", flush=True)
+        return
+    print(f"RESULT sum={float(total)} mean={float(mean)} psum={float(psum)} "
+          f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
+    _worker(sys.argv[2], int(sys.argv[3]))

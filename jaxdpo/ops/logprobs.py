@@ -1,0 +1,88 @@
+"""Per-token logprobs of the targets without materializing [batch, time, vocab] logits, and the
+segment sums that turn them into per-pair completion logprobs.
+
+The LM head and the fp32 logsumexp run over chunks of the time axis. Each chunk's computation is
+wrapped in `jax.checkpoint` and the chunks run in a `lax.map` (a scan), so the forward keeps only
+one chunk of logits alive and the backward recomputes one chunk at a time instead of saving them all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _chunk_logprobs(hidden_chunk, head_weight, target_chunk, logit_softcap):
+    """log p(target) for one chunk: hidden [B,C,D], head [D,V], targets [B,C] -> [B,C] float32."""
+    # The matmul runs in the hidden's dtype (bf16 on accelerators) and accumulates in fp32.
+    logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, head_weight.astype(hidden_chunk.dtype),
+                        preferred_element_type=jnp.float32)
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    # Targets on padding may hold any id (-100, pad id, ...); clip so the gather stays in range and
+    # finite. Those positions are dropped later by `pair_sums`, which never reads them.
+    safe_targets = jnp.clip(target_chunk, 0, logits.shape[-1] - 1)
+    target_logits = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    return target_logits - log_normalizer
+
+
+def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *,
+                   chunk_size: int = 256, logit_softcap: float | None = None) -> jax.Array:
+    """log p(targets[b,t] | hidden[b,t]) as [B,T] float32, computed chunk by chunk over T.
+
+    hidden: [B,T,D] final-normed hidden states; head_weight: [D,V]; targets: [B,T] int.
+    logit_softcap: if set, logits become c*tanh(logits/c) before the softmax (Gemma 2).
+    Values at positions whose target is out of [0, V) are meaningless (but finite).
+    """
+    batch, time, _ = hidden.shape
+    if targets.shape != (batch, time):
+        raise ValueError(f"token_logprobs: targets shape {targets.shape} does not match hidden "
+                         f"[B,T]=({batch}, {time})")
+    if chunk_size <= 0:
+        raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size} "
+                         "(config key model.logprob_chunk)")
+    chunk = min(chunk_size, time)
+    num_chunks = -(-time // chunk)
+    padded_time = num_chunks * chunk
+    if padded_time != time:
+        # Pad T up to a whole number of chunks; the padded positions are sliced off at the end.
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded_time - time), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padded_time - time)))
+
+    # [B, N*C, ...] -> [N, B, C, ...]: the chunk axis leads so lax.map walks over it.
+    hidden_chunks = jnp.moveaxis(hidden.reshape(batch, num_chunks, chunk, -1), 1, 0)
+    target_chunks = jnp.moveaxis(targets.reshape(batch, num_chunks, chunk), 1, 0)
+
+    # The head weight is an explicit argument of the checkpointed function, so its gradient is
+    # accumulated chunk by chunk by the scan's transpose.
+    chunk_fn = jax.checkpoint(functools.partial(_chunk_logprobs, logit_softcap=logit_softcap))
+    logprob_chunks = jax.lax.map(lambda hy: chunk_fn(hy[0], head_weight, hy[1]),
+                                 (hidden_chunks, target_chunks))
+    logprobs = jnp.moveaxis(logprob_chunks, 0, 1).reshape(batch, padded_time)
+    return logprobs[:, :time]
+
+
+def pair_sums(token_lp: jax.Array, pair_index: jax.Array, side: jax.Array,
+              num_pairs: int) -> dict[str, jax.Array]:
+    """Per-pair completion logprob sums and lengths from per-token logprobs.
+
+    token_lp, pair_index, side: [R,T]. A token counts for pair `pair_index` (-1 = none) on the chosen
+    side (side == 1) or the rejected side (side == 2). Returns {pc, pr, nc, nr}, each [P] float32:
+    pc/pr sum the chosen/rejected token logprobs, nc/nr count those tokens.
+    """
+    in_pair = (pair_index >= 0) & (pair_index < num_pairs)
+    # Uncounted tokens go to segment 0 with value 0 (a `where`, not a multiply, so a stray NaN on
+    # padding cannot leak into a real pair's sum or gradient).
+    segment = jnp.where(in_pair, pair_index, 0).reshape(-1)
+    flat_lp = token_lp.astype(jnp.float32).reshape(-1)
+    sums = {}
+    for side_value, logp_key, count_key in ((1, "pc", "nc"), (2, "pr", "nr")):
+        counted = (in_pair & (side == side_value)).reshape(-1)
+        sums[logp_key] = jax.ops.segment_sum(jnp.where(counted, flat_lp, 0.0), segment,
+                                             num_segments=num_pairs)
+        sums[count_key] = jax.ops.segment_sum(counted.astype(jnp.float32), segment,
+                                              num_segments=num_pairs)
+    return sums

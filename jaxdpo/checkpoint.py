@@ -134,17 +134,31 @@ def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
     return lines
 
 
+def _plain_path(path) -> str:
+    """A tree path as `a/b/0`: orbax stores named tuples (optax states) as dicts and tuples as lists, so the
+    saved tree and the live one only agree on the key names, not on the container types."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
 def _structure_differences(saved_tree, abstract_storage) -> list[str]:
     """Compare the saved state's tree paths, shapes and dtypes against what this run will restore into."""
-    saved = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
-    wanted = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_storage)[0]}
-    lines = [f"state{k}: only in the checkpoint" for k in sorted(set(saved) - set(wanted))]
-    lines += [f"state{k}: missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
+    saved = {_plain_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+    wanted = {_plain_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_storage)[0]}
+    lines = [f"state/{k}: only in the checkpoint" for k in sorted(set(saved) - set(wanted))]
+    lines += [f"state/{k}: missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
     for key in sorted(set(saved) & set(wanted)):
         shape_a, shape_b = tuple(getattr(saved[key], "shape", ())), tuple(wanted[key].shape)
         dtype_a, dtype_b = getattr(saved[key], "dtype", None), wanted[key].dtype
         if shape_a != shape_b or (dtype_a is not None and np.dtype(dtype_a) != np.dtype(dtype_b)):
-            lines.append(f"state{key}: checkpoint {dtype_a}{list(shape_a)} vs now {dtype_b}{list(shape_b)}")
+            lines.append(f"state/{key}: checkpoint {dtype_a}{list(shape_a)} vs now {dtype_b}{list(shape_b)}")
     return lines
 
 
@@ -254,6 +268,7 @@ class Checkpointer:
         Raises ConfigError when the checkpoint belongs to a different run (fingerprint or state layout
         differs), or when steps exist but none can be read.
         """
+        self._manager.wait_until_finished()  # our own pending save, if any, is part of the history
         self._manager.reload()  # another process (the killed run) may have written since we opened
         steps = self.all_steps()
         failures = []
@@ -318,7 +333,7 @@ def abstract_like(state):
 
 # ----- preemption -------------------------------------------------------------------------------------
 
-def install_preemption_handler(*, message_stream=sys.stderr) -> Callable[..., bool]:
+def install_preemption_handler() -> Callable[..., bool]:
     """Catch SIGTERM (and the first Ctrl-C) so the loop can finish its step, save and exit cleanly.
 
     Returns `preempted(step=None) -> bool`. Single host: true once a signal arrived. Multi-host: every
@@ -332,13 +347,13 @@ def install_preemption_handler(*, message_stream=sys.stderr) -> Callable[..., bo
     def on_sigterm(signum, frame):
         flag.set()
         print("jaxdpo: SIGTERM received; finishing the current step, then saving a checkpoint and exiting",
-              file=message_stream, flush=True)
+              file=sys.stderr, flush=True)
 
     def on_sigint(signum, frame):
         flag.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("jaxdpo: Ctrl-C received; finishing the current step, then saving a checkpoint and exiting "
-              "(press Ctrl-C again to stop immediately without saving)", file=message_stream, flush=True)
+              "(press Ctrl-C again to stop immediately without saving)", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigint)

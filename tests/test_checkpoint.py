@@ -1,0 +1,258 @@
+"""Checkpoints on their own (issue 5): toy pytrees of sharded arrays, no trainer needed."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxdpo.checkpoint import (Checkpointer, CorruptCheckpointWarning, abstract_like, fingerprint_differences,
+                               install_preemption_handler)
+from jaxdpo.config import ConfigError
+from jaxdpo.sharding import make_mesh
+
+FINGERPRINT = {"model": {"hidden_size": 32, "num_layers": 2}, "vocab_size": 300, "layout": "padded"}
+
+
+def toy_state(mesh, seed: int = 0):
+    """A trainer-like state: fsdp-sharded params (f32 and bf16), adam state, step, a typed PRNG key."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    fsdp_rows = NamedSharding(mesh, P("fsdp", None))
+    params = {
+        "embed": jax.device_put(jax.random.normal(keys[0], (64, 32), jnp.float32), fsdp_rows),
+        "mlp": jax.device_put(jax.random.normal(keys[1], (32, 16), jnp.bfloat16), fsdp_rows),
+        "norm": jax.device_put(jnp.linspace(-1, 1, 32), NamedSharding(mesh, P())),
+    }
+    opt_state = optax.adam(1e-3).init(params)
+    opt_state = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 7, opt_state)
+    replicated = NamedSharding(mesh, P())
+    return {"params": params, "opt_state": opt_state,
+            "step": jax.device_put(jnp.int32(seed), replicated),
+            "rng": jax.device_put(keys[2], replicated)}
+
+
+def abstract_on(mesh, state):
+    """What a run on `mesh` asks restore for: same shapes/dtypes, this mesh's shardings (same specs)."""
+    def on_mesh(x):
+        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+    return jax.tree.map(on_mesh, state)
+
+
+def assert_bit_equal(a_tree, b_tree):
+    a_leaves, a_def = jax.tree.flatten(a_tree)
+    b_leaves, b_def = jax.tree.flatten(b_tree)
+    assert a_def == b_def
+    for a, b in zip(a_leaves, b_leaves):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert a.dtype == b.dtype
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.fixture
+def mesh8():
+    return make_mesh(1, 8, 1)
+
+
+def save_steps(directory, mesh, steps, *, keep=3):
+    with Checkpointer(directory, keep=keep, save_every=1) as ckpt:
+        for step in steps:
+            assert ckpt.save(step, toy_state(mesh, step), {"data_position": step * 8, "fingerprint": FINGERPRINT})
+
+
+def test_roundtrip_is_bit_exact_and_save_copies_before_returning(tmp_path, mesh8):
+    state = toy_state(mesh8, 5)
+    expected = jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x), state)
+    abstract = abstract_like(state)
+    ckpt = Checkpointer(tmp_path, keep=2, save_every=10)
+    assert ckpt.save(5, state, {"data_position": 40, "fingerprint": FINGERPRINT, "note": ("a", 1)}, force=True)
+    # The trainer donates the state to the next step right after save(): buffers may vanish before the
+    # background write finishes.
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()
+    ckpt.wait()
+    ckpt.close()
+
+    step, restored, meta = Checkpointer(tmp_path, keep=2, save_every=10).restore_latest(
+        abstract, expected_meta_fingerprint=FINGERPRINT)
+    assert step == 5
+    assert meta == {"data_position": 40, "fingerprint": FINGERPRINT, "note": ["a", 1]}
+    got = jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x), restored)
+    assert_bit_equal(got, expected)
+    assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
+    assert restored["rng"].dtype == jax.random.key(0).dtype
+    assert restored["params"]["embed"].sharding.spec == P("fsdp", None)
+    # The restored key draws the same numbers as the saved one would have.
+    np.testing.assert_array_equal(jax.random.normal(restored["rng"], (3,)),
+                                  jax.random.normal(toy_state(mesh8, 5)["rng"], (3,)))
+
+
+def test_empty_directory_restores_nothing(tmp_path, mesh8):
+    assert Checkpointer(tmp_path / "fresh", keep=1, save_every=1).restore_latest(
+        abstract_like(toy_state(mesh8))) is None
+
+
+def test_schedule_and_rotation_keep_newest(tmp_path, mesh8):
+    ckpt = Checkpointer(tmp_path, keep=2, save_every=3)
+    assert [s for s in range(1, 10) if ckpt.should_save(s)] == [3, 6, 9]
+    meta = {"fingerprint": FINGERPRINT}
+    assert not ckpt.save(4, toy_state(mesh8, 4), meta)  # off schedule
+    for step in (3, 6, 7, 9):
+        assert ckpt.save(step, toy_state(mesh8, step), meta, force=(step == 7))
+    assert not ckpt.save(9, toy_state(mesh8, 9), meta, force=True)  # never rewrites a committed step
+    ckpt.wait()
+    assert ckpt.all_steps() == [7, 9]
+    assert not ckpt.should_save(9)
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["7", "9"]
+    ckpt.close()
+    assert Checkpointer(tmp_path, keep=2, save_every=0).should_save(12) is False
+
+
+def truncate_files(step_dir, subdir="state"):
+    """Cut every data file of one item in half, as a disk-full or interrupted copy would."""
+    count = 0
+    for root, _, files in os.walk(os.path.join(step_dir, subdir)):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.sep + "d" in root and os.path.getsize(path) > 0:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                count += 1
+    assert count > 0
+
+
+def test_truncated_newest_falls_back_to_previous(tmp_path, mesh8):
+    save_steps(tmp_path, mesh8, [2, 4])
+    truncate_files(tmp_path / "4")
+    ckpt = Checkpointer(tmp_path, keep=3, save_every=2)
+    with pytest.warns(CorruptCheckpointWarning, match=r"checkpoint step 4 .*unreadable.*trying the previous one"):
+        step, restored, meta = ckpt.restore_latest(abstract_on(mesh8, toy_state(mesh8)))
+    assert step == 2 and meta["data_position"] == 16
+    assert_bit_equal(restored["params"], toy_state(mesh8, 2)["params"])
+
+
+def test_unreadable_metadata_falls_back_and_all_bad_is_an_error(tmp_path, mesh8):
+    save_steps(tmp_path, mesh8, [1, 2])
+    with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
+        f.write('{"data_posit')  # a half-written JSON file
+    abstract = abstract_on(mesh8, toy_state(mesh8))
+    with pytest.warns(CorruptCheckpointWarning, match="step 2"):
+        assert Checkpointer(tmp_path, keep=3, save_every=1).restore_latest(abstract)[0] == 1
+    shutil.rmtree(tmp_path / "1" / "state")
+    with pytest.warns(CorruptCheckpointWarning), pytest.raises(ConfigError, match="none can be restored"):
+        Checkpointer(tmp_path, keep=3, save_every=1).restore_latest(abstract)
+
+
+@pytest.mark.parametrize("n_devices", [4, 1])
+def test_saved_on_8_devices_restores_on_fewer(tmp_path, mesh8, n_devices):
+    save_steps(tmp_path, mesh8, [3])
+    small_mesh = make_mesh(1, n_devices, 1, devices=jax.devices()[:n_devices])
+    abstract = abstract_on(small_mesh, toy_state(mesh8))
+    step, restored, _ = Checkpointer(tmp_path, keep=3, save_every=1).restore_latest(abstract)
+    assert step == 3
+    embed = restored["params"]["embed"]
+    assert embed.sharding.mesh.devices.size == n_devices
+    assert len(embed.addressable_shards) == n_devices
+    assert embed.addressable_shards[0].data.shape == (64 // n_devices, 32)
+    assert_bit_equal(jax.device_get(restored["params"]), jax.device_get(toy_state(mesh8, 3)["params"]))
+    assert int(restored["step"]) == 3
+
+
+def test_different_run_is_a_config_error(tmp_path, mesh8):
+    save_steps(tmp_path, mesh8, [1])
+    ckpt = Checkpointer(tmp_path, keep=3, save_every=1)
+    abstract = abstract_on(mesh8, toy_state(mesh8))
+    other = {"model": {"hidden_size": 64, "num_layers": 2}, "vocab_size": 300, "layout": "packed"}
+    with pytest.raises(ConfigError) as error:
+        ckpt.restore_latest(abstract, expected_meta_fingerprint=other)
+    message = str(error.value)
+    assert "model.hidden_size: checkpoint=32 now=64" in message
+    assert "layout: checkpoint='padded' now='packed'" in message
+    assert "num_layers" not in message and "fresh workdir" in message
+    # Without a fingerprint, a state of another shape is still caught before any array is read.
+    bigger = dict(abstract, params=dict(abstract["params"], embed=jax.ShapeDtypeStruct(
+        (128, 32), jnp.float32, sharding=abstract["params"]["embed"].sharding)))
+    with pytest.raises(ConfigError, match=r"state/params/embed: checkpoint float32\[64, 32\] vs now"):
+        ckpt.restore_latest(bigger)
+
+
+def test_fingerprint_differences_lists_added_and_removed_keys():
+    assert fingerprint_differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []
+    assert fingerprint_differences({"a": 1}, {"c": {"d": 2}}) == [
+        "a: checkpoint=1 now=<absent>", "c.d: checkpoint=<absent> now=2"]
+
+
+def test_uncommitted_tmp_directory_is_ignored(tmp_path, mesh8):
+    save_steps(tmp_path, mesh8, [2])
+    # Exactly what an async save killed before its final rename leaves behind (here complete, even).
+    # Both tmp-name styles orbax has used (with and without a timestamp suffix).
+    for name in ("5.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1700000000000000"):
+        shutil.copytree(tmp_path / "2", tmp_path / name)
+    ckpt = Checkpointer(tmp_path, keep=3, save_every=1)
+    assert ckpt.all_steps() == [2]
+    assert ckpt.restore_latest(abstract_on(mesh8, toy_state(mesh8)))[0] == 2
+    assert sorted(os.listdir(tmp_path)) == ["2"]  # leftovers are cleaned when a manager opens
+
+
+def test_process_killed_during_async_save_keeps_previous(tmp_path):
+    """A real interrupted async save: the process dies (no cleanup, like SIGKILL) right after save()."""
+    script = textwrap.dedent(f"""
+        import os
+        import jax, jax.numpy as jnp
+        from jaxdpo.checkpoint import Checkpointer
+        ckpt = Checkpointer({str(tmp_path)!r}, keep=3, save_every=1)
+        ckpt.save(1, {{"w": jnp.ones((4, 4))}}, {{}}); ckpt.wait()
+        ckpt.save(2, {{"w": jnp.ones((4096, 4096))}}, {{}})  # 64 MiB: still being written when we die
+        os._exit(0)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    assert not (tmp_path / "2").exists()
+    assert (tmp_path / "2.orbax-checkpoint-tmp").exists() or any(
+        name.startswith("2.orbax-checkpoint-tmp-") for name in os.listdir(tmp_path))  # it really was cut short
+    ckpt = Checkpointer(tmp_path, keep=3, save_every=1)
+    assert ckpt.all_steps() == [1]
+    abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+        jax.devices()[0]))}
+    step, restored, _ = ckpt.restore_latest(abstract)
+    assert step == 1 and float(restored["w"].sum()) == 16.0
+
+
+@pytest.fixture
+def restore_signal_handlers():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_sigterm_sets_the_preempted_flag(restore_signal_handlers, capsys):
+    preempted = install_preemption_handler()
+    assert preempted() is False
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preempted() is True and preempted(step=3) is True
+    assert "SIGTERM received" in capsys.readouterr().err
+
+
+def test_first_ctrl_c_asks_to_stop_second_one_interrupts(restore_signal_handlers, capsys):
+    preempted = install_preemption_handler()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preempted() is True
+    assert "press Ctrl-C again" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the signal is delivered between bytecodes
+            pass

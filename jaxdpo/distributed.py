@@ -101,7 +101,7 @@ def plan(dist_cfg: Mapping | None, environ: Mapping[str, str] | None = None,
     num_processes (0 = unset), process_id (-1 = unset), initialization_timeout, and optionally
     heartbeat_timeout and shutdown_timeout (seconds).
     """
-    dist_cfg = dist_cfg or {}
+    dist_cfg = {} if dist_cfg is None else dist_cfg
     environ = os.environ if environ is None else environ
     timeouts = dict(
         initialization_timeout=int(dist_cfg.get("initialization_timeout") or DEFAULT_INITIALIZATION_TIMEOUT_S),

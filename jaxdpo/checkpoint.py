@@ -14,6 +14,7 @@ tries the newest step first and falls back to older ones, warning with the step 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -111,19 +112,67 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _normalize_json(value):
-    """Tuples become lists (as they come back from JSON) so a fingerprint compares equal after a roundtrip."""
-    if isinstance(value, Mapping):
-        return {str(k): _normalize_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_normalize_json(v) for v in value]
+# Config keys whose change makes a resumed run something other than the continuation of the saved one:
+# the data order and content (so the saved data position means the same pairs), the objective and the
+# optimizer. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
+# logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
+RESUME_CRITICAL_KEYS = (
+    "seed", "model.param_dtype", "model.tokenizer",
+    "data.train_files", "data.eval_files", "data.eval_fraction", "data.prompt_key", "data.chosen_key",
+    "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
+    "data.layout", "data.on_bad_row", "data.max_samples",
+    "loss", "optim", "train.batch_size", "reference.mode", "reference.path",
+)
+
+
+def _lookup(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
     return value
+
+
+def _jsonable(value):
+    """JSON-ready copy: ConfigDicts and mappings -> dicts, tuples -> lists (as they come back from JSON, so
+    a fingerprint compares equal after a roundtrip), numpy scalars -> Python, anything else -> str."""
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | None = None) -> dict[str, Any]:
+    """The dict to store as meta["fingerprint"] and pass back as `expected_meta_fingerprint` on resume.
+
+    `config` is the run's ConfigDict (keys missing from it are skipped); `model_config` (a dataclass or
+    dict: the architecture) and `vocab_size` catch a different model behind the same path.
+    """
+    fingerprint: dict[str, Any] = {}
+    for key in RESUME_CRITICAL_KEYS:
+        try:
+            fingerprint[key] = _jsonable(_lookup(config, key))
+        except (KeyError, AttributeError):
+            continue
+    if model_config is not None:
+        if dataclasses.is_dataclass(model_config):
+            model_config = dataclasses.asdict(model_config)
+        fingerprint["model_config"] = _jsonable(model_config)
+    if vocab_size is not None:
+        fingerprint["vocab_size"] = int(vocab_size)
+    return fingerprint
 
 
 def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
     """Human-readable lines `key: checkpoint=<a> now=<b>` for every (dotted) key whose value differs."""
-    saved_flat = _flatten_dict(_normalize_json(saved))
-    expected_flat = _flatten_dict(_normalize_json(expected))
+    saved_flat = _flatten_dict(_jsonable(saved))
+    expected_flat = _flatten_dict(_jsonable(expected))
     missing = object()
     lines = []
     for key in sorted(set(saved_flat) | set(expected_flat)):
@@ -228,7 +277,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(**{
                 _STATE: ocp.args.StandardSave(storage),
-                _META: ocp.args.JsonSave(_normalize_json(dict(meta))),
+                _META: ocp.args.JsonSave(_jsonable(dict(meta))),
                 _LAYOUT: ocp.args.JsonSave(layout),
             }),
             force=True,  # the schedule is decided above; orbax's own policy would second-guess it

@@ -14,8 +14,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxdpo.checkpoint import (Checkpointer, CorruptCheckpointWarning, abstract_like, fingerprint_differences,
-                               install_preemption_handler)
+from jaxdpo.checkpoint import (Checkpointer, CorruptCheckpointWarning, abstract_like, config_fingerprint,
+                               fingerprint_differences, install_preemption_handler)
 from jaxdpo.config import ConfigError
 from jaxdpo.sharding import make_mesh
 
@@ -193,6 +193,53 @@ def test_fingerprint_differences_lists_added_and_removed_keys():
     assert fingerprint_differences({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []
     assert fingerprint_differences({"a": 1}, {"c": {"d": 2}}) == [
         "a: checkpoint=1 now=<absent>", "c.d: checkpoint=<absent> now=2"]
+
+
+def test_config_fingerprint_flags_what_breaks_an_exact_resume():
+    from configs import dpo
+
+    config = dpo.get_config()
+    saved = config_fingerprint(config, model_config={"hidden_size": 32, "rope_theta": 1e4}, vocab_size=300)
+    changed = dpo.get_config()
+    changed.optim.lr *= 2
+    changed.data.layout = "packed"
+    changed.mesh.fsdp, changed.train.steps, changed.train.save_every = 2, 500, 7  # allowed on resume
+    now = config_fingerprint(changed, model_config={"hidden_size": 32, "rope_theta": 1e4}, vocab_size=300)
+    assert fingerprint_differences(saved, now) == [
+        "data.layout: checkpoint='padded' now='packed'",
+        f"optim.lr: checkpoint={config.optim.lr!r} now={changed.optim.lr!r}"]
+    assert fingerprint_differences(saved, config_fingerprint(config, model_config={"hidden_size": 64,
+                                   "rope_theta": 1e4}, vocab_size=300)) == [
+        "model_config.hidden_size: checkpoint=32 now=64"]
+
+
+def test_flax_nnx_state_with_the_real_optimizer_roundtrips_onto_one_device(tmp_path, mesh8):
+    """The trainer's state: nnx.State params (Param variables, int layer keys) + jaxdpo.optim's chain."""
+    from flax import nnx
+    from ml_collections import ConfigDict
+
+    from jaxdpo.optim import make_optimizer
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(64, 32, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(32, 32, rngs=rngs) for _ in range(2)])
+            self.norm = nnx.RMSNorm(32, rngs=rngs)
+
+    _, params, _ = nnx.split(Tiny(nnx.Rngs(0)), nnx.Param, ...)
+    params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh8, P("fsdp") if x.ndim == 2 else P())),
+                          params)
+    optimizer, _ = make_optimizer(ConfigDict(dict(lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, b1=0.9, b2=0.99,
+                                                  eps=1e-8, weight_decay=0.1, grad_clip=1.0)), 10)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(4),
+             "bad_steps": jnp.int32(0)}
+    with Checkpointer(tmp_path, keep=1, save_every=4) as ckpt:
+        ckpt.save(4, state, {"data_position": np.int64(32)})
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    step, restored, meta = Checkpointer(tmp_path, keep=1, save_every=4).restore_latest(abstract_on(one, state))
+    assert step == 4 and meta == {"data_position": 32}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert_bit_equal(jax.device_get(restored), jax.device_get(state))
 
 
 def test_uncommitted_tmp_directory_is_ignored(tmp_path, mesh8):

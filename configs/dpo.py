@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 96
     c.data.truncation = "keep_end"  # keep_end (cut the prompt from its left) | keep_start
     c.data.layout = "padded"  # padded | prefix_shared | packed
+    c.data.pack_length = 0  # tokens per row of the packed layout; 0 = 2 * max_length
     c.data.on_bad_row = "error"  # error | skip
     c.data.max_samples = 0  # 0 = all
     c.data.cache_dir = ""  # tokenized-data cache; empty = ~/.cache/jaxdpo

@@ -1,0 +1,100 @@
+"""Deterministic, resumable, per-process batches of pairs.
+
+Global step s of a run lives in epoch e = s // steps_per_epoch. The epoch's order is a permutation drawn
+from (seed, e); step s takes the next batch_size pairs of that order, splits them into micro-batches of
+micro_batch_size pairs, and this process takes its contiguous 1/process_count of each micro-batch. So
+the data of a step is a pure function of (seed, step): resuming at step k needs no saved iterator state,
+and every process agrees on the global batch without talking to the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxdpo.config import ConfigError
+from jaxdpo.data.layouts import make_batch, pack_rows, shared_length
+
+
+class PairBatcher:
+    def __init__(self, pairs, *, layout: str, row_length: int, batch_size: int, micro_batch_size: int,
+                 seed: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 row_multiple: int = 1, pad_id: int = 0):
+        if batch_size % micro_batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} is not a multiple of "
+                              f"train.micro_batch_size={micro_batch_size}")
+        if micro_batch_size % process_count:
+            raise ConfigError(f"train.micro_batch_size={micro_batch_size} does not split evenly over "
+                              f"{process_count} processes")
+        self.pairs = pairs
+        self.layout = layout
+        self.row_length = row_length
+        self.batch_size = batch_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.process_index = process_index
+        self.process_count = process_count
+        self.row_multiple = row_multiple
+        self.pad_id = pad_id
+        self.local_pairs = micro_batch_size // process_count  # P of every micro-batch this process builds
+        rows_per_pair = {"padded": 2, "prefix_shared": 1}.get(layout)
+        if rows_per_pair is not None and (rows_per_pair * self.local_pairs) % row_multiple:
+            raise ConfigError(f"a micro-batch of {self.local_pairs} pairs per process makes "
+                              f"{rows_per_pair * self.local_pairs} {layout} rows, which do not split over the "
+                              f"{row_multiple} batch shards of a process; make train.micro_batch_size / "
+                              f"processes a multiple of {row_multiple // np.gcd(row_multiple, rows_per_pair)}")
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches per epoch (the remainder of an epoch is not used: every step has batch_size pairs)."""
+        steps = self.num_pairs // self.batch_size
+        if steps == 0:
+            raise ConfigError(f"the training data has {self.num_pairs} pairs, fewer than one batch of "
+                              f"train.batch_size={self.batch_size}; lower the batch size or add data")
+        return steps
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_pairs)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+
+    def step_indices(self, step: int) -> np.ndarray:
+        """Dataset indices of the global batch of `step` (all processes)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.batch_size
+        return self.epoch_order(epoch)[start:start + self.batch_size]
+
+    def _micro_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of this process's slice of one global micro-batch (indices may be fewer than full)."""
+        slices = [indices[k * self.local_pairs:(k + 1) * self.local_pairs] for k in range(self.process_count)]
+        mine = [self.pairs[int(i)] for i in slices[self.process_index]]
+        num_rows = None
+        if self.layout == "packed":
+            # Global arrays need the same shape on every process: each process packs every slice
+            # (it holds the whole dataset) and uses the largest row count.
+            needed = max(len(pack_rows([shared_length(*self.pairs[int(i)]) for i in s], self.row_length))
+                         for s in slices)
+            num_rows = max(-(-needed // self.row_multiple), 1) * self.row_multiple
+        return make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
+                          row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
+
+    def train_batch(self, step: int) -> list[dict[str, np.ndarray]]:
+        """The micro-batches of global step `step` for this process."""
+        indices = self.step_indices(step)
+        return [self._micro_batch(indices[k:k + self.micro_batch_size])
+                for k in range(0, self.batch_size, self.micro_batch_size)]
+
+    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every pair exactly once, in order; the last micro-batch is filled with pair_valid=0 pairs."""
+        order = np.arange(self.num_pairs)
+        for k in range(0, self.num_pairs, self.micro_batch_size):
+            yield self._micro_batch(order[k:k + self.micro_batch_size])
+
+    def num_eval_batches(self) -> int:
+        return -(-self.num_pairs // self.micro_batch_size)

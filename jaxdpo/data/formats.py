@@ -1,0 +1,165 @@
+"""Normalize one raw row into (prompt, chosen, rejected).
+
+Two formats, each with an explicit or an implicit prompt:
+  standard:        strings.  {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+  conversational:  lists of {"role", "content"} messages.
+  explicit prompt: the prompt key is present.
+  implicit prompt: no prompt key; the prompt is the shared prefix of chosen and rejected: whole
+                   messages for conversations, text for strings (Anthropic HH style
+                   "\\n\\nHuman: ...\\n\\nAssistant: ..."), cut at the last "Assistant:" turn so that the
+                   completions are the final answers.
+Mixed rows are lifted to conversations: a string prompt before message completions becomes a user
+message (UltraFeedback stores the prompt string and repeats it as the first message of chosen and
+rejected; that repeated turn is removed), a string completion after a message prompt becomes an
+assistant message.
+
+A row that cannot be normalized raises `BadRow(reason, key, detail)`; the caller turns it into a
+ConfigError or a skip, following `data.on_bad_row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+KNOWN_ROLES = ("system", "user", "assistant", "tool")
+# The turn markers of the Anthropic HH text format; the last one in the shared prefix ends the prompt.
+ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:")
+
+Messages = list[dict[str, str]]
+
+
+class BadRow(ValueError):
+    """A row that cannot become a preference pair. `reason` is a short key used for counting."""
+
+    def __init__(self, reason: str, key: str | None, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.key = key
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class Pair:
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+def _check_text(value: str, key: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates from "\ud800" escapes in JSON
+        raise BadRow("undecodable_text", key, f"text is not valid Unicode ({e})") from e
+    return value
+
+
+def _messages(value: Any, key: str) -> Messages:
+    """Validate a list of messages; returns plain {"role", "content"} dicts (other fields dropped)."""
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise BadRow("wrong_type", key, f"message {i} must be an object with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in KNOWN_ROLES:
+            raise BadRow("unknown_role", key, f"message {i} has role {role!r}; expected one of {KNOWN_ROLES}")
+        if not isinstance(content, str):
+            raise BadRow("wrong_type", key, f"message {i} content must be a string, "
+                                            f"found {type(content).__name__}")
+        out.append({"role": role, "content": _check_text(content, key)})
+    return out
+
+
+def _field(data: dict[str, Any], key: str) -> str | Messages:
+    if key not in data or data[key] is None:
+        raise BadRow("missing_key", key, f"the row has no {key!r} (keys present: {sorted(data)})")
+    value = data[key]
+    if isinstance(value, str):
+        return _check_text(value, key)
+    if isinstance(value, list):
+        return _messages(value, key)
+    raise BadRow("wrong_type", key, f"{key!r} must be a string or a list of messages, "
+                                    f"found {type(value).__name__}")
+
+
+def common_prefix_length(a: list | str, b: list | str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Implicit prompt of two strings: their shared prefix, cut after the last "Assistant:" marker.
+
+    Without a marker the cut is where they differ, moved before a shared trailing space so that the
+    completion (not the prompt) carries the space, as BPE tokenizers expect (" Paris", not "Paris").
+    """
+    shared = chosen[:common_prefix_length(chosen, rejected)]
+    cut = -1
+    for marker in ASSISTANT_MARKERS:
+        at = shared.rfind(marker)
+        if at >= 0:
+            cut = at + len(marker)
+            break
+    if cut < 0:
+        cut = len(shared)
+        if cut > 0 and shared[cut - 1] == " ":
+            cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def split_message_prompt(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """Implicit prompt of two conversations: the messages they share, from the start."""
+    n = common_prefix_length(chosen, rejected)
+    # Keep at least the final turn in each completion, even if the final answers are equal (that
+    # case is rejected below as identical completions, with a clear reason).
+    n = min(n, len(chosen) - 1, len(rejected) - 1)
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _as_messages(value: str | Messages, role: str) -> Messages:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def normalize_row(data: dict[str, Any], *, prompt_key: str = "prompt", chosen_key: str = "chosen",
+                  rejected_key: str = "rejected") -> Pair:
+    """One raw row -> Pair, or BadRow naming the key and the reason."""
+    chosen = _field(data, chosen_key)
+    rejected = _field(data, rejected_key)
+    has_prompt = prompt_key in data and data[prompt_key] is not None
+
+    if not has_prompt:
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise BadRow("wrong_type", rejected_key, f"{chosen_key!r} and {rejected_key!r} must both be "
+                                                     "strings or both be message lists")
+        if isinstance(chosen, str):
+            prompt, chosen, rejected = split_text_prompt(chosen, rejected)
+        else:
+            prompt, chosen, rejected = split_message_prompt(chosen, rejected)
+    else:
+        prompt = _field(data, prompt_key)
+        if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
+            prompt = _as_messages(prompt, "user")
+            chosen = _as_messages(chosen, "assistant")
+            rejected = _as_messages(rejected, "assistant")
+            # UltraFeedback-style rows repeat the prompt turns at the start of each completion.
+            n = len(prompt)
+            if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+                chosen, rejected = chosen[n:], rejected[n:]
+
+    for key, completion in ((chosen_key, chosen), (rejected_key, rejected)):
+        empty = (not completion.strip()) if isinstance(completion, str) else (
+            not completion or all(not m["content"].strip() for m in completion))
+        if empty:
+            raise BadRow("empty_completion", key, f"the {key!r} completion is empty (after removing the prompt)")
+    if chosen == rejected:
+        raise BadRow("identical_completions", rejected_key,
+                     f"{chosen_key!r} and {rejected_key!r} are identical, so the pair carries no preference")
+    return Pair(prompt, chosen, rejected)

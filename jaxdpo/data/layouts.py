@@ -1,0 +1,180 @@
+"""Token ids of pairs -> one micro-batch in the layout-independent format of DEVELOPING.md.
+
+  padded         two rows per pair: rows 0..P-1 hold prompt+chosen of pairs 0..P-1, rows P..2P-1
+                 prompt+rejected. T = data.max_length.
+  prefix_shared  one row per pair: prompt[:-1] | prompt[-1]+chosen | prompt[-1]+rejected, both branches
+                 continuing the prompt's positions. T = the smallest multiple of 8 >= the longest pair
+                 of the dataset (P+C+R+1 tokens).
+  packed         several prefix-shared pairs per row (first-fit decreasing), segment ids 1..k per row.
+                 T = data.pack_length (0 = 2*max_length); R = rows needed, rounded up to a multiple of
+                 `row_multiple` so that few distinct shapes reach the compiler.
+
+Truncation happened before (tokenize.py) and is the same for every layout, so each pair's logprob sums
+are the same whichever layout carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxdpo.config import ConfigError
+
+LAYOUTS = ("padded", "prefix_shared", "packed")
+ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
+SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids; CHOSEN/REJECTED double as `side` values
+
+
+def shared_length(prompt, chosen, rejected) -> int:
+    """Tokens of one prefix-shared pair: prompt[:-1] + (prompt[-1] + chosen) + (prompt[-1] + rejected)."""
+    return len(prompt) + len(chosen) + len(rejected) + 1
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def row_length(pairs, layout: str, data_cfg) -> int:
+    """T for a dataset (TokenizedPairs or a list of (prompt, chosen, rejected)), known before training."""
+    max_length = int(data_cfg.max_length)
+    if layout == "padded":
+        return max_length
+    longest = max((shared_length(*pairs[i]) for i in range(len(pairs))), default=8)
+    if layout == "prefix_shared":
+        return min(_round_up(longest, 8), max(2 * max_length, longest))
+    if layout == "packed":
+        pack_length = int(data_cfg.get("pack_length", 0)) or 2 * max_length
+        if longest > pack_length:
+            raise ConfigError(f"data.pack_length={pack_length} is shorter than the longest pair ({longest} tokens "
+                              f"as prompt+chosen+rejected+1); raise data.pack_length to at least {longest} "
+                              "or lower data.max_length")
+        return pack_length
+    raise ConfigError(f"data.layout={layout!r}; use one of {LAYOUTS}")
+
+
+def _empty_rows(num_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    rows = {key: np.zeros((num_rows, length), np.int32) for key in ROW_KEYS}
+    rows["input_ids"][:] = pad_id
+    rows["targets"][:] = pad_id
+    rows["pair_index"][:] = -1
+    return rows
+
+
+def _write(rows, r: int, start: int, ids, *, position: int, segment: int, branch: int, pair: int,
+           side: int, scored_from: int) -> None:
+    """Write one branch of a sequence at rows[r, start:]: tokens `ids`, positions from `position`.
+
+    Token j predicts ids[j+1]; the prediction counts for (`pair`, `side`) when j+1 >= scored_from,
+    i.e. when the target is a completion token.
+    """
+    n = len(ids)
+    span = slice(start, start + n)
+    rows["input_ids"][r, span] = ids
+    rows["positions"][r, span] = np.arange(position, position + n)
+    rows["segment_ids"][r, span] = segment
+    rows["branch_ids"][r, span] = branch
+    if n > 1:
+        rows["targets"][r, start:start + n - 1] = ids[1:]
+        scored = slice(start + max(scored_from - 1, 0), start + n - 1)
+        rows["pair_index"][r, scored] = pair
+        rows["side"][r, scored] = side
+
+
+def _write_padded(rows, r: int, prompt, completion, *, pair: int, side: int) -> None:
+    ids = np.concatenate([prompt, completion])
+    _write(rows, r, 0, ids, position=0, segment=1, branch=SHARED, pair=pair, side=side,
+           scored_from=len(prompt))
+    # The completion tokens carry their side as branch id (the prompt stays shared); within one row
+    # this changes no attention, and it keeps the meaning of branch_ids the same in every layout.
+    rows["branch_ids"][r, len(prompt):len(ids)] = side
+
+
+def _write_shared(rows, r: int, start: int, prompt, chosen, rejected, *, pair: int, segment: int) -> int:
+    """One prefix-shared pair at rows[r, start:]; returns the tokens written."""
+    head = len(prompt) - 1
+    _write(rows, r, start, prompt[:-1], position=0, segment=segment, branch=SHARED, pair=pair,
+           side=0, scored_from=len(prompt))  # nothing scored: the shared part predicts prompt tokens only
+    if head > 0:
+        rows["targets"][r, start + head - 1] = prompt[-1]
+    at = start + head
+    for branch, completion in ((CHOSEN, chosen), (REJECTED, rejected)):
+        ids = np.concatenate([prompt[-1:], completion])
+        _write(rows, r, at, ids, position=head, segment=segment, branch=branch, pair=pair, side=branch,
+               scored_from=1)
+        at += len(ids)
+    return at - start
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the items in each row (items longer than a row raise)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        if lengths[i] > row_length:
+            raise ConfigError(f"a pair of {lengths[i]} tokens does not fit a packed row of {row_length}; "
+                              "raise data.pack_length")
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - lengths[i])
+    return rows
+
+
+def packed_rows_needed(pairs, row_length: int, row_multiple: int = 1) -> int:
+    """R of the packed layout for these pairs (at least row_multiple, even for no pairs)."""
+    needed = len(pack_rows([shared_length(*p) for p in pairs], row_length))
+    return max(_round_up(needed, row_multiple), row_multiple)
+
+
+def make_batch(pairs: Sequence[tuple], *, layout: str, row_length: int, num_pairs: int, row_multiple: int = 1,
+               pad_id: int = 0, num_rows: int | None = None) -> dict[str, np.ndarray]:
+    """A micro-batch of `num_pairs` pairs (the real ones first, then padding pairs with pair_valid=0).
+
+    `num_rows` (packed only) forces R, so that every process of a multi-process run builds the same
+    shape; it must be >= the rows these pairs need.
+    """
+    if len(pairs) > num_pairs:
+        raise ValueError(f"{len(pairs)} pairs do not fit a micro-batch of {num_pairs}")
+    pairs = [tuple(np.asarray(x, np.int32) for x in p) for p in pairs]
+    pair_valid = np.zeros((num_pairs,), np.int32)
+    pair_valid[:len(pairs)] = 1
+
+    if layout == "padded":
+        rows = _empty_rows(2 * num_pairs, row_length, pad_id)
+        for p, (prompt, chosen, rejected) in enumerate(pairs):
+            for side, completion, r in ((CHOSEN, chosen, p), (REJECTED, rejected, num_pairs + p)):
+                if len(prompt) + len(completion) > row_length:
+                    raise ConfigError(f"pair of {len(prompt)}+{len(completion)} tokens exceeds the padded row "
+                                      f"length {row_length}; the data was tokenized for a larger data.max_length")
+                _write_padded(rows, r, prompt, completion, pair=p, side=side)
+    elif layout == "prefix_shared":
+        rows = _empty_rows(num_pairs, row_length, pad_id)
+        for p, (prompt, chosen, rejected) in enumerate(pairs):
+            if shared_length(prompt, chosen, rejected) > row_length:
+                raise ConfigError(f"pair of {shared_length(prompt, chosen, rejected)} tokens exceeds the "
+                                  f"prefix_shared row length {row_length}; compute it with layouts.row_length")
+            _write_shared(rows, p, 0, prompt, chosen, rejected, pair=p, segment=1)
+    elif layout == "packed":
+        packing = pack_rows([shared_length(*p) for p in pairs], row_length)
+        needed = max(_round_up(len(packing), row_multiple), row_multiple)
+        if num_rows is None:
+            num_rows = needed
+        elif num_rows < len(packing) or num_rows % row_multiple:
+            raise ValueError(f"num_rows={num_rows} cannot hold {len(packing)} packed rows "
+                             f"(or is not a multiple of {row_multiple})")
+        rows = _empty_rows(num_rows, row_length, pad_id)
+        for r, members in enumerate(packing):
+            start = 0
+            # Keep the pairs of a row in their original order: it makes batches easy to read and test.
+            for segment, p in enumerate(sorted(members), start=1):
+                start += _write_shared(rows, r, start, *pairs[p], pair=p, segment=segment)
+    else:
+        raise ConfigError(f"data.layout={layout!r}; use one of {LAYOUTS}")
+    rows["pair_valid"] = pair_valid
+    return rows

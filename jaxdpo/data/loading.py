@@ -1,0 +1,208 @@
+"""Read the user's local data files into raw rows, each remembering the file and row it came from.
+
+Supported: .json (a list of objects, or {"data": [...]}), .jsonl/.ndjson, .parquet, .csv, .arrow,
+directories written by `datasets.Dataset.save_to_disk`, and plain directories (every supported file
+inside, sorted). A spec is a comma-separated list of paths and globs.
+
+Rows that cannot even be read (a JSONL line that is not JSON, bytes that are not UTF-8) are not
+fatal here: they come back as `RawRow(error=...)` so that `data.on_bad_row` decides, in one place,
+whether they stop the run or are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+from typing import Any
+
+from jaxdpo.config import ConfigError
+
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".arrow")
+
+
+@dataclasses.dataclass
+class RawRow:
+    """One record of a user file. `row` is 1-based (the line number for JSONL files)."""
+
+    file: str
+    row: int
+    data: dict[str, Any] | None
+    error: str | None = None  # reason the row could not be read: "invalid_json" | "undecodable_text"
+    detail: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}, row {self.row}"
+
+
+def split_spec(spec: str) -> list[str]:
+    """'a.jsonl, data/*.parquet' -> ['a.jsonl', 'data/*.parquet'] (empty entries dropped)."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def _is_saved_dataset(path: str) -> bool:
+    names = set(os.listdir(path))
+    return "dataset_info.json" in names or "state.json" in names or "dataset_dict.json" in names
+
+
+def resolve_paths(spec: str) -> list[str]:
+    """Expand a comma-separated list of files, globs and directories into a list of paths.
+
+    A `save_to_disk` directory stays one path (it is read as a whole); a plain directory expands to
+    its supported files. Raises ConfigError for a path or glob that matches nothing.
+    """
+    paths: list[str] = []
+    for part in split_spec(spec):
+        expanded = os.path.expanduser(part)
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise ConfigError(f"data file {part!r} does not exist (no file or directory matches it); "
+                              "check data.train_files / data.eval_files")
+        for match in matches:
+            if os.path.isdir(match) and not _is_saved_dataset(match):
+                inside = sorted(os.path.join(root, name) for root, _, names in os.walk(match)
+                                for name in names if name.endswith(FILE_SUFFIXES))
+                if not inside:
+                    raise ConfigError(f"directory {match!r} holds no data files ({', '.join(FILE_SUFFIXES)}) "
+                                      "and is not a datasets.save_to_disk directory")
+                paths.extend(inside)
+            else:
+                paths.append(match)
+    return paths
+
+
+def _read_jsonl(path: str) -> list[RawRow]:
+    rows = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append(RawRow(path, line_number, None, "undecodable_text", f"not UTF-8: {e}"))
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                rows.append(RawRow(path, line_number, None, "invalid_json", str(e)))
+                continue
+            if not isinstance(value, dict):
+                rows.append(RawRow(path, line_number, None, "wrong_type",
+                                   f"a line must hold a JSON object, found {type(value).__name__}"))
+                continue
+            rows.append(RawRow(path, line_number, value))
+    return rows
+
+
+def _read_json(path: str) -> list[RawRow]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # A whole-file JSON document cannot be read row by row: the file is unusable.
+        raise ConfigError(f"{path}: not a valid UTF-8 JSON document ({e}); fix the file, or write one "
+                          "object per line as JSONL so that bad rows can be skipped") from e
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: a .json data file must hold a list of objects or {{\"data\": [...]}}, "
+                          f"found {type(value).__name__}")
+    rows = []
+    for index, item in enumerate(value, start=1):
+        if isinstance(item, dict):
+            rows.append(RawRow(path, index, item))
+        else:
+            rows.append(RawRow(path, index, None, "wrong_type",
+                               f"each entry must be a JSON object, found {type(item).__name__}"))
+    return rows
+
+
+def _csv_cell(value: str) -> Any:
+    # CSV cells are flat strings; a conversation stored in a cell is JSON text, so decode those.
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_csv(path: str) -> list[RawRow]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the CSV file is not UTF-8 ({e}); re-save it as UTF-8") from e
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return [RawRow(path, index, {k: _csv_cell(v) for k, v in record.items() if k is not None})
+            for index, record in enumerate(reader, start=1)]
+
+
+def _rows_from_table(path: str, records: list[dict[str, Any]]) -> list[RawRow]:
+    return [RawRow(path, index, record) for index, record in enumerate(records, start=1)]
+
+
+def _read_parquet(path: str) -> list[RawRow]:
+    import pyarrow.parquet as pq
+
+    return _rows_from_table(path, pq.read_table(path).to_pylist())
+
+
+def _read_arrow(path: str) -> list[RawRow]:
+    import pyarrow as pa
+
+    # datasets writes Arrow IPC *streams*; other tools write the IPC *file* format. Accept both.
+    try:
+        with pa.memory_map(path) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(path) as source:
+            table = pa.ipc.open_file(source).read_all()
+    return _rows_from_table(path, table.to_pylist())
+
+
+def _read_saved_dataset(path: str, split: str) -> list[RawRow]:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ConfigError(f"{path} is a DatasetDict with splits {sorted(loaded)}; it has no {split!r} "
+                              "split. Point data.train_files/eval_files at a split directory instead")
+        loaded = loaded[split]
+    return _rows_from_table(path, loaded.to_list())
+
+
+def read_file(path: str, *, split: str = "train") -> list[RawRow]:
+    """Raw rows of one file or saved-dataset directory."""
+    if os.path.isdir(path):
+        return _read_saved_dataset(path, split)
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".ndjson")):
+        return _read_jsonl(path)
+    if lower.endswith(".json"):
+        return _read_json(path)
+    if lower.endswith(".parquet"):
+        return _read_parquet(path)
+    if lower.endswith(".csv"):
+        return _read_csv(path)
+    if lower.endswith(".arrow"):
+        return _read_arrow(path)
+    raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(FILE_SUFFIXES)} "
+                      "or a datasets.save_to_disk directory")
+
+
+def load_rows(spec: str, *, split: str = "train") -> list[RawRow]:
+    """All raw rows of a comma-separated list of files/globs/directories, in order."""
+    rows: list[RawRow] = []
+    for path in resolve_paths(spec):
+        rows.extend(read_file(path, split=split))
+    return rows

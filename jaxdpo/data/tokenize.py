@@ -1,0 +1,198 @@
+"""Normalized pairs -> token ids of prompt, chosen and rejected, truncated the same way for every layout.
+
+Standard (string) pairs: prompt ids (with the tokenizer's BOS if it adds one, never twice) +
+completion ids + EOS (exactly once, even if the text already ended with the EOS string).
+
+Conversational pairs: the prompt is rendered by the chat template with `add_generation_prompt=True`;
+the completion ids are the ids of the whole conversation after the prompt ids. Templates that render
+the prompt differently once an answer follows (e.g. ones that strip "thinking" blocks) break that prefix
+property; such pairs are counted as `prefix_mismatch` and their completion is tokenized on its own,
+from the text that follows the rendered prompt.
+
+Truncation (TRL's meaning): `max_prompt_length` bounds the prompt (keep_end cuts it from the left,
+keep_start from the right), then `max_length` bounds prompt + one completion, cutting the completion
+from the right. A pair whose completion would become empty is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxdpo.data.formats import BadRow, Pair
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    """Token ids of every pair, in order. `source[i]` = (file, row) the pair came from."""
+
+    prompt_ids: list[np.ndarray]
+    chosen_ids: list[np.ndarray]
+    rejected_ids: list[np.ndarray]
+    source: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.prompt_ids[i], self.chosen_ids[i], self.rejected_ids[i]
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedPairs":
+        return TokenizedPairs([self.prompt_ids[i] for i in indices], [self.chosen_ids[i] for i in indices],
+                              [self.rejected_ids[i] for i in indices], [self.source[i] for i in indices])
+
+    @classmethod
+    def empty(cls) -> "TokenizedPairs":
+        return cls([], [], [], [])
+
+    def append(self, prompt, chosen, rejected, source) -> None:
+        self.prompt_ids.append(np.asarray(prompt, np.int32))
+        self.chosen_ids.append(np.asarray(chosen, np.int32))
+        self.rejected_ids.append(np.asarray(rejected, np.int32))
+        self.source.append(source)
+
+    def max_pair_length(self) -> int:
+        """max over pairs of P + C + R + 1: the tokens of one prefix-shared pair."""
+        return max((len(p) + len(c) + len(r) + 1 for p, c, r in zip(
+            self.prompt_ids, self.chosen_ids, self.rejected_ids)), default=0)
+
+
+@dataclasses.dataclass
+class TokenizerSpec:
+    """What tokenization needs to know about a tokenizer, worked out once."""
+
+    tokenizer: object
+    chat_template: str | None
+    bos_id: int | None
+    eos_id: int
+    adds_bos: bool  # does the tokenizer put BOS before plain text (Llama, Gemma: yes; Qwen, GPT-2: no)
+
+
+def resolve_chat_template(value: str) -> str | None:
+    """`data.chat_template`: empty = the tokenizer's own; a path to a file; or the template itself."""
+    if not value:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def make_spec(tokenizer, chat_template: str = "") -> TokenizerSpec:
+    from jaxdpo.config import ConfigError
+
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json "
+                          "(completions must end with EOS so the model learns to stop)")
+    bos_id = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    adds_bos = bos_id is not None and len(with_special) > 0 and with_special[0] == bos_id
+    return TokenizerSpec(tokenizer, resolve_chat_template(chat_template), bos_id, tokenizer.eos_token_id,
+                         adds_bos)
+
+
+def _encode(spec: TokenizerSpec, text: str) -> list[int]:
+    return list(spec.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _render(spec: TokenizerSpec, messages, *, add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    try:
+        return spec.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=spec.chat_template,
+                                                  add_generation_prompt=add_generation_prompt)
+    except ValueError as e:
+        if spec.chat_template is None and getattr(spec.tokenizer, "chat_template", None) is None:
+            from jaxdpo.config import ConfigError
+
+            raise ConfigError("the data is conversational but the tokenizer has no chat template; set "
+                              "data.chat_template to a Jinja template (a file path or the template text)") from e
+        raise
+    except Exception as e:  # jinja errors (e.g. a template's raise_exception on role order)
+        raise BadRow("template_error", None, f"the chat template failed on this conversation: {e}") from e
+
+
+def _start_token(spec: TokenizerSpec) -> int:
+    # Every layout needs a last prompt token to predict the first completion token from; an empty
+    # prompt gets the tokenizer's BOS, or EOS for tokenizers without one (GPT-2 uses it that way).
+    return spec.bos_id if spec.bos_id is not None else spec.eos_id
+
+
+def tokenize_standard(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    prompt = _encode(spec, pair.prompt)
+    if spec.adds_bos and (not prompt or prompt[0] != spec.bos_id):
+        prompt = [spec.bos_id] + prompt
+
+    def completion(text: str) -> list[int]:
+        ids = _encode(spec, text)
+        while ids and ids[-1] == spec.eos_id:  # the text already ended with the EOS string
+            ids.pop()
+        return ids + [spec.eos_id]
+
+    return prompt, completion(pair.chosen), completion(pair.rejected)
+
+
+def tokenize_conversation(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int], int]:
+    """-> prompt, chosen, rejected ids and the number of completions whose prefix check failed (0-2)."""
+    prompt_text = _render(spec, pair.prompt, add_generation_prompt=True)
+    prompt = _encode(spec, prompt_text)
+    mismatches = 0
+    completions = []
+    for key, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        full_text = _render(spec, pair.prompt + messages, add_generation_prompt=False)
+        full = _encode(spec, full_text)
+        if full[:len(prompt)] == prompt:
+            completions.append(full[len(prompt):])
+            continue
+        mismatches += 1
+        if not full_text.startswith(prompt_text):
+            raise BadRow("template_prefix_mismatch", key,
+                         "the chat template renders the prompt differently when the answer follows, so the "
+                         "completion cannot be separated; use a template that keeps earlier turns unchanged "
+                         "(data.chat_template)")
+        completions.append(_encode(spec, full_text[len(prompt_text):]))
+    return prompt, completions[0], completions[1], mismatches
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: int,
+             max_prompt_length: int, truncation: str, bos_id: int | None):
+    """Apply the length limits; None when a completion would be left empty."""
+    if max_prompt_length and len(prompt) > max_prompt_length:
+        if truncation == "keep_end":
+            # Keep the prompt's end (the question nearest the answer). BOS stays first: models were
+            # trained with it there and behave badly without it.
+            keep_bos = bos_id is not None and prompt[0] == bos_id and max_prompt_length > 1
+            tail = prompt[len(prompt) - (max_prompt_length - keep_bos):]
+            prompt = ([bos_id] if keep_bos else []) + tail
+        elif truncation == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        else:
+            from jaxdpo.config import ConfigError
+
+            raise ConfigError(f"data.truncation={truncation!r}; use keep_end or keep_start")
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None
+    chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        return None
+    return prompt, chosen, rejected
+
+
+def tokenize_pair(spec: TokenizerSpec, pair: Pair):
+    """-> (prompt, chosen, rejected, prefix_mismatches) before truncation."""
+    if pair.conversational:
+        prompt, chosen, rejected, mismatches = tokenize_conversation(spec, pair)
+    else:
+        prompt, chosen, rejected = tokenize_standard(spec, pair)
+        mismatches = 0
+    if not prompt:
+        prompt = [_start_token(spec)]
+    if not chosen or not rejected:
+        raise BadRow("empty_completion", "chosen" if not chosen else "rejected",
+                     "the completion has no tokens after the prompt")
+    return prompt, chosen, rejected, mismatches

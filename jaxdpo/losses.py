@@ -38,6 +38,12 @@ LABEL_SMOOTHING_RANGES = {
 _MAX_MEAN_LOGPROB = -1e-6
 
 
+def _float(x):
+    """As a JAX float array: float32 unless the input is already wider (float64 tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _mean(total, count):
     """total / count with count clamped to >= 1: padding pairs (count 0, total 0) give 0, not NaN."""
     return total / jnp.maximum(count, 1.0)
@@ -87,7 +93,7 @@ def pair_losses(name, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0, ipo_
         raise ValueError(f"loss {name!r} needs reference logprobs (rc, rr), got None; only "
                          f"{sorted(REFERENCE_FREE)} are reference-free")
     eps = label_smoothing
-    pc, pr, nc, nr = (jnp.asarray(x, jnp.float32) for x in (pc, pr, nc, nr))
+    pc, pr, nc, nr = (_float(x) for x in (pc, pr, nc, nr))
 
     if name == "simpo":
         return -jax.nn.log_sigmoid(beta * (_mean(pc, nc) - _mean(pr, nr)) - gamma)
@@ -96,7 +102,7 @@ def pair_losses(name, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0, ipo_
         log_odds_ratio = _log_odds(_mean(pc, nc)) - _log_odds(_mean(pr, nr))
         return nll_chosen - lambda_ * jax.nn.log_sigmoid(log_odds_ratio)
 
-    rc, rr = jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32)
+    rc, rr = _float(rc), _float(rr)
     lc, lr = pc - rc, pr - rr
     margin = lc - lr  # D
 
@@ -197,18 +203,18 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
     if len(types) != len(weights):
         raise ConfigError(f"loss.weights has {len(weights)} entries but loss.types has {len(types)} "
                           f"({', '.join(types)}); give one weight per loss type")
-    pc, pr, nc, nr = (jnp.asarray(x, jnp.float32) for x in (pc, pr, nc, nr))
+    pc, pr, nc, nr = (_float(x) for x in (pc, pr, nc, nr))
 
     # Padding pairs may hold garbage (NaN from a cache, nc = 0, ...). Replace their inputs with
     # harmless values BEFORE the math: masking only the output would still send NaN into the
     # gradient (0 * NaN = NaN in the backward pass).
     def clean(x):
-        return None if x is None else jnp.where(valid, jnp.asarray(x, jnp.float32), 0.0)
+        return None if x is None else jnp.where(valid, _float(x), 0.0)
 
     pc, pr, rc, rr = clean(pc), clean(pr), clean(rc), clean(rr)
     nc, nr = jnp.where(valid, nc, 1.0), jnp.where(valid, nr, 1.0)
 
-    per_pair = jnp.zeros(pc.shape, jnp.float32)
+    per_pair = jnp.zeros_like(pc)
     for name, weight in zip(types, weights):
         per_pair = per_pair + weight * pair_losses(name, pc, pr, rc, rr, nc, nr, valid=valid, **params)
     nll = -_mean(pc, nc)  # mean NLL over the chosen completion's tokens
@@ -233,7 +239,7 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
         "rewards/rejected": valid_sum(rejected_rewards),
         "rewards/margins": valid_sum(chosen_rewards - rejected_rewards),
         # Strict: a policy equal to its reference scores 0, not 0.5.
-        "rewards/accuracies": valid_sum((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "rewards/accuracies": valid_sum((chosen_rewards > rejected_rewards).astype(pc.dtype)),
         "logps/chosen": valid_sum(pc),
         "logps/rejected": valid_sum(pr),
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -389,7 +390,8 @@ def install_preemption_handler() -> Callable[..., bool]:
     process must agree on the same step (they save together), so the flags are all-gathered; on TPU pods
     JAX's preemption notifier (`reached_preemption_sync_point`) also counts when `step` is given.
     A second Ctrl-C kills the run at once (the default handler is put back after the first).
-    Must be called from the main thread (Python only delivers signals there).
+    Must be called from the main thread (Python only delivers signals there);
+    `preempted.restore_signal_handlers()` undoes the installation.
     """
     flag = threading.Event()
 
@@ -404,8 +406,14 @@ def install_preemption_handler() -> Callable[..., bool]:
         print("jaxdpo: Ctrl-C received; finishing the current step, then saving a checkpoint and exiting "
               "(press Ctrl-C again to stop immediately without saving)", file=sys.stderr, flush=True)
 
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigint)
+
+    def restore_signal_handlers() -> None:
+        """Put back the handlers from before (a Trainer run inside a larger program, e.g. a test session)."""
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     def preempted(step: int | None = None) -> bool:
         local = flag.is_set()
@@ -415,6 +423,7 @@ def install_preemption_handler() -> Callable[..., bool]:
             local = True
         return not _all_processes_agree(not local)  # any process preempted -> all stop together
 
+    preempted.restore_signal_handlers = restore_signal_handlers
     return preempted
 
 
@@ -432,4 +441,4 @@ def resume_message(workdir: str, command: list[str] | None = None) -> str:
     """What to print when exiting after a preemption save: rerun the same command with the same workdir."""
     command = command if command is not None else [sys.executable, "-m", "jaxdpo.train", *sys.argv[1:]]
     return (f"jaxdpo: checkpoint saved in {workdir}; to resume, rerun the same command with the same workdir:\n"
-            f"  {' '.join(command)}")
+            f"  {shlex.join(command)}")

@@ -287,11 +287,14 @@ def restore_signal_handlers():
 
 
 def test_sigterm_sets_the_preempted_flag(restore_signal_handlers, capsys):
+    before = signal.getsignal(signal.SIGTERM)
     preempted = install_preemption_handler()
     assert preempted() is False
     os.kill(os.getpid(), signal.SIGTERM)
     assert preempted() is True and preempted(step=3) is True
     assert "SIGTERM received" in capsys.readouterr().err
+    preempted.restore_signal_handlers()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_first_ctrl_c_asks_to_stop_second_one_interrupts(restore_signal_handlers, capsys):

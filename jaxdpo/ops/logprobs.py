@@ -19,13 +19,15 @@ def _chunk_logprobs(hidden_chunk, head_weight, target_chunk, logit_softcap):
     # The matmul runs in the hidden's dtype (bf16 on accelerators) and accumulates in fp32.
     logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, head_weight.astype(hidden_chunk.dtype),
                         preferred_element_type=jnp.float32)
-    if logit_softcap is not None:
+    if logit_softcap:
         logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    # Targets on padding may hold any id (-100, pad id, ...); clip so the gather stays in range and
-    # finite. Those positions are dropped later by `pair_sums`, which never reads them.
-    safe_targets = jnp.clip(target_chunk, 0, logits.shape[-1] - 1)
-    target_logits = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    # Pick the target logit with a one-hot mask and a sum over V rather than a gather: when V is
+    # split over the `tensor` axis this is a local select plus one all-reduce (no gather of the
+    # logits), and its backward is a select, not a scatter. A target outside [0, V) (-100 or a pad
+    # id on padding) matches nothing and gives a finite value that `pair_sums` never counts.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    target_logits = jnp.sum(jnp.where(vocab_ids == target_chunk[..., None], logits, 0.0), axis=-1)
     return target_logits - log_normalizer
 
 
@@ -34,7 +36,7 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
     """log p(targets[b,t] | hidden[b,t]) as [B,T] float32, computed chunk by chunk over T.
 
     hidden: [B,T,D] final-normed hidden states; head_weight: [D,V]; targets: [B,T] int.
-    logit_softcap: if set, logits become c*tanh(logits/c) before the softmax (Gemma 2).
+    logit_softcap: if set (not None/0), logits become c*tanh(logits/c) before the softmax (Gemma 2).
     Values at positions whose target is out of [0, V) are meaningless (but finite).
     """
     batch, time, _ = hidden.shape

@@ -1,0 +1,261 @@
+"""One Flax NNX decoder for the Llama family, switched by ModelConfig.
+
+The layers are STACKED: every layer weight is one Param with a leading `layers` axis, and the forward
+runs `jax.lax.scan` over them, so compile time does not grow with depth. The scan body is a pure function
+of one layer's param dict; `layer_params_hook` is applied to that dict inside the body (the host-offloaded
+reference uses it to copy one layer at a time into device memory). Per-layer differences (sliding
+window, local vs global RoPE) are scanned as per-layer inputs, never as Python branches.
+
+Dimension letters: b batch, t/s query/key time, d model, n query heads, k kv heads, h head_dim, f mlp,
+v vocab, l layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdpo.models.config import ModelConfig
+from jaxdpo.ops.attention import attention, make_attention_mask
+from jaxdpo.sharding import logical_to_mesh_axes
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+_NORMS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")
+
+
+def top_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """name -> (shape, logical axes) of the non-layer params."""
+    d, v = config.hidden_size, config.vocab_size
+    specs = {"embed": ((v, d), ("vocab", "embed")), "final_norm": ((d,), ("norm",))}
+    if not config.tie_word_embeddings:
+        specs["lm_head"] = ((d, v), ("embed", "vocab"))
+    return specs
+
+
+def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """name -> (shape, logical axes) of the stacked layer params (leading `layers` axis)."""
+    c = config
+    l, d, n, k, h, f = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ((l, d), ("layers", "norm")),
+        "q_proj": ((l, d, n, h), ("layers", "embed", "heads", "head_dim")),
+        "k_proj": ((l, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "v_proj": ((l, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+        "o_proj": ((l, n, h, d), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ((l, d), ("layers", "norm")),
+        "gate_proj": ((l, d, f), ("layers", "embed", "mlp")),
+        "up_proj": ((l, d, f), ("layers", "embed", "mlp")),
+        "down_proj": ((l, f, d), ("layers", "mlp", "embed")),
+    }
+    if c.qkv_bias:
+        specs["q_bias"] = ((l, n, h), ("layers", "heads", "head_dim"))
+        specs["k_bias"] = ((l, k, h), ("layers", "kv_heads", "head_dim"))
+        specs["v_bias"] = ((l, k, h), ("layers", "kv_heads", "head_dim"))
+    if c.out_bias:
+        specs["o_bias"] = ((l, d), ("layers", "norm"))
+    if c.qk_norm:
+        specs["q_norm"] = ((l, h), ("layers", "norm"))
+        specs["k_norm"] = ((l, h), ("layers", "norm"))
+    if c.sandwich_norms:
+        specs["attn_out_norm"] = ((l, d), ("layers", "norm"))
+        specs["mlp_out_norm"] = ((l, d), ("layers", "norm"))
+    return specs
+
+
+def _init_value(name, shape, key, config, param_dtype):
+    if name.endswith("norm"):  # identity scale: 1, or 0 where the family stores (w) and applies (1 + w)
+        return jnp.full(shape, 0.0 if config.norm_unit_offset else 1.0, param_dtype)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, param_dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(param_dtype)
+
+
+def _make_param(name, shape, logical, key, config, param_dtype):
+    # The sharding names are metadata everywhere; they place the value only when a mesh is active
+    # (`with jax.set_mesh(mesh):`), so the same module also builds on a bare single device.
+    mesh_active = not jax.sharding.get_abstract_mesh().empty
+    return nnx.Param(_init_value(name, shape, key, config, param_dtype),
+                     out_sharding=logical_to_mesh_axes(logical), eager_sharding=mesh_active)
+
+
+# ---- pure math ------------------------------------------------------------------------------------------
+
+def rms_norm(x, weight, *, eps, unit_offset, dtype):
+    """Normalize in fp32 like transformers; Llama casts back before scaling, Gemma scales by (1+w) in fp32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(dtype)
+    return weight.astype(dtype) * normed.astype(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """[head_dim/2] float32 inverse frequencies, with linear or llama3 (Llama 3.1) scaling as transformers."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    if rope_type == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if rope_type == "llama3":
+        low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+        old_len = np.float32(scaling["original_max_position_embeddings"])
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = np.float32(2 * np.pi) / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+
+
+def rope_tables(positions, inv_freq):
+    """positions [B,T] -> cos, sin [B,T,H] in fp32 (the two halves repeat, matching rotate_half)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B,T,N,H]; cos/sin [B,T,H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _softcap(x, cap):
+    return jnp.tanh(x / cap) * cap
+
+
+def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype):
+    """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]."""
+    c = config
+
+    def norm(y, name):
+        return rms_norm(y, p[name], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
+
+    def w(name):
+        return p[name].astype(dtype)
+
+    h = norm(x, "attn_norm")
+    q = jnp.einsum("btd,dnh->btnh", h, w("q_proj"))
+    k = jnp.einsum("btd,dkh->btkh", h, w("k_proj"))
+    v = jnp.einsum("btd,dkh->btkh", h, w("v_proj"))
+    if c.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if c.qk_norm:
+        q, k = norm(q, "q_norm"), norm(k, "k_norm")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
+    o = jnp.einsum("btnh,nhd->btd", a, w("o_proj"))
+    if c.out_bias:
+        o = o + w("o_bias")
+    if c.sandwich_norms:
+        o = norm(o, "attn_out_norm")
+    x = x + o
+
+    h = norm(x, "mlp_norm")
+    gate = jnp.einsum("btd,df->btf", h, w("gate_proj"))
+    up = jnp.einsum("btd,df->btf", h, w("up_proj"))
+    act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    m = jnp.einsum("btf,fd->btd", act * up, w("down_proj"))
+    if c.sandwich_norms:
+        m = norm(m, "mlp_out_norm")
+    return x + m
+
+
+# ---- the module -----------------------------------------------------------------------------------------
+
+class LayerStack(nnx.Module):
+    """Holds the stacked layer Params as attributes named as in `layer_param_specs`."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        self.names = tuple(layer_param_specs(config))
+        for name, (shape, logical) in layer_param_specs(config).items():
+            setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
+
+    def arrays(self) -> dict:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"Decoder: remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.remat = remat
+        for name, (shape, logical) in top_param_specs(config).items():
+            setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
+        self.layers = LayerStack(config, param_dtype=param_dtype, rngs=rngs)
+
+    def lm_head_weight(self):
+        """[D,V] in the compute dtype (the embedding transposed when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T.astype(self.dtype)
+        return self.lm_head[...].astype(self.dtype)
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
+                      layer_params_hook: Callable[[dict], dict] | None = None):
+        """[B,T] ids -> [B,T,D] hidden states after the final norm."""
+        c, dtype = self.config, self.dtype
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if branch_ids is None:
+            branch_ids = jnp.zeros((b, t), jnp.int32)
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+        if c.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
+            x = x * jnp.asarray(c.hidden_size ** 0.5, dtype)
+
+        base_mask = make_attention_mask(segment_ids, branch_ids, positions)
+        is_sliding = np.asarray(c.layer_is_sliding)
+        any_sliding = bool(is_sliding.any())
+        if any_sliding:
+            distance = (positions[:, :, None] - positions[:, None, :])[:, None]
+        cos_g, sin_g = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+        local_rope = c.sliding_rope_theta is not None
+        if local_rope:
+            cos_l, sin_l = rope_tables(
+                positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
+
+        hook = layer_params_hook or (lambda params: params)
+
+        def body(x, per_layer):
+            params, sliding = per_layer
+            params = hook(params)
+            mask, cos, sin = base_mask, cos_g, sin_g
+            if any_sliding:
+                mask = base_mask & (~sliding | (distance < c.sliding_window))
+            if local_rope:
+                cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
+            return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype), None
+
+        if self.remat == "full":
+            body = jax.checkpoint(body)
+        elif self.remat == "dots_saveable":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
+        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(is_sliding)))
+        return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
+                 layer_params_hook: Callable[[dict], dict] | None = None):
+        """[B,T] ids -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
+        h = self.hidden_states(input_ids, positions, segment_ids, branch_ids, layer_params_hook=layer_params_hook)
+        logits = jnp.einsum("btd,dv->btv", h, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            logits = _softcap(logits, self.config.final_logit_softcap)
+        return logits

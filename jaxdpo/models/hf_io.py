@@ -1,0 +1,281 @@
+"""Hugging Face checkpoints in and out: safetensors (single or sharded with an index), config.json in the
+transformers 5 format, generation config and tokenizer files. Never pickle.
+
+Import streams: params are created abstractly (shapes only), then each weight is read from disk on the
+host (memory-mapped), converted to our layout, cast, and placed straight into its sharded place
+(`jax.make_array_from_callback`, which also works across hosts). Export plans every tensor's shard file
+and byte offsets from shapes alone, then gathers one stacked weight at a time and streams it to disk;
+only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxdpo.models import families
+from jaxdpo.models.config import ModelConfig
+from jaxdpo.models.decoder import Decoder, layer_param_specs, top_param_specs
+from jaxdpo.sharding import logical_spec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+              "F64": np.dtype(np.float64)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# our param name -> where its [in..., out...] dims split, for weights stored by torch as Linear [out, in]
+_LINEAR_SPLIT = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                 "down_proj": 1, "lm_head": 1}
+# tensors some checkpoints carry that hold no parameters
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---- safetensors, read and written with numpy (bf16 via ml_dtypes) ----------------------------------------
+
+def _read_header(path: str) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+class _SafetensorsReader:
+    """name -> memory-mapped numpy array, over one file or a sharded set listed in an index."""
+
+    def __init__(self, path: str):
+        if os.path.exists(os.path.join(path, INDEX_FILE)):
+            with open(os.path.join(path, INDEX_FILE)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, SINGLE_FILE)):
+            files = [SINGLE_FILE]
+        else:
+            pickled = [n for n in ("pytorch_model.bin", "model.pt") if os.path.exists(os.path.join(path, n))]
+            hint = (f" Found {pickled[0]}: jaxdpo never loads pickle; re-save it with "
+                    f"model.save_pretrained(dir, safe_serialization=True).") if pickled else ""
+            raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
+        self.entries: dict[str, tuple[str, dict, int]] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{path}: {INDEX_FILE} lists {name}, which is missing")
+            header, data_start = _read_header(file)
+            for tensor, info in header.items():
+                self.entries[tensor] = (file, info, data_start)
+
+    def get(self, tensor: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+        if tensor not in self.entries:
+            files = sorted({os.path.basename(f) for f, _, _ in self.entries.values()})
+            raise KeyError(f"checkpoint is missing tensor {tensor!r} (looked in {', '.join(files)})")
+        file, info, data_start = self.entries[tensor]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {tensor!r} has dtype {info['dtype']}; expected one of "
+                             f"{', '.join(_ST_DTYPES)}")
+        shape = tuple(info["shape"])
+        if shape != tuple(expected_shape):
+            raise ValueError(f"{file}: tensor {tensor!r} has shape {shape} but config.json implies "
+                             f"{tuple(expected_shape)}")
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{file}: tensor {tensor!r} byte range does not match its shape and dtype")
+        if begin == end:
+            return np.zeros(shape, dtype)
+        return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+
+
+# ---- layout: HF torch tensors <-> our params ---------------------------------------------------------------
+
+def _hf_shape(name: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if name in _LINEAR_SPLIT:
+        split = _LINEAR_SPLIT[name]
+        return (math.prod(our_shape[split:]), math.prod(our_shape[:split]))
+    if name in ("q_bias", "k_bias", "v_bias"):
+        return (math.prod(our_shape),)
+    return tuple(our_shape)
+
+
+def _to_ours(name: str, hf: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
+    if name in _LINEAR_SPLIT:  # torch Linear is [out, in]; ours is [in..., out...]
+        return np.asarray(hf).T.reshape(our_shape)
+    return np.asarray(hf).reshape(our_shape)
+
+
+def _to_hf(name: str, ours: np.ndarray) -> np.ndarray:
+    if name in _LINEAR_SPLIT:
+        split = _LINEAR_SPLIT[name]
+        return np.ascontiguousarray(ours.reshape(math.prod(ours.shape[:split]), -1).T)
+    return np.ascontiguousarray(ours.reshape(_hf_shape(name, ours.shape)))
+
+
+# ---- import -----------------------------------------------------------------------------------------------
+
+def load_config(path: str) -> ModelConfig:
+    """ModelConfig from `path/config.json`."""
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no config.json; point the model path at a Hugging Face checkpoint dir")
+    with open(file) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def _active_mesh():
+    if jax.sharding.get_abstract_mesh().empty:
+        return None
+    return jax.sharding.get_mesh()
+
+
+def _place(value: np.ndarray, logical: tuple[str, ...], mesh):
+    if mesh is None:
+        return jnp.asarray(value)
+    sharding = NamedSharding(mesh, logical_spec(*logical))
+    # each device (of each host) copies only its own slice out of the host array
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, remat: str = "none") -> Decoder:
+    """Load a HF safetensors checkpoint dir into a Decoder; params in `param_dtype` (default `dtype`),
+    compute in `dtype`. With `mesh` (or inside `with jax.set_mesh(mesh):`) each weight lands sharded."""
+    config = load_config(path)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    mesh = mesh if mesh is not None else _active_mesh()
+    reader = _SafetensorsReader(path)
+    cast = np.dtype(param_dtype)
+
+    def build():
+        return Decoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+
+    abstract = nnx.eval_shape(build)
+    graphdef, state = nnx.split(abstract)
+    values: dict = {"layers": {}}
+    used = set()
+    for name, hf_name in families.top_key_map(config).items():
+        shape, logical = top_param_specs(config)[name]
+        hf = reader.get(hf_name, _hf_shape(name, shape))
+        values[name] = _place(_to_ours(name, hf, shape).astype(cast), logical, mesh)
+        used.add(hf_name)
+    specs = layer_param_specs(config)
+    for name, template in families.layer_key_map(config).items():
+        shape, logical = specs[name]
+        per_layer = []
+        for i in range(config.num_layers):
+            hf_name = template.format(i=i)
+            per_layer.append(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape[1:])), shape[1:]).astype(cast))
+            used.add(hf_name)
+        values["layers"][name] = _place(np.stack(per_layer), logical, mesh)
+        del per_layer
+    extra = [n for n in reader.entries if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+             and not (config.tie_word_embeddings and n == "lm_head.weight")]  # tied copies some exporters keep
+    if extra:
+        file = os.path.basename(reader.entries[extra[0]][0])
+        raise ValueError(f"{path}: checkpoint has tensors a {config.model_type} model does not use, e.g. "
+                         f"{extra[0]!r} in {file} ({len(extra)} in all): is config.json for this checkpoint?")
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
+
+
+# ---- export -----------------------------------------------------------------------------------------------
+
+def _gather_to_host(x) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype]], produce) -> None:
+    """Write a safetensors file whose header is known from shapes; `produce(name)` yields each tensor."""
+    header, offset = {}, 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in tensors:
+            array = produce(name)
+            assert array.shape == tuple(shape) and array.dtype == dtype, (name, array.shape, array.dtype)
+            f.write(array.tobytes())
+
+
+def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+                    dtype=None) -> None:
+    """Write `model` as a transformers checkpoint dir. `dtype` (default: the params' dtype) is the dtype on
+    disk. Every process must call this (sharded params are gathered); only process 0 writes."""
+    config = model.config
+    params = {name: getattr(model, name) for name in top_param_specs(config)}
+    layer_params = {name: getattr(model.layers, name) for name in layer_param_specs(config)}
+    disk_dtype = np.dtype(dtype if dtype is not None else model.param_dtype)
+    if disk_dtype not in _ST_NAMES:
+        raise ValueError(f"save_pretrained: dtype {disk_dtype} is not one of float32, bfloat16, float16")
+
+    # plan: (hf name, our name, layer or None, hf shape), assigned to shards by size
+    plan = [(hf, name, None, _hf_shape(name, params[name].shape)) for name, hf in families.top_key_map(config).items()]
+    for name, template in families.layer_key_map(config).items():
+        shape = layer_param_specs(config)[name][0][1:]
+        plan += [(template.format(i=i), name, i, _hf_shape(name, shape)) for i in range(config.num_layers)]
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[3]) * disk_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    cached: dict = {}  # one gathered stacked weight at a time
+
+    def host_value(name: str, layer: int | None) -> np.ndarray:
+        if name not in cached:
+            cached.clear()
+            var = params[name] if layer is None else layer_params[name]
+            cached[name] = _gather_to_host(var[...])
+        value = cached[name] if layer is None else cached[name][layer]
+        return _to_hf(name, value.astype(disk_dtype))
+
+    for file_name, shard in zip(names, shards):
+        by_name = {hf: (name, layer) for hf, name, layer, _ in shard}
+        if writer:
+            _write_safetensors(os.path.join(out_dir, file_name),
+                               [(hf, shape, disk_dtype) for hf, _, _, shape in shard],
+                               lambda hf: host_value(*by_name[hf]))
+        else:  # still join every gather, in the same order as process 0
+            for hf, name, layer, _ in shard:
+                host_value(name, layer)
+    if not writer:
+        return
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * disk_dtype.itemsize for _, _, _, shape in plan)
+        weight_map = {hf: file_name for file_name, shard in zip(names, shards) for hf, _, _, _ in shard}
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[disk_dtype.name]
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_hf(dtype_name), f, indent=2)
+    generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+                  "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
+                  else config.eos_token_id}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,244 @@
+"""Parity of jaxdpo's decoder with transformers' PyTorch models, and HF checkpoint import/export.
+
+Each case builds a tiny random model with transformers (fp32, CPU), with weights and norm scales
+perturbed so that every term matters, saves it, and checks our logits and transformers' agree.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxdpo.models import Decoder, ModelConfig, from_pretrained, load_config, save_pretrained
+from jaxdpo.models.hf_io import INDEX_FILE, _SafetensorsReader
+from jaxdpo.ops.attention import make_attention_mask
+from jaxdpo.sharding import make_mesh
+
+TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# case -> (config class, model class, extra config kwargs)
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+}
+LENGTHS = (12, 9, 5)  # a right-padded batch
+
+
+def build_hf_model(case: str, seed: int = 0):
+    config_cls, model_cls, extra = CASES[case]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # big enough weights that a wrong convention changes the logits
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+    """case -> (torch model, dir it was saved to), built once per case."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            model = build_hf_model(case)
+            path = str(tmp_path_factory.mktemp(case))
+            model.save_pretrained(path)
+            cache[case] = (model, path)
+        return cache[case]
+
+    return get
+
+
+def padded_batch(vocab: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    t = max(LENGTHS)
+    ids = rng.integers(0, vocab, (len(LENGTHS), t)).astype(np.int32)
+    mask = (np.arange(t)[None, :] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def torch_logits(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    return out.logits.float().numpy()
+
+
+def jax_logits(model: Decoder, ids, mask) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(mask)))
+
+
+def max_diff_on_tokens(a, b, mask) -> float:
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_transformers(case, hf_checkpoints):
+    hf_model, path = hf_checkpoints(case)
+    model = from_pretrained(path)
+    ids, mask = padded_batch(model.config.vocab_size)
+    expected, got = torch_logits(hf_model, ids, mask), jax_logits(model, ids, mask)
+    assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero logits
+    diff = max_diff_on_tokens(expected, got, mask)
+    print(f"{case}: max |logit diff| on real tokens = {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_reloads_in_transformers_bit_for_bit(case, hf_checkpoints, tmp_path):
+    hf_model, path = hf_checkpoints(case)
+    model = from_pretrained(path)
+    save_pretrained(model, str(tmp_path))
+    config = json.load(open(tmp_path / "config.json"))
+    assert "rope_parameters" in config and config["dtype"] == "float32"
+    assert os.path.exists(tmp_path / "generation_config.json")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(reloaded) is type(hf_model)
+    original, ours = hf_model.state_dict(), reloaded.state_dict()
+    assert original.keys() == ours.keys()
+    for name in original:
+        assert torch.equal(original[name], ours[name]), name
+    ids, mask = padded_batch(model.config.vocab_size)
+    assert max_diff_on_tokens(torch_logits(hf_model, ids, mask), torch_logits(reloaded, ids, mask), mask) == 0.0
+
+
+def test_sharded_export_and_sharded_import_on_mesh(hf_checkpoints, tmp_path):
+    hf_model, path = hf_checkpoints("llama")
+    model = from_pretrained(path)
+    save_pretrained(model, str(tmp_path), max_shard_bytes=40_000)
+    index = json.load(open(tmp_path / INDEX_FILE))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not os.path.exists(tmp_path / "model.safetensors")
+
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    sharded = from_pretrained(str(tmp_path), mesh=mesh)
+    q_proj = sharded.layers.q_proj[...]
+    assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    specs = nnx.get_named_sharding(nnx.state(sharded), mesh)
+    assert specs["layers"]["gate_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    ids, mask = padded_batch(model.config.vocab_size)
+    with jax.set_mesh(mesh):
+        got = np.asarray(jax.jit(lambda m, i, s: m(i, segment_ids=s))(sharded, ids, mask))
+    assert max_diff_on_tokens(torch_logits(hf_model, ids, mask), got, mask) < 1e-4
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    for name, value in hf_model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
+
+
+def test_bf16_on_disk_is_cast_on_load(tmp_path):
+    hf_model = build_hf_model("llama").to(torch.bfloat16)
+    hf_model.save_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path), dtype=jnp.float32)
+    assert model.layers.q_proj[...].dtype == jnp.float32
+    expected = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [N*H, D]
+    np.testing.assert_array_equal(np.asarray(model.layers.q_proj[1]).reshape(32, 32).T, expected)
+    bf16 = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
+    save_pretrained(bf16, str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+    reader = _SafetensorsReader(str(tmp_path / "out"))
+    on_disk = reader.get("model.layers.1.self_attn.q_proj.weight", (32, 32))
+    assert on_disk.dtype.name == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(on_disk, np.float32), expected)
+
+
+def test_prefix_shared_row_equals_separate_rows():
+    """prompt[:-1] | prompt[-1]+chosen | prompt[-1]+rejected in one row gives the separate rows' logits."""
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    model = Decoder(config, rngs=nnx.Rngs(3))
+    prompt, chosen, rejected = [5, 9, 2, 7], [11, 3, 8], [4, 6]
+    t = 12
+    shared = prompt[:-1] + [prompt[-1]] + chosen + [prompt[-1]] + rejected
+    n_pre, n_ch = len(prompt) - 1, 1 + len(chosen)
+    branch = [0] * n_pre + [1] * n_ch + [2] * (1 + len(rejected))
+    start = len(prompt) - 1
+    positions = list(range(n_pre)) + list(range(start, start + n_ch)) + list(range(start, start + 1 + len(rejected)))
+    pad = t - len(shared)
+    row = lambda xs: jnp.asarray([xs + [0] * pad], jnp.int32)
+    shared_logits = model(row(shared), positions=row(positions), segment_ids=row([1] * len(shared)),
+                          branch_ids=row(branch))[0]
+
+    def separate(completion):
+        seq = prompt + completion
+        return model(jnp.asarray([seq], jnp.int32))[0]
+
+    chosen_logits, rejected_logits = separate(chosen), separate(rejected)
+    # the logits that predict each completion token (and the one after the last)
+    np.testing.assert_allclose(shared_logits[n_pre:n_pre + n_ch], chosen_logits[start:], atol=1e-5)
+    np.testing.assert_allclose(shared_logits[n_pre + n_ch:len(shared)], rejected_logits[start:], atol=1e-5)
+    # and the shared prompt part matches the prompt positions of either row
+    np.testing.assert_allclose(shared_logits[:n_pre], chosen_logits[:n_pre], atol=1e-5)
+
+
+def test_attention_mask_rule():
+    seg = jnp.asarray([[1, 1, 1, 1, 2, 2, 0]])
+    br = jnp.asarray([[0, 1, 2, 2, 0, 0, 0]])
+    pos = jnp.asarray([[0, 1, 1, 2, 0, 1, 0]])
+    mask = np.asarray(make_attention_mask(seg, br, pos))[0, 0].astype(int)
+    expected = np.array([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0],  # rejected does not see chosen
+        [1, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0],  # a new segment sees only itself
+        [0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0],  # padding sees nothing
+    ])
+    np.testing.assert_array_equal(mask, expected)
+    windowed = np.asarray(make_attention_mask(seg, br, pos, sliding_window=2))[0, 0].astype(int)
+    assert windowed[3, 0] == 0 and windowed[3, 2] == 1  # position distance 2 is outside a window of 2
+
+
+def test_config_round_trip_and_errors(hf_checkpoints, tmp_path):
+    _, path = hf_checkpoints("llama3_rope")
+    config = load_config(path)
+    assert config.rope_scaling["rope_type"] == "llama3" and config.rope_theta == 10000.0
+    assert ModelConfig.from_hf(config.to_hf()) == config
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_checkpoints("llama")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for f in ("config.json",):
+        (tmp_path / f).write_text(open(os.path.join(path, f)).read())
+
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    save_file(missing, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
+        from_pretrained(str(tmp_path))
+
+    wrong = dict(tensors)
+    wrong["model.norm.weight"] = torch.ones(31)
+    save_file(wrong, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has shape \(31,\)"):
+        from_pretrained(str(tmp_path))
+
+    extra = dict(tensors)
+    extra["model.layers.0.mlp.extra.weight"] = torch.ones(3)
+    save_file(extra, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.extra\.weight"):
+        from_pretrained(str(tmp_path))
+
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        from_pretrained(str(tmp_path))

@@ -24,6 +24,16 @@ LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
 REFERENCE_FREE = {"simpo", "orpo"}
 BATCH_LEVEL = {"aot", "aot_unpaired"}
 
+# Names other libraries and papers use, for the unknown-loss error message.
+OTHER_NAMES = {
+    "dpo": "DPO's loss is 'sigmoid'; ",
+    "cdpo": "conservative DPO is 'sigmoid' with loss.label_smoothing > 0; ",
+    "slic": "SLiC's loss is 'hinge'; ",
+    "rpo": "RPO is 'sigmoid' with loss.nll_coef > 0; ",
+    "sft": "the SFT/NLL term is loss.nll_coef, not a loss type; ",
+    "nll": "the SFT/NLL term is loss.nll_coef, not a loss type; ",
+}
+
 # Label smoothing (eps) ranges of the losses that use it; (low, high, low_inclusive, high_inclusive).
 LABEL_SMOOTHING_RANGES = {
     "sigmoid": (0.0, 0.5, True, True),
@@ -84,8 +94,10 @@ def pair_losses(name, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0, ipo_
     """Per-pair loss [P] of the loss `name` (see LOSSES.md).
 
     rc, rr may be None for the reference-free losses (simpo, orpo). The batch-level losses (aot,
-    aot_unpaired) sort over the pairs given; `valid` ([P] 0/1, default all valid) keeps padding pairs
-    out of that sort, and their entries then sit at the end (the caller masks them).
+    aot_unpaired) sort over the pairs given, i.e. over one micro-batch in the training step (under
+    gradient accumulation the sort does not span the whole global batch); `valid` ([P] 0/1, default
+    all valid) keeps padding pairs out of that sort, and their entries then sit at the end (the
+    caller masks them).
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown preference loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
@@ -267,7 +279,7 @@ def validate_loss_config(loss_cfg, reference_mode: str) -> None:
     for name in types:
         if name not in LOSS_NAMES:
             close = difflib.get_close_matches(str(name), LOSS_NAMES, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = OTHER_NAMES.get(str(name).lower()) or (f"did you mean {close[0]!r}? " if close else "")
             raise ConfigError(f"loss.types has unknown loss {name!r}; {hint}"
                               f"known losses: {', '.join(LOSS_NAMES)}")
     try:
@@ -293,8 +305,9 @@ def validate_loss_config(loss_cfg, reference_mode: str) -> None:
             low, high, low_inc, high_inc = LABEL_SMOOTHING_RANGES[name]
             if not _in_range(eps, low, high, low_inc, high_inc):
                 interval = f"{'[' if low_inc else '('}{low}, {high}{']' if high_inc else ')'}"
+                hint = "; use a small value such as 1e-3" if name == "exo_pair" else ""
                 raise ConfigError(f"loss.label_smoothing={eps} is outside {interval}, the range "
-                                  f"allowed for loss {name!r}")
+                                  f"allowed for loss {name!r}{hint}")
     if eps != 0.0 and not any(name in LABEL_SMOOTHING_RANGES for name in types):
         raise ConfigError(f"loss.label_smoothing={eps} has no effect on loss.types={types}; set it "
                           f"to 0 or use one of {', '.join(LABEL_SMOOTHING_RANGES)}")

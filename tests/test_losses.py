@@ -312,6 +312,8 @@ def test_shipped_configs_validate():
 
 @pytest.mark.parametrize("overrides,reference_mode,message", [
     (dict(types=("sigmod",)), "device", r"unknown loss 'sigmod'; did you mean 'sigmoid'\?"),
+    (dict(types=("dpo",)), "device", r"unknown loss 'dpo'; DPO's loss is 'sigmoid'"),
+    (dict(types=("sigmoid", "sft"), weights=(1.0, 1.0)), "device", r"loss.nll_coef, not a loss type"),
     (dict(types=()), "device", r"loss.types is empty"),
     (dict(types=("sigmoid", "hinge")), "device", r"loss.weights=\(1.0,\) has 1 entries but loss.types"),
     (dict(beta=0.0), "device", r"loss.beta=0.0 must be a finite number > 0"),

@@ -51,6 +51,7 @@ class Plan:
     initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT_S
     heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_S
+    local_device_ids: tuple[int, ...] | None = None  # None = JAX's choice
 
     @property
     def is_multi_process(self) -> bool:
@@ -91,6 +92,23 @@ def _detect_cluster(environ: Mapping[str, str], tpu_present: bool) -> str | None
     if tpu_present:
         return "tpu"
     return None
+
+
+def _slurm_one_task_per_node_gpus(environ: Mapping[str, str]) -> tuple[int, ...] | None:
+    """All GPUs of the node when SLURM runs one task per node.
+
+    JAX's SLURM detection gives each process only GPU number SLURM_LOCALID (it assumes one task per
+    GPU); with one task per node that would leave all GPUs but one idle. Ids count within
+    CUDA_VISIBLE_DEVICES, as CUDA numbers them. None = leave it to JAX (one task per GPU, CPU nodes,
+    or JAX_LOCAL_DEVICE_IDS already given).
+    """
+    nodes = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES")
+    if environ.get("JAX_LOCAL_DEVICE_IDS") or not nodes or environ.get("SLURM_NTASKS") != nodes:
+        return None
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    gpus_on_node = environ.get("SLURM_GPUS_ON_NODE", "")
+    count = len(visible) or (int(gpus_on_node) if gpus_on_node.isdigit() else 0)
+    return tuple(range(count)) if count > 1 else None
 
 
 def plan(dist_cfg: Mapping | None, environ: Mapping[str, str] | None = None,
@@ -157,6 +175,9 @@ def plan(dist_cfg: Mapping | None, environ: Mapping[str, str] | None = None,
         return Plan("+".join(sorted(sources)), address, num_processes, process_id, **timeouts)
 
     cluster = _detect_cluster(environ, _tpu_present(environ) if tpu_present is None else tpu_present)
+    if cluster == "slurm":
+        return Plan(cluster, None, num_processes, process_id, **timeouts,
+                    local_device_ids=_slurm_one_task_per_node_gpus(environ))
     if cluster is not None:
         return Plan(cluster, None, num_processes, process_id, **timeouts)
     if num_processes is not None and num_processes > 1:
@@ -177,6 +198,7 @@ def _initialize_kwargs(p: Plan) -> dict:
         initialization_timeout=p.initialization_timeout,
         heartbeat_timeout_seconds=p.heartbeat_timeout,
         shutdown_timeout_seconds=p.shutdown_timeout,
+        local_device_ids=list(p.local_device_ids) if p.local_device_ids else None,
     )
     accepted = inspect.signature(jax.distributed.initialize).parameters
     return {k: v for k, v in wanted.items() if k in accepted and v is not None}

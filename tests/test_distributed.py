@@ -55,6 +55,18 @@ def test_plan_slurm_and_tpu_are_left_to_jax_detection():
     assert distributed.plan({}, environ={"TPU_WORKER_HOSTNAMES": "h0,h1"}).source == "tpu"
 
 
+def test_plan_slurm_one_task_per_node_sees_every_gpu_of_its_node():
+    step = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    per_node = {**step, "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    assert distributed.plan({}, environ=per_node, tpu_present=False).local_device_ids == (0, 1, 2, 3)
+    by_count = {**step, "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
+    assert distributed.plan({}, environ=by_count, tpu_present=False).local_device_ids == tuple(range(8))
+    per_gpu = {**per_node, "SLURM_NTASKS": "8"}  # 4 tasks per node: JAX's one-GPU-per-task default
+    assert distributed.plan({}, environ=per_gpu, tpu_present=False).local_device_ids is None
+    chosen = {**per_node, "JAX_LOCAL_DEVICE_IDS": "0,1"}  # the user's choice stands
+    assert distributed.plan({}, environ=chosen, tpu_present=False).local_device_ids is None
+
+
 def test_plan_errors_say_what_to_set():
     with pytest.raises(RuntimeError, match="srun"):
         distributed.plan({}, environ={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}, tpu_present=False)
@@ -159,6 +171,79 @@ def test_a_dead_peer_stops_the_survivor_within_bounded_time():
     assert seconds0 < 60, f"survivor took {seconds0:.0f}s to stop"
     assert any(hint in out0 for hint in ("stopped sending heartbeats", "another task died", "tasks have crashed")), \
         out0[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# launch scripts
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAXDPO_"))}
+    env.pop("XLA_FLAGS", None)
+    env.update(PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_local_multiprocess_script_runs_processes_that_agree():
+    script = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")
+    done = subprocess.run([script, "-n", "2", "-d", "2", sys.executable, "tests/test_distributed.py", "worker", "ok",
+                           "20"], cwd=REPO_ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = sorted(line for line in done.stdout.splitlines() if " RESULT " in line)
+    assert results == ["[p0] RESULT sum=192.0 mean=16.0 psum=192.0 processes=2 devices=4",
+                       "[p1] RESULT sum=192.0 mean=16.0 psum=192.0 processes=2 devices=4"], done.stdout[-2000:]
+    assert "coordinator 127.0.0.1:" in done.stderr
+
+
+def test_local_multiprocess_script_stops_everyone_when_one_fails():
+    script = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")
+    start = time.monotonic()
+    # heartbeat timeout 60 s: the survivor is stopped by the script, long before JAX would notice
+    done = subprocess.run([script, "-n", "2", sys.executable, "tests/test_distributed.py", "worker", "peer_dies", "60"],
+                          cwd=REPO_ROOT, env=_clean_env(STOP_GRACE_S="2"), capture_output=True, text=True,
+                          timeout=90)
+    seconds = time.monotonic() - start
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "process 1 (pid" in done.stderr and "exited with status 3; stopping the others" in done.stderr
+    assert "survivor finished" not in done.stdout
+    assert seconds < 45, f"took {seconds:.0f}s"
+
+
+def test_tpu_pod_dry_run_prints_every_command():
+    script = os.path.join(REPO_ROOT, "launch", "tpu_pod.sh")
+    done = subprocess.run([script, "--dry-run", "--name", "dpo-pod", "--zone", "us-east5-a", "--accelerator-type",
+                           "v6e-16", "--config", "configs/ipo.py", "--", "--config.workdir=gs://bucket/run 1",
+                           "--config.train.steps=10"], cwd=REPO_ROOT, env=_clean_env(PATH="/usr/bin:/bin"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    commands = [line[2:] for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert commands[0] == "gcloud compute tpus tpu-vm describe dpo-pod --zone us-east5-a '--format=value(state)'"
+    assert commands[1] == ("gcloud compute tpus tpu-vm create dpo-pod --zone us-east5-a --accelerator-type v6e-16 "
+                           "--version v2-alpha-tpuv6e")
+    assert any(c.startswith("gcloud compute tpus tpu-vm scp ") and c.endswith("--worker=all") for c in commands)
+    ssh = [c for c in commands if c.startswith("gcloud compute tpus tpu-vm ssh dpo-pod --zone us-east5-a "
+                                               "--worker=all --command ")]
+    assert len(ssh) == 2 and "pip install" in ssh[0] and "[tpu]" in ssh[0]
+    import shlex
+    train = shlex.split(shlex.split(ssh[1])[-1])
+    assert train == ["cd", "~/jaxdpo", "&&", "~/jaxdpo-venv/bin/python", "-m", "jaxdpo.train",
+                     "--config=configs/ipo.py", "--config.workdir=gs://bucket/run 1", "--config.train.steps=10"]
+    assert not os.path.exists("/tmp/jaxdpo-dpo-pod.tar.gz")  # a dry run packs nothing
+
+
+def test_tpu_pod_rejects_unknown_options_and_missing_configs():
+    script = os.path.join(REPO_ROOT, "launch", "tpu_pod.sh")
+    bad = subprocess.run([script, "--dry-run", "--zones", "x"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --zones" in bad.stderr
+    missing = subprocess.run([script, "--dry-run", "--config", "configs/nope.py"], cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "config configs/nope.py not found" in missing.stderr
+
+
+def test_launch_scripts_parse():
+    for name in ("tpu_pod.sh", "slurm_gpu.sbatch", "local_multiprocess.sh"):
+        done = subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, "launch", name)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
 
 
 # ---------------------------------------------------------------------------------------------

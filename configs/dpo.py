@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.on_bad_row = "error"  # error | skip
     c.data.max_samples = 0  # 0 = all
     c.data.cache_dir = ""  # tokenized-data cache; empty = ~/.cache/jaxdpo
+    c.data.use_cache = True  # reuse tokenized data from cache_dir when its inputs (files, tokenizer, keys, lengths) are unchanged
 
     c.loss = ml_collections.ConfigDict()
     c.loss.types = ("sigmoid",)  # see LOSSES.md / README for the family

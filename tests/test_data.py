@@ -50,6 +50,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
     c = dpo.get_config().data
     c.max_length, c.max_prompt_length = 64, 32
+    c.use_cache = False  # tests that exercise the cache turn it on with a temporary cache_dir
     for k, v in overrides.items():
         c[k] = v
     return c

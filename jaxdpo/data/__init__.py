@@ -3,6 +3,9 @@
     train, eval, report = load_preference_data(cfg.data, tokenizer, workdir=cfg.workdir, seed=cfg.seed)
     T = row_length(train, cfg.data.layout, cfg.data)
     batcher = PairBatcher(train, layout=cfg.data.layout, row_length=T, batch_size=..., ...)
+
+Each entry of data.train_files is a source (files/globs/dir or a hub name), tokenized on its own and
+cached on its own; entries with weights ("a.jsonl@0.7,b.jsonl@0.3") are mixed in those proportions.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import os
 import numpy as np
 
 from jaxdpo.config import ConfigError
+from jaxdpo.data import cache
 from jaxdpo.data.batcher import PairBatcher
 from jaxdpo.data.formats import BadRow, Pair, normalize_row
 from jaxdpo.data.layouts import LAYOUTS, make_batch, row_length
-from jaxdpo.data.loading import RawRow, load_rows
+from jaxdpo.data.loading import RawRow, Source, is_hub_name, load_rows, parse_sources, resolve_paths
 from jaxdpo.data.tokenize import TokenizedPairs, TokenizerSpec, make_spec, tokenize_pair, truncate
 
-__all__ = ["load_preference_data", "tokenize_rows", "TokenizedPairs", "PairBatcher", "make_batch", "row_length",
-           "LAYOUTS", "format_report"]
+__all__ = ["load_preference_data", "tokenize_rows", "mix_sources", "format_report", "TokenizedPairs",
+           "PairBatcher", "make_batch", "row_length", "LAYOUTS"]
 
 
 def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str, dropped: collections.Counter):
@@ -32,7 +36,8 @@ def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str
     dropped[reason] += 1
 
 
-def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec) -> tuple[TokenizedPairs, dict]:
+def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress: bool = False,
+                  label: str = "") -> tuple[TokenizedPairs, dict]:
     """Normalize, tokenize and truncate raw rows; -> pairs and their report section."""
     on_bad_row = data_cfg.on_bad_row
     if on_bad_row not in ("error", "skip"):
@@ -40,6 +45,10 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec) -> tuple[To
     pairs = TokenizedPairs.empty()
     dropped: collections.Counter = collections.Counter()
     prefix_mismatch = 0
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
     for row in rows:
         if row.error is not None:
             _bad(row, row.error, None, row.detail, on_bad_row, dropped)
@@ -64,56 +73,158 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec) -> tuple[To
     return pairs, section
 
 
-def _split_fraction(pairs: TokenizedPairs, fraction: float, seed: int) -> tuple[TokenizedPairs, TokenizedPairs]:
+def _source_fingerprint(source: Source) -> list:
+    if is_hub_name(source.spec):
+        import datasets
+
+        # The hub copy is cached by `datasets` itself and reused the same way; key on the name.
+        return ["hub", source.spec, datasets.__version__]
+    return cache.files_fingerprint(resolve_paths(source.spec))
+
+
+def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, log) -> tuple[TokenizedPairs, dict]:
+    """Tokenized pairs of one source, from the cache when the same inputs were tokenized before."""
+    max_samples = int(data_cfg.get("max_samples", 0) or 0) if split == "train" else 0
+    entry = None
+    if data_cfg.get("use_cache", True):
+        key = cache.cache_key(_source_fingerprint(source), spec, data_cfg, split)
+        entry = os.path.join(cache.default_cache_dir(data_cfg.get("cache_dir", "")), "tokenized", f"{key}.npz")
+        cached = cache.load(entry)
+        if cached is not None:
+            pairs, section = cached
+            return pairs, dict(section, source=source.spec, cached=True)
+    rows = load_rows(source.spec, split=split)
+    if max_samples:
+        rows = rows[:max_samples]  # tokenize no more than can be used
+    pairs, section = tokenize_rows(rows, data_cfg, spec, progress=log is not None, label=source.spec)
+    if entry is not None:
+        try:
+            cache.save(entry, pairs, section)
+        except OSError as e:  # a read-only or full cache dir must not stop training
+            if log is not None:
+                log(f"data: could not write the tokenized-data cache {entry}: {e}")
+    return pairs, dict(section, source=source.spec, cached=False)
+
+
+def mix_sources(parts: list[TokenizedPairs], weights: list[float], total: int, seed: int) -> TokenizedPairs:
+    """`total` pairs drawn from the parts in proportion to `weights` (normalized).
+
+    A part asked for more pairs than it has is repeated whole, then topped up with a seeded random
+    subset; one asked for fewer gives a seeded random subset. Deterministic in `seed`.
+    """
+    share = np.asarray(weights, np.float64) / np.sum(weights)
+    counts = np.floor(share * total).astype(int)
+    # Largest remainders get the leftover pairs, so the counts sum to `total` exactly.
+    for i in np.argsort(-(share * total - counts), kind="stable")[:total - counts.sum()]:
+        counts[i] += 1
+    chosen = []
+    for i, (part, need) in enumerate(zip(parts, counts)):
+        if need and not len(part):
+            raise ConfigError(f"data source {i} has no pairs left but has mixing weight {weights[i]}")
+        repeats, rest = divmod(int(need), max(len(part), 1))
+        rng = np.random.default_rng([seed, 0x313C, i])
+        picks = np.concatenate([np.arange(len(part))] * repeats + [np.sort(rng.permutation(len(part))[:rest])])
+        chosen.append(part.subset(picks.astype(int)))
+    return TokenizedPairs.concat(chosen)
+
+
+def _split_fraction(pairs: TokenizedPairs, fraction: float, seed: int, salt: int = 0):
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={fraction} must be in (0, 1) when data.eval_files is empty")
     n_eval = max(1, int(round(fraction * len(pairs))))
     if n_eval >= len(pairs):
         raise ConfigError(f"data.eval_fraction={fraction} of {len(pairs)} pairs leaves nothing to train on")
     # A fixed seed-derived choice, independent of the training shuffle, so the eval set never changes.
-    held_out = np.sort(np.random.default_rng([seed, 0xE7A1]).permutation(len(pairs))[:n_eval])
+    held_out = np.sort(np.random.default_rng([seed, 0xE7A1, salt]).permutation(len(pairs))[:n_eval])
     is_eval = np.zeros(len(pairs), bool)
     is_eval[held_out] = True
     return pairs.subset(np.flatnonzero(~is_eval)), pairs.subset(held_out)
 
 
+def _totals(sections: list[dict]) -> dict:
+    dropped: collections.Counter = collections.Counter()
+    for s in sections:
+        dropped.update(s["dropped"])
+    return {"rows": sum(s["rows"] for s in sections), "kept": sum(s["kept"] for s in sections),
+            "dropped": dict(sorted(dropped.items())), "prefix_mismatch": sum(s["prefix_mismatch"] for s in sections),
+            "sources": sections}
+
+
 def format_report(report: dict) -> str:
-    """A short table: split, rows read, pairs kept, and drops by reason."""
-    lines = [f"{'split':<6} {'rows':>7} {'kept':>7}  dropped / notes"]
+    """A short table: per split and source, rows read, pairs kept, drops by reason; then pairs used."""
+    lines = [f"{'split':<6} {'source':<40} {'rows':>8} {'kept':>8}  dropped / notes"]
     for split in ("train", "eval"):
         section = report.get(split)
         if not section:
             continue
-        notes = [f"{reason}={count}" for reason, count in section["dropped"].items()]
-        if section.get("prefix_mismatch"):
-            notes.append(f"prefix_mismatch={section['prefix_mismatch']}")
-        lines.append(f"{split:<6} {section['rows']:>7} {section['kept']:>7}  {', '.join(notes) or '-'}")
+        for s in section.get("sources", []):
+            notes = [f"{reason}={count}" for reason, count in s["dropped"].items()]
+            if s.get("prefix_mismatch"):
+                notes.append(f"prefix_mismatch={s['prefix_mismatch']}")
+            if s.get("cached"):
+                notes.append("cached")
+            if s.get("weight") is not None:
+                notes.append(f"weight={s['weight']}")
+            name = s["source"] if len(s["source"]) <= 40 else "..." + s["source"][-37:]
+            lines.append(f"{split:<6} {name:<40} {s['rows']:>8} {s['kept']:>8}  {', '.join(notes) or '-'}")
+        how = " (held out from train)" if section.get("held_out_from_train") else ""
+        lines.append(f"{split:<6} {'= pairs used' + how:<40} {'':>8} {section['pairs']:>8}")
     return "\n".join(lines)
 
 
-def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0):
+def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print):
     """-> (train: TokenizedPairs, eval: TokenizedPairs | None, report: dict).
 
     Raises ConfigError (before anything is compiled) for missing files, bad rows under
-    data.on_bad_row=error, and data left empty after filtering.
+    data.on_bad_row=error, and data left empty after filtering. `log` (None = quiet, e.g. on all
+    processes but the first) prints the report table and shows a progress bar while tokenizing;
+    `workdir` (None = don't write) receives data_report.json.
     """
     spec = make_spec(tokenizer, data_cfg.get("chat_template", ""))
-    train_rows = load_rows(data_cfg.train_files, split="train")
-    if data_cfg.get("max_samples", 0):
-        train_rows = train_rows[:int(data_cfg.max_samples)]
-    train, train_section = tokenize_rows(train_rows, data_cfg, spec)
-    report = {"train": train_section}
-    if len(train) == 0:
-        raise ConfigError(f"no training pairs left from {data_cfg.train_files!r} "
-                          f"(dropped: {train_section['dropped']}); check the keys and length settings")
+    sources = parse_sources(data_cfg.train_files, config_key="data.train_files")
+    eval_spec = data_cfg.get("eval_files", "")
+    fraction = float(data_cfg.get("eval_fraction", 0.0) or 0.0)
+
+    train_parts, eval_parts, sections = [], [], []
+    for i, source in enumerate(sources):
+        pairs, section = load_source(source, data_cfg, spec, split="train", log=log)
+        section["weight"] = source.weight
+        sections.append(section)
+        if not eval_spec and fraction:
+            # Hold out per source, before mixing, so that repeated (upsampled) pairs never land in both.
+            pairs, held_out = _split_fraction(pairs, fraction, seed, salt=i)
+            eval_parts.append(held_out)
+        train_parts.append(pairs)
+    report = {"train": _totals(sections)}
+    if not sum(len(p) for p in train_parts):
+        raise ConfigError(f"no training pairs left from data.train_files={data_cfg.train_files!r} "
+                          f"(dropped: {report['train']['dropped']}); check the keys and length settings")
+
+    max_samples = int(data_cfg.get("max_samples", 0) or 0)
+    if sources[0].weight is not None:
+        total = max_samples or sum(len(p) for p in train_parts)
+        train = mix_sources(train_parts, [s.weight for s in sources], total, seed)
+    else:
+        train = TokenizedPairs.concat(train_parts)
+        if max_samples:
+            train = train.subset(range(min(max_samples, len(train))))
+    report["train"]["pairs"] = len(train)
+
     eval_pairs = None
-    if data_cfg.get("eval_files", ""):
-        eval_pairs, report["eval"] = tokenize_rows(load_rows(data_cfg.eval_files, split="test"), data_cfg, spec)
-    elif data_cfg.get("eval_fraction", 0.0):
-        train, eval_pairs = _split_fraction(train, float(data_cfg.eval_fraction), seed)
+    if eval_spec:
+        eval_sources = parse_sources(eval_spec, config_key="data.eval_files")
+        if any(s.weight is not None for s in eval_sources):
+            raise ConfigError("data.eval_files takes no mixing weights: every eval pair is evaluated once")
+        parts, eval_sections = zip(*(load_source(s, data_cfg, spec, split="test", log=log) for s in eval_sources))
+        eval_pairs = TokenizedPairs.concat(parts)
+        report["eval"] = dict(_totals(list(eval_sections)), pairs=len(eval_pairs))
+    elif fraction:
+        eval_pairs = TokenizedPairs.concat(eval_parts)
         report["eval"] = {"rows": len(eval_pairs), "kept": len(eval_pairs), "dropped": {}, "prefix_mismatch": 0,
-                          "held_out_from_train": True}
-        report["train"] = dict(train_section, kept=len(train))
+                          "sources": [], "pairs": len(eval_pairs), "held_out_from_train": True}
+
+    if log is not None:
+        log("data:\n" + format_report(report))
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "data_report.json"), "w") as f:

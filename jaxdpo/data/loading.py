@@ -17,6 +17,7 @@ import glob
 import io
 import json
 import os
+import re
 from typing import Any
 
 from jaxdpo.config import ConfigError
@@ -201,8 +202,91 @@ def read_file(path: str, *, split: str = "train") -> list[RawRow]:
 
 
 def load_rows(spec: str, *, split: str = "train") -> list[RawRow]:
-    """All raw rows of a comma-separated list of files/globs/directories, in order."""
+    """All raw rows of a comma-separated list of files/globs/directories/hub names, in order."""
     rows: list[RawRow] = []
-    for path in resolve_paths(spec):
-        rows.extend(read_file(path, split=split))
+    for part in split_spec(spec):
+        if is_hub_name(part):
+            rows.extend(read_hub(part, split=split))
+        else:
+            for path in resolve_paths(part):
+                rows.extend(read_file(path, split=split))
     return rows
+
+
+# ------------------------------------------------------------------------------------ sources and hub
+@dataclasses.dataclass
+class Source:
+    """One entry of data.train_files: a path/glob/dir or hub name, with its mixing weight if given."""
+
+    spec: str
+    weight: float | None = None
+
+
+def parse_sources(spec: str, *, config_key: str = "data.train_files") -> list[Source]:
+    """'a.jsonl@0.7, b.jsonl@0.3' -> [Source('a.jsonl', 0.7), Source('b.jsonl', 0.3)].
+
+    Weights are all given or all absent (absent = concatenate the sources).
+    """
+    sources = []
+    for part in split_spec(spec):
+        name, at, weight = part.rpartition("@")
+        if not at:
+            sources.append(Source(part))
+            continue
+        try:
+            value = float(weight)
+        except ValueError:  # an '@' inside a file name, not a weight
+            sources.append(Source(part))
+            continue
+        if not value > 0:
+            raise ConfigError(f"{config_key}: the weight of {name!r} is {value}; weights must be > 0")
+        sources.append(Source(name.strip(), value))
+    weighted = [s.weight is not None for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ConfigError(f"{config_key}: give every entry a weight (a.jsonl@0.7,b.jsonl@0.3) or none; "
+                          f"missing on {[s.spec for s in sources if s.weight is None]}")
+    if not sources:
+        raise ConfigError(f"{config_key} is empty; name at least one data file")
+    return sources
+
+
+_HUB_NAME = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]*){0,2}$")
+
+
+def is_hub_name(part: str) -> bool:
+    """A hub dataset reference: 'hf:owner/name[:subset[:split]]', or the same without 'hf:' when no
+    local path of that name exists and it has no data-file suffix."""
+    if part.startswith("hf:"):
+        return True
+    if glob.has_magic(part) or os.path.exists(os.path.expanduser(part)):
+        return False
+    return bool(_HUB_NAME.match(part)) and not part.lower().endswith(FILE_SUFFIXES) and "/" in part.split(":")[0]
+
+
+def _offline() -> str | None:
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def read_hub(part: str, *, split: str = "train") -> list[RawRow]:
+    """Rows of a hub dataset 'name[:subset[:split]]' (downloaded by `datasets`, cached by it)."""
+    name, _, rest = part.removeprefix("hf:").partition(":")
+    subset, _, split_name = rest.partition(":")
+    split_name = split_name or split
+    offline_var = _offline()
+    if offline_var:
+        raise ConfigError(f"data source {part!r} is not a local file or directory, and as a hub dataset it needs "
+                          f"the network, but {offline_var} is set. Check the path, or download it where there is "
+                          f"network (datasets.load_dataset({name!r}, {subset or None!r}, split={split_name!r})"
+                          ".save_to_disk(DIR)) and point the config at DIR")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, subset or None, split=split_name)
+    except Exception as e:  # not found, no network, unknown subset/split: all are the user's to fix
+        raise ConfigError(f"could not load hub dataset {name!r} (subset {subset or None!r}, split {split_name!r}): "
+                          f"{type(e).__name__}: {e}") from e
+    label = f"hf:{name}" + (f":{subset}" if subset else "") + f":{split_name}"
+    return _rows_from_table(label, loaded.to_list())

@@ -48,6 +48,16 @@ class TokenizedPairs:
     def empty(cls) -> "TokenizedPairs":
         return cls([], [], [], [])
 
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedPairs"]) -> "TokenizedPairs":
+        out = cls.empty()
+        for part in parts:
+            out.prompt_ids += part.prompt_ids
+            out.chosen_ids += part.chosen_ids
+            out.rejected_ids += part.rejected_ids
+            out.source += part.source
+        return out
+
     def append(self, prompt, chosen, rejected, source) -> None:
         self.prompt_ids.append(np.asarray(prompt, np.int32))
         self.chosen_ids.append(np.asarray(chosen, np.int32))

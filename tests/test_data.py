@@ -226,6 +226,10 @@ def test_normalize_explicit_and_implicit():
     assert (hh.prompt, hh.chosen, hh.rejected) == ("\n\nHuman: hi\n\nAssistant:", " I can help.", " I won't.")
     plain = normalize_row({"chosen": "The sky is blue", "rejected": "The sky is green"})
     assert (plain.prompt, plain.chosen, plain.rejected) == ("The sky is", " blue", " green")
+    word = normalize_row({"chosen": "The cat sat", "rejected": "The car sat"})
+    assert (word.prompt, word.chosen, word.rejected) == ("The", " cat sat", " car sat")
+    nothing_shared = normalize_row({"chosen": "Yes", "rejected": "No"})
+    assert (nothing_shared.prompt, nothing_shared.chosen, nothing_shared.rejected) == ("", "Yes", "No")
     user = {"role": "user", "content": "hi"}
     conv = normalize_row({"chosen": [user, {"role": "assistant", "content": "hello"}],
                           "rejected": [user, {"role": "assistant", "content": "go"}]})

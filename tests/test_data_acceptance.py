@@ -219,3 +219,10 @@ def test_tokenizer_without_bos(tmp_path, enc):
     train, _, _ = load_preference_data(data_config(train_files=os.path.join(FIXTURES, "trl_standard.jsonl"),
                                                    eval_files=""), tok, log=None)
     assert ids(train, 1) == (enc("2+2="), enc("4") + [EOS], enc("5") + [EOS])
+    # an empty prompt still needs a last token to predict the first answer token from: EOS stands in
+    from jaxdpo.data.formats import normalize_row
+    from jaxdpo.data.tokenize import make_spec, tokenize_pair
+
+    spec = make_spec(tok)
+    assert tokenize_pair(spec, normalize_row({"chosen": "Yes", "rejected": "No"})) == (
+        [EOS], enc("Yes") + [EOS], enc("No") + [EOS], 0)

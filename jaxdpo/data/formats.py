@@ -98,8 +98,9 @@ def common_prefix_length(a: list | str, b: list | str) -> int:
 def split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Implicit prompt of two strings: their shared prefix, cut after the last "Assistant:" marker.
 
-    Without a marker the cut is where they differ, moved before a shared trailing space so that the
-    completion (not the prompt) carries the space, as BPE tokenizers expect (" Paris", not "Paris").
+    Without a marker the cut is at the last whitespace before they differ, so that whole words go to
+    the completions and the completion (not the prompt) carries the space, as BPE tokenizers expect
+    (" Paris", not "Paris"; "The cat" / "The car" split as "The" + " cat" / " car", not "The ca" + "t").
     """
     shared = chosen[:common_prefix_length(chosen, rejected)]
     cut = -1
@@ -109,9 +110,7 @@ def split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
             cut = at + len(marker)
             break
     if cut < 0:
-        cut = len(shared)
-        if cut > 0 and shared[cut - 1] == " ":
-            cut -= 1
+        cut = max((i for i, ch in enumerate(shared) if ch.isspace()), default=0)
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 

@@ -345,3 +345,36 @@ def test_load_preference_data_end_to_end(tmp_path, tokenizer):
     assert p[0] == 1 and c[-1] == 2 and r[-1] == 2 and p.dtype == np.int32
     again, evals2, _ = load_preference_data(cfg, tokenizer, seed=0)
     assert again.source == train.source and evals2.source == evals.source
+
+
+def test_eval_batches_per_process():
+    pairs = random_pairs(5, seed=4)
+    got = []
+    for i in range(2):
+        b = PairBatcher(pairs, layout="padded", row_length=16, batch_size=4, micro_batch_size=4, seed=0,
+                        process_index=i, process_count=2, row_multiple=2)
+        got.append([(x["pair_valid"].tolist(), x["input_ids"][:2, 0].tolist()) for x in b.eval_batches()])
+    first = lambda p: int(pairs[p][0][0])
+    assert got[0] == [([1, 1], [first(0), first(1)]), ([1, 0], [first(4), 0])]
+    assert got[1] == [([1, 1], [first(2), first(3)]), ([0, 0], [0, 0])]
+
+
+def test_sources_and_hub_names(tmp_path):
+    from jaxdpo.data.loading import Source, is_hub_name, parse_sources
+
+    assert parse_sources("a.jsonl@0.7, b.jsonl@0.3") == [Source("a.jsonl", 0.7), Source("b.jsonl", 0.3)]
+    assert parse_sources("data@v2.jsonl") == [Source("data@v2.jsonl")]  # an '@' in a file name is no weight
+    with pytest.raises(ConfigError, match="weights must be > 0"):
+        parse_sources("a.jsonl@0")
+    assert is_hub_name("Anthropic/hh-rlhf") and is_hub_name("trl-lib/ultrafeedback_binarized:default:test")
+    assert is_hub_name("hf:imdb") and not is_hub_name("data/train.jsonl") and not is_hub_name("data/*.jsonl")
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "x.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    assert not is_hub_name(str(tmp_path / "owner"))  # an existing local path always wins
+
+
+def test_csv_cells_holding_conversations(tmp_path):
+    messages = json.dumps([{"role": "assistant", "content": "4"}]).replace('"', '""')
+    (tmp_path / "c.csv").write_text(f'prompt,chosen,rejected\n2+2=,"{messages}",5\n')
+    (row,) = load_rows(str(tmp_path / "c.csv"))
+    assert row.data == {"prompt": "2+2=", "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"}

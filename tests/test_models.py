@@ -29,6 +29,17 @@ CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+    "mistral_sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+        "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "sliding_window": 4, "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}}),
 }
 LENGTHS = (12, 9, 5)  # a right-padded batch
 

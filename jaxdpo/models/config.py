@@ -44,7 +44,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
     attn_logit_softcap: float | None = None  # Gemma 2
     final_logit_softcap: float | None = None  # Gemma 2
-    query_pre_attn_scalar: float | None = None  # Gemma 2/3: attention scale = this ** -0.5 (else head_dim)
+    query_pre_attn_scalar: int | float | None = None  # Gemma 2/3: attention scale = this ** -0.5 (else head_dim)
     sliding_window: int | None = None
     # one of FULL_ATTENTION / SLIDING_ATTENTION per layer; None = every layer full attention
     layer_types: tuple[str, ...] | None = None

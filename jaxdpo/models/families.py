@@ -104,7 +104,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if model_type in ("gemma2", "gemma3_text"):
         switches["attn_logit_softcap"] = hf.get("attn_logit_softcapping")
         switches["final_logit_softcap"] = hf.get("final_logit_softcapping")
-        switches["query_pre_attn_scalar"] = float(hf.get("query_pre_attn_scalar", 256))
+        switches["query_pre_attn_scalar"] = hf.get("query_pre_attn_scalar", 256)  # an int in transformers
     eos = hf.get("eos_token_id")
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -178,12 +178,18 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict:
         hf["max_window_layers"] = config.num_layers
     if model_type != "gemma":
         hf["sliding_window"] = config.sliding_window
-    if config.layer_types is not None and model_type != "gemma":
+    # only families whose HF config has layer_types (transformers reads a mistral config with layer_types
+    # as "ministral"); Mistral slides every layer whenever sliding_window is set
+    if config.layer_types is not None and model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
         hf["layer_types"] = list(config.layer_types)
+    if model_type not in ("qwen2", "qwen3", "gemma2", "gemma3_text") and len(set(config.layer_is_sliding)) > 1:
+        raise ValueError(f"config_to_hf: {model_type} cannot express a mix of sliding and full layers "
+                         f"(layer_types={config.layer_types})")
     if model_type in ("gemma2", "gemma3_text"):
         hf["attn_logit_softcapping"] = config.attn_logit_softcap
         hf["final_logit_softcapping"] = config.final_logit_softcap
-        hf["query_pre_attn_scalar"] = config.query_pre_attn_scalar
+        scalar = config.query_pre_attn_scalar
+        hf["query_pre_attn_scalar"] = int(scalar) if scalar is not None and float(scalar).is_integer() else scalar
     hf.update(dict(config.hf_extra))
     return hf
 

@@ -198,6 +198,8 @@ def test_batcher_process_slices_make_the_global_batch(layout):
             got.update({(p + 2 * i, s): v for (p, s), v in visible_contexts(b).items()})
         assert got == want
         assert len(shapes) == 1  # every process builds the same shape, even packed
+    for part in parts:  # the micro-batches of one step stack (one shape), even packed
+        assert len({m["input_ids"].shape for m in part.train_batch(4)}) == 1
 
 
 def test_eval_batches_cover_every_pair_once():
@@ -378,3 +380,13 @@ def test_csv_cells_holding_conversations(tmp_path):
     (tmp_path / "c.csv").write_text(f'prompt,chosen,rejected\n2+2=,"{messages}",5\n')
     (row,) = load_rows(str(tmp_path / "c.csv"))
     assert row.data == {"prompt": "2+2=", "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"}
+
+
+def test_packed_micro_batches_of_a_step_share_one_shape():
+    short, long = ([1], [40, 2], [41]), PAIR_A  # 5 and 9 tokens
+    batcher = PairBatcher([short, short, long, long], layout="packed", row_length=10, batch_size=4,
+                          micro_batch_size=2, seed=0, shuffle=False)
+    first, second = batcher.train_batch(0)
+    assert first["input_ids"].shape == second["input_ids"].shape == (2, 10)  # alone, the first needs 1 row
+    np.testing.assert_array_equal(first["segment_ids"], [[1] * 5 + [2] * 5, [0] * 10])
+    assert [b["input_ids"].shape[0] for b in batcher.eval_batches()] == [1, 2]  # eval batches are not stacked

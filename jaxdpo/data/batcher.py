@@ -70,31 +70,38 @@ class PairBatcher:
         start = within * self.batch_size
         return self.epoch_order(epoch)[start:start + self.batch_size]
 
-    def _micro_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch of this process's slice of one global micro-batch (indices may be fewer than full)."""
-        slices = [indices[k * self.local_pairs:(k + 1) * self.local_pairs] for k in range(self.process_count)]
-        mine = [self.pairs[int(i)] for i in slices[self.process_index]]
-        num_rows = None
-        if self.layout == "packed":
-            # Global arrays need the same shape on every process: each process packs every slice
-            # (it holds the whole dataset) and uses the largest row count.
-            needed = max(len(pack_rows([shared_length(*self.pairs[int(i)]) for i in s], self.row_length))
-                         for s in slices)
-            num_rows = max(-(-needed // self.row_multiple), 1) * self.row_multiple
+    def _slices(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Each process's contiguous share of one global micro-batch (the last ones may be short)."""
+        return [indices[k * self.local_pairs:(k + 1) * self.local_pairs] for k in range(self.process_count)]
+
+    def _packed_rows(self, micro_batches: list[np.ndarray]) -> int | None:
+        """R for packed micro-batches: the most any process needs for any of them, so that global arrays
+        have one shape on every process and the micro-batches of a step stack. Each process can work it
+        out alone, since every process holds the whole dataset."""
+        if self.layout != "packed":
+            return None
+        needed = max(len(pack_rows([shared_length(*self.pairs[int(i)]) for i in s], self.row_length))
+                     for indices in micro_batches for s in self._slices(indices))
+        return max(-(-needed // self.row_multiple), 1) * self.row_multiple
+
+    def _micro_batch(self, indices: np.ndarray, num_rows: int | None) -> dict[str, np.ndarray]:
+        mine = [self.pairs[int(i)] for i in self._slices(indices)[self.process_index]]
         return make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
                           row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
 
     def train_batch(self, step: int) -> list[dict[str, np.ndarray]]:
-        """The micro-batches of global step `step` for this process."""
+        """The micro-batches of global step `step` for this process, all of one shape (they stack)."""
         indices = self.step_indices(step)
-        return [self._micro_batch(indices[k:k + self.micro_batch_size])
-                for k in range(0, self.batch_size, self.micro_batch_size)]
+        micro = [indices[k:k + self.micro_batch_size] for k in range(0, self.batch_size, self.micro_batch_size)]
+        num_rows = self._packed_rows(micro)
+        return [self._micro_batch(m, num_rows) for m in micro]
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Every pair exactly once, in order; the last micro-batch is filled with pair_valid=0 pairs."""
         order = np.arange(self.num_pairs)
         for k in range(0, self.num_pairs, self.micro_batch_size):
-            yield self._micro_batch(order[k:k + self.micro_batch_size])
+            micro = order[k:k + self.micro_batch_size]
+            yield self._micro_batch(micro, self._packed_rows([micro]))
 
     def num_eval_batches(self) -> int:
         return -(-self.num_pairs // self.micro_batch_size)

@@ -176,3 +176,41 @@ def test_zero_softcap_means_off():
     hidden, head, targets = make_inputs(time=5)
     np.testing.assert_allclose(token_logprobs(hidden, head, targets, logit_softcap=0.0),
                                token_logprobs(hidden, head, targets), atol=0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
+def test_contract_with_layouts_and_decoder(layout):
+    # Cross-module contract (DEVELOPING.md): whatever the layout, pair_sums over the decoder's chunked
+    # token logprobs equal each completion's logprob summed from full logits of prompt+completion.
+    from flax import nnx
+
+    from jaxdpo.data.layouts import make_batch
+    from jaxdpo.models.config import ModelConfig
+    from jaxdpo.models.decoder import Decoder
+
+    config = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    pairs = [tuple(rng.integers(1, 97, rng.integers(low, high)) for low, high in ((2, 6), (1, 5), (1, 5)))
+             for _ in range(3)]
+
+    # Naive reference: each prompt+completion right-padded to 16 in its own row (right padding does
+    # not change the causal logits before it), one forward pass for all six sequences.
+    sequences = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    ids = np.zeros((len(sequences), 16), np.int32)
+    for row, (prompt, completion) in enumerate(sequences):
+        ids[row, :len(prompt) + len(completion)] = np.concatenate([prompt, completion])
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids)), axis=-1))
+    naive = [sum(logp[row, t - 1, ids[row, t]] for t in range(len(prompt), len(prompt) + len(completion)))
+             for row, (prompt, completion) in enumerate(sequences)]
+
+    batch = make_batch(pairs, layout=layout, row_length=16, num_pairs=4)
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"], batch["branch_ids"])
+    token_lp = token_logprobs(hidden, model.lm_head_weight(), jnp.asarray(batch["targets"]), chunk_size=5)
+    sums = pair_sums(token_lp, jnp.asarray(batch["pair_index"]), jnp.asarray(batch["side"]), 4)
+    np.testing.assert_allclose(sums["pc"][:3], naive[:3], atol=1e-4)
+    np.testing.assert_allclose(sums["pr"][:3], naive[3:], atol=1e-4)
+    np.testing.assert_array_equal(sums["nc"], [len(c) for _, c, _ in pairs] + [0])
+    np.testing.assert_array_equal(sums["nr"], [len(r) for _, _, r in pairs] + [0])
+    np.testing.assert_array_equal(batch["pair_valid"], [1, 1, 1, 0])

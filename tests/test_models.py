@@ -253,3 +253,35 @@ def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "gemma2", "gemma3_text"])
+def test_sequence_logprobs_match_transformers(case, hf_checkpoints):
+    """Chunked logprobs from hidden_states + lm_head_weight (the training path) sum like transformers'."""
+    from jaxdpo.ops.logprobs import token_logprobs
+
+    hf_model, path = hf_checkpoints(case)
+    model = from_pretrained(path)
+    ids, mask = padded_batch(model.config.vocab_size, seed=7)
+    targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    # completion = tokens after a 3-token prompt, up to each row's length
+    counted = (np.arange(ids.shape[1])[None, :] >= 2) & (np.roll(mask, -1, axis=1) == 1)
+    counted[:, -1] = False
+    hidden = model.hidden_states(jnp.asarray(ids), segment_ids=jnp.asarray(mask))
+    ours = token_logprobs(hidden, model.lm_head_weight(), jnp.asarray(targets), chunk_size=5,
+                          logit_softcap=model.config.final_logit_softcap)
+    ours = (np.asarray(ours) * counted).sum(axis=1)
+    hf_logprobs = torch.log_softmax(torch.tensor(torch_logits(hf_model, ids, mask)), dim=-1).numpy()
+    theirs = (np.take_along_axis(hf_logprobs, targets[..., None], axis=-1)[..., 0] * counted).sum(axis=1)
+    print(f"{case}: sequence logprobs ours={ours} transformers={theirs}")
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_round_trips_through_transformers(case, hf_checkpoints):
+    _, path = hf_checkpoints(case)
+    config = load_config(path)
+    assert ModelConfig.from_hf(config.to_hf()) == config
+    # transformers parses our config.json into the same architecture numbers
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    assert ModelConfig.from_hf(hf_config.to_dict()) == config

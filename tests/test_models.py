@@ -149,6 +149,17 @@ def test_sharded_export_and_sharded_import_on_mesh(hf_checkpoints, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     for name, value in hf_model.state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[name]), name
+    # export straight from the sharded params gives the same bytes
+    save_pretrained(sharded, str(tmp_path / "from_mesh"))
+    assert _same_tensors(path, str(tmp_path / "from_mesh"))
+
+
+def _same_tensors(dir_a: str, dir_b: str) -> bool:
+    a, b = _SafetensorsReader(dir_a), _SafetensorsReader(dir_b)
+    assert a.entries.keys() == b.entries.keys()
+    for name, (_, info, _) in a.entries.items():
+        np.testing.assert_array_equal(a.get(name, info["shape"]), b.get(name, info["shape"]), err_msg=name)
+    return True
 
 
 def test_bf16_on_disk_is_cast_on_load(tmp_path):

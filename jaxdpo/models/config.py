@@ -8,8 +8,6 @@ format back. The per-family translation lives in `jaxdpo/models/families.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -51,8 +49,6 @@ class ModelConfig:
     # RoPE of sliding-window layers when it differs from the global one (Gemma 3 local base)
     sliding_rope_theta: float | None = None
     sliding_rope_scaling: dict | None = None
-    # HF keys we do not model but must write back unchanged (e.g. Gemma 3's rope_local_base_freq spelling)
-    hf_extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -224,8 +224,8 @@ class Decoder(nnx.Module):
         base_mask = make_attention_mask(segment_ids, branch_ids, positions)
         is_sliding = np.asarray(c.layer_is_sliding)
         any_sliding = bool(is_sliding.any())
-        if any_sliding:
-            distance = (positions[:, :, None] - positions[:, None, :])[:, None]
+        if any_sliding:  # both masks are built once, as bool; each layer picks its own in the scan
+            sliding_mask = make_attention_mask(segment_ids, branch_ids, positions, c.sliding_window)
         cos_g, sin_g = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
         local_rope = c.sliding_rope_theta is not None
         if local_rope:
@@ -239,7 +239,7 @@ class Decoder(nnx.Module):
             params = hook(params)
             mask, cos, sin = base_mask, cos_g, sin_g
             if any_sliding:
-                mask = base_mask & (~sliding | (distance < c.sliding_window))
+                mask = jnp.where(sliding, sliding_mask, base_mask)
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype), None

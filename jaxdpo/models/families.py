@@ -190,7 +190,6 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict:
         hf["final_logit_softcapping"] = config.final_logit_softcap
         scalar = config.query_pre_attn_scalar
         hf["query_pre_attn_scalar"] = int(scalar) if scalar is not None and float(scalar).is_integer() else scalar
-    hf.update(dict(config.hf_extra))
     return hf
 
 

@@ -296,3 +296,28 @@ def test_config_round_trips_through_transformers(case, hf_checkpoints):
     # transformers parses our config.json into the same architecture numbers
     hf_config = transformers.AutoConfig.for_model(**config.to_hf())
     assert ModelConfig.from_hf(hf_config.to_dict()) == config
+
+
+def test_import_inside_set_mesh_and_export_with_tokenizer_in_bf16(hf_checkpoints, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf_model, path = hf_checkpoints("qwen2")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):  # the active mesh is picked up without passing it
+        model = from_pretrained(path)
+    assert model.layers.k_proj[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 4,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<eos>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    save_pretrained(model, str(tmp_path), tokenizer=tokenizer, dtype=jnp.bfloat16)
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded_tokenizer("a tiny corpus").input_ids == tokenizer("a tiny corpus").input_ids
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    original = hf_model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, original[name].to(torch.bfloat16)), name

@@ -32,6 +32,7 @@ CASES = {
     "mistral_sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
         "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,

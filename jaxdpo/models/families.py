@@ -23,6 +23,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
+_ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", *_GEMMA)
 # HF defaults that differ between families (used when config.json omits the key)
 _DEFAULT_THETA = {"gemma3_text": 1_000_000.0}
 _DEFAULT_SLIDING_THETA = 10_000.0
@@ -96,11 +97,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     elif activation != "silu":
         raise ValueError(f"{where}: activation {activation!r} is not supported (use silu or gelu_pytorch_tanh)")
     switches["mlp_activation"] = activation
-    if model_type in ("llama", "mistral", "qwen3") and hf.get("attention_bias"):
-        switches["qkv_bias"] = True
-        switches["out_bias"] = model_type != "qwen3"
-    if model_type == "qwen3" and hf.get("attention_bias"):
-        switches["qkv_bias"] = True
+    # attention_bias biases q, k, v AND o (Mistral has no biases; Qwen2 always biases q, k, v only)
+    if model_type in _ATTENTION_BIAS_FAMILIES and hf.get("attention_bias"):
+        switches["qkv_bias"] = switches["out_bias"] = True
     if model_type in ("gemma2", "gemma3_text"):
         switches["attn_logit_softcap"] = hf.get("attn_logit_softcapping")
         switches["final_logit_softcap"] = hf.get("final_logit_softcapping")
@@ -162,8 +161,14 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict:
         hf["hidden_activation"] = activation
     else:
         hf["hidden_act"] = activation
-    if model_type in ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text"):
+    if model_type in _ATTENTION_BIAS_FAMILIES:
+        if config.qkv_bias != config.out_bias:
+            raise ValueError(f"config_to_hf: {model_type} biases q, k, v and o together (attention_bias); "
+                             f"got qkv_bias={config.qkv_bias}, out_bias={config.out_bias}")
         hf["attention_bias"] = config.qkv_bias
+    elif config.out_bias or (config.qkv_bias and model_type != "qwen2"):
+        raise ValueError(f"config_to_hf: {model_type} has no attention_bias option; "
+                         f"got qkv_bias={config.qkv_bias}, out_bias={config.out_bias}")
     if model_type == "llama":
         hf["mlp_bias"] = False
     if config.sliding_rope_theta is not None:

@@ -1,6 +1,13 @@
 """Entry point: python -m jaxdpo.train --config=configs/dpo.py [--config.key=value ...]"""
 
+import os
 import sys
+
+# Simulated CPU devices (--xla_force_host_platform_device_count) deadlock in all-reduce when XLA's
+# concurrency-optimized CPU scheduler orders collectives differently per device; turn it off there.
+if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and \
+        "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -100,7 +100,7 @@ class StepFunctions:
 
         tokens = metric_sums.pop("tokens")
         metrics = {k: v / total_valid for k, v in metric_sums.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)

@@ -56,8 +56,10 @@ class Trainer:
         cfg = self.config
         tokenizer_path = cfg.model.tokenizer or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        main = jax.process_index() == 0  # every process tokenizes; only process 0 reports and writes
         self.train_pairs, self.eval_pairs, self.data_report = load_preference_data(
-            cfg.data, self.tokenizer, workdir=self.workdir, seed=cfg.seed)
+            cfg.data, self.tokenizer, workdir=self.workdir if main else None, seed=cfg.seed,
+            log=print if main else None)
         all_pairs = [self.train_pairs] + ([self.eval_pairs] if self.eval_pairs is not None else [])
         self.row_length = max(row_length(p, cfg.data.layout, cfg.data) for p in all_pairs)
 

@@ -26,7 +26,7 @@ from jaxdpo.optim import make_optimizer
 from jaxdpo.step import StepFunctions, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected")
+PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")  # [P] arrays (not rows)
 
 
 def _log(msg: str) -> None:
@@ -124,10 +124,24 @@ class Trainer:
             else:
                 # A real copy: the policy's buffers are donated to the step and change every update.
                 self.reference = jax.tree.map(jnp.copy, self.params)
+        elif mode == "cached":
+            # Reference logprobs of every train/eval pair, loaded from disk or computed now; training
+            # then holds no reference weights (batches carry ref_chosen / ref_rejected).
+            from jaxdpo.reference_cache import ReferenceCache
+            ref_path = self.config.reference.path or self.config.model.path
+            if self.config.reference.path:
+                from jaxdpo.models import from_pretrained
+                with jax.set_mesh(self.mesh):
+                    ref_model = from_pretrained(ref_path, dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
+                _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
+            else:
+                ref_params = self.params  # computed before the first update, so the initial policy
+            self.reference_cache = ReferenceCache.for_trainer(self, ref_params, weights_path=ref_path, log=_log)
+            self.reference = None
         elif mode == "none":
             self.reference = None
         else:
-            raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | none)")
+            raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | cached | none)")
 
     def build_steps(self):
         cfg = self.config
@@ -187,6 +201,8 @@ class Trainer:
 
     def train_batch(self, step: int) -> dict:
         micro = self.batcher.train_batch(step)
+        if self.config.reference.mode == "cached":
+            micro = [self.reference_cache.attach("train", m) for m in micro]
         stacked = _stack_micro_batches(micro)
         return self._to_global(stacked, self.train_batch_shardings, pair_axis=1)
 
@@ -197,6 +213,8 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = list(self.eval_batcher.eval_batches())
         for local in tqdm(batches, desc="eval", leave=False, disable=jax.process_index() != 0):
+            if self.config.reference.mode == "cached":
+                local = self.reference_cache.attach("eval", local)
             batch = self._to_global(local, self.eval_batch_shardings, pair_axis=0)
             out = self.eval_step(self.state["params"], self.frozen, self.reference, batch)
             for k, v in jax.device_get(out).items():

@@ -85,9 +85,15 @@ class PairBatcher:
         return max(-(-needed // self.row_multiple), 1) * self.row_multiple
 
     def _micro_batch(self, indices: np.ndarray, num_rows: int | None) -> dict[str, np.ndarray]:
-        mine = [self.pairs[int(i)] for i in self._slices(indices)[self.process_index]]
-        return make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
-                          row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
+        my_indices = self._slices(indices)[self.process_index]
+        mine = [self.pairs[int(i)] for i in my_indices]
+        batch = make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
+                           row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
+        # Dataset index of each pair of the micro-batch (-1 = padding pair): lets per-pair data computed
+        # once per dataset (the cached reference logprobs) join the batch.
+        batch["pair_ids"] = np.full((self.local_pairs,), -1, np.int32)
+        batch["pair_ids"][:len(my_indices)] = my_indices
+        return batch
 
     def train_batch(self, step: int) -> list[dict[str, np.ndarray]]:
         """The micro-batches of global step `step` for this process, all of one shape (they stack)."""

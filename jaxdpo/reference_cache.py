@@ -1,0 +1,211 @@
+"""reference.mode = "cached": reference logprobs computed once per dataset, kept on disk, joined to batches.
+
+The reference model's per-pair completion logprob sums (rc, rr) depend only on the reference weights and
+the tokenized pairs (and, to rounding, on the layout, logprob chunk and dtypes). They are computed in one
+forward pass over every train and eval pair, stored as `[N]` float32 arrays indexed by dataset position in
+`<data.cache_dir>/reference/<fingerprint>.npz`, and reused by every later run and epoch whose fingerprint
+matches. Any change of an input changes the fingerprint, so a stale file is never read. Training then holds
+no reference parameters: each batch carries `ref_chosen` / `ref_rejected` looked up by its `pair_ids`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
+
+from jaxdpo import sharding
+from jaxdpo.step import ROW_KEYS, pair_logprobs
+
+CACHE_VERSION = 1
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".json", ".bin")
+
+
+# -- fingerprints -----------------------------------------------------------------------------------
+def weight_files_fingerprint(path: str) -> list:
+    """(name, size, mtime_ns) of the checkpoint's weight and config files: cheap, changes on rewrite."""
+    if not path or not os.path.isdir(path):
+        return []
+    out = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(WEIGHT_FILE_SUFFIXES):
+            st = os.stat(os.path.join(path, name))
+            out.append([name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+@jax.jit
+def _leaf_statistics(leaves):
+    """Per leaf: sum, sum of squares and a position-weighted sum (catches permutations), in float32."""
+    def stats(x):
+        x = x.astype(jnp.float32).reshape(-1)
+        ramp = jnp.cos(jnp.arange(x.shape[0], dtype=jnp.float32) * 0.618)
+        return jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.sum(x * ramp)])
+    return [stats(x) for x in leaves]
+
+
+def params_digest(params) -> str:
+    """A hash of the parameter values, computed on device (no full host copy of a large model)."""
+    leaves, treedef = jax.tree.flatten(params)
+    stats = np.asarray(jax.device_get(jnp.stack(_leaf_statistics(leaves)))) if leaves else np.zeros(0)
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
+        h.update(f"{leaf.shape}{leaf.dtype}".encode())
+    h.update(np.round(stats.astype(np.float64), 6).tobytes())
+    return h.hexdigest()
+
+
+def pairs_digest(pairs) -> str:
+    """A hash of every token id of every pair (order included)."""
+    h = hashlib.sha256()
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        seqs = getattr(pairs, name)
+        h.update(np.asarray([len(s) for s in seqs], np.int64).tobytes())
+        if seqs:
+            h.update(np.concatenate(seqs).astype(np.int32).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(parts: dict) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+# -- disk -------------------------------------------------------------------------------------------
+def cache_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, "reference", f"{key}.npz")
+
+
+def save(path: str, chosen: np.ndarray, rejected: np.ndarray, parts: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, chosen=chosen.astype(np.float32), rejected=rejected.astype(np.float32),
+                 meta=np.array(json.dumps(parts, sort_keys=True, default=str)))
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+
+
+def load(path: str, num_pairs: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (chosen, rejected) arrays, or None if absent, unreadable or of the wrong size."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            chosen, rejected = z["chosen"], z["rejected"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if chosen.shape != (num_pairs,) or rejected.shape != (num_pairs,):
+        return None
+    return chosen, rejected
+
+
+# -- computing --------------------------------------------------------------------------------------
+def compute(batcher, logprob_fn, to_global, *, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over `batcher.eval_batches()` (every pair once, in dataset order) -> (rc, rr) [N] float32.
+
+    `logprob_fn(global_batch) -> (pc, pr)` of the global micro-batch; global pair j of the k-th
+    micro-batch is dataset pair k * micro_batch_size + j (the batcher gives each process a contiguous
+    share, so the global pair order is the dataset order)."""
+    n, mbs = batcher.num_pairs, batcher.micro_batch_size
+    chosen, rejected = np.zeros((n,), np.float32), np.zeros((n,), np.float32)
+    batches = batcher.eval_batches()
+    for k, local in enumerate(tqdm(batches, total=batcher.num_eval_batches(), desc=desc, unit="batch",
+                                   disable=jax.process_index() != 0)):
+        pc, pr = jax.device_get(logprob_fn(to_global(local)))
+        ids = np.arange(k * mbs, min((k + 1) * mbs, n))
+        chosen[ids], rejected[ids] = pc[:len(ids)], pr[:len(ids)]
+    return chosen, rejected
+
+
+def lookup(pair_ids: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, np.ndarray]:
+    """{"ref_chosen", "ref_rejected"} [P] float32 for a micro-batch's pair_ids (-1 = padding -> 0)."""
+    safe = np.maximum(pair_ids, 0)
+    valid = pair_ids >= 0
+    return {"ref_chosen": np.where(valid, chosen[safe], 0.0).astype(np.float32),
+            "ref_rejected": np.where(valid, rejected[safe], 0.0).astype(np.float32)}
+
+
+def _all_processes_agree(flag: bool) -> bool:
+    """True only if every process has `flag` (so all of them skip, or all join, the collective pass)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+class ReferenceCache:
+    """Per-split reference logprobs of a run, loaded from disk or computed once with the given weights."""
+
+    def __init__(self):
+        self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.paths: dict[str, str] = {}
+        self.computed: list[str] = []  # splits computed in this run (the rest came from disk)
+
+    def add(self, split: str, arrays: tuple[np.ndarray, np.ndarray], path: str) -> None:
+        self.arrays[split], self.paths[split] = arrays, path
+
+    def attach(self, split: str, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch with ref_chosen / ref_rejected [P] looked up from its pair_ids."""
+        chosen, rejected = self.arrays[split]
+        return {**batch, **lookup(batch["pair_ids"], chosen, rejected)}
+
+    @classmethod
+    def for_trainer(cls, trainer, reference_params, *, weights_path: str, log=print) -> "ReferenceCache":
+        """Load or compute (rc, rr) for the trainer's train and eval pairs with `reference_params`."""
+        from jaxdpo.data.batcher import PairBatcher
+        from jaxdpo.data.cache import default_cache_dir
+
+        cfg = trainer.config
+        cache_dir = default_cache_dir(cfg.data.cache_dir)
+        mesh = trainer.mesh
+        rows = NamedSharding(mesh, sharding.logical_spec("batch", None))
+        pairs_sh = NamedSharding(mesh, sharding.logical_spec("batch"))
+        num_pairs = cfg.train.eval_batch_size
+        shardings = {k: rows for k in ROW_KEYS} | {"pair_valid": pairs_sh}
+        graphdef, frozen = trainer.graphdef, trainer.frozen
+        common_parts = {
+            "weights_files": weight_files_fingerprint(weights_path),
+            "weights": params_digest(reference_params),
+            "model": trainer.model_config.__dict__,
+            "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.get("dtype", ""),
+            "attention": cfg.model.get("attention", "xla"),
+            "layout": cfg.data.layout, "row_length": trainer.row_length, "chunk": cfg.model.logprob_chunk,
+        }
+
+        def logprobs(batch):
+            out = pair_logprobs(graphdef, (reference_params, frozen), batch, num_pairs=num_pairs,
+                                chunk_size=cfg.model.logprob_chunk)
+            return out["pc"], out["pr"]
+
+        jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+        to_global = lambda local: trainer._to_global(local, shardings, pair_axis=0)
+
+        cache = cls()
+        splits = [("train", trainer.train_pairs)]
+        if trainer.eval_pairs is not None and len(trainer.eval_pairs) > 0:
+            splits.append(("eval", trainer.eval_pairs))
+        for split, pairs in splits:
+            parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
+            path = cache_path(cache_dir, fingerprint(parts))
+            found = load(path, len(pairs))
+            if _all_processes_agree(found is not None):
+                log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
+                cache.add(split, found, path)
+                continue
+            batcher = PairBatcher(pairs, layout=cfg.data.layout, row_length=trainer.row_length,
+                                  batch_size=num_pairs, micro_batch_size=num_pairs, seed=cfg.seed, shuffle=False,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  row_multiple=trainer.row_multiple, pad_id=trainer.batcher.pad_id)
+            arrays = compute(batcher, jitted, to_global, desc=f"reference logprobs ({split})")
+            if jax.process_index() == 0:
+                save(path, *arrays, parts)
+            log(f"  reference  {split}: computed {len(pairs)} pairs' logprobs, cached in {path}")
+            cache.add(split, arrays, path)
+            cache.computed.append(split)
+        return cache

@@ -85,3 +85,38 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
 def batch_axis_size(mesh: Mesh) -> int:
     """How many ways the batch rows are split: rows per step must be a multiple of this."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def mesh_axes_size(mesh_shape: dict[str, int], axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def check_params_divisible(param_specs: dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]],
+                           mesh_shape: dict[str, int]) -> None:
+    """Every sharded dimension of every param must split evenly over its mesh axes (no padded shards).
+
+    `param_specs` is name -> (shape, logical axes), as `jaxdpo.models.decoder.*_param_specs` give them;
+    raises ConfigError naming each offending size (heads, kv_heads, intermediate, vocab vs mesh.tensor;
+    hidden vs mesh.fsdp) before anything is loaded or compiled."""
+    from jaxdpo.config import ConfigError  # config imports nothing heavy; kept local to stay a leaf module
+
+    problems: dict[tuple[str, int, str], list[str]] = {}
+    for name, (shape, logical) in param_specs.items():
+        for size, axis_name in zip(shape, logical):
+            if axis_name is None:
+                continue
+            axes = LOGICAL_AXIS_RULES[axis_name]
+            ways = mesh_axes_size(mesh_shape, axes)
+            if size % ways:
+                axes_text = "*".join(f"mesh.{a}" for a in ((axes,) if isinstance(axes, str) else axes))
+                problems.setdefault((axis_name, size, f"{axes_text} = {ways}"), []).append(name)
+    if problems:
+        lines = [f"  {axis_name} size {size} is not divisible by {axes_text} (params: {', '.join(names)})"
+                 for (axis_name, size, axes_text), names in problems.items()]
+        raise ConfigError(
+            f"mesh {dict(mesh_shape)} does not fit the model: sharded sizes must divide evenly:\n"
+            + "\n".join(lines)
+            + "\nchoose mesh.tensor to divide heads, kv_heads, intermediate size and vocab, and mesh.fsdp "
+              "to divide the hidden size (or move devices to mesh.data)")

@@ -105,12 +105,22 @@ class Trainer:
         from jaxdpo.models import from_pretrained
 
         cfg = self.config
+        self._check_mesh_fits_model()
         with jax.set_mesh(self.mesh):
             model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
                                     remat=cfg.model.remat)
         self.model_config = model.config
         self.graphdef, self.params, self.frozen = nnx.split(model, nnx.Param, ...)
         self.num_params = sum(x.size for x in jax.tree.leaves(self.params))
+
+    def _check_mesh_fits_model(self):
+        """Sharded param sizes vs mesh axes, from config.json alone: a ConfigError before loading weights."""
+        from jaxdpo.models import load_config
+        from jaxdpo.models.decoder import layer_param_specs, top_param_specs
+
+        model_config = load_config(self.config.model.path)
+        specs = {**top_param_specs(model_config), **layer_param_specs(model_config)}
+        sharding.check_params_divisible(specs, dict(self.mesh.shape))
 
     def build_reference(self):
         mode = self.config.reference.mode

@@ -338,6 +338,18 @@ class Checkpointer:
                 + "\nMove the workdir aside (or delete its checkpoints/) to start fresh.")
         return None
 
+    def read(self, step: int) -> tuple[Any, dict]:
+        """(state, meta) of one step as saved, on the first local device, with no target structure needed
+        (named tuples come back as dicts, PRNG keys as their key data): for tools and tests."""
+        saved_tree = self._manager.item_metadata(step)[_STATE]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                                saved_tree)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
+        return restored[_STATE], dict(restored[_META])
+
     def _try_restore(self, step: int, abstract_state, expected_fingerprint):
         """((step, state, meta), None) on success, (None, reason) if the step is damaged; raises on mismatch."""
         try:

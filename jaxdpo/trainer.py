@@ -124,16 +124,22 @@ class Trainer:
 
     def build_reference(self):
         mode = self.config.reference.mode
-        if mode == "device":
+        if mode in ("device", "host"):
+            # device: a frozen copy sharded like the policy; host: the same shards in pinned host
+            # memory, streamed to the device one layer at a time (jaxdpo/reference.py).
+            from jaxdpo import reference as reference_lib
+            if mode == "host":
+                reference_lib.check_host_memory_supported(self.mesh)
             if self.config.reference.path:
                 from jaxdpo.models import from_pretrained
                 with jax.set_mesh(self.mesh):
                     ref_model = from_pretrained(self.config.reference.path,
                                                 dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
-                _, self.reference, _ = nnx.split(ref_model, nnx.Param, ...)
+                _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
+                self.reference = ref_params if mode == "device" else reference_lib.place_reference(ref_params, mode)
             else:
                 # A real copy: the policy's buffers are donated to the step and change every update.
-                self.reference = jax.tree.map(jnp.copy, self.params)
+                self.reference = reference_lib.place_reference(self.params, mode)
         elif mode == "cached":
             # Reference logprobs of every train/eval pair, loaded from disk or computed now; training
             # then holds no reference weights (batches carry ref_chosen / ref_rejected).
@@ -151,7 +157,7 @@ class Trainer:
         elif mode == "none":
             self.reference = None
         else:
-            raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | cached | none)")
+            raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | host | cached | none)")
 
     def build_steps(self):
         cfg = self.config
@@ -169,16 +175,17 @@ class Trainer:
         eval_pairs = NamedSharding(self.mesh, sharding.logical_spec("batch"))
         self.eval_batch_shardings = {k: (eval_pairs if k in PAIR_KEYS else eval_rows) for k in self._batch_keys()}
 
-        self.steps = StepFunctions(graphdef=self.graphdef, loss_cfg=cfg.loss, optimizer=optimizer,
-                                   schedule=self.schedule, reference_mode=cfg.reference.mode,
-                                   num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
+        from jaxdpo.reference import make_step_functions  # host mode streams the reference per layer
+        self.steps = make_step_functions(cfg.reference.mode, graphdef=self.graphdef, loss_cfg=cfg.loss,
+                                         optimizer=optimizer, schedule=self.schedule,
+                                         num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
         self.train_step = self.steps.jit_train_step(
             state_shardings=self.state_shardings, frozen_shardings=self.frozen_shardings,
             reference_shardings=self.reference_shardings, batch_shardings=self.train_batch_shardings,
             replicated=self.replicated)
-        eval_steps = StepFunctions(graphdef=self.graphdef, loss_cfg=cfg.loss, optimizer=optimizer,
-                                   schedule=self.schedule, reference_mode=cfg.reference.mode,
-                                   num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
+        eval_steps = make_step_functions(cfg.reference.mode, graphdef=self.graphdef, loss_cfg=cfg.loss,
+                                         optimizer=optimizer, schedule=self.schedule,
+                                         num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
         self.eval_step = eval_steps.jit_eval_step(
             params_shardings=self.state_shardings["params"], frozen_shardings=self.frozen_shardings,
             reference_shardings=self.reference_shardings, batch_shardings=self.eval_batch_shardings,

@@ -135,8 +135,19 @@ def _softcap(x, cap):
     return jnp.tanh(x / cap) * cap
 
 
-def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype):
-    """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]."""
+def lora_update(x, lora_a, lora_b, spec: str):
+    """(x A) B for the base projection `spec` ("btd,dnh->btnh"): A [in..., r] takes the base weight's input
+    dims, B [r, out...] gives its output dims (jaxdpo.models.lora adds them; r is the rank)."""
+    inputs, out_dims = spec.split("->")
+    x_dims = inputs.split(",")[0]
+    in_dims = x_dims[2:]
+    down = jnp.einsum(f"{x_dims},{in_dims}r->btr", x, lora_a)
+    return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
+
+
+def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0):
+    """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
+    adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W."""
     c = config
 
     def norm(y, name):
@@ -145,17 +156,23 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype):
     def w(name):
         return p[name].astype(dtype)
 
+    def project(spec, y, name):
+        out = jnp.einsum(spec, y, w(name))
+        if f"{name}_lora_a" in p:
+            out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec)
+        return out
+
     h = norm(x, "attn_norm")
-    q = jnp.einsum("btd,dnh->btnh", h, w("q_proj"))
-    k = jnp.einsum("btd,dkh->btkh", h, w("k_proj"))
-    v = jnp.einsum("btd,dkh->btkh", h, w("v_proj"))
+    q = project("btd,dnh->btnh", h, "q_proj")
+    k = project("btd,dkh->btkh", h, "k_proj")
+    v = project("btd,dkh->btkh", h, "v_proj")
     if c.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if c.qk_norm:
         q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
-    o = jnp.einsum("btnh,nhd->btd", a, w("o_proj"))
+    o = project("btnh,nhd->btd", a, "o_proj")
     if c.out_bias:
         o = o + w("o_bias")
     if c.sandwich_norms:
@@ -163,10 +180,10 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype):
     x = x + o
 
     h = norm(x, "mlp_norm")
-    gate = jnp.einsum("btd,df->btf", h, w("gate_proj"))
-    up = jnp.einsum("btd,df->btf", h, w("up_proj"))
+    gate = project("btd,df->btf", h, "gate_proj")
+    up = project("btd,df->btf", h, "up_proj")
     act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    m = jnp.einsum("btf,fd->btd", act * up, w("down_proj"))
+    m = project("btf,fd->btd", act * up, "down_proj")
     if c.sandwich_norms:
         m = norm(m, "mlp_out_norm")
     return x + m
@@ -233,6 +250,7 @@ class Decoder(nnx.Module):
                 positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
 
         hook = layer_params_hook or (lambda params: params)
+        lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
 
         def body(x, per_layer):
             params, sliding = per_layer
@@ -242,7 +260,8 @@ class Decoder(nnx.Module):
                 mask = jnp.where(sliding, sliding_mask, base_mask)
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
-            return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype), None
+            return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
+                                 lora_scale=lora_scale), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)

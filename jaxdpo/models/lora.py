@@ -1,0 +1,171 @@
+"""LoRA adapters on the stacked decoder: settings from config, adapter params, PEFT export, merging.
+
+A target projection W (stacked [layers, in..., out...]) gets A [layers, in..., r] and B [layers, r, out...],
+stored on the LayerStack as `{target}_lora_a` / `{target}_lora_b` with the variable type `LoRAParam`, so
+they scan with the base weights and `decoder_layer` adds (alpha / r) * (x A) B to x W. B starts at zero,
+so a fresh adapter leaves the model exactly as it was. The trainer splits the model with `LoRAParam`:
+the adapters train (and alone get optimizer state and checkpoints), the base weights stay frozen, and the
+reference is the same forward with the adapters zeroed (reference.mode = "lora_base").
+
+Export follows PEFT: `adapter_config.json` + `adapter_model.safetensors` with keys such as
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdpo.config import ConfigError
+from jaxdpo.models import families
+from jaxdpo.models.decoder import Decoder, layer_param_specs
+from jaxdpo.sharding import logical_to_mesh_axes
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# how many leading dims (after `layers`) of each target's stacked weight are its input dims
+INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only thing that trains when LoRA is on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_settings(lora_cfg) -> LoRASettings | None:
+    """The `lora` config block -> settings, or None when LoRA is off (rank 0). ConfigError when invalid."""
+    rank = lora_cfg.rank
+    if not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"lora.rank = {rank!r} must be a non-negative integer (0 = LoRA off, full fine-tuning)")
+    if rank == 0:
+        return None
+    if lora_cfg.alpha <= 0:
+        raise ConfigError(f"lora.alpha = {lora_cfg.alpha} must be positive (the update is scaled by alpha / rank)")
+    if lora_cfg.dropout != 0:
+        raise ConfigError(f"lora.dropout = {lora_cfg.dropout}: adapter dropout is not implemented yet; "
+                          f"set lora.dropout = 0")
+    raw = lora_cfg.targets
+    names = [t.strip() for t in raw.split(",")] if isinstance(raw, str) else [str(t).strip() for t in raw]
+    names = [t for t in names if t]
+    if names == ["all-linear"]:
+        names = list(TARGETS)
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"lora.targets = {raw!r}: {', '.join(unknown) or 'empty'} is not a projection; use "
+                          f"names from {', '.join(TARGETS)} (comma-separated) or 'all-linear'")
+    return LoRASettings(rank=rank, alpha=float(lora_cfg.alpha), targets=tuple(t for t in TARGETS if t in names))
+
+
+def adapter_specs(config, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """`{target}_lora_a` / `{target}_lora_b` -> (shape, logical axes); the rank axis is never sharded."""
+    base = layer_param_specs(config)
+    specs = {}
+    for target in settings.targets:
+        (layers, *dims), (layers_axis, *axes) = base[target]
+        k = INPUT_DIMS[target]
+        specs[f"{target}_lora_a"] = ((layers, *dims[:k], settings.rank), (layers_axis, *axes[:k], None))
+        specs[f"{target}_lora_b"] = ((layers, settings.rank, *dims[k:]), (layers_axis, None, *axes[k:]))
+    return specs
+
+
+def add_adapters(model: Decoder, settings: LoRASettings, *, seed: int = 0) -> None:
+    """Give `model` fresh adapters: A uniform in +-1/sqrt(fan_in) (PEFT's default), B zero."""
+    layers = model.layers
+    mesh_active = not jax.sharding.get_abstract_mesh().empty
+    key = jax.random.key(seed)
+    for name, (shape, logical) in adapter_specs(model.config, settings).items():
+        if name.endswith("_lora_a"):
+            key, sub = jax.random.split(key)
+            bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+            value = jax.random.uniform(sub, shape, jnp.float32, -bound, bound).astype(model.param_dtype)
+        else:
+            value = jnp.zeros(shape, model.param_dtype)
+        setattr(layers, name, LoRAParam(value, out_sharding=logical_to_mesh_axes(logical),
+                                        eager_sharding=mesh_active))
+    layers.names = tuple(layers.names) + tuple(adapter_specs(model.config, settings))
+    layers.lora_scale = settings.scale  # static: read by Decoder.hidden_states, baked into the compiled step
+
+
+def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
+    """W + scale * A B for one stacked target, in W's dtype (products in float32)."""
+    k = INPUT_DIMS[target]
+    ins, outs = "ijk"[:k], "xyz"[:weight.ndim - 1 - k]
+    delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
+    return (weight.astype(jnp.float32) + scale * delta).astype(weight.dtype)
+
+
+def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
+    """A model whose target weights have the adapters folded in (its adapters are dropped, scale 1)."""
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)  # new Variables: `model` itself keeps its weights
+    for target in settings.targets:
+        var = getattr(merged.layers, target)
+        var[...] = merged_weight(var[...], getattr(merged.layers, f"{target}_lora_a")[...],
+                                 getattr(merged.layers, f"{target}_lora_b")[...], settings.scale, target)
+    base_names = tuple(layer_param_specs(model.config))
+    for name in merged.layers.names:
+        if name not in base_names:
+            delattr(merged.layers, name)
+    merged.layers.names = base_names
+    merged.layers.lora_scale = 1.0
+    return merged
+
+
+def peft_tensors(model: Decoder, settings: LoRASettings) -> dict[str, np.ndarray]:
+    """PEFT's key -> array ([r, in] for lora_A, [out, r] for lora_B, torch Linear layout), per layer.
+    Every process must call this (sharded adapters are gathered)."""
+    from jaxdpo.models.hf_io import _gather_to_host
+
+    key_map = families.layer_key_map(model.config)
+    out = {}
+    for target in settings.targets:
+        a = _gather_to_host(getattr(model.layers, f"{target}_lora_a")[...])
+        b = _gather_to_host(getattr(model.layers, f"{target}_lora_b")[...])
+        module = "base_model.model." + key_map[target].removesuffix(".weight")
+        for i in range(model.config.num_layers):
+            prefix = module.format(i=i)
+            out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, settings.rank).T)
+            out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(settings.rank, -1).T)
+    return out
+
+
+def save_adapter(model: Decoder, settings: LoRASettings, out_dir: str, *, base_model: str,
+                 tokenizer=None) -> None:
+    """Write the adapter in PEFT format (loadable by `peft.PeftModel.from_pretrained(base, out_dir)`).
+    Every process must call this; only process 0 writes."""
+    from safetensors.numpy import save_file
+
+    tensors = peft_tensors(model, settings)
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": 0.0,
+        "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None,
+    }
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

@@ -81,6 +81,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.reference.mode = "device"  # device | host | cached | lora_base | none (reference-free losses)
     c.reference.path = ""  # reference checkpoint; empty = the initial policy (model.path)
 
+    # LoRA (issue 9): train low-rank adapters only; the reference is then the base model with the
+    # adapters off (reference.mode device with no path becomes lora_base: same logprobs, no copy).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning)
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.0  # only 0 for now
+    c.lora.targets = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    c.lora.export_merged = False  # also write the merged model to WORKDIR/hf (the adapter goes to hf_adapter/)
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # empty = auto-detect (TPU pod, SLURM) or single process
     c.distributed.num_processes = 0

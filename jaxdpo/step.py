@@ -63,6 +63,13 @@ class StepFunctions:
             ref = pair_logprobs(self.graphdef, (reference, frozen), micro, num_pairs=self.num_pairs,
                                 chunk_size=self.chunk_size, layer_params_hook=self.reference_hook)
             return jax.lax.stop_gradient(ref["pc"]), jax.lax.stop_gradient(ref["pr"])
+        if mode == "lora_base":
+            # The base model is the policy with its adapters off: zero A and B add exactly 0 to x W,
+            # so this is the same forward over the shared frozen weights, with no copy of them.
+            adapters_off = jax.tree.map(jnp.zeros_like, params)
+            ref = pair_logprobs(self.graphdef, (adapters_off, frozen), micro, num_pairs=self.num_pairs,
+                                chunk_size=self.chunk_size)
+            return jax.lax.stop_gradient(ref["pc"]), jax.lax.stop_gradient(ref["pr"])
         if mode == "cached":
             return micro["ref_chosen"], micro["ref_rejected"]
         if mode == "none":

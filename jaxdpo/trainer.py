@@ -109,9 +109,33 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
                                     remat=cfg.model.remat)
+            self.lora = self._add_lora(model)
         self.model_config = model.config
-        self.graphdef, self.params, self.frozen = nnx.split(model, nnx.Param, ...)
+        # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
+        trained = nnx.Param if self.lora is None else self.lora_param_type
+        self.graphdef, self.params, self.frozen = nnx.split(model, trained, ...)
         self.num_params = sum(x.size for x in jax.tree.leaves(self.params))
+
+    def _add_lora(self, model):
+        """LoRA adapters when lora.rank > 0 (None otherwise); lora_base becomes the reference mode."""
+        from jaxdpo.models import lora
+
+        cfg = self.config
+        settings = lora.lora_settings(cfg.lora) if "lora" in cfg else None
+        if settings is None:
+            if cfg.reference.mode == "lora_base":
+                raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
+                                  "or choose reference.mode device | host | cached")
+            return None
+        if cfg.reference.path:
+            raise ConfigError(f"reference.path = {cfg.reference.path!r} with LoRA is not supported: the LoRA "
+                              f"reference is the base model (reference.mode lora_base); clear reference.path")
+        if cfg.reference.mode == "device":
+            # Same reference (the initial policy = the base, B = 0) without copying anything.
+            cfg.reference.mode = "lora_base"
+        lora.add_adapters(model, settings, seed=cfg.seed)
+        self.lora_param_type = lora.LoRAParam
+        return settings
 
     def _check_mesh_fits_model(self):
         """Sharded param sizes vs mesh axes, from config.json alone: a ConfigError before loading weights."""

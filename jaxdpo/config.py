@@ -1,7 +1,13 @@
-"""Config checks that run before anything is compiled: a bad config is a one-line error, not a trace."""
+"""Config checks that run before anything is compiled: a bad config is a one-line error, not a trace.
+
+Two layers: `check_overrides` looks at the `--config.key=value` command-line overrides against the
+loaded config file (unknown key with the nearest known one suggested, a value of the wrong type), and
+`validate` looks at the finished config (ranges, choices, incompatible options, missing files).
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 
 
@@ -22,7 +28,14 @@ CHOICES = {
 
 POSITIVE = ("data.max_length", "train.batch_size", "train.micro_batch_size", "train.eval_batch_size",
             "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-            "train.max_bad_steps", "model.logprob_chunk")
+            "train.max_bad_steps", "model.logprob_chunk", "optim.lr", "optim.eps")
+
+NON_NEGATIVE = ("train.steps", "train.epochs", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+                "data.max_prompt_length", "data.pack_length", "data.max_samples")
+
+# Values that are fractions: (low, high, high_inclusive); low is always inclusive.
+FRACTIONS = {"optim.min_lr_ratio": (0.0, 1.0, True), "optim.b1": (0.0, 1.0, False),
+             "optim.b2": (0.0, 1.0, False), "data.eval_fraction": (0.0, 1.0, False)}
 
 
 def _get(config, dotted: str):
@@ -32,24 +45,195 @@ def _get(config, dotted: str):
     return value
 
 
+def _has(config, dotted: str) -> bool:
+    try:
+        _get(config, dotted)
+        return True
+    except (KeyError, AttributeError, TypeError):
+        return False
+
+
+# ----- command-line overrides -------------------------------------------------------------------------
+
+def flat_keys(config, prefix: str = "") -> dict:
+    """{'optim.lr': 5e-4, ...}: every leaf of a (nested) ConfigDict under its dotted key."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items") and not isinstance(value, (str, bytes)):
+            out.update(flat_keys(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def nearest_key(key: str, known) -> str | None:
+    """The known dotted key a typo most likely meant: closest full key, else closest leaf name anywhere."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+def _unknown_key(key: str, known) -> ConfigError:
+    suggestion = nearest_key(key, known)
+    hint = f" (did you mean '{suggestion}'?)" if suggestion else " (see the config reference in README.md)"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+_TRUE, _FALSE = ("true", "t", "1", "yes"), ("false", "f", "0", "no")
+
+
+def _parses_as(kind: type, raw: str) -> bool:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in _TRUE + _FALSE
+        if kind is int:
+            int(raw, 0) if raw.strip().lower().startswith(("0x", "0o", "0b")) else int(raw)
+            return True
+        if kind is float:
+            float(raw)
+            return True
+    except ValueError:
+        return False
+    return True  # str, tuple, None-typed fields: anything is a value ml_collections can hold
+
+
+def check_override(config, key: str, raw: str | None) -> None:
+    """One `--config.<key>[=<raw>]` against the loaded config; raw None = a bare boolean flag."""
+    known = flat_keys(config)
+    if key not in known:
+        if any(k.startswith(key + ".") for k in known):
+            raise ConfigError(f"config key '{key}' is a group; set one of its keys, e.g. "
+                              f"--config.{next(k for k in sorted(known) if k.startswith(key + '.'))}=...")
+        raise _unknown_key(key, known)
+    current = known[key]
+    kind = type(current)
+    if raw is None:
+        if kind is not bool:
+            raise ConfigError(f"config key '{key}' needs a value: --config.{key}=<{kind.__name__}>")
+        return
+    if kind in (bool, int, float) and not _parses_as(kind, raw):
+        expected = "a bool (true or false)" if kind is bool else kind.__name__
+        raise ConfigError(f"config key '{key}' expects {expected}, got {raw!r}")
+
+
+def config_overrides(argv) -> list[tuple[str, str | None]]:
+    """[(key, raw value or None)] of every --config.<key> override in argv (absl's forms: `--config.k=v`,
+    `--config.k v`, bare `--config.k` and `--noconfig.k` for booleans)."""
+    overrides = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        name = arg.lstrip("-")
+        if not arg.startswith("-") or not (name.startswith("config.") or name.startswith("noconfig.")):
+            continue
+        negated = name.startswith("no")
+        name = name.removeprefix("no").removeprefix("config.")
+        if negated:
+            overrides.append((name, "false"))
+        elif "=" in name:
+            key, raw = name.split("=", 1)
+            overrides.append((key, raw))
+        elif i < len(args) and not args[i].startswith("-"):
+            overrides.append((name, args[i]))
+            i += 1
+        else:
+            overrides.append((name, None))
+    return overrides
+
+
+def check_overrides(config, argv) -> None:
+    """ConfigError for the first command-line override that names no key or has the wrong type."""
+    for key, raw in config_overrides(argv):
+        check_override(config, key, raw)
+
+
+# ----- the finished config ----------------------------------------------------------------------------
+
+def _check_data_files(spec: str, key: str) -> None:
+    """Every local entry of a data.*_files list must match something (hub names are checked when read)."""
+    from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
+
+    for source in parse_sources(spec, config_key=key):
+        if not is_hub_name(source.spec):
+            try:
+                resolve_paths(source.spec)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_model_dir(path: str, key: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r} is not a directory (a Hugging Face checkpoint directory with "
+                          f"config.json and *.safetensors)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"{key} = {path!r} has no config.json (is it a Hugging Face checkpoint directory?)")
+
+
 def validate(config) -> None:
     """Raise ConfigError for the first problem found, in words a user can act on."""
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}{hint}")
     for key in POSITIVE:
+        if _has(config, key) and not _get(config, key) > 0:
+            raise ConfigError(f"{key} = {_get(config, key)} must be positive")
+    for key in NON_NEGATIVE:
+        if _has(config, key) and _get(config, key) < 0:
+            raise ConfigError(f"{key} = {_get(config, key)} must be >= 0")
+    for key, (low, high, high_inclusive) in FRACTIONS.items():
+        if not _has(config, key):
+            continue
         value = _get(config, key)
-        if value <= 0:
-            raise ConfigError(f"{key} = {value} must be positive")
+        if not (low <= value <= high if high_inclusive else low <= value < high):
+            raise ConfigError(f"{key} = {value} must be in [{low:g}, {high:g}{']' if high_inclusive else ')'}")
     if config.train.steps <= 0 and config.train.epochs <= 0:
         raise ConfigError("set train.steps or train.epochs to a positive number")
-    if config.optim.lr <= 0:
-        raise ConfigError(f"optim.lr = {config.optim.lr} must be positive")
-    if not os.path.isdir(config.model.path):
-        raise ConfigError(f"model.path = {config.model.path!r} is not a directory (a Hugging Face "
-                          f"checkpoint directory with config.json and *.safetensors)")
-    if not os.path.exists(os.path.join(config.model.path, "config.json")):
-        raise ConfigError(f"model.path = {config.model.path!r} has no config.json")
+    if config.train.batch_size % config.train.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size = {config.train.batch_size} must be a multiple of train.micro_batch_size = "
+            f"{config.train.micro_batch_size} (their ratio is the gradient-accumulation count)")
+    for axis in ("data", "tensor"):
+        if config.mesh[axis] < 1:
+            raise ConfigError(f"mesh.{axis} = {config.mesh[axis]} must be >= 1")
+    if config.mesh.fsdp < 1 and config.mesh.fsdp != -1:
+        raise ConfigError(f"mesh.fsdp = {config.mesh.fsdp} must be >= 1, or -1 for all remaining devices")
+
+    data = config.data
+    if data.max_prompt_length >= data.max_length:
+        raise ConfigError(f"data.max_prompt_length = {data.max_prompt_length} leaves no room for the completion "
+                          f"in data.max_length = {data.max_length}; make it smaller (or 0 for no prompt limit)")
+    if data.pack_length and data.layout != "packed":
+        raise ConfigError(f"data.pack_length = {data.pack_length} only applies to data.layout = 'packed' "
+                          f"(layout is {data.layout!r}); set it to 0 or use the packed layout")
+    if data.eval_files and data.eval_fraction:
+        raise ConfigError(f"data.eval_files and data.eval_fraction = {data.eval_fraction} are both set; "
+                          "use eval files or a held-out fraction of the training data, not both")
+
+    _check_model_dir(config.model.path, "model.path")
+    if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
+        raise ConfigError(f"model.tokenizer = {config.model.tokenizer!r} is not a directory "
+                          f"(leave it empty to use model.path's tokenizer)")
+    if config.reference.path:
+        if config.reference.mode in ("none", "lora_base"):
+            raise ConfigError(f"reference.path = {config.reference.path!r} is set but reference.mode = "
+                              f"{config.reference.mode!r} loads no reference checkpoint; clear one of them")
+        _check_model_dir(config.reference.path, "reference.path")
+    _check_data_files(data.train_files, "data.train_files")
+    if data.eval_files:
+        _check_data_files(data.eval_files, "data.eval_files")
+
     from jaxdpo import losses
     losses.validate_loss_config(config.loss, config.reference.mode)

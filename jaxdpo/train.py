@@ -1,4 +1,9 @@
-"""Entry point: python -m jaxdpo.train --config=configs/dpo.py [--config.key=value ...]"""
+"""Entry point: python -m jaxdpo.train --config=configs/dpo.py [--config.key=value ...]
+
+A bad config never reaches the compiler: the `--config.*` overrides are checked against the config file
+before absl parses them (unknown key -> the nearest known key; wrong type), then `config.validate` checks
+the finished config. Every such problem is one line on stderr, `jaxdpo: ...`, and exit status 2.
+"""
 
 import os
 import sys
@@ -12,12 +17,67 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dpo.py", "Path to a configs/*.py file.")
+from jaxdpo import config as config_lib
+
+DEFAULT_CONFIG = "configs/dpo.py"
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to a configs/*.py file.")
+
+
+def _fail(message: str) -> None:
+    print(f"jaxdpo: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _config_path(argv) -> str:
+    """The --config=PATH (or --config PATH) argument as absl will read it (the last one wins); the
+    default otherwise."""
+    path = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            path = arg.split("=", 1)[1]
+    return path
+
+
+def load_config_file(spec: str):
+    """get_config() of a config file, `path[:argument]` as ml_collections takes it."""
+    import importlib.util
+
+    path, _, argument = spec.partition(":")
+    if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"config file {path!r} does not exist (run from the repository root, or "
+                                     f"pass --config=/abs/path/to/config.py)")
+    module_spec = importlib.util.spec_from_file_location("_jaxdpo_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(argument) if argument else module.get_config()
+    except Exception as e:  # the user's own Python: say which file and what, without the trace
+        raise config_lib.ConfigError(f"could not load config file {path!r}: {type(e).__name__}: {e}") from None
+
+
+def precheck(argv) -> None:
+    """Check the config file and its --config.* overrides before absl parses them."""
+    config = load_config_file(_config_path(argv))
+    config_lib.check_overrides(config, argv[1:])
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with anything the precheck did not foresee still reported in one line."""
+    try:
+        precheck(argv)
+        return flags.FLAGS(argv)
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e
+        _fail(f"bad command line: {text}")
 
 
 def main(argv):
-    del argv
-    from jaxdpo import config as config_lib
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; options look like --config.train.steps=100")
     config = _CONFIG.value
     try:
         config_lib.validate(config)
@@ -31,7 +91,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

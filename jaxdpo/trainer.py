@@ -180,6 +180,8 @@ class Trainer:
             self.reference = None
         elif mode == "none":
             self.reference = None
+        elif mode == "lora_base":
+            self.reference = None  # the step zeroes the adapters over the shared frozen base weights
         else:
             raise ConfigError(f"reference.mode = {mode!r} is not available yet (device | host | cached | none)")
 

@@ -270,7 +270,7 @@ class Trainer:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run."""
         cfg = self.config
-        return {
+        fingerprint = {
             "model": dataclasses.asdict(self.model_config),
             "param_dtype": cfg.model.param_dtype,
             "layout": cfg.data.layout,
@@ -281,6 +281,9 @@ class Trainer:
             "reference_mode": cfg.reference.mode,
             "seed": cfg.seed,
         }
+        if getattr(self, "lora", None) is not None:  # the checkpoint holds adapters of this shape only
+            fingerprint["lora"] = dataclasses.asdict(self.lora)
+        return fingerprint
 
     def restore_or_start(self) -> int:
         """Resume from the newest good checkpoint in WORKDIR/checkpoints, if any; returns the start step."""
@@ -376,6 +379,15 @@ class Trainer:
             return
         from jaxdpo.models import save_pretrained
         model = nnx.merge(self.graphdef, self.state["params"], self.frozen)
+        if getattr(self, "lora", None) is not None:
+            # The adapter in PEFT format always; the merged model (W + scale A B) only on request.
+            from jaxdpo.models import lora
+            self.adapter_dir = os.path.join(self.workdir, "hf_adapter")
+            lora.save_adapter(model, self.lora, self.adapter_dir, base_model=os.path.abspath(self.config.model.path),
+                              tokenizer=self.tokenizer)
+            if not self.config.lora.export_merged:
+                return
+            model = lora.merge_adapters(model, self.lora)
         self.hf_dir = os.path.join(self.workdir, "hf")
         save_pretrained(model, self.hf_dir, tokenizer=self.tokenizer)
 

@@ -127,7 +127,7 @@ class Trainer:
                 raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
                                   "or choose reference.mode device | host | cached")
             return None
-        if cfg.reference.path:
+        if cfg.reference.path and cfg.reference.mode in ("device", "host"):
             raise ConfigError(f"reference.path = {cfg.reference.path!r} with LoRA is not supported: the LoRA "
                               f"reference is the base model (reference.mode lora_base); clear reference.path")
         if cfg.reference.mode == "device":

@@ -235,5 +235,20 @@ def validate(config) -> None:
     if data.eval_files:
         _check_data_files(data.eval_files, "data.eval_files")
 
+    _check_lora(config)
     from jaxdpo import losses
     losses.validate_loss_config(config.loss, config.reference.mode)
+
+
+def _check_lora(config) -> None:
+    """LoRA settings and the reference modes that go with them (the trainer repeats these at build time)."""
+    lora_on = False
+    if "lora" in config:
+        from jaxdpo.models.lora import lora_settings
+        lora_on = lora_settings(config.lora) is not None
+    if config.reference.mode == "lora_base" and not lora_on:
+        raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
+                          "or choose reference.mode device | host | cached")
+    if lora_on and config.reference.path:
+        raise ConfigError(f"reference.path = {config.reference.path!r} with LoRA is not supported: the LoRA "
+                          f"reference is the base model (reference.mode lora_base); clear reference.path")

@@ -1,0 +1,126 @@
+"""Issue 10: config errors are one line on stderr, exit non-zero, no traceback, before any compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import dpo
+from jaxdpo import config as config_lib
+from jaxdpo.config import ConfigError
+from tests.tiny_assets import make_run_assets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_run_assets(str(tmp_path_factory.mktemp("assets")), n_train=8, n_eval=4)
+
+
+def run_train(*args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxdpo.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result, expected):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == expected, result.stderr
+
+
+def test_typo_key_suggests_the_nearest_known_key():
+    result = run_train("--config=configs/dpo.py", "--config.optim.lrr=1")
+    assert_one_line_error(result, "jaxdpo: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_type_names_the_expected_type():
+    result = run_train("--config=configs/dpo.py", "--config.train.steps=abc")
+    assert_one_line_error(result, "jaxdpo: config key 'train.steps' expects int, got 'abc'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_files_and_incompatible_options(assets, tmp_path):
+    base = ["--config=configs/dpo.py", f"--config.workdir={tmp_path}", f"--config.model.path={assets['model']}",
+            f"--config.data.train_files={assets['train']}", f"--config.data.eval_files={assets['eval']}"]
+    missing = str(tmp_path / "nothing" / "*.jsonl")
+    assert_one_line_error(
+        run_train(*base, f"--config.data.train_files={missing}"),
+        f"jaxdpo: data.train_files: data file {missing!r} does not exist (no file or directory matches it); "
+        "check data.train_files / data.eval_files")
+    result = run_train(*base, "--config.reference.mode=none")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "jaxdpo: reference.mode='none' but loss.types includes sigmoid, which need a reference model")
+    assert not os.listdir(tmp_path)  # nothing was built
+
+
+def test_config_file_that_does_not_exist():
+    assert_one_line_error(
+        run_train("--config=configs/nope.py"),
+        "jaxdpo: config file 'configs/nope.py' does not exist (run from the repository root, or pass "
+        "--config=/abs/path/to/config.py)")
+
+
+def good_config(assets, tmp_path, **overrides):
+    c = dpo.get_config()
+    c.workdir = str(tmp_path)
+    c.model.path = assets["model"]
+    c.data.train_files = assets["train"]
+    c.data.eval_files = assets["eval"]
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.layout": "pad"}, "data.layout = 'pad' is not one of padded, prefix_shared, packed (did you mean 'padded'?)"),
+    ({"optim.b2": 1.0}, "optim.b2 = 1.0 must be in [0, 1)"),
+    ({"optim.lr": 0.0}, "optim.lr = 0.0 must be positive"),
+    ({"train.micro_batch_size": 3}, "train.batch_size = 32 must be a multiple of train.micro_batch_size = 3"),
+    ({"data.max_prompt_length": 128}, "data.max_prompt_length = 128 leaves no room"),
+    ({"data.pack_length": 512}, "data.pack_length = 512 only applies to data.layout = 'packed'"),
+    ({"data.eval_fraction": 0.1}, "data.eval_files and data.eval_fraction = 0.1 are both set"),
+    ({"mesh.fsdp": 0}, "mesh.fsdp = 0 must be >= 1, or -1"),
+    ({"model.tokenizer": "/no/such/dir"}, "model.tokenizer = '/no/such/dir' is not a directory"),
+    ({"reference.mode": "none", "reference.path": "/x"}, "reference.path = '/x' is set but reference.mode = 'none'"),
+    ({"reference.mode": "lora_base"}, "reference.mode = 'lora_base' needs LoRA"),
+    ({"loss.types": ("sigmod",)}, "loss.types has unknown loss 'sigmod'; did you mean 'sigmoid'?"),
+])
+def test_validate_rejects(assets, tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(good_config(assets, tmp_path, **overrides))
+    assert str(error.value).startswith(message)
+
+
+def test_validate_accepts_the_tiny_config_and_reference_free_losses(assets, tmp_path):
+    config_lib.validate(good_config(assets, tmp_path))
+    config_lib.validate(good_config(assets, tmp_path, **{"reference.mode": "none", "loss.types": ("simpo",)}))
+
+
+def test_override_checks_every_absl_form():
+    c = dpo.get_config()
+    assert config_lib.config_overrides(["--config.a.b=1", "--config.c", "2", "--noconfig.d", "--config.e", "--x=1"]) \
+        == [("a.b", "1"), ("c", "2"), ("d", "false"), ("e", None)]
+    config_lib.check_overrides(c, ["--config.optim.lr=1e-5", "--config.data.use_cache", "--noconfig.data.use_cache",
+                                   "--config.train.steps", "0x10", "--config.loss.types=ipo,sigmoid"])
+    cases = {
+        "--config.lr=1": "unknown config key 'lr' (did you mean 'optim.lr'?)",
+        "--config.optim.lr=fast": "config key 'optim.lr' expects float, got 'fast'",
+        "--config.data.use_cache=maybe": "config key 'data.use_cache' expects a bool (true or false), got 'maybe'",
+        "--config.optim.lr": "config key 'optim.lr' needs a value: --config.optim.lr=<float>",
+        "--config.optim=1": "config key 'optim' is a group; set one of its keys, e.g. --config.optim.b1=...",
+        "--config.zzzz=1": "unknown config key 'zzzz' (see the config reference in README.md)",
+    }
+    for arg, message in cases.items():
+        with pytest.raises(ConfigError, match=None) as error:
+            config_lib.check_overrides(c, [arg])
+        assert str(error.value) == message

@@ -120,3 +120,14 @@ def check_params_divisible(param_specs: dict[str, tuple[tuple[int, ...], tuple[s
             + "\n".join(lines)
             + "\nchoose mesh.tensor to divide heads, kv_heads, intermediate size and vocab, and mesh.fsdp "
               "to divide the hidden size (or move devices to mesh.data)")
+
+
+def optimizer_state_shardings(optimizer, params, replicated: NamedSharding):
+    """Shardings for `optimizer.init(params)`: every param-shaped moment sharded like its param (ZeRO-3),
+    counters replicated. Without this, jit places the zeros optax creates replicated on every device."""
+    import optax
+
+    abstract = jax.eval_shape(optimizer.init, params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)

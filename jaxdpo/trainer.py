@@ -188,7 +188,11 @@ class Trainer:
     def build_steps(self):
         cfg = self.config
         optimizer, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        self.state = jax.jit(lambda p: init_state(p, optimizer))(self.params)
+        init = lambda p: init_state(p, optimizer)
+        init_shardings = jax.tree.map(lambda _: self.replicated, jax.eval_shape(init, self.params))
+        init_shardings["params"] = jax.tree.map(lambda x: x.sharding, self.params)
+        init_shardings["opt_state"] = sharding.optimizer_state_shardings(optimizer, self.params, self.replicated)
+        self.state = jax.jit(init, out_shardings=init_shardings)(self.params)
         del self.params  # now owned by self.state (donated at every step)
         shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         self.state_shardings = shardings_of(self.state)

@@ -272,21 +272,11 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed by this run."""
-        cfg = self.config
-        fingerprint = {
-            "model": dataclasses.asdict(self.model_config),
-            "param_dtype": cfg.model.param_dtype,
-            "layout": cfg.data.layout,
-            "max_length": cfg.data.max_length,
-            "train_pairs": len(self.train_pairs),
-            "batch_size": cfg.train.batch_size,
-            "loss_types": list(cfg.loss.types),
-            "reference_mode": cfg.reference.mode,
-            "seed": cfg.seed,
-        }
-        if getattr(self, "lora", None) is not None:  # the checkpoint holds adapters of this shape only
-            fingerprint["lora"] = dataclasses.asdict(self.lora)
+        """What must match for a checkpoint to be resumed by this run (mesh, steps and intervals may change)."""
+        from jaxdpo.checkpoint import config_fingerprint
+        fingerprint = config_fingerprint(self.config, model_config=self.model_config,
+                                         vocab_size=self.model_config.vocab_size)
+        fingerprint["train_pairs"] = len(self.train_pairs)
         return fingerprint
 
     def restore_or_start(self) -> int:
@@ -369,10 +359,12 @@ class Trainer:
                 self.checkpointer.close()
                 bar.close()
                 _log(resume_message(self.workdir))
+                preempted.restore_signal_handlers()
                 self.preempted = True
                 return eval_metrics
         bar.close()
         self.checkpointer.close()
+        preempted.restore_signal_handlers()
         self.export()
         self.logger.close()
         self._summary(eval_metrics)

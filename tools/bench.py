@@ -1,0 +1,346 @@
+"""Benchmark DPO training steps: compile time, step time, pairs/s, tokens/s, memory, FLOPs and MFU.
+
+    python tools/bench.py --shape llama-20m --steps 5 --layouts padded,prefix_shared,packed --vs-trl \
+        --json /tmp/bench.json
+    python tools/bench.py --memory-vocab 150000        # compiled memory vs sequence length, big vocab
+
+The model is a randomly initialized Llama of the given shape, written once in Hugging Face format, so
+that jaxdpo and TRL (--vs-trl) train the very same weights. Data is synthetic (word tokens "w<i>", one
+token each, prompt/completion lengths drawn around the given means) or a JSONL file (--data) of
+prompt/chosen/rejected strings. Every layout and TRL run the same pairs in the same order.
+
+Figures: compile = lowering + compiling the train step; step = median wall time after --warmup steps;
+pairs/s = batch / step; tokens/s counts each pair's prompt once plus both completions (the same for
+every layout and TRL); FLOPs per pair are jaxdpo.flops' DPO-aware count on the layout's real tokens
+(policy forward+backward, reference forward when it runs); MFU divides achieved FLOP/s by the
+matmul peak measured in this run (CPU) or the device's published peak (GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
+    "llama-20m": dict(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=16000),
+    "llama-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000),
+    "llama-150m": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000),
+}
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+# -- assets -----------------------------------------------------------------------------------------
+def make_tokenizer(out_dir: str, vocab: int):
+    """A word-level tokenizer: "w<i>" is token i + len(SPECIALS), so synthetic lengths are exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {tok: i for i, tok in enumerate(SPECIALS)}
+    words.update({f"w{i}": i + len(SPECIALS) for i in range(vocab - len(SPECIALS))})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_model(out_dir: str, tokenizer, shape: dict, seed: int = 0) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def synthetic_rows(n: int, vocab: int, prompt_len: int, completion_len: int, jitter: float, seed: int):
+    """Pairs whose lengths are uniform in mean*(1 +- jitter); tokens are random words."""
+    rng = random.Random(seed)
+    top = vocab - len(SPECIALS)
+
+    def text(mean):
+        k = max(1, round(mean * (1 + rng.uniform(-jitter, jitter))))
+        return " ".join(f"w{rng.randrange(top)}" for _ in range(k))
+
+    return [{"prompt": text(prompt_len), "chosen": " " + text(completion_len),
+             "rejected": " " + text(completion_len)} for _ in range(n)]
+
+
+# -- jaxdpo -----------------------------------------------------------------------------------------
+def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxdpo import flops
+    from jaxdpo.trainer import Trainer, _stack_micro_batches
+    from configs import dpo
+
+    c = dpo.get_config()
+    c.workdir = workdir
+    c.model.path = model_dir
+    c.model.param_dtype = args.dtype
+    c.model.logprob_chunk = args.chunk
+    c.model.remat = args.remat
+    c.data.train_files, c.data.eval_files = train_file, ""
+    c.data.max_length, c.data.max_prompt_length = args.max_length, args.max_prompt_length
+    c.data.truncation = "keep_end"
+    c.data.layout = layout
+    c.data.cache_dir = os.path.join(workdir, "cache")
+    c.train.batch_size = args.batch_size
+    c.train.micro_batch_size = args.micro_batch_size or args.batch_size
+    c.train.eval_batch_size = c.train.micro_batch_size
+    c.train.steps = args.warmup + args.steps
+    c.reference.mode = args.reference
+    c.mesh.fsdp = -1
+
+    trainer = Trainer(c)
+    trainer.build_data()
+    trainer.build_model()
+    trainer.build_reference()
+    trainer.build_steps()
+
+    batches = [trainer.train_batch(s) for s in range(c.train.steps)]
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, trainer.reference, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    compiled_bytes = None
+    if memory is not None:
+        compiled_bytes = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                             + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+    times, state = [], trainer.state
+    for batch in batches:
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, trainer.frozen, trainer.reference, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[args.warmup:])
+    losses = [float(m) for m in [metrics["loss"]]]
+
+    step_flops = [flops.step_flops(trainer.model_config, trainer.batcher.train_batch(s),
+                                   reference_forward=args.reference in ("device", "host"))
+                  for s in range(args.warmup, c.train.steps)]
+    per_pair = float(np.mean([f["per_pair"] for f in step_flops]))
+    pair_tokens = float(np.mean([sum(len(x) for x in trainer.train_pairs[int(i)])
+                                 for s in range(c.train.steps) for i in trainer.batcher.step_indices(s)]))
+    fed_tokens = float(np.mean([f["tokens"] for f in step_flops]))
+    peak_device = None
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        peak_device = device.memory_stats().get("peak_bytes_in_use")
+    pairs_s = args.batch_size / step_s
+    return {
+        "layout": layout, "row_length": trainer.row_length, "params": trainer.num_params,
+        "compile_s": compile_s, "step_s": step_s, "step_times_s": times, "pairs_per_s": pairs_s,
+        "tokens_per_s": pairs_s * pair_tokens, "fed_tokens_per_step": fed_tokens,
+        "flops_per_pair": per_pair, "achieved_flops_per_s": per_pair * pairs_s,
+        "compiled_memory_bytes": compiled_bytes, "peak_device_memory_bytes": peak_device,
+        "last_loss": losses[-1],
+    }
+
+
+# -- TRL --------------------------------------------------------------------------------------------
+def run_trl(args, model_dir: str, rows: list[dict], workdir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    steps = args.warmup + args.steps
+    n = steps * args.batch_size
+    config = DPOConfig(output_dir=workdir, per_device_train_batch_size=args.batch_size, max_steps=steps,
+                       max_length=args.max_length, learning_rate=5e-4, beta=0.1, logging_steps=1,
+                       report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                       bf16=args.dtype == "bfloat16", seed=0, dataloader_num_workers=0,
+                       gradient_accumulation_steps=1)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows[:n]),
+                         processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    step_s = statistics.median(times[args.warmup:])
+    return {"step_s": step_s, "step_times_s": times, "pairs_per_s": args.batch_size / step_s,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+# -- memory with a large vocabulary ------------------------------------------------------------------
+def memory_vs_length(args) -> dict:
+    """Compiled temp memory of the train step at two sequence lengths with a large vocabulary: with
+    chunked logprobs it grows by far less than the [R,T,V] float32 logits would."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from configs import dpo
+    from jaxdpo.models import Decoder, ModelConfig
+    from jaxdpo.step import StepFunctions, init_state
+
+    shape = SHAPES[args.shape]
+    cfg = ModelConfig(vocab_size=args.memory_vocab, hidden_size=shape["hidden"],
+                      intermediate_size=shape["intermediate"], num_layers=shape["layers"],
+                      num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
+                      head_dim=shape["hidden"] // shape["heads"])
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
+    optimizer = optax.adamw(1e-4)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+    pairs = args.batch_size
+    out = {"vocab": args.memory_vocab, "pairs": pairs, "chunk": args.chunk, "lengths": {}}
+    for t in (args.max_length, 2 * args.max_length):
+        steps = StepFunctions(graphdef=graphdef, loss_cfg=dpo.get_config().loss, optimizer=optimizer,
+                              schedule=optax.constant_schedule(1e-4), reference_mode="device",
+                              num_pairs=pairs, chunk_size=args.chunk)
+        rows = jax.ShapeDtypeStruct((1, 2 * pairs, t), jnp.int32)
+        batch = {k: rows for k in ("input_ids", "positions", "segment_ids", "branch_ids", "targets",
+                                   "pair_index", "side")}
+        batch["pair_valid"] = jax.ShapeDtypeStruct((1, pairs), jnp.int32)
+        compiled = jax.jit(steps.train_step).lower(state, frozen, params, batch).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        out["lengths"][t] = {"temp_bytes": int(temp), "full_logits_bytes": int(2 * pairs * t * cfg.vocab_size * 4)}
+    (t1, a), (t2, b) = out["lengths"].items()
+    out["temp_growth_bytes"] = b["temp_bytes"] - a["temp_bytes"]
+    out["full_logits_growth_bytes"] = b["full_logits_bytes"] - a["full_logits_bytes"]
+    return out
+
+
+# -- main -------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-20m", choices=sorted(SHAPES))
+    p.add_argument("--data", default="", help="JSONL of prompt/chosen/rejected strings (default: synthetic)")
+    p.add_argument("--prompt-len", type=int, default=90, help="synthetic: mean prompt tokens")
+    p.add_argument("--completion-len", type=int, default=30, help="synthetic: mean tokens of each completion")
+    p.add_argument("--jitter", type=float, default=0.6, help="synthetic: lengths vary by +-this fraction")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-prompt-length", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after warmup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layouts", default="prefix_shared")
+    p.add_argument("--reference", default="device", choices=("device", "cached", "none"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same weights/data")
+    p.add_argument("--memory-vocab", type=int, default=0, help="only the compiled-memory check at this vocab")
+    p.add_argument("--json", default="", help="write every figure here")
+    args = p.parse_args(argv)
+
+    import jax
+
+    from jaxdpo import flops
+
+    report: dict = {"args": vars(args), "backend": jax.default_backend(), "devices": jax.device_count(),
+                    "device_kind": jax.devices()[0].device_kind}
+    if args.memory_vocab:
+        report["memory"] = memory_vs_length(args)
+        m = report["memory"]
+        for t, v in m["lengths"].items():
+            print(f"T={t}: compiled temp {v['temp_bytes'] / 2**20:.1f} MiB "
+                  f"(full [R,T,V] fp32 logits would be {v['full_logits_bytes'] / 2**20:.1f} MiB)")
+        print(f"temp growth T->2T: {m['temp_growth_bytes'] / 2**20:.1f} MiB vs logits growth "
+              f"{m['full_logits_growth_bytes'] / 2**20:.1f} MiB")
+        _write(args, report)
+        return report
+
+    tmp = tempfile.mkdtemp(prefix="jaxdpo_bench_")
+    shape = SHAPES[args.shape]
+    model_dir = os.path.join(tmp, "model")
+    tokenizer = make_tokenizer(model_dir, shape["vocab"])
+    report["hf_params"] = make_model(model_dir, tokenizer, shape)
+    n = (args.warmup + args.steps) * args.batch_size
+    if args.data:
+        rows = [json.loads(line) for line in open(args.data) if line.strip()][:n]
+        if len(rows) < n:
+            sys.exit(f"--data {args.data} has {len(rows)} rows; {n} are needed for "
+                     f"(warmup+steps)*batch_size = ({args.warmup}+{args.steps})*{args.batch_size}")
+    else:
+        rows = synthetic_rows(n, shape["vocab"], args.prompt_len, args.completion_len, args.jitter, seed=0)
+    train_file = os.path.join(tmp, "train.jsonl")
+    with open(train_file, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        peak, peak_source = flops.measure_matmul_peak(), "measured fp32 matmul"
+    else:
+        peak, peak_source = flops.device_peak_flops(device), "published bf16 peak"
+        peak = peak * jax.device_count() if peak else None
+    report["peak_flops_per_s"], report["peak_source"] = peak, peak_source
+    print(f"{report['backend']} x{report['devices']} ({report['device_kind']}); model {args.shape} "
+          f"{report['hf_params'] / 1e6:.1f}M params; peak {peak / 1e9 if peak else float('nan'):.1f} GFLOP/s "
+          f"({peak_source})")
+
+    report["jaxdpo"] = {}
+    for layout in args.layouts.split(","):
+        r = run_jaxdpo(args, model_dir, train_file, layout, os.path.join(tmp, f"run_{layout}"))
+        r["mfu"] = flops.mfu(r["achieved_flops_per_s"], peak)
+        report["jaxdpo"][layout] = r
+        mem = r["peak_device_memory_bytes"] or r["compiled_memory_bytes"]
+        print(f"jaxdpo {layout:14s} T={r['row_length']:4d} compile {r['compile_s']:6.1f}s  step "
+              f"{r['step_s'] * 1e3:8.1f}ms  {r['pairs_per_s']:7.2f} pairs/s  {r['tokens_per_s']:8.0f} tok/s  "
+              f"{r['flops_per_pair'] / 1e9:6.2f} GFLOP/pair  MFU {100 * (r['mfu'] or 0):5.1f}%  "
+              f"mem {mem / 2**20 if mem else float('nan'):.0f} MiB")
+    layouts = report["jaxdpo"]
+    if "padded" in layouts:
+        for name, r in layouts.items():
+            if name != "padded":
+                r["speedup_vs_padded"] = r["pairs_per_s"] / layouts["padded"]["pairs_per_s"]
+                print(f"  {name} / padded pairs/s: {r['speedup_vs_padded']:.2f}x")
+
+    if args.vs_trl:
+        try:
+            report["trl"] = run_trl(args, model_dir, rows, os.path.join(tmp, "trl"))
+        except ImportError as e:
+            report["trl"] = {"error": f"TRL is not importable: {e}"}
+            print(report["trl"]["error"])
+        else:
+            best = max(layouts.values(), key=lambda r: r["pairs_per_s"])
+            report["trl"]["jaxdpo_best_layout"] = best["layout"]
+            report["trl"]["jaxdpo_over_trl"] = best["pairs_per_s"] / report["trl"]["pairs_per_s"]
+            print(f"TRL DPOTrainer (torch {report['trl']['torch']}, {report['trl']['torch_threads']} threads): "
+                  f"step {report['trl']['step_s'] * 1e3:.1f}ms  {report['trl']['pairs_per_s']:.2f} pairs/s; "
+                  f"jaxdpo ({best['layout']}) / TRL = {report['trl']['jaxdpo_over_trl']:.2f}x")
+    _write(args, report)
+    return report
+
+
+def _write(args, report):
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

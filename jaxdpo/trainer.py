@@ -111,6 +111,7 @@ class Trainer:
                                     remat=cfg.model.remat)
             self.lora = self._add_lora(model)
         self.model_config = model.config
+        self._select_attention(model)
         # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
         trained = nnx.Param if self.lora is None else self.lora_param_type
         self.graphdef, self.params, self.frozen = nnx.split(model, trained, ...)
@@ -145,6 +146,18 @@ class Trainer:
         model_config = load_config(self.config.model.path)
         specs = {**top_param_specs(model_config), **layer_param_specs(model_config)}
         sharding.check_params_divisible(specs, dict(self.mesh.shape))
+
+    def _select_attention(self, model) -> None:
+        """model.attention: cuDNN's fused kernel where it expresses this run's mask, else XLA (said why)."""
+        from jaxdpo.ops.attention import select_backend
+        requested = self.config.model.get("attention", "xla")
+        backend, why = select_backend(requested, platform=jax.devices()[0].platform, layout=self.config.data.layout,
+                                      dtype=model.dtype, head_dim=model.config.head_dim,
+                                      logit_softcap=model.config.attn_logit_softcap,
+                                      sliding=any(model.config.layer_is_sliding))
+        model.attention_backend = backend  # static: part of the graphdef every step is traced with
+        if backend != requested:
+            _log(f"  attention  {why}")
 
     def build_reference(self):
         mode = self.config.reference.mode
@@ -297,7 +310,10 @@ class Trainer:
 
     def save(self, step: int, *, force: bool = False) -> None:
         from jaxdpo.checkpoint import FINGERPRINT_KEY
-        meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint()}
+        meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint(),
+                # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
+                "model_path": os.path.abspath(self.config.model.path),
+                "tokenizer_path": os.path.abspath(self.config.model.tokenizer or self.config.model.path)}
         self.checkpointer.save(step, self.state, meta, force=force)
 
     def run(self) -> dict[str, float]:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdpo.models.config import ModelConfig
-from jaxdpo.ops.attention import attention, make_attention_mask
+from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
 from jaxdpo.sharding import logical_to_mesh_axes
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -145,7 +145,8 @@ def lora_update(x, lora_a, lora_b, spec: str):
     return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
 
 
-def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0):
+def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                  attention_backend: str = "xla", seq_lengths=None):
     """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
     adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W."""
     c = config
@@ -171,7 +172,8 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     if c.qk_norm:
         q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
+    a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
+                  backend=attention_backend, seq_lengths=seq_lengths)
     o = project("btnh,nhd->btd", a, "o_proj")
     if c.out_bias:
         o = o + w("o_bias")
@@ -250,6 +252,10 @@ class Decoder(nnx.Module):
                 positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
 
         hook = layer_params_hook or (lambda params: params)
+        # "cudnn" is set (as a static attribute) only where ops.attention.select_backend found the mask
+        # to be causal + padding; its kernel then takes per-row lengths instead of the mask.
+        backend = getattr(self, "attention_backend", "xla")
+        seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
         lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
 
         def body(x, per_layer):
@@ -261,7 +267,7 @@ class Decoder(nnx.Module):
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
-                                 lora_scale=lora_scale), None
+                                 lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)

@@ -1,0 +1,227 @@
+"""Scale-out (issue 4): meshes, host-memory reference, divisibility errors, two processes.
+
+Every training here is 3 steps (2 for the two-process run) of the tiny Llama with no eval set and no
+export, so each test is one or two compiles. The two-process test runs this file as a script
+(`python tests/test_scale.py worker ...`), one process per simulated host with 2 CPU devices each.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEAN = {"data.eval_files": "", "train.export_hf": False}
+STEP_KEYS = ("train/loss", "train/grad_norm", "train/rewards/margins")
+
+
+def _series(records, key):
+    return [r[key] for r in records if key in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process runs on the 8 simulated devices of conftest.py
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.tiny_assets import make_run_assets
+    return make_run_assets(str(tmp_path_factory.mktemp("scale_assets")), n_train=32, n_eval=8)
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """run(mesh, mode) -> (trainer, metrics records), memoized so tests share trainings."""
+    import jax
+
+    from jaxdpo.metrics import read_metrics
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    done = {}
+
+    def run(mesh=None, mode="device"):
+        if (mesh, mode) not in done:
+            workdir = str(tmp_path_factory.mktemp(f"run_{mode}"))
+            overrides = dict(LEAN, **{"reference.mode": mode})
+            devices = None
+            if mesh is None:  # one device
+                devices, mesh_overrides = jax.devices()[:1], (1, 1, 1)
+            else:
+                mesh_overrides = mesh
+            overrides.update({"mesh.data": mesh_overrides[0], "mesh.fsdp": mesh_overrides[1],
+                              "mesh.tensor": mesh_overrides[2]})
+            trainer = Trainer(tiny_run_config(assets, workdir, **overrides), devices=devices)
+            trainer.run()
+            done[(mesh, mode)] = trainer, read_metrics(workdir)
+        return done[(mesh, mode)]
+
+    return run
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (1, 4, 2), (1, 8, 1)])
+def test_meshes_match_one_device(runs, mesh):
+    trainer, records = runs(mesh)
+    assert dict(trainer.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh))
+    _, one = runs(None)
+    assert len(_series(records, "train/loss")) == 3
+    for key in STEP_KEYS:
+        np.testing.assert_allclose(_series(records, key), _series(one, key), rtol=1e-5, atol=1e-5, err_msg=key)
+    # the first step is taken with policy == reference; the third (after a real update) has learned
+    assert _series(records, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert _series(records, "train/loss")[-1] < math.log(2) - 1e-3
+
+
+def test_params_and_optimizer_state_are_sharded_over_fsdp_and_tensor(runs):
+    trainer, _ = runs((1, 4, 2))
+    state = trainer.state
+    q_proj = state["params"]["layers"]["q_proj"]  # [layers, embed, heads, head_dim]
+    assert q_proj.sharding.spec[:3] == (None, "fsdp", "tensor")
+    assert q_proj.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
+    moments = [x for x in __import__("jax").tree.leaves(state["opt_state"]) if x.shape == q_proj.shape]
+    assert len(moments) == 2  # adam mu and nu, each sharded like the param (ZeRO-3), not replicated
+    assert all(m.sharding.spec == q_proj.sharding.spec for m in moments)
+
+
+def test_host_reference_gives_the_same_losses_as_device(runs):
+    host, host_records = runs((2, 4, 1), "host")
+    _, device_records = runs((2, 4, 1), "device")
+    leaves = __import__("jax").tree.leaves(host.reference)
+    assert {x.sharding.memory_kind for x in leaves} == {"pinned_host"}
+    for key in STEP_KEYS:
+        np.testing.assert_allclose(_series(host_records, key), _series(device_records, key), rtol=1e-6,
+                                   atol=1e-7, err_msg=key)
+
+
+def test_host_reference_leaves_the_device_and_streams_one_layer(runs):
+    import jax
+
+    from jaxdpo.reference import reference_memory_report
+
+    host, _ = runs((2, 4, 1), "host")
+    device, _ = runs((2, 4, 1), "device")
+    host_report, device_report = reference_memory_report(host), reference_memory_report(device)
+    # 2-layer tiny Llama: embed [V,32] and lm_head [32,V] (tensor x fsdp = 4 ways), 2 norms, 2 layers.
+    ref = device.reference
+    total = sum(x.size * 4 for x in jax.tree.leaves(ref))
+    replicated = sum(x.size * 4 for x in jax.tree.leaves(ref) if all(a is None for a in x.sharding.spec))
+    per_device = (total - replicated) // 4 + replicated
+    assert device_report["reference_device_bytes"] == per_device
+    assert device_report["reference_host_bytes"] == 0
+    assert host_report["reference_device_bytes"] == 0
+    assert host_report["reference_host_bytes"] == per_device
+    # what host mode brings in at once: the non-layer params and one of the 2 layers
+    layers = jax.tree.leaves(ref["layers"])
+    one_layer = sum(x.size * 4 // x.shape[0] // (1 if all(a is None for a in x.sharding.spec) else 4) for x in layers)
+    non_layer = per_device - sum(x.size * 4 // (1 if all(a is None for a in x.sharding.spec) else 4) for x in layers)
+    assert host_report["reference_streamed_bytes"] == one_layer + non_layer
+    # XLA compiled the reference arguments into host memory (12 leaves) in host mode only
+    assert host_report["hlo_host_params"] == len(jax.tree.leaves(ref)) == 12
+    assert device_report["hlo_host_params"] == 0
+
+
+def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(assets, tmp_path):
+    import jax
+
+    from jaxdpo.config import ConfigError
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    # tiny Llama: hidden 32, 4 heads, 2 kv heads, intermediate 64, vocab 300
+    config = tiny_run_config(assets, str(tmp_path), **LEAN, **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 3})
+    trainer = Trainer(config, devices=jax.devices()[:6])
+    with pytest.raises(ConfigError) as err:
+        trainer.build_model()
+    message = str(err.value)
+    assert "heads size 4 is not divisible by mesh.tensor = 3 (params: q_proj, o_proj)" in message
+    assert "kv_heads size 2 is not divisible by mesh.tensor = 3 (params: k_proj, v_proj)" in message
+    assert "mlp size 64 is not divisible by mesh.tensor = 3 (params: gate_proj, up_proj, down_proj)" in message
+    assert "vocab" not in message.split("choose")[0]  # 300 = 3 * 100 divides
+    assert "choose mesh.tensor to divide heads" in message
+    assert not hasattr(trainer, "params")
+
+    config = tiny_run_config(assets, str(tmp_path), **LEAN, **{"mesh.data": 1, "mesh.fsdp": 6, "mesh.tensor": 1})
+    with pytest.raises(ConfigError, match=r"embed size 32 is not divisible by mesh.fsdp = 6 \(params: embed, "):
+        Trainer(config, devices=jax.devices()[:6]).build_model()
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes x 2 devices == one process x 4 devices
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(port: int, process_id: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "PMI_"))}
+    # the scheduler flag: see DEVELOPING.md "CPU collectives"
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                         "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+               JAX_PLATFORMS="cpu", JAXDPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXDPO_NUM_PROCESSES="2",
+               JAXDPO_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path):
+    import jax
+
+    from jaxdpo.metrics import read_metrics
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    overrides = dict(LEAN, **{"train.steps": 2})
+    (tmp_path / "assets.json").write_text(json.dumps(assets))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(tmp_path / "assets.json"),
+                               str(tmp_path / "two"), json.dumps(overrides)], env=_child_env(port, pid),
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+
+    # the one-process run goes while the two processes start up
+    Trainer(tiny_run_config(assets, str(tmp_path / "one"), **overrides), devices=jax.devices()[:4]).run()
+
+    deadline = time.monotonic() + 240
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"two-process training still running after 240 s; output:\n{proc.communicate()[0][-3000:]}")
+        assert proc.returncode == 0, out[-3000:]
+        outputs.append(out)
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0] and "2 process(es)" in outputs[0]
+    assert "2 process(es)" not in outputs[1]  # only process 0 prints the banner
+
+    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]  # process 1 wrote no extra records
+    for key in STEP_KEYS:
+        got, want = _series(two, key), _series(one, key)
+        assert len(got) == len(want) == 2
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
+    sys.path.insert(0, REPO_ROOT)  # for configs/ and tests.tiny_assets
+    from jaxdpo import distributed
+
+    distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    with open(assets_json) as f:
+        assets = json.load(f)
+    Trainer(tiny_run_config(assets, workdir, **json.loads(overrides_json))).run()
+    print("TRAINED", distributed.describe(), flush=True)
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
+    _train_worker(*sys.argv[2:])

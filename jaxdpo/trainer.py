@@ -313,7 +313,8 @@ class Trainer:
         meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint(),
                 # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
                 "model_path": os.path.abspath(self.config.model.path),
-                "tokenizer_path": os.path.abspath(self.config.model.tokenizer or self.config.model.path)}
+                "tokenizer_path": os.path.abspath(self.config.model.tokenizer or self.config.model.path),
+                "lora": dataclasses.asdict(self.lora) if getattr(self, "lora", None) is not None else None}
         self.checkpointer.save(step, self.state, meta, force=force)
 
     def run(self) -> dict[str, float]:

@@ -114,8 +114,7 @@ def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
 
 def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
     """A model whose target weights have the adapters folded in (its adapters are dropped, scale 1)."""
-    graphdef, state = nnx.split(model)
-    merged = nnx.merge(graphdef, state)  # new Variables: `model` itself keeps its weights
+    merged = nnx.clone(model)  # new Variables (the arrays are shared until replaced): `model` is untouched
     for target in settings.targets:
         var = getattr(merged.layers, target)
         var[...] = merged_weight(var[...], getattr(merged.layers, f"{target}_lora_a")[...],

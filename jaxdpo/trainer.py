@@ -115,7 +115,9 @@ class Trainer:
         # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
         trained = nnx.Param if self.lora is None else self.lora_param_type
         self.graphdef, self.params, self.frozen = nnx.split(model, trained, ...)
-        self.num_params = sum(x.size for x in jax.tree.leaves(self.params))
+        self.num_trainable = sum(x.size for x in jax.tree.leaves(self.params))
+        # every weight the forward uses (FLOPs count them all, trained or frozen)
+        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
     def _add_lora(self, model):
         """LoRA adapters when lora.rank > 0 (None otherwise); lora_base becomes the reference mode."""
@@ -409,7 +411,9 @@ class Trainer:
         accumulation = cfg.train.batch_size // cfg.train.micro_batch_size
         _log("\n".join([
             "jaxdpo",
-            f"  model      {cfg.model.path}  ({self.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})",
+            f"  model      {cfg.model.path}  ({self.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})"
+            + (f", LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {','.join(self.lora.targets)}: "
+               f"{self.num_trainable / 1e6:.3f}M trained" if self.lora is not None else ""),
             f"  devices    {jax.device_count()} x {jax.devices()[0].platform}, {jax.process_count()} process(es), "
             f"mesh {dict(self.mesh.shape)}",
             f"  data       {len(self.train_pairs)} train pairs, "

@@ -222,3 +222,23 @@ def test_memory_of_what_trains_full_vs_lora(config, max_ratio):
     if config is TINY:
         assert lora == 3 * 4 * config.num_layers * per_layer + 4 * 2  # + step and count scalars (int32)
     assert lora < max_ratio * full
+
+
+def test_resume_from_an_adapter_checkpoint_continues_the_run(assets, lora_run, tmp_path, capsys):
+    """The checkpoint (adapters + their optimizer state + step) is all a resumed LoRA run needs."""
+    import shutil
+
+    trainer, records, _ = lora_run
+    config = tiny_run_config(assets, str(tmp_path), **LORA, **{"train.eval_every": 3, "train.save_every": 2})
+    Trainer(config, devices=jax.devices()[:1]).run()
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if the run had stopped after step 2
+    resumed = Trainer(tiny_run_config(assets, str(tmp_path), **LORA, **{"train.eval_every": 3,
+                                                                         "train.save_every": 2}),
+                      devices=jax.devices()[:1])
+    capsys.readouterr()
+    resumed.run()
+    assert "resumed    from checkpoint step 2" in capsys.readouterr().out
+    np.testing.assert_allclose(series(read_metrics(str(tmp_path)), "train/loss"), series(records, "train/loss"),
+                               atol=1e-6)
+    for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(trainer.state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -242,3 +242,15 @@ def test_resume_from_an_adapter_checkpoint_continues_the_run(assets, lora_run, t
                                atol=1e-6)
     for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(trainer.state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_lora_on_eight_fsdp_devices_matches_one(assets, lora_run, tmp_path):
+    _, records, _ = lora_run
+    overrides = {**LORA, "train.eval_every": 3, "mesh.fsdp": 8, "lora.export_merged": False}
+    trainer = Trainer(tiny_run_config(assets, str(tmp_path), **overrides))
+    trainer.run()
+    eight = read_metrics(str(tmp_path))
+    np.testing.assert_allclose(series(eight, "train/loss"), series(records, "train/loss"), atol=1e-5)
+    np.testing.assert_allclose(series(eight, "eval/loss"), series(records, "eval/loss"), atol=1e-5)
+    assert (tmp_path / "hf_adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "hf").exists()  # the merged model only on request

@@ -122,7 +122,8 @@ def test_host_reference_leaves_the_device_and_streams_one_layer(runs):
     assert host_report["reference_streamed_bytes"] == one_layer + non_layer
     # XLA compiled the reference arguments into host memory (12 leaves) in host mode only
     assert host_report["hlo_host_params"] == len(jax.tree.leaves(ref)) == 12
-    assert device_report["hlo_host_params"] == 0
+    assert host_report["hlo_host_param_bytes"] == per_device
+    assert device_report["hlo_host_params"] == device_report["hlo_host_param_bytes"] == 0
 
 
 def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(assets, tmp_path):

@@ -79,7 +79,10 @@ def format_reports(reports: list[dict]) -> str:
         rows.append((f"XLA {key}", *[mib(r["memory_analysis"][key]) for r in reports]))
     for key in ("reference_device_bytes", "reference_host_bytes", "reference_streamed_bytes"):
         rows.append((key, *[mib(r[key]) for r in reports]))
-    rows.append(("host-memory params in HLO", *[str(r["hlo_host_params"]) for r in reports]))
+    rows.append(("HLO entry params in host memory", *[str(r["hlo_host_params"]) for r in reports]))
+    rows.append(("HLO host-memory param bytes", *[mib(r["hlo_host_param_bytes"]) for r in reports]))
+    rows.append(("XLA argument bytes in device memory", *[
+        mib(r["memory_analysis"]["argument_size_in_bytes"] - r["hlo_host_param_bytes"]) for r in reports]))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>14}" for c in r[1:]) for r in rows)
 

@@ -126,6 +126,34 @@ def test_host_reference_leaves_the_device_and_streams_one_layer(runs):
     assert device_report["hlo_host_params"] == device_report["hlo_host_param_bytes"] == 0
 
 
+def _device_placements_by_function(mlir_text: str) -> dict[str, int]:
+    """annotate_device_placement(... "device") custom calls per function of a StableHLO module."""
+    counts, function = {}, None
+    for line in mlir_text.splitlines():
+        if "func.func" in line:
+            function = line.split("@", 1)[1].split("(", 1)[0]
+        elif "annotate_device_placement" in line and '_xla_buffer_placement = "device"' in line:
+            counts[function] = counts.get(function, 0) + 1
+    return counts
+
+
+def test_host_reference_on_gpu_copies_each_layer_inside_the_scan(runs):
+    """XLA:CPU drops in-program memory moves (one memory), so look at the program JAX builds for CUDA:
+    the reference forward copies the 3 non-layer params once and the 9 layer params inside the scan."""
+    import jax
+
+    placements = {}
+    for mode in ("host", "device"):
+        trainer, _ = runs((2, 4, 1), mode)
+        exported = jax.export.export(trainer.train_step, platforms=["cuda"])(
+            trainer.state, trainer.frozen, trainer.reference, trainer.train_batch(0))
+        text = exported.mlir_module()
+        placements[mode] = {f: n for f, n in _device_placements_by_function(text).items() if f != "main"}
+        assert text.count('mhlo.memory_kind = "pinned_host"') == (12 if mode == "host" else 0)
+    assert sorted(placements["host"].values()) == [3, 9]  # embed/final_norm/lm_head; one layer's 9 params
+    assert placements["device"] == {}
+
+
 def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(assets, tmp_path):
     import jax
 

@@ -7,11 +7,13 @@ starts, and the stacked layer params one layer at a time inside the layer scan (
 instead of a whole model.
 
 On GPU/TPU, `jax.device_put(x, jax.memory.Space.Device)` inside jit lowers to a host-to-device copy
-(XLA's `annotate_device_placement`). On CPU JAX lowers it to nothing: host and device memory are the
-same RAM and XLA:CPU has no memory-space transfers, so the scan reads each layer straight from the
-`pinned_host` argument. The program and its numbers are the same; only the copy is elided.
-`reference_memory_report` therefore gives the device footprint from the argument placement the
-compiled program was built with (and XLA's own host/device split where the backend reports one).
+(XLA's `annotate_device_placement`; tests/test_scale.py checks the CUDA lowering has one per layer
+param inside the scan). On CPU (jax 0.10) JAX lowers it to nothing (`_common_device_put_lowering`):
+host and device memory are the same RAM and XLA:CPU has no memory-space transfers, so the scan reads
+each layer straight from the `pinned_host` argument. The numbers are the same; only the copy is
+elided, and XLA:CPU's memory analysis counts host arguments as ordinary arguments.
+`reference_memory_report` therefore adds the compiled program's own host-memory entry parameters
+(memory space S(5) in its HLO) and the reference's bytes per memory kind.
 """
 
 from __future__ import annotations

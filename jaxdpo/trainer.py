@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -36,6 +37,8 @@ def _log(msg: str) -> None:
 
 class Trainer:
     def __init__(self, config, *, devices=None):
+        # orbax logs every save step at INFO through absl; the console belongs to the progress bar.
+        absl_logging.set_verbosity(absl_logging.WARNING)
         self.config = config
         self.workdir = config.workdir
         os.makedirs(self.workdir, exist_ok=True)

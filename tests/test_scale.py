@@ -229,6 +229,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
         outputs.append(out)
     assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0] and "2 process(es)" in outputs[0]
     assert "2 process(es)" not in outputs[1]  # only process 0 prints the banner
+    for out in outputs:  # each process loaded only its half of the 8 pairs (one padded row per side)
+        assert "LOCAL pairs=4 rows=8" in out, out[-2000:]
 
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [sorted(r) for r in two] == [sorted(r) for r in one]  # process 1 wrote no extra records
@@ -248,7 +250,11 @@ def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
 
     with open(assets_json) as f:
         assets = json.load(f)
-    Trainer(tiny_run_config(assets, workdir, **json.loads(overrides_json))).run()
+    trainer = Trainer(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
+    trainer.run()
+    local = trainer.batcher.train_batch(0)  # this process's micro-batches of step 0
+    print(f"LOCAL pairs={sum(m['pair_valid'].shape[0] for m in local)} rows={sum(m['input_ids'].shape[0] for m in local)}",
+          flush=True)
     print("TRAINED", distributed.describe(), flush=True)
 
 

@@ -179,6 +179,21 @@ def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(as
         Trainer(config, devices=jax.devices()[:6]).build_model()
 
 
+def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(assets, tmp_path):
+    from jaxdpo.config import ConfigError
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    mesh = lambda data, fsdp, tensor: tiny_run_config(
+        assets, str(tmp_path), **LEAN, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+    assert dict(Trainer(mesh(2, -1, 1)).mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(Trainer(mesh(1, 2, -1)).mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    with pytest.raises(ConfigError, match="8 devices cannot be split with fixed axes of product 3"):
+        Trainer(mesh(3, -1, 1))
+    with pytest.raises(ConfigError, match="data\\*fsdp\\*tensor = 4 but 8 devices are available"):
+        Trainer(mesh(2, 2, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # two processes x 2 devices == one process x 4 devices
 

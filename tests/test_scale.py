@@ -78,20 +78,24 @@ def test_meshes_match_one_device(runs, mesh):
 
 
 def test_params_and_optimizer_state_are_sharded_over_fsdp_and_tensor(runs):
+    import jax
+
     trainer, _ = runs((1, 4, 2))
     state = trainer.state
     q_proj = state["params"]["layers"]["q_proj"]  # [layers, embed, heads, head_dim]
     assert q_proj.sharding.spec[:3] == (None, "fsdp", "tensor")
     assert q_proj.addressable_shards[0].data.shape == (2, 32 // 4, 4 // 2, 8)
-    moments = [x for x in __import__("jax").tree.leaves(state["opt_state"]) if x.shape == q_proj.shape]
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == q_proj.shape]
     assert len(moments) == 2  # adam mu and nu, each sharded like the param (ZeRO-3), not replicated
     assert all(m.sharding.spec == q_proj.sharding.spec for m in moments)
 
 
 def test_host_reference_gives_the_same_losses_as_device(runs):
+    import jax
+
     host, host_records = runs((2, 4, 1), "host")
     _, device_records = runs((2, 4, 1), "device")
-    leaves = __import__("jax").tree.leaves(host.reference)
+    leaves = jax.tree.leaves(host.reference)
     assert {x.sharding.memory_kind for x in leaves} == {"pinned_host"}
     for key in STEP_KEYS:
         np.testing.assert_allclose(_series(host_records, key), _series(device_records, key), rtol=1e-6,

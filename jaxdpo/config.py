@@ -19,7 +19,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "cudnn", "splash"),
+    "model.attention": ("xla", "cudnn"),  # jaxdpo.ops.attention.BACKENDS
     "data.truncation": ("keep_end", "keep_start"),
     "data.layout": ("padded", "prefix_shared", "packed"),
     "data.on_bad_row": ("error", "skip"),
@@ -122,6 +122,11 @@ def check_override(config, key: str, raw: str | None) -> None:
     if kind in (bool, int, float) and not _parses_as(kind, raw):
         expected = "a bool (true or false)" if kind is bool else kind.__name__
         raise ConfigError(f"config key '{key}' expects {expected}, got {raw!r}")
+    if kind is tuple and any(isinstance(v, str) for v in current) and "," in raw \
+            and not raw.lstrip().startswith(("(", "[")):
+        # absl reads 'a,b' for a tuple of strings as the one string 'a,b'.
+        items = ", ".join(repr(part.strip()) for part in raw.split(","))
+        raise ConfigError(f"config key '{key}' is a tuple of strings; write --config.{key}=\"({items})\"")
 
 
 def config_overrides(argv) -> list[tuple[str, str | None]]:

@@ -111,7 +111,8 @@ def test_override_checks_every_absl_form():
     assert config_lib.config_overrides(["--config.a.b=1", "--config.c", "2", "--noconfig.d", "--config.e", "--x=1"]) \
         == [("a.b", "1"), ("c", "2"), ("d", "false"), ("e", None)]
     config_lib.check_overrides(c, ["--config.optim.lr=1e-5", "--config.data.use_cache", "--noconfig.data.use_cache",
-                                   "--config.train.steps", "0x10", "--config.loss.types=ipo,sigmoid"])
+                                   "--config.train.steps", "0x10", "--config.loss.types=ipo",
+                                   "--config.loss.types=('ipo','sigmoid')", "--config.loss.weights=1,0.5"])
     cases = {
         "--config.lr=1": "unknown config key 'lr' (did you mean 'optim.lr'?)",
         "--config.optim.lr=fast": "config key 'optim.lr' expects float, got 'fast'",
@@ -119,8 +120,16 @@ def test_override_checks_every_absl_form():
         "--config.optim.lr": "config key 'optim.lr' needs a value: --config.optim.lr=<float>",
         "--config.optim=1": "config key 'optim' is a group; set one of its keys, e.g. --config.optim.b1=...",
         "--config.zzzz=1": "unknown config key 'zzzz' (see the config reference in README.md)",
+        "--config.loss.types=sigmoid,hinge":
+            "config key 'loss.types' is a tuple of strings; write --config.loss.types=\"('sigmoid', 'hinge')\"",
     }
     for arg, message in cases.items():
         with pytest.raises(ConfigError, match=None) as error:
             config_lib.check_overrides(c, [arg])
         assert str(error.value) == message
+
+
+def test_attention_choices_are_the_implemented_backends():
+    from jaxdpo.ops.attention import BACKENDS
+
+    assert set(config_lib.CHOICES["model.attention"]) == set(BACKENDS)

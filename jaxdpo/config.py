@@ -156,6 +156,20 @@ def config_overrides(argv) -> list[tuple[str, str | None]]:
     return overrides
 
 
+def check_schema(config, schema, *, source: str) -> None:
+    """A config file's keys against the default config's (`schema`): a key the trainer never reads is a typo."""
+    known, given = flat_keys(schema), flat_keys(config)
+    for key in sorted(set(given) - set(known)):
+        if any(k.startswith(key + ".") for k in known):
+            continue  # a group the file left empty
+        suggestion = nearest_key(key, known)
+        hint = f" (did you mean '{suggestion}'?)" if suggestion else ""
+        raise ConfigError(f"{source} sets unknown config key '{key}'{hint}")
+    for key in sorted(set(known) - set(given)):
+        raise ConfigError(f"{source} has no key '{key}' (default {known[key]!r}); start the config from "
+                          f"configs/dpo.py's get_config() and change what differs")
+
+
 def check_overrides(config, argv) -> None:
     """ConfigError for the first command-line override that names no key or has the wrong type."""
     for key, raw in config_overrides(argv):

@@ -20,6 +20,8 @@ from ml_collections import config_flags
 from jaxdpo import config as config_lib
 
 DEFAULT_CONFIG = "configs/dpo.py"
+# Every key a run reads, with its default: other config files must have exactly these keys.
+SCHEMA_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dpo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to a configs/*.py file.")
 
 
@@ -59,7 +61,10 @@ def load_config_file(spec: str):
 
 def precheck(argv) -> None:
     """Check the config file and its --config.* overrides before absl parses them."""
-    config = load_config_file(_config_path(argv))
+    path = _config_path(argv)
+    config = load_config_file(path)
+    if os.path.isfile(SCHEMA_CONFIG) and os.path.abspath(path.partition(":")[0]) != SCHEMA_CONFIG:
+        config_lib.check_schema(config, load_config_file(SCHEMA_CONFIG), source=f"config file {path!r}")
     config_lib.check_overrides(config, argv[1:])
 
 

@@ -133,3 +133,26 @@ def test_attention_choices_are_the_implemented_backends():
     from jaxdpo.ops.attention import BACKENDS
 
     assert set(config_lib.CHOICES["model.attention"]) == set(BACKENDS)
+
+
+def test_config_file_keys_are_checked_against_the_default_schema(tmp_path):
+    schema = dpo.get_config()
+    typo = dpo.get_config()
+    typo.optim.lrr = 1e-3
+    with pytest.raises(ConfigError) as error:
+        config_lib.check_schema(typo, schema, source="config file 'my.py'")
+    assert str(error.value) == "config file 'my.py' sets unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
+    missing = dpo.get_config()
+    del missing.train["export_hf"]
+    with pytest.raises(ConfigError, match="config file 'my.py' has no key 'train.export_hf' \\(default True\\)"):
+        config_lib.check_schema(missing, schema, source="config file 'my.py'")
+    from configs import cdpo, ipo
+    for module in (ipo, cdpo):
+        config_lib.check_schema(module.get_config(), schema, source=module.__name__)
+
+    path = tmp_path / "typo_config.py"
+    path.write_text("from configs import dpo\n\ndef get_config():\n    c = dpo.get_config()\n"
+                    "    c.train.stepz = 3\n    return c\n")
+    assert_one_line_error(run_train(f"--config={path}"),
+                          f"jaxdpo: config file '{path}' sets unknown config key 'train.stepz' "
+                          "(did you mean 'train.steps'?)")

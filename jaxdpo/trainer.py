@@ -24,7 +24,7 @@ from jaxdpo import sharding
 from jaxdpo.config import ConfigError
 from jaxdpo.metrics import MetricsLogger
 from jaxdpo.optim import make_optimizer
-from jaxdpo.step import StepFunctions, init_state
+from jaxdpo.step import init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")  # [P] arrays (not rows)

@@ -34,9 +34,23 @@ def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
     kwargs = {} if layer_params_hook is None else {"layer_params_hook": layer_params_hook}
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                  batch["branch_ids"], **kwargs)
-    token_lp = token_logprobs(hidden, model.lm_head_weight(), batch["targets"], chunk_size=chunk_size,
+    head = model.lm_head_weight()
+    chunk_size = logits_chunk_size(chunk_size, rows=hidden.shape[0], vocab=head.shape[-1])
+    token_lp = token_logprobs(hidden, head, batch["targets"], chunk_size=chunk_size,
                               logit_softcap=model.config.final_logit_softcap)
     return pair_sums(token_lp, batch["pair_index"], batch["side"], num_pairs)
+
+
+# Upper bound on one chunk of fp32 logits [rows, chunk, vocab]. With a 150k vocabulary a chunk of 256
+# positions over 16 rows would already be 2.4 GB, so the chunk shrinks until the block fits.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def logits_chunk_size(max_chunk: int, *, rows: int, vocab: int) -> int:
+    """Positions per logprob chunk: at most `max_chunk` (model.logprob_chunk), and small enough that
+    the chunk's fp32 logits stay under LOGITS_CHUNK_BYTES (never below 8 positions)."""
+    fits = LOGITS_CHUNK_BYTES // (4 * rows * vocab)
+    return int(max(8, min(max_chunk, fits)))
 
 
 class StepFunctions:

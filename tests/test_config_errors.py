@@ -9,7 +9,7 @@ import pytest
 from configs import dpo
 from jaxdpo import config as config_lib
 from jaxdpo.config import ConfigError
-from tests.tiny_assets import make_run_assets
+from tests.tiny_assets import make_run_assets, set_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,13 +72,7 @@ def good_config(assets, tmp_path, **overrides):
     c.model.path = assets["model"]
     c.data.train_files = assets["train"]
     c.data.eval_files = assets["eval"]
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_overrides(c, overrides)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -6,7 +6,6 @@ process per simulated host with 2 CPU devices each, so the global mesh has 4 dev
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ import pytest
 from jaxdpo import distributed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # this file also runs as a worker script (launch/local_multiprocess.sh)
+    sys.path.insert(0, REPO_ROOT)
+from tests.processes import child_env, free_port  # noqa: E402
 # The end-to-end run: short, eval at the start and the end, no HF export (not what is tested here).
 E2E_OVERRIDES = {"train.steps": 2, "train.eval_every": 2, "train.export_hf": False}
 
@@ -111,24 +113,12 @@ def test_single_process_initialize_is_a_no_op_and_describe_reports_devices(monke
 # two real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env(port: int, process_id: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "PMI_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAXDPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXDPO_NUM_PROCESSES="2",
-               JAXDPO_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
-    return env
 
 
 def _start_pair(mode: str, heartbeat_timeout: int) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", mode, str(heartbeat_timeout)],
-                             env=_child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             env=child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
             for pid in range(2)]
 
@@ -193,9 +183,9 @@ def test_two_process_training_matches_one_process(tmp_path):
     assets = make_run_assets(str(tmp_path / "assets"), n_train=32, n_eval=8)
     assets_json = tmp_path / "assets.json"
     assets_json.write_text(json.dumps(assets))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", "train", "30", str(assets_json),
-                               str(tmp_path / "two")], env=_child_env(port, pid), cwd=REPO_ROOT,
+                               str(tmp_path / "two")], env=child_env(port, pid), cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for pid in range(2)]
     results = _finish(procs, timeout=300)

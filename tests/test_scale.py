@@ -8,13 +8,13 @@ export, so each test is one or two compiles. The two-process test runs this file
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from tests.processes import child_env, free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAN = {"data.eval_files": "", "train.export_hf": False}
@@ -201,20 +201,6 @@ def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(asset
 # ---------------------------------------------------------------------------------------------
 # two processes x 2 devices == one process x 4 devices
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env(port: int, process_id: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "PMI_"))}
-    # the scheduler flag: see DEVELOPING.md "CPU collectives"
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                         "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-               JAX_PLATFORMS="cpu", JAXDPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXDPO_NUM_PROCESSES="2",
-               JAXDPO_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
-    return env
 
 
 def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path):
@@ -226,9 +212,9 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
 
     overrides = dict(LEAN, **{"train.steps": 2})
     (tmp_path / "assets.json").write_text(json.dumps(assets))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(tmp_path / "assets.json"),
-                               str(tmp_path / "two"), json.dumps(overrides)], env=_child_env(port, pid),
+                               str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for pid in range(2)]
 

@@ -103,10 +103,15 @@ def tiny_run_config(assets: dict[str, str], workdir: str, **overrides):
     c.train.save_every = 100
     c.optim.warmup_steps = 1
     c.optim.lr = 1e-3
+    return set_overrides(c, overrides)
+
+
+def set_overrides(config, overrides: dict):
+    """Apply {"train.steps": 3, ...} to a ConfigDict (dotted keys, as on the command line)."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config

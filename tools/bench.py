@@ -3,6 +3,10 @@
     python tools/bench.py --shape llama-20m --steps 5 --layouts padded,prefix_shared,packed --vs-trl \
         --json /tmp/bench.json
     python tools/bench.py --memory-vocab 150000        # compiled memory vs sequence length, big vocab
+    # MFU on one GPU: a Qwen2.5-0.5B-shaped model, rows of 2048 tokens, bf16 compute, cuDNN attention
+    python tools/bench.py --shape qwen2.5-0.5b --max-length 2048 --max-prompt-length 1536 --prompt-len 1200 \
+        --completion-len 400 --batch-size 16 --layouts padded,packed --dtype bfloat16 --param-dtype float32 \
+        --attention cudnn --remat full --json bench_gpu.json
 
 The model is a randomly initialized Llama of the given shape, written once in Hugging Face format, so
 that jaxdpo and TRL (--vs-trl) train the very same weights. Data is synthetic (word tokens "w<i>", one
@@ -29,10 +33,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
+SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab (+ family and tied embeddings)
     "llama-20m": dict(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=16000),
     "llama-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000),
     "llama-150m": dict(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000),
+    # Qwen2.5-0.5B's shape (q/k/v biases, tied embeddings, a 151,936-token vocabulary), random weights.
+    "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+                         family="qwen2", tie=True),
+    "qwen2-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000, family="qwen2",
+                       tie=True),
 }
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -54,16 +63,18 @@ def make_tokenizer(out_dir: str, vocab: int):
 
 def make_model(out_dir: str, tokenizer, shape: dict, seed: int = 0) -> int:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[shape.get("family", "llama")]
+    config = config_class(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                          intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                          max_position_embeddings=32768, tie_word_embeddings=shape.get("tie", False),
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    model = model_class(config).to(torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
@@ -94,7 +105,9 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     c = dpo.get_config()
     c.workdir = workdir
     c.model.path = model_dir
-    c.model.param_dtype = args.dtype
+    c.model.dtype = args.dtype
+    c.model.param_dtype = args.param_dtype or args.dtype
+    c.model.attention = args.attention
     c.model.logprob_chunk = args.chunk
     c.model.remat = args.remat
     c.data.train_files, c.data.eval_files = train_file, ""
@@ -258,7 +271,10 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layouts", default="prefix_shared")
     p.add_argument("--reference", default="device", choices=("device", "cached", "none"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--param-dtype", default="", choices=("", "float32", "bfloat16"),
+                   help="params and optimizer state (default: --dtype)")
+    p.add_argument("--attention", default="xla", help="model.attention: xla | cudnn (GPU) | splash (TPU)")
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--remat", default="none")
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same weights/data")

@@ -146,6 +146,7 @@ def lora_update(x, lora_a, lora_b, spec: str):
 
 
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                  segment_ids=None, branch_ids=None,
                   attention_backend: str = "xla", seq_lengths=None):
     """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
     adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W."""
@@ -173,7 +174,8 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
         q, k = norm(q, "q_norm"), norm(k, "k_norm")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
-                  backend=attention_backend, seq_lengths=seq_lengths)
+                  backend=attention_backend, seq_lengths=seq_lengths, segment_ids=segment_ids,
+                  branch_ids=branch_ids)
     o = project("btnh,nhd->btd", a, "o_proj")
     if c.out_bias:
         o = o + w("o_bias")
@@ -252,8 +254,9 @@ class Decoder(nnx.Module):
                 positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
 
         hook = layer_params_hook or (lambda params: params)
-        # "cudnn" is set (as a static attribute) only where ops.attention.select_backend found the mask
-        # to be causal + padding; its kernel then takes per-row lengths instead of the mask.
+        # "cudnn" / "splash" / "splash_branches" are set (as a static attribute) only where
+        # ops.attention.select_backend found the kernel to express the mask exactly; cuDNN then takes per-row
+        # lengths, splash the segment (and branch) ids, instead of the mask (which XLA then never builds).
         backend = getattr(self, "attention_backend", "xla")
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
         lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
@@ -267,6 +270,7 @@ class Decoder(nnx.Module):
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
+                                 segment_ids=segment_ids, branch_ids=branch_ids,
                                  lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths), None
 
         if self.remat == "full":

@@ -1,8 +1,9 @@
 """Attention with segment / prefix-sharing / sliding-window masks.
 
 `make_attention_mask` implements the one rule in DEVELOPING.md for every batch layout; `attention` is the
-XLA reference path (einsum, fp32 softmax). GQA groups the query heads onto their shared K/V head with a
-reshape, so K and V are never repeated in memory.
+single entry every model calls: the XLA reference path (einsum, fp32 softmax), or a fused kernel that
+`select_backend` found to express the run's mask exactly (cuDNN on GPU, splash on TPU: jaxdpo/ops/splash.py).
+GQA groups the query heads onto their shared K/V head with a reshape, so K and V are never repeated in memory.
 """
 
 from __future__ import annotations
@@ -11,25 +12,47 @@ import jax
 import jax.numpy as jnp
 
 from jaxdpo.config import ConfigError
+from jaxdpo.ops import splash
 
-BACKENDS = ("xla", "cudnn")
+BACKENDS = ("xla", "cudnn", "splash", "auto")  # what model.attention may request
+# What `attention(backend=...)` runs: select_backend resolves a request to one of these. "splash" is one
+# splash call masked by segment ids (the padded layout); "splash_branches" merges two calls to add the
+# prefix-sharing branch mask (prefix_shared, packed).
+KERNELS = ("xla", "cudnn", "splash", "splash_branches")
 # cuDNN's fused attention: half-precision inputs, head_dim a multiple of 8 up to 256 (Hopper), no
 # logit softcap, and only masks it builds itself (causal + per-row lengths + left sliding window).
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
+# Splash (Pallas TPU kernel): float32/bfloat16 (float16 is not a TPU compute type); any head_dim (the
+# wrapper pads it to the 128-lane width); logit softcap is a kernel argument; the sliding window is not
+# expressible because the decoder picks it per layer inside the scan (a traced value).
+SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def select_backend(requested: str, *, platform: str, layout: str, dtype, head_dim: int,
                    logit_softcap=None, sliding: bool = False) -> tuple[str, str]:
-    """(backend to use, why): "cudnn" only where its fused kernel can express the run's mask exactly.
+    """(kernel to use, why): a fused kernel only where it expresses the run's mask exactly, else "xla".
 
-    The padded layout's mask is plain causal attention over a row's first `length` tokens (one sequence,
-    prompt then one completion, padding at the end), which cuDNN builds from per-row lengths. The
-    prefix_shared and packed layouts need segment and branch masks, which only the XLA path has."""
+    "cudnn" (GPU): the padded layout's mask is plain causal attention over a row's first `length` tokens
+    (one sequence, prompt then one completion, padding at the end), which cuDNN builds from per-row
+    lengths; the prefix_shared and packed layouts need segment and branch masks, which it cannot take.
+    "splash" (TPU): causal + segment ids. The padded layout is one call ("splash"); prefix_shared and
+    packed add the branch mask by merging two calls ("splash_branches", see jaxdpo/ops/splash.py), which
+    uses a private backward entry of JAX's kernel and falls back to XLA if this JAX's differs.
+    "auto": splash on TPU, cudnn on GPU, each only where it is exact; otherwise xla."""
     if requested not in BACKENDS:
         raise ConfigError(f"model.attention = {requested!r}; choose one of {BACKENDS}")
     if requested == "xla":
         return "xla", "requested"
+    if requested == "auto":
+        kernel = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
+        if kernel is None:
+            return "xla", f"model.attention=auto: no fused attention kernel on {platform}; using the XLA path"
+        backend, why = select_backend(kernel, platform=platform, layout=layout, dtype=dtype, head_dim=head_dim,
+                                      logit_softcap=logit_softcap, sliding=sliding)
+        return backend, f"model.attention=auto chose {backend}: {why.removeprefix('requested; ')}"
+    if requested == "splash":
+        return _select_splash(platform=platform, layout=layout, dtype=dtype, sliding=sliding)
     reasons = []
     if platform != "gpu":
         reasons.append(f"cuDNN needs an NVIDIA GPU (this run is on {platform})")
@@ -49,6 +72,26 @@ def select_backend(requested: str, *, platform: str, layout: str, dtype, head_di
     return "cudnn", "requested; causal + padding mask"
 
 
+def _select_splash(*, platform: str, layout: str, dtype, sliding: bool) -> tuple[str, str]:
+    reasons = []
+    if platform != "tpu":
+        reasons.append(f"splash is a TPU kernel (this run is on {platform})")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SPLASH_DTYPES]:
+        reasons.append(f"compute dtype {jnp.dtype(dtype).name} (splash takes float32/bfloat16)")
+    if sliding:
+        reasons.append("sliding-window layers pick their window inside the layer scan (splash needs a static "
+                       "local mask)")
+    if layout != "padded" and splash.merged_backward_problem():
+        reasons.append(f"data.layout={layout} needs the branch mask, which merges two splash calls, but "
+                       f"{splash.merged_backward_problem()} (use data.layout=padded)")
+    if reasons:
+        return "xla", "model.attention=splash falls back to the XLA path: " + "; ".join(reasons)
+    if layout == "padded":
+        return "splash", "requested; causal + segment ids"
+    return "splash_branches", (f"model.attention=splash with data.layout={layout}: two splash calls per layer "
+                               "(same-branch, completion-to-prompt) merged by their logsumexps")
+
+
 def make_attention_mask(segment_ids, branch_ids, positions, sliding_window=None):
     """[B,T] ids -> [B,1,T,T] bool: query q may see key k iff
     segment_ids[q] == segment_ids[k] != 0, k <= q, branch_ids[k] in (0, branch_ids[q]),
@@ -65,16 +108,26 @@ def make_attention_mask(segment_ids, branch_ids, positions, sliding_window=None)
 
 
 def attention(q, k, v, *, mask=None, scale, logit_softcap=None, backend="xla", seq_lengths=None,
-              sliding_window=None):
+              sliding_window=None, segment_ids=None, branch_ids=None):
     """q [B,T,N,H], k/v [B,S,K,H] (N a multiple of K), mask [B,1|N,T,S] bool -> [B,T,N,H] in q's dtype.
 
-    backend "cudnn" ignores `mask` and applies causal attention over each row's first `seq_lengths[b]`
-    tokens (plus `sliding_window`): only call it where `select_backend` said that is the mask.
+    The kernels ignore `mask` and build the mask from what `select_backend` found it to be:
+    "cudnn": causal over each row's first `seq_lengths[b]` tokens (plus `sliding_window`);
+    "splash": causal within equal `segment_ids` [B,T] (self-attention, S = T);
+    "splash_branches": the full rule of DEVELOPING.md from `segment_ids` and `branch_ids` [B,T].
     Fully masked query rows (padding) give a finite, meaningless output; callers ignore those positions."""
     if backend == "cudnn":
         return cudnn_attention(q, k, v, scale=scale, seq_lengths=seq_lengths, sliding_window=sliding_window)
+    if backend in ("splash", "splash_branches"):
+        if segment_ids is None or (backend == "splash_branches" and branch_ids is None):
+            raise ValueError(f"attention backend {backend!r} builds its mask from segment_ids"
+                             f"{' and branch_ids' if backend == 'splash_branches' else ''}; pass them")
+        if sliding_window is not None:
+            raise ValueError("attention backend splash has no sliding window; select_backend picks xla for it")
+        return splash.splash_attention(q, k, v, segment_ids=segment_ids, scale=scale, logit_softcap=logit_softcap,
+                                       branch_ids=branch_ids if backend == "splash_branches" else None)
     if backend != "xla":
-        raise ValueError(f"attention backend {backend!r} is not available; choose one of {BACKENDS}")
+        raise ValueError(f"attention backend {backend!r} is not available; choose one of {KERNELS}")
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     if n % kv_heads:

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # dtype params and optimizer state are kept in
     c.model.remat = "none"  # none | full | dots_saveable: what the layer scan saves for backward
-    c.model.attention = "xla"  # xla | cudnn (GPU) | splash (TPU)
+    c.model.attention = "xla"  # xla | cudnn (GPU) | splash (TPU) | auto: kernels fall back to xla where inexact
     c.model.logprob_chunk = 256  # tokens per chunk of the LM head + logsumexp
 
     c.data = ml_collections.ConfigDict()

@@ -217,6 +217,9 @@ def splash_attention(q, k, v, *, segment_ids, scale, branch_ids=None, logit_soft
 
     With `branch_ids` [B,T]: the full rule of DEVELOPING.md (two merged calls); without: causal attention
     within equal segment ids (exact for the padded layout). `interpret` defaults to "not on a TPU"."""
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"splash attention is self-attention over one row: q has {q.shape[1]} tokens, "
+                         f"k/v {k.shape[1]}")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     if branch_ids is not None and merged_backward_problem():

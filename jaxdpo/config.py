@@ -19,7 +19,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "cudnn"),  # jaxdpo.ops.attention.BACKENDS
+    "model.attention": ("xla", "cudnn", "splash", "auto"),  # jaxdpo.ops.attention.BACKENDS
     "data.truncation": ("keep_end", "keep_start"),
     "data.layout": ("padded", "prefix_shared", "packed"),
     "data.on_bad_row": ("error", "skip"),

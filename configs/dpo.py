@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = off (full fine-tuning)
     c.lora.alpha = 16.0  # the update is scaled by alpha / rank
-    c.lora.dropout = 0.0  # only 0 for now
+    c.lora.dropout = 0.0  # adapter-input dropout while training, as PEFT (0.05-0.1 common); 0 = off
     c.lora.targets = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     c.lora.export_merged = False  # also write the merged model to WORKDIR/hf (the adapter goes to hf_adapter/)
 

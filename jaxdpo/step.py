@@ -28,10 +28,13 @@ ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "p
 
 
 def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
-                  layer_params_hook: Callable | None = None) -> dict[str, jax.Array]:
-    """Per-pair completion logprob sums and lengths {pc, pr, nc, nr}, each [P] float32."""
+                  layer_params_hook: Callable | None = None, lora_dropout_key=None) -> dict[str, jax.Array]:
+    """Per-pair completion logprob sums and lengths {pc, pr, nc, nr}, each [P] float32. A
+    `lora_dropout_key` (the policy's training forward only) turns on LoRA adapter dropout."""
     model = nnx.merge(graphdef, *states)
     kwargs = {} if layer_params_hook is None else {"layer_params_hook": layer_params_hook}
+    if lora_dropout_key is not None:
+        kwargs["lora_dropout_key"] = lora_dropout_key
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                  batch["branch_ids"], **kwargs)
     head = model.lm_head_weight()
@@ -53,12 +56,19 @@ def logits_chunk_size(max_chunk: int, *, rows: int, vocab: int) -> int:
     return int(max(8, min(max_chunk, fits)))
 
 
+def dropout_key(seed: int, step, micro_index) -> jax.Array:
+    """The LoRA dropout key of one micro-batch of one optimizer step: a pure function of the config seed,
+    the global step (checkpointed in the state) and the micro-batch's index, so a resumed run draws the
+    masks an uninterrupted one would, and each accumulated micro-batch draws its own."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
+
+
 class StepFunctions:
     """Builds the jitted train/eval steps once for a run; holds no arrays."""
 
     def __init__(self, *, graphdef, loss_cfg, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule, reference_mode: str, num_pairs: int, chunk_size: int,
-                 reference_hook: Callable | None = None):
+                 reference_hook: Callable | None = None, dropout_seed: int = 0):
         self.graphdef = graphdef
         self.loss_cfg = loss_cfg
         self.optimizer = optimizer
@@ -67,6 +77,7 @@ class StepFunctions:
         self.num_pairs = num_pairs
         self.chunk_size = chunk_size
         self.reference_hook = reference_hook
+        self.dropout_seed = dropout_seed  # config seed: LoRA dropout masks come from dropout_key(seed, ...)
 
     # -- the math ---------------------------------------------------------------------------------
     def _reference_logprobs(self, params, frozen, reference, micro):
@@ -90,9 +101,11 @@ class StepFunctions:
             return None, None
         raise ValueError(f"unknown reference mode {mode!r}")
 
-    def _micro_loss(self, params, frozen, reference, micro, total_valid):
+    def _micro_loss(self, params, frozen, reference, micro, total_valid, lora_dropout_key=None):
+        # Dropout (if the model has any) only here, in the policy's training forward: the reference,
+        # eval and cached-reference forwards get no key and are deterministic.
         policy = pair_logprobs(self.graphdef, (params, frozen), micro, num_pairs=self.num_pairs,
-                               chunk_size=self.chunk_size)
+                               chunk_size=self.chunk_size, lora_dropout_key=lora_dropout_key)
         rc, rr = self._reference_logprobs(params, frozen, reference, micro)
         loss_sum, metric_sums = losses.preference_loss(
             self.loss_cfg, policy["pc"], policy["pr"], rc, rr, policy["nc"], policy["nr"],
@@ -106,9 +119,11 @@ class StepFunctions:
         total_valid = jnp.maximum(jnp.sum(batches["pair_valid"]).astype(jnp.float32), 1.0)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, indexed_micro):
             grads_sum, metrics_sum = carry
-            (_, metric_sums), grads = grad_fn(params, frozen, reference, micro, total_valid)
+            micro_index, micro = indexed_micro
+            key = dropout_key(self.dropout_seed, state["step"], micro_index)
+            (_, metric_sums), grads = grad_fn(params, frozen, reference, micro, total_valid, key)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
             metrics_sum = jax.tree.map(jnp.add, metrics_sum, metric_sums)
             return (grads_sum, metrics_sum), None
@@ -117,7 +132,9 @@ class StepFunctions:
         metric_shapes = jax.eval_shape(lambda: grad_fn(params, frozen, reference, first, total_valid)[0][1])
         zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
         zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, metric_sums), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics), batches)
+        num_micro = batches["pair_valid"].shape[0]
+        (grads, metric_sums), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics),
+                                               (jnp.arange(num_micro), batches))
 
         tokens = metric_sums.pop("tokens")
         metrics = {k: v / total_valid for k, v in metric_sums.items()}

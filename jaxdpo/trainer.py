@@ -226,7 +226,8 @@ class Trainer:
         from jaxdpo.reference import make_step_functions  # host mode streams the reference per layer
         self.steps = make_step_functions(cfg.reference.mode, graphdef=self.graphdef, loss_cfg=cfg.loss,
                                          optimizer=optimizer, schedule=self.schedule,
-                                         num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
+                                         num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk,
+                                         dropout_seed=cfg.seed)  # LoRA dropout masks: (seed, step, micro-batch)
         self.train_step = self.steps.jit_train_step(
             state_shardings=self.state_shardings, frozen_shardings=self.frozen_shardings,
             reference_shardings=self.reference_shardings, batch_shardings=self.train_batch_shardings,

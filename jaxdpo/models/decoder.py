@@ -135,21 +135,50 @@ def _softcap(x, cap):
     return jnp.tanh(x / cap) * cap
 
 
-def lora_update(x, lora_a, lora_b, spec: str):
+# The order in which the LoRA targets' dropout keys are folded from a layer's key (never reorder: a
+# resumed run must draw the same masks).
+LORA_DROPOUT_STREAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_dropout(x, rate: float, key):
+    """PEFT's adapter dropout: each unit of x kept with probability 1 - rate and scaled by 1 / (1 - rate).
+    The mask is drawn for x's whole (global) shape from `key`; with jax_threefry_partitionable (the default)
+    the values do not depend on how x is sharded, and each device only generates its own rows."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, dropout_key=None):
     """(x A) B for the base projection `spec` ("btd,dnh->btnh"): A [in..., r] takes the base weight's input
-    dims, B [r, out...] gives its output dims (jaxdpo.models.lora adds them; r is the rank)."""
+    dims, B [r, out...] gives its output dims (jaxdpo.models.lora adds them; r is the rank). With a
+    `dropout_key` and dropout_rate > 0 it is (dropout(x) A) B."""
     inputs, out_dims = spec.split("->")
     x_dims = inputs.split(",")[0]
     in_dims = x_dims[2:]
-    down = jnp.einsum(f"{x_dims},{in_dims}r->btr", x, lora_a)
+
+    def down_projection(x, lora_a):
+        return jnp.einsum(f"{x_dims},{in_dims}r->btr", x, lora_a)
+
+    if dropout_key is None or dropout_rate == 0:
+        down = down_projection(x, lora_a)
+    else:
+        # Rematerialized: the backward pass regenerates the mask from the key instead of keeping the
+        # dropped input, so dropout adds no [B,T,in] activation per adapter (x itself is kept anyway).
+        @jax.checkpoint
+        def dropped_down_projection(x, lora_a, key):
+            return down_projection(lora_dropout(x, dropout_rate, key), lora_a)
+
+        down = dropped_down_projection(x, lora_a, dropout_key)
     return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
 
 
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
                   segment_ids=None, branch_ids=None,
-                  attention_backend: str = "xla", seq_lengths=None):
+                  attention_backend: str = "xla", seq_lengths=None, lora_dropout_rate: float = 0.0,
+                  lora_dropout_key=None):
     """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
-    adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W."""
+    adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W; given this layer's
+    `lora_dropout_key`, the adapter sees dropout(x) with a mask keyed by fold_in(key, its stream index)."""
     c = config
 
     def norm(y, name):
@@ -161,7 +190,11 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     def project(spec, y, name):
         out = jnp.einsum(spec, y, w(name))
         if f"{name}_lora_a" in p:
-            out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec)
+            key = None
+            if lora_dropout_key is not None:
+                key = jax.random.fold_in(lora_dropout_key, LORA_DROPOUT_STREAMS.index(name))
+            out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec,
+                                                 dropout_rate=lora_dropout_rate, dropout_key=key)
         return out
 
     h = norm(x, "attn_norm")
@@ -227,8 +260,10 @@ class Decoder(nnx.Module):
         return self.lm_head[...].astype(self.dtype)
 
     def hidden_states(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
-                      layer_params_hook: Callable[[dict], dict] | None = None):
-        """[B,T] ids -> [B,T,D] hidden states after the final norm."""
+                      layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
+        """[B,T] ids -> [B,T,D] hidden states after the final norm. `lora_dropout_key` (training forwards
+        only) turns on the adapters' dropout (rate `layers.lora_dropout`, set by models.lora); layer l
+        uses fold_in(key, l). Without a key the forward is deterministic (eval, reference, export)."""
         c, dtype = self.config, self.dtype
         b, t = input_ids.shape
         if positions is None:
@@ -260,9 +295,13 @@ class Decoder(nnx.Module):
         backend = getattr(self, "attention_backend", "xla")
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
         lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
+        lora_dropout_rate = getattr(self.layers, "lora_dropout", 0.0)
+        layer_keys = None  # scanned with the layers, so a rematerialized layer redraws the same masks
+        if lora_dropout_key is not None and lora_dropout_rate > 0:
+            layer_keys = jax.vmap(lambda l: jax.random.fold_in(lora_dropout_key, l))(jnp.arange(c.num_layers))
 
         def body(x, per_layer):
-            params, sliding = per_layer
+            params, sliding, layer_key = per_layer
             params = hook(params)
             mask, cos, sin = base_mask, cos_g, sin_g
             if any_sliding:
@@ -271,19 +310,21 @@ class Decoder(nnx.Module):
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
                                  segment_ids=segment_ids, branch_ids=branch_ids,
-                                 lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths), None
+                                 lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths,
+                                 lora_dropout_rate=lora_dropout_rate, lora_dropout_key=layer_key), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)
         elif self.remat == "dots_saveable":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
-        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(is_sliding)))
+        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(is_sliding), layer_keys))
         return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
-                 layer_params_hook: Callable[[dict], dict] | None = None):
+                 layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
-        h = self.hidden_states(input_ids, positions, segment_ids, branch_ids, layer_params_hook=layer_params_hook)
+        h = self.hidden_states(input_ids, positions, segment_ids, branch_ids, layer_params_hook=layer_params_hook,
+                               lora_dropout_key=lora_dropout_key)
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head_weight(), preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap is not None:
             logits = _softcap(logits, self.config.final_logit_softcap)

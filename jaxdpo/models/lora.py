@@ -7,6 +7,11 @@ so a fresh adapter leaves the model exactly as it was. The trainer splits the mo
 the adapters train (and alone get optimizer state and checkpoints), the base weights stay frozen, and the
 reference is the same forward with the adapters zeroed (reference.mode = "lora_base").
 
+Adapter dropout (lora.dropout = p) follows PEFT: only the adapter's input is dropped, x W + (alpha / r)
+(dropout(x) A) B, with kept units scaled by 1 / (1 - p), and only in the policy's training forward.
+The rate is a static attribute of the LayerStack (like the scale); the masks come from a key the train
+step derives from (seed, step, micro-batch), so they need no RNG state and a resumed run draws the same.
+
 Export follows PEFT: `adapter_config.json` + `adapter_model.safetensors` with keys such as
 `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
 """
@@ -44,6 +49,7 @@ class LoRASettings:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0  # probability of zeroing an adapter input unit while training
 
     @property
     def scale(self) -> float:
@@ -53,15 +59,16 @@ class LoRASettings:
 def lora_settings(lora_cfg) -> LoRASettings | None:
     """The `lora` config block -> settings, or None when LoRA is off (rank 0). ConfigError when invalid."""
     rank = lora_cfg.rank
+    dropout = lora_cfg.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"lora.dropout = {dropout!r} must be a number in [0, 1): the probability of dropping "
+                          f"an adapter input unit while training (0 = off; PEFT users often set 0.05 or 0.1)")
     if not isinstance(rank, int) or rank < 0:
         raise ConfigError(f"lora.rank = {rank!r} must be a non-negative integer (0 = LoRA off, full fine-tuning)")
     if rank == 0:
         return None
     if lora_cfg.alpha <= 0:
         raise ConfigError(f"lora.alpha = {lora_cfg.alpha} must be positive (the update is scaled by alpha / rank)")
-    if lora_cfg.dropout != 0:
-        raise ConfigError(f"lora.dropout = {lora_cfg.dropout}: adapter dropout is not implemented yet; "
-                          f"set lora.dropout = 0")
     raw = lora_cfg.targets
     names = [t.strip() for t in raw.split(",")] if isinstance(raw, str) else [str(t).strip() for t in raw]
     names = [t for t in names if t]
@@ -71,7 +78,8 @@ def lora_settings(lora_cfg) -> LoRASettings | None:
     if unknown or not names:
         raise ConfigError(f"lora.targets = {raw!r}: {', '.join(unknown) or 'empty'} is not a projection; use "
                           f"names from {', '.join(TARGETS)} (comma-separated) or 'all-linear'")
-    return LoRASettings(rank=rank, alpha=float(lora_cfg.alpha), targets=tuple(t for t in TARGETS if t in names))
+    return LoRASettings(rank=rank, alpha=float(lora_cfg.alpha), targets=tuple(t for t in TARGETS if t in names),
+                        dropout=float(dropout))
 
 
 def adapter_specs(config, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -102,6 +110,7 @@ def add_adapters(model: Decoder, settings: LoRASettings, *, seed: int = 0) -> No
                                         eager_sharding=mesh_active))
     layers.names = tuple(layers.names) + tuple(adapter_specs(model.config, settings))
     layers.lora_scale = settings.scale  # static: read by Decoder.hidden_states, baked into the compiled step
+    layers.lora_dropout = settings.dropout  # static too; applied only when the forward is given a dropout key
 
 
 def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
@@ -125,6 +134,7 @@ def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
             delattr(merged.layers, name)
     merged.layers.names = base_names
     merged.layers.lora_scale = 1.0
+    merged.layers.lora_dropout = 0.0
     return merged
 
 
@@ -159,7 +169,7 @@ def save_adapter(model: Decoder, settings: LoRASettings, out_dir: str, *, base_m
     save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": 0.0,
+        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
         "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None,

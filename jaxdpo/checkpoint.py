@@ -309,6 +309,13 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def resumable_step(self) -> int | None:
+        """The newest committed step if every process sees one, else None: lets a run decide, before it
+        builds anything, whether it will resume (and so need not build a fresh state). Lists the
+        directory only; whether the step is readable is `restore_latest`'s business."""
+        step = self.latest_step()
+        return step if _all_processes_agree(step is not None) else None
+
     def restore_latest(self, abstract_state, *, expected_meta_fingerprint: Mapping | None = None):
         """Restore the newest readable step onto the shardings in `abstract_state`; None if there is none.
 

@@ -1,7 +1,8 @@
 """Where metrics go: WORKDIR/metrics.jsonl (one JSON object per record) and tensorboard scalars.
 
-Only process 0 writes. A resumed run first drops records past the step it resumes from, so the file
-reads as if the run had never stopped.
+Only process 0 writes. A resumed run first drops records past the step it resumes from, and continues
+the logging window its checkpoint was saved in (`MetricsWindow.state` travels in the checkpoint meta),
+so the file reads as if the run had never stopped, whatever train.save_every and train.log_every are.
 """
 
 from __future__ import annotations
@@ -11,6 +12,63 @@ import math
 import os
 
 import jax
+
+# Key of the window's state in a checkpoint's meta.
+WINDOW_META_KEY = "metrics_window"
+
+
+class MetricsWindow:
+    """The train steps since the last logged record; the record is their mean, key by key.
+
+    Per-step metrics stay on the device until they are needed (fetching each step would stall the
+    dispatch of the next), then become float64 sums added in step order. Those sums and the step count
+    are the whole state: `state()` is saved with every checkpoint and `from_state` continues it, so a
+    run stopped mid-window and resumed adds the same numbers in the same order as an uninterrupted run
+    and logs bit-identical means. Throughput counts only the steps this process ran (`rates`).
+    """
+
+    def __init__(self, sums: dict[str, float] | None = None, steps: int = 0):
+        self._sums = dict(sums or {})
+        self._steps = steps
+        self._pending: list[dict] = []  # this process's steps, not yet fetched from the device
+        self._here = {"pairs": 0.0, "tokens": 0.0}  # summed over this process's steps only
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "MetricsWindow":
+        """The window a checkpoint was saved in (an empty one for checkpoints that carry none)."""
+        if not state:
+            return cls()
+        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]))
+
+    def add(self, step_metrics: dict) -> None:
+        self._pending.append(step_metrics)
+
+    def __len__(self) -> int:
+        return self._steps + len(self._pending)
+
+    def _fetch(self) -> None:
+        for metrics in jax.device_get(self._pending):
+            for key, value in metrics.items():
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+            for key in self._here:
+                self._here[key] += float(metrics.get(key, 0.0))
+            self._steps += 1
+        self._pending = []
+
+    def state(self) -> dict:
+        """JSON-ready {"steps", "sums"}: what a checkpoint stores to continue this window."""
+        self._fetch()
+        return {"steps": self._steps, "sums": dict(self._sums)}
+
+    def mean(self) -> dict[str, float]:
+        """Each metric's mean over the window's steps (those restored from a checkpoint included)."""
+        self._fetch()
+        return {k: v / self._steps for k, v in self._sums.items()}
+
+    def rates(self, elapsed: float) -> dict[str, float]:
+        """pairs_per_s and tokens_per_s over the steps this process ran in `elapsed` seconds."""
+        self._fetch()
+        return {f"{k}_per_s": v / max(elapsed, 1e-9) for k, v in self._here.items()}
 
 
 class MetricsLogger:

@@ -2,6 +2,10 @@
 
 `Trainer(config).run()` is the whole program behind `python -m jaxdpo.train`. Building is split into
 small methods in the order a run needs them; the loop itself is `run()`.
+
+Order of a run: checks that need only configs (seconds, before tokenizing anything), data, then the
+checkpoint directory is looked at, so that a run that will resume never builds the trainable state it is
+about to restore (the params and optimizer state are only described, and restore writes into that).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo import sharding
 from jaxdpo.config import ConfigError
-from jaxdpo.metrics import MetricsLogger
+from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.optim import make_optimizer
 from jaxdpo.step import init_state
 
@@ -49,6 +53,17 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
 
     # -- building ---------------------------------------------------------------------------------
+    def check_config(self):
+        """Every check that needs only the config, config.json and the mesh, so that a bad mesh or batch
+        split fails in seconds instead of after tokenizing a large dataset. (The build steps repeat the
+        ones they rely on, for callers that build piece by piece.)"""
+        self._rows_per_process_multiple()
+        self._check_mesh_fits_model()
+        self._lora_settings()
+        if self.config.reference.mode == "host":
+            from jaxdpo import reference as reference_lib
+            reference_lib.check_host_memory_supported(self.mesh)
+
     def build_data(self):
         from transformers import AutoTokenizer
 
@@ -57,6 +72,7 @@ class Trainer:
         from jaxdpo.data.layouts import row_length
 
         cfg = self.config
+        self.row_multiple = self._rows_per_process_multiple()  # config-only: before any tokenizing
         tokenizer_path = cfg.model.tokenizer or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         main = jax.process_index() == 0  # every process tokenizes; only process 0 reports and writes
@@ -67,7 +83,6 @@ class Trainer:
         self.row_length = max(row_length(p, cfg.data.layout, cfg.data) for p in all_pairs)
 
         n_proc, proc = jax.process_count(), jax.process_index()
-        self.row_multiple = self._rows_per_process_multiple()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         common = dict(layout=cfg.data.layout, row_length=self.row_length, process_index=proc,
                       process_count=n_proc, row_multiple=self.row_multiple, pad_id=pad_id)
@@ -104,26 +119,87 @@ class Trainer:
                 f"= {cfg.train.micro_batch_size} (their ratio is the gradient-accumulation count)")
         return per_process
 
-    def build_model(self):
+    def build_model(self, *, resuming: bool = False):
+        """The policy as `graphdef`, trainable `params` and `frozen` (LoRA's base weights; else empty).
+
+        `resuming=True` (a checkpoint will be restored into the trainable state): `params` is only
+        described, as ShapeDtypeStructs carrying the shardings real params would have, and restore writes
+        straight into that, so the trainable weights never exist twice. Weights are still read from
+        model.path where something needs their values: LoRA's frozen base, and the initial policy a
+        device/host/cached reference is made of (then kept as `initial_params` for build_reference).
+        """
         from jaxdpo.models import from_pretrained
 
         cfg = self.config
         self._check_mesh_fits_model()
+        self.resuming = resuming
+        if self._lora_settings() is not None and cfg.reference.mode == "device":
+            # Same reference (the initial policy = the base, B = 0) without copying anything.
+            cfg.reference.mode = "lora_base"
+        keep_initial = resuming and self._reference_needs_initial_params()
+        frozen_weights = None
         with jax.set_mesh(self.mesh):
-            model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
-                                    remat=cfg.model.remat)
-            self.lora = self._add_lora(model)
+            if resuming and not keep_initial:
+                model, frozen_weights = self._described_policy()
+            else:
+                model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
+                                        remat=cfg.model.remat)
+                self.lora = self._add_lora(model)
         self.model_config = model.config
         self._select_attention(model)
         # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
         trained = nnx.Param if self.lora is None else self.lora_param_type
-        self.graphdef, self.params, self.frozen = nnx.split(model, trained, ...)
+        self.graphdef, params, self.frozen = nnx.split(model, trained, ...)
+        if frozen_weights is not None:  # the loaded base weights in place of their description
+            if jax.tree.structure(frozen_weights) != jax.tree.structure(self.frozen):
+                raise AssertionError("LoRA base weights do not have the structure of the described policy's")
+            self.frozen = frozen_weights
+        self.initial_params = params if keep_initial else None
+        self.params = self._described(params) if resuming else params
         self.num_trainable = sum(x.size for x in jax.tree.leaves(self.params))
         # every weight the forward uses (FLOPs count them all, trained or frozen)
         self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-    def _add_lora(self, model):
-        """LoRA adapters when lora.rank > 0 (None otherwise); lora_base becomes the reference mode."""
+    def _reference_needs_initial_params(self) -> bool:
+        """Whether the reference is made from the initial trainable params (the weights at model.path, or
+        LoRA's fresh adapters): a device/host copy of them, or the cached logprobs they give."""
+        cfg = self.config
+        return cfg.reference.mode in ("device", "host", "cached") and not cfg.reference.path
+
+    def _described_policy(self):
+        """(model, frozen weights): the policy with every array a ShapeDtypeStruct (nothing allocated),
+        and under LoRA the base weights loaded from model.path (they stay frozen, so the checkpoint does
+        not hold them); None without LoRA. Call under `jax.set_mesh`."""
+        from jaxdpo.models import from_pretrained, load_config
+        from jaxdpo.models.decoder import Decoder
+
+        cfg = self.config
+        dtype = DTYPES[cfg.model.param_dtype]
+        if self._lora_settings() is not None:
+            base = from_pretrained(cfg.model.path, dtype=dtype, mesh=self.mesh, remat=cfg.model.remat)
+        else:  # the module from_pretrained builds, described instead of loaded
+            model_config = load_config(cfg.model.path)
+            base = nnx.eval_shape(lambda: Decoder(model_config, dtype=dtype, param_dtype=dtype,
+                                                  remat=cfg.model.remat, rngs=nnx.Rngs(0)))
+        graphdef, weights = nnx.split(base)
+
+        def with_adapters(weights):
+            model = nnx.merge(graphdef, weights)
+            self.lora = self._add_lora(model)
+            return model
+
+        model = nnx.eval_shape(with_adapters, weights)  # adapters described too, weights left as they are
+        return model, (weights if self.lora is not None else None)
+
+    def _described(self, params):
+        """ShapeDtypeStructs of `params` (arrays or descriptions) with shardings on this run's mesh."""
+        def describe(x):
+            sharding_ = x.sharding if isinstance(x, jax.Array) else NamedSharding(self.mesh, x.sharding.spec)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_)
+        return jax.tree.map(describe, params)
+
+    def _lora_settings(self):
+        """LoRA settings when lora.rank > 0 (None otherwise), checked against the reference mode."""
         from jaxdpo.models import lora
 
         cfg = self.config
@@ -136,10 +212,16 @@ class Trainer:
         if cfg.reference.path and cfg.reference.mode in ("device", "host"):
             raise ConfigError(f"reference.path = {cfg.reference.path!r} with LoRA is not supported: the LoRA "
                               f"reference is the base model (reference.mode lora_base); clear reference.path")
-        if cfg.reference.mode == "device":
-            # Same reference (the initial policy = the base, B = 0) without copying anything.
-            cfg.reference.mode = "lora_base"
-        lora.add_adapters(model, settings, seed=cfg.seed)
+        return settings
+
+    def _add_lora(self, model):
+        """Fresh LoRA adapters on `model` when lora.rank > 0; returns the settings (None: LoRA off)."""
+        from jaxdpo.models import lora
+
+        settings = self._lora_settings()
+        if settings is None:
+            return None
+        lora.add_adapters(model, settings, seed=self.config.seed)
         self.lora_param_type = lora.LoRAParam
         return settings
 
@@ -166,6 +248,10 @@ class Trainer:
 
     def build_reference(self):
         mode = self.config.reference.mode
+        # The initial policy: on a fresh run its live params; on a resume the weights build_model loaded
+        # for this alone, which nothing else holds, so the reference takes them over without a copy.
+        initial = getattr(self, "initial_params", None)
+        self.initial_params = None
         if mode in ("device", "host"):
             # device: a frozen copy sharded like the policy; host: the same shards in pinned host
             # memory, streamed to the device one layer at a time (jaxdpo/reference.py).
@@ -179,6 +265,8 @@ class Trainer:
                                                 dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
                 _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
                 self.reference = ref_params if mode == "device" else reference_lib.place_reference(ref_params, mode)
+            elif initial is not None:
+                self.reference = initial if mode == "device" else reference_lib.place_reference(initial, mode)
             else:
                 # A real copy: the policy's buffers are donated to the step and change every update.
                 self.reference = reference_lib.place_reference(self.params, mode)
@@ -192,8 +280,8 @@ class Trainer:
                 with jax.set_mesh(self.mesh):
                     ref_model = from_pretrained(ref_path, dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
                 _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
-            else:
-                ref_params = self.params  # computed before the first update, so the initial policy
+            else:  # computed before the first update, so the initial policy
+                ref_params = initial if initial is not None else self.params
             self.reference_cache = ReferenceCache.for_trainer(self, ref_params, weights_path=ref_path, log=_log)
             self.reference = None
         elif mode == "none":
@@ -210,7 +298,12 @@ class Trainer:
         init_shardings = jax.tree.map(lambda _: self.replicated, jax.eval_shape(init, self.params))
         init_shardings["params"] = jax.tree.map(lambda x: x.sharding, self.params)
         init_shardings["opt_state"] = sharding.optimizer_state_shardings(optimizer, self.params, self.replicated)
-        self.state = jax.jit(init, out_shardings=init_shardings)(self.params)
+        if getattr(self, "resuming", False):
+            # Described only: restore_or_start reads the checkpoint into it (no fresh optimizer state).
+            self.state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      jax.eval_shape(init, self.params), init_shardings)
+        else:
+            self.state = self._fresh_state(init, init_shardings)
         del self.params  # now owned by self.state (donated at every step)
         shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         self.state_shardings = shardings_of(self.state)
@@ -239,6 +332,11 @@ class Trainer:
             params_shardings=self.state_shardings["params"], frozen_shardings=self.frozen_shardings,
             reference_shardings=self.reference_shardings, batch_shardings=self.eval_batch_shardings,
             replicated=self.replicated)
+
+    def _fresh_state(self, init, shardings):
+        """The step-0 train state (params + a fresh optimizer state), built sharded; never on a resume.
+        The params are donated: the state's params are the loaded buffers, not a second copy of them."""
+        return jax.jit(init, out_shardings=shardings, donate_argnums=0)(self.params)
 
     def _batch_keys(self):
         keys = ["input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side",
@@ -298,25 +396,52 @@ class Trainer:
         fingerprint["train_pairs"] = len(self.train_pairs)
         return fingerprint
 
-    def restore_or_start(self) -> int:
-        """Resume from the newest good checkpoint in WORKDIR/checkpoints, if any; returns the start step."""
+    def open_checkpoints(self) -> int | None:
+        """Open WORKDIR/checkpoints; the newest committed step, or None when there is nothing to resume.
+        Lists the directory only (no array is read), so the build can know whether it resumes."""
         from jaxdpo import checkpoint
 
         cfg = self.config
         self.checkpointer = checkpoint.Checkpointer(
             os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
             save_every=cfg.train.save_every)
+        return self.checkpointer.resumable_step()
+
+    def restore_or_start(self) -> int:
+        """Resume from the newest good checkpoint in WORKDIR/checkpoints, if any; returns the start step.
+
+        Restores into `self.state` as it is: described (build_model(resuming=True)) or built."""
+        from jaxdpo import checkpoint
+
+        if getattr(self, "checkpointer", None) is None:
+            self.open_checkpoints()
         restored = self.checkpointer.restore_latest(checkpoint.abstract_like(self.state),
                                                     expected_meta_fingerprint=self.fingerprint())
         if restored is None:
+            if getattr(self, "resuming", False):
+                # A step was listed but none is left to restore (removed meanwhile): build what a
+                # fresh run builds, after letting go of what was built for the resume.
+                _log("  no checkpoint left to resume from: starting from model.path")
+                self.state = self.frozen = self.reference = None
+                self.build_model()
+                self.build_reference()
+                self.build_steps()
+            self.window = MetricsWindow()
             return 0
         step, self.state, meta = restored
+        self.resuming = False  # the state is real from here on
+        # The logging window the checkpoint was saved in (steps since the last train record).
+        self.window = MetricsWindow.from_state(meta.get(WINDOW_META_KEY))
         _log(f"  resumed    from checkpoint step {step} (data position {meta.get('data_position', step)})")
         return step
 
     def save(self, step: int, *, force: bool = False) -> None:
         from jaxdpo.checkpoint import FINGERPRINT_KEY
+        if not force and not self.checkpointer.should_save(step):
+            return  # decided before the meta: the window's state fetches its metrics from the device
         meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint(),
+                # The logging window so far, so a resume logs what an uninterrupted run logs.
+                WINDOW_META_KEY: self.window.state(),
                 # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
                 "model_path": os.path.abspath(self.config.model.path),
                 "tokenizer_path": os.path.abspath(self.config.model.tokenizer or self.config.model.path),
@@ -327,8 +452,10 @@ class Trainer:
         from jaxdpo.checkpoint import install_preemption_handler, resume_message
 
         cfg = self.config
+        self.check_config()
         self.build_data()
-        self.build_model()
+        resumable = self.open_checkpoints()
+        self.build_model(resuming=resumable is not None)
         self.build_reference()
         self.build_steps()
         self._banner()
@@ -342,7 +469,6 @@ class Trainer:
             eval_metrics = self.evaluate()
             self.logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
 
-        window: list[dict] = []
         t_window = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                    disable=jax.process_index() != 0)
@@ -350,13 +476,11 @@ class Trainer:
         for step in range(start_step, self.total_steps):
             batch = self.train_batch(step)
             self.state, metrics = self.train_step(self.state, self.frozen, self.reference, batch)
-            window.append(metrics)
+            self.window.add(metrics)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == self.total_steps:
-                record = _mean_records(jax.device_get(window))
-                elapsed = time.perf_counter() - t_window
-                record["pairs_per_s"] = record["pairs"] * len(window) / elapsed
-                record["tokens_per_s"] = record["tokens"] * len(window) / elapsed
+                record = self.window.mean()
+                record.update(self.window.rates(time.perf_counter() - t_window))
                 record.pop("pairs"), record.pop("tokens")
                 bad = int(jax.device_get(self.state["bad_steps"]))
                 if bad >= cfg.train.max_bad_steps:
@@ -368,7 +492,7 @@ class Trainer:
                 self.logger.write(done, {f"train/{k}": v for k, v in record.items()})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                 pairs_s=f"{record['pairs_per_s']:.1f}")
-                window, t_window = [], time.perf_counter()
+                self.window, t_window = MetricsWindow(), time.perf_counter()
             bar.update(1)
             if self.eval_batcher is not None and (done % cfg.train.eval_every == 0 or done == self.total_steps):
                 eval_metrics = self.evaluate()
@@ -456,7 +580,3 @@ def _stack_micro_batches(micro_batches: list[dict]) -> dict[str, np.ndarray]:
             parts.append(value)
         out[key] = np.stack(parts)
     return out
-
-
-def _mean_records(records: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}

@@ -150,3 +150,29 @@ def test_config_file_keys_are_checked_against_the_default_schema(tmp_path):
     assert_one_line_error(run_train(f"--config={path}"),
                           f"jaxdpo: config file '{path}' sets unknown config key 'train.stepz' "
                           "(did you mean 'train.steps'?)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 3}, "heads size 4 is not divisible by mesh.tensor = 3"),
+    ({"mesh.data": 3, "mesh.fsdp": 2, "mesh.tensor": 1},
+     "train.micro_batch_size = 8 pairs must be a multiple of mesh data*fsdp = 6"),
+])
+def test_mesh_that_does_not_fit_fails_before_any_tokenizing(assets, tmp_path, monkeypatch, overrides, message):
+    """Checks that need only configs (config.json, the mesh, batch sizes) run before the data is touched:
+    on a large dataset a bad mesh fails in seconds, not after tokenizing everything."""
+    import jax
+
+    from jaxdpo import data
+    from jaxdpo.trainer import Trainer
+    from tests.tiny_assets import tiny_run_config
+
+    def must_not_tokenize(*args, **kwargs):
+        raise AssertionError("the data was read before the config-only checks")
+
+    monkeypatch.setattr(Trainer, "build_data", must_not_tokenize)
+    monkeypatch.setattr(data, "load_preference_data", must_not_tokenize)
+    config = tiny_run_config(assets, str(tmp_path / "run"), **overrides,
+                             **{"data.train_files": str(tmp_path / "never_read.jsonl")})
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        Trainer(config, devices=jax.devices()[:6]).run()
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -114,16 +114,23 @@ class StepFunctions:
         metric_sums["tokens"] = jnp.sum((micro["side"] > 0) * 1.0)
         return loss_sum / total_valid, metric_sums
 
+    def _has_lora_dropout(self, params, frozen) -> bool:
+        """Whether the policy drops adapter inputs (a static attribute of the graph, read while tracing)."""
+        layers = getattr(nnx.merge(self.graphdef, params, frozen), "layers", None)
+        return getattr(layers, "lora_dropout", 0.0) > 0
+
     def train_step(self, state, frozen, reference, batches):
         params = state["params"]
         total_valid = jnp.maximum(jnp.sum(batches["pair_valid"]).astype(jnp.float32), 1.0)
         grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+        with_dropout = self._has_lora_dropout(params, frozen)
 
         def accumulate(carry, indexed_micro):
             grads_sum, metrics_sum = carry
             micro_index, micro = indexed_micro
-            key = dropout_key(self.dropout_seed, state["step"], micro_index)
-            (_, metric_sums), grads = grad_fn(params, frozen, reference, micro, total_valid, key)
+            # Without dropout the micro loss is called exactly as before (no key argument at all).
+            keys = (dropout_key(self.dropout_seed, state["step"], micro_index),) if with_dropout else ()
+            (_, metric_sums), grads = grad_fn(params, frozen, reference, micro, total_valid, *keys)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
             metrics_sum = jax.tree.map(jnp.add, metrics_sum, metric_sums)
             return (grads_sum, metrics_sum), None

@@ -118,7 +118,8 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
 # optimizer. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
 # logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
 RESUME_CRITICAL_KEYS = (
-    "seed", "model.param_dtype", "model.tokenizer",
+    "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
     "data.train_files", "data.eval_files", "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples",

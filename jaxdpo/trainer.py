@@ -128,7 +128,6 @@ class Trainer:
         model.path where something needs their values: LoRA's frozen base, and the initial policy a
         device/host/cached reference is made of (then kept as `initial_params` for build_reference).
         """
-        from jaxdpo.models import from_pretrained
 
         cfg = self.config
         self._check_mesh_fits_model()
@@ -142,8 +141,7 @@ class Trainer:
             if resuming and not keep_initial:
                 model, frozen_weights = self._described_policy()
             else:
-                model = from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.param_dtype], mesh=self.mesh,
-                                        remat=cfg.model.remat)
+                model = self._load_weights(cfg.model.path)
                 self.lora = self._add_lora(model)
         self.model_config = model.config
         self._select_attention(model)
@@ -160,6 +158,15 @@ class Trainer:
         # every weight the forward uses (FLOPs count them all, trained or frozen)
         self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
+    def _load_weights(self, path: str):
+        """A Hugging Face checkpoint as a sharded Decoder: params (and so optimizer state) kept in
+        model.param_dtype, every matmul computed in model.dtype (bf16 compute over fp32 master weights is
+        the usual mixed precision)."""
+        from jaxdpo.models import from_pretrained
+        cfg = self.config
+        return from_pretrained(path, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
+                               mesh=self.mesh, remat=cfg.model.remat)
+
     def _reference_needs_initial_params(self) -> bool:
         """Whether the reference is made from the initial trainable params (the weights at model.path, or
         LoRA's fresh adapters): a device/host copy of them, or the cached logprobs they give."""
@@ -170,16 +177,16 @@ class Trainer:
         """(model, frozen weights): the policy with every array a ShapeDtypeStruct (nothing allocated),
         and under LoRA the base weights loaded from model.path (they stay frozen, so the checkpoint does
         not hold them); None without LoRA. Call under `jax.set_mesh`."""
-        from jaxdpo.models import from_pretrained, load_config
+        from jaxdpo.models import load_config
         from jaxdpo.models.decoder import Decoder
 
         cfg = self.config
-        dtype = DTYPES[cfg.model.param_dtype]
         if self._lora_settings() is not None:
-            base = from_pretrained(cfg.model.path, dtype=dtype, mesh=self.mesh, remat=cfg.model.remat)
+            base = self._load_weights(cfg.model.path)
         else:  # the module from_pretrained builds, described instead of loaded
             model_config = load_config(cfg.model.path)
-            base = nnx.eval_shape(lambda: Decoder(model_config, dtype=dtype, param_dtype=dtype,
+            base = nnx.eval_shape(lambda: Decoder(model_config, dtype=DTYPES[cfg.model.dtype],
+                                                  param_dtype=DTYPES[cfg.model.param_dtype],
                                                   remat=cfg.model.remat, rngs=nnx.Rngs(0)))
         graphdef, weights = nnx.split(base)
 
@@ -259,10 +266,8 @@ class Trainer:
             if mode == "host":
                 reference_lib.check_host_memory_supported(self.mesh)
             if self.config.reference.path:
-                from jaxdpo.models import from_pretrained
                 with jax.set_mesh(self.mesh):
-                    ref_model = from_pretrained(self.config.reference.path,
-                                                dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
+                    ref_model = self._load_weights(self.config.reference.path)
                 _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
                 self.reference = ref_params if mode == "device" else reference_lib.place_reference(ref_params, mode)
             elif initial is not None:
@@ -276,9 +281,8 @@ class Trainer:
             from jaxdpo.reference_cache import ReferenceCache
             ref_path = self.config.reference.path or self.config.model.path
             if self.config.reference.path:
-                from jaxdpo.models import from_pretrained
                 with jax.set_mesh(self.mesh):
-                    ref_model = from_pretrained(ref_path, dtype=DTYPES[self.config.model.param_dtype], mesh=self.mesh)
+                    ref_model = self._load_weights(ref_path)
                 _, ref_params, _ = nnx.split(ref_model, nnx.Param, ...)
             else:  # computed before the first update, so the initial policy
                 ref_params = initial if initial is not None else self.params

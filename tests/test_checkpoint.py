@@ -203,10 +203,14 @@ def test_config_fingerprint_flags_what_breaks_an_exact_resume():
     changed = dpo.get_config()
     changed.optim.lr *= 2
     changed.data.layout = "packed"
+    changed.model.dtype, changed.lora.dropout = "bfloat16", 0.1
     changed.mesh.fsdp, changed.train.steps, changed.train.save_every = 2, 500, 7  # allowed on resume
+    changed.model.attention, changed.lora.export_merged = "auto", True
     now = config_fingerprint(changed, model_config={"hidden_size": 32, "rope_theta": 1e4}, vocab_size=300)
     assert fingerprint_differences(saved, now) == [
         "data.layout: checkpoint='padded' now='packed'",
+        "lora.dropout: checkpoint=0.0 now=0.1",
+        "model.dtype: checkpoint='float32' now='bfloat16'",
         f"optim.lr: checkpoint={config.optim.lr!r} now={changed.optim.lr!r}"]
     assert fingerprint_differences(saved, config_fingerprint(config, model_config={"hidden_size": 64,
                                    "rope_theta": 1e4}, vocab_size=300)) == [
@@ -349,18 +353,6 @@ run()
 """
 
 
-def _trainer_available() -> bool:
-    try:
-        from jaxdpo.models import from_pretrained  # noqa: F401
-        from jaxdpo.trainer import Trainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-e2e = pytest.mark.skipif(not _trainer_available(), reason="jaxdpo.trainer / jaxdpo.models not importable yet")
-
-
 @pytest.fixture(scope="module")
 def run_assets(tmp_path_factory):
     from tests.tiny_assets import make_run_assets
@@ -424,7 +416,6 @@ def _assert_same_run(workdir, uninterrupted, after_step):
     assert records == reference_records  # the whole file: nothing lost, nothing duplicated
 
 
-@e2e
 def test_sigkill_then_rerun_matches_uninterrupted_and_truncated_newest_falls_back(
         run_assets, compile_cache, uninterrupted, tmp_path):
     workdir = tmp_path / "run"
@@ -448,7 +439,6 @@ def test_sigkill_then_rerun_matches_uninterrupted_and_truncated_newest_falls_bac
     _assert_same_run(damaged, uninterrupted, after_step=2)
 
 
-@e2e
 def test_sigterm_saves_exits_with_resume_message_and_resume_matches(run_assets, compile_cache, uninterrupted,
                                                                     tmp_path):
     workdir = tmp_path / "run"
@@ -573,7 +563,6 @@ def finished_runs(run_assets, tmp_path_factory):
     return runs
 
 
-@e2e
 @pytest.mark.parametrize("name", ["none", "lora"])
 def test_described_state_is_the_fresh_state_without_values(run_assets, tmp_path, name):
     """What a resume restores into has the fresh state's tree, shapes, dtypes and shardings (here split over
@@ -610,7 +599,6 @@ def _copy_stopped_at_2(finished_runs, name, tmp_path):
     return workdir
 
 
-@e2e
 @pytest.mark.parametrize("name", list(MODES))
 def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_assets, tmp_path, monkeypatch,
                                                              capsys, name):
@@ -636,7 +624,6 @@ def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_
     assert _records_without_timing(workdir) == records  # the window cut by the stop at step 2 included
 
 
-@e2e
 def test_resume_that_finds_no_restorable_step_builds_the_fresh_state(finished_runs, run_assets, tmp_path,
                                                                      monkeypatch):
     """A step was listed when the build started but restore found nothing (it went away): start fresh."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxdpo.config import ConfigError
-from jaxdpo.data import PairBatcher, TokenizedPairs, load_preference_data, make_batch, row_length
+from jaxdpo.data import PairBatcher, load_preference_data, make_batch, row_length
 from jaxdpo.data.formats import BadRow, normalize_row
 from jaxdpo.data.loading import load_rows
 from jaxdpo.data.tokenize import make_spec, tokenize_pair, truncate

@@ -99,7 +99,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     import numpy as np
 
     from jaxdpo import flops
-    from jaxdpo.trainer import Trainer, _stack_micro_batches
+    from jaxdpo.trainer import Trainer
     from configs import dpo
 
     c = dpo.get_config()
@@ -219,7 +219,6 @@ def memory_vs_length(args) -> dict:
     chunked logprobs it grows by far less than the [R,T,V] float32 logits would."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 

@@ -31,12 +31,17 @@ DEVICE_PEAK_BF16 = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul for every token (per-layer projections + LM head)."""
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul for every token fed (the per-layer projections)."""
     d, h = cfg.hidden_size, cfg.head_dim
     attention = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2  # q, o; k, v
     mlp = 3 * d * cfg.intermediate_size  # gate, up, down
-    return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size
+    return cfg.num_layers * (attention + mlp)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Per-layer projections + LM head (what a plain LM forward multiplies every token by)."""
+    return layer_matmul_params(cfg) + cfg.hidden_size * cfg.vocab_size
 
 
 def visible_pairs(segment_ids, branch_ids, positions=None, sliding_window=None) -> int:
@@ -65,7 +70,9 @@ def forward_flops(cfg: ModelConfig, batch: dict) -> dict[str, float]:
                if sliding_layers else 0)
     per_pair_of_layer = 4 * cfg.num_heads * cfg.head_dim
     attention = per_pair_of_layer * ((cfg.num_layers - sliding_layers) * full + sliding_layers * sliding)
-    matmul = 2 * matmul_params(cfg) * tokens
+    # The LM head runs only where a logprob counts (the batch's scored positions, see step.pair_logprobs).
+    scored = int((np.asarray(batch["side"]) > 0).sum()) if "scored_index" in batch else tokens
+    matmul = 2 * layer_matmul_params(cfg) * tokens + 2 * cfg.hidden_size * cfg.vocab_size * scored
     return {"tokens": tokens, "matmul": float(matmul), "attention": float(attention),
             "forward": float(matmul + attention)}
 

@@ -22,9 +22,10 @@ import optax
 from flax import nnx
 
 from jaxdpo import losses
-from jaxdpo.ops.logprobs import pair_sums, token_logprobs
+from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
 
-ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
+ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side",
+            "scored_index")
 
 
 def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
@@ -37,11 +38,14 @@ def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
         kwargs["lora_dropout_key"] = lora_dropout_key
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                  batch["branch_ids"], **kwargs)
+    targets, pair_index, side = batch["targets"], batch["pair_index"], batch["side"]
+    if "scored_index" in batch:  # the LM head only where a logprob counts (the batcher always adds it)
+        hidden, targets, pair_index, side = gather_scored(batch["scored_index"], hidden, targets, pair_index, side)
     head = model.lm_head_weight()
     chunk_size = logits_chunk_size(chunk_size, rows=hidden.shape[0], vocab=head.shape[-1])
-    token_lp = token_logprobs(hidden, head, batch["targets"], chunk_size=chunk_size,
+    token_lp = token_logprobs(hidden, head, targets, chunk_size=chunk_size,
                               logit_softcap=model.config.final_logit_softcap)
-    return pair_sums(token_lp, batch["pair_index"], batch["side"], num_pairs)
+    return pair_sums(token_lp, pair_index, side, num_pairs)
 
 
 # Upper bound on one chunk of fp32 logits [rows, chunk, vocab]. With a 150k vocabulary a chunk of 256

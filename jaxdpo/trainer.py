@@ -343,8 +343,8 @@ class Trainer:
         return jax.jit(init, out_shardings=shardings, donate_argnums=0)(self.params)
 
     def _batch_keys(self):
-        keys = ["input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side",
-                "pair_valid"]
+        from jaxdpo.step import ROW_KEYS
+        keys = list(ROW_KEYS) + ["pair_valid"]
         if self.config.reference.mode == "cached":
             keys += ["ref_chosen", "ref_rejected"]
         return keys

@@ -214,3 +214,51 @@ def test_contract_with_layouts_and_decoder(layout):
     np.testing.assert_array_equal(sums["nc"], [len(c) for _, c, _ in pairs] + [0])
     np.testing.assert_array_equal(sums["nr"], [len(r) for _, _, r in pairs] + [0])
     np.testing.assert_array_equal(batch["pair_valid"], [1, 1, 1, 0])
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
+def test_lm_head_on_scored_positions_only_gives_the_same_logprobs_and_gradients(layout):
+    # The batcher's scored_index lets pair_logprobs run the LM head only where a logprob counts; the
+    # per-pair sums and their gradients must not change.
+    from flax import nnx
+
+    from jaxdpo.data.batcher import PairBatcher
+    from jaxdpo.data.layouts import row_length, scored_index
+    from jaxdpo.models.config import ModelConfig
+    from jaxdpo.models.decoder import Decoder
+    from jaxdpo.step import pair_logprobs
+
+    config = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    pairs = [tuple(rng.integers(1, 97, rng.integers(low, high)).astype(np.int32)
+                   for low, high in ((2, 12), (1, 9), (1, 9))) for _ in range(6)]
+
+    class Cfg(dict):
+        __getattr__ = dict.get
+    length = row_length(pairs, layout, Cfg(max_length=24, pack_length=128))
+    batcher = PairBatcher(pairs, layout=layout, row_length=length, batch_size=6, micro_batch_size=6, seed=0,
+                          shuffle=False)
+    batch = next(batcher.eval_batches())
+    slots = batch["scored_index"].shape[1]
+    assert slots < length  # fewer LM-head positions than row positions
+    counted = batch["side"] > 0
+    for r in range(counted.shape[0]):  # each row's scored positions, in order, then empty slots
+        np.testing.assert_array_equal(batch["scored_index"][r][:counted[r].sum()], np.nonzero(counted[r])[0])
+        assert (batch["scored_index"][r][counted[r].sum():] == -1).all()
+    with pytest.raises(ValueError, match="scored positions"):
+        scored_index(batch["side"], int(counted.sum(1).max()) - 1)
+
+    full = {k: v for k, v in batch.items() if k != "scored_index"}
+
+    def total(params, b):
+        out = pair_logprobs(graphdef, (params,), b, num_pairs=6, chunk_size=4)
+        return jnp.sum(out["pc"] * 1.5 - out["pr"]), out
+
+    (value_s, out_s), grads_s = jax.value_and_grad(total, has_aux=True)(params, batch)
+    (value_f, out_f), grads_f = jax.value_and_grad(total, has_aux=True)(params, full)
+    for key in ("pc", "pr", "nc", "nr"):
+        np.testing.assert_allclose(out_s[key], out_f[key], atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_f)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxdpo.config import ConfigError
-from jaxdpo.data.layouts import make_batch, pack_rows, shared_length
+from jaxdpo.data.layouts import make_batch, pack_rows, scored_index, scored_slots, shared_length
 
 
 class PairBatcher:
@@ -39,6 +39,7 @@ class PairBatcher:
         self.row_multiple = row_multiple
         self.pad_id = pad_id
         self.local_pairs = micro_batch_size // process_count  # P of every micro-batch this process builds
+        self.static_slots = scored_slots(pairs, layout, row_length)  # None for packed: per step
         rows_per_pair = {"padded": 2, "prefix_shared": 1}.get(layout)
         if rows_per_pair is not None and (rows_per_pair * self.local_pairs) % row_multiple:
             raise ConfigError(f"a micro-batch of {self.local_pairs} pairs per process makes "
@@ -74,21 +75,32 @@ class PairBatcher:
         """Each process's contiguous share of one global micro-batch (the last ones may be short)."""
         return [indices[k * self.local_pairs:(k + 1) * self.local_pairs] for k in range(self.process_count)]
 
-    def _packed_rows(self, micro_batches: list[np.ndarray]) -> int | None:
-        """R for packed micro-batches: the most any process needs for any of them, so that global arrays
-        have one shape on every process and the micro-batches of a step stack. Each process can work it
-        out alone, since every process holds the whole dataset."""
+    def _shape(self, micro_batches: list[np.ndarray]) -> tuple[int | None, int]:
+        """(R or None, S) for these micro-batches: padded and prefix_shared rows have a fixed count and a
+        dataset-wide S; packed R and S are the most any process needs for any of them, so that global
+        arrays have one shape on every process and the micro-batches of a step stack. Each process can
+        work it out alone, since every process holds the whole dataset. S is rounded up to 64 so that
+        a packed run compiles few distinct shapes."""
         if self.layout != "packed":
-            return None
-        needed = max(len(pack_rows([shared_length(*self.pairs[int(i)]) for i in s], self.row_length))
-                     for indices in micro_batches for s in self._slices(indices))
-        return max(-(-needed // self.row_multiple), 1) * self.row_multiple
+            return None, self.static_slots
+        needed_rows, slots = 1, 1
+        for indices in micro_batches:
+            for share in self._slices(indices):
+                pairs = [self.pairs[int(i)] for i in share]
+                packing = pack_rows([shared_length(*p) for p in pairs], self.row_length)
+                needed_rows = max(needed_rows, len(packing))
+                for members in packing:
+                    slots = max(slots, sum(len(pairs[m][1]) + len(pairs[m][2]) for m in members))
+        num_rows = -(-needed_rows // self.row_multiple) * self.row_multiple
+        return num_rows, min(-(-slots // 64) * 64, self.row_length)
 
-    def _micro_batch(self, indices: np.ndarray, num_rows: int | None) -> dict[str, np.ndarray]:
+    def _micro_batch(self, indices: np.ndarray, shape: tuple[int | None, int]) -> dict[str, np.ndarray]:
+        num_rows, slots = shape
         my_indices = self._slices(indices)[self.process_index]
         mine = [self.pairs[int(i)] for i in my_indices]
         batch = make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
                            row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
+        batch["scored_index"] = scored_index(batch["side"], slots)
         # Dataset index of each pair of the micro-batch (-1 = padding pair): lets per-pair data computed
         # once per dataset (the cached reference logprobs) join the batch.
         batch["pair_ids"] = np.full((self.local_pairs,), -1, np.int32)
@@ -99,15 +111,15 @@ class PairBatcher:
         """The micro-batches of global step `step` for this process, all of one shape (they stack)."""
         indices = self.step_indices(step)
         micro = [indices[k:k + self.micro_batch_size] for k in range(0, self.batch_size, self.micro_batch_size)]
-        num_rows = self._packed_rows(micro)
-        return [self._micro_batch(m, num_rows) for m in micro]
+        shape = self._shape(micro)
+        return [self._micro_batch(m, shape) for m in micro]
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Every pair exactly once, in order; the last micro-batch is filled with pair_valid=0 pairs."""
         order = np.arange(self.num_pairs)
         for k in range(0, self.num_pairs, self.micro_batch_size):
             micro = order[k:k + self.micro_batch_size]
-            yield self._micro_batch(micro, self._packed_rows([micro]))
+            yield self._micro_batch(micro, self._shape([micro]))
 
     def num_eval_batches(self) -> int:
         return -(-self.num_pairs // self.micro_batch_size)

@@ -53,6 +53,33 @@ def row_length(pairs, layout: str, data_cfg) -> int:
     raise ConfigError(f"data.layout={layout!r}; use one of {LAYOUTS}")
 
 
+def scored_slots(pairs, layout: str, row_length: int) -> int | None:
+    """S, the static number of scored positions (those whose logprob counts) kept per row, for a dataset:
+    a padded row scores one completion, a prefix_shared row both; None for packed, whose rows depend on
+    the packing (the batcher works S out per step, as it does the row count)."""
+    if layout == "packed":
+        return None
+    per_row = (lambda p: max(len(p[1]), len(p[2]))) if layout == "padded" else (lambda p: len(p[1]) + len(p[2]))
+    longest = max((per_row(pairs[i]) for i in range(len(pairs))), default=1)
+    return min(_round_up(max(longest, 1), 8), row_length)
+
+
+def scored_index(side: np.ndarray, slots: int) -> np.ndarray:
+    """[R,T] `side` -> [R,slots] int32: each row's scored positions (side > 0) in order, then -1.
+
+    The step runs the LM head (and the logsumexp over the vocabulary) only at these positions: in a DPO
+    row most tokens are prompt or padding, whose predictions no loss uses."""
+    counted = np.asarray(side) > 0
+    most = int(counted.sum(axis=1).max(initial=0))
+    if most > slots:
+        raise ValueError(f"a row has {most} scored positions, more than the {slots} slots given")
+    index = np.full((counted.shape[0], slots), -1, np.int32)
+    rows, cols = np.nonzero(counted)
+    rank = np.cumsum(counted, axis=1)[rows, cols] - 1
+    index[rows, rank] = cols
+    return index
+
+
 def _empty_rows(num_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
     rows = {key: np.zeros((num_rows, length), np.int32) for key in ROW_KEYS}
     rows["input_ids"][:] = pad_id

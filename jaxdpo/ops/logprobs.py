@@ -67,6 +67,18 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
     return logprobs[:, :time]
 
 
+def gather_scored(scored_index, hidden, targets, pair_index, side):
+    """Keep only the scored positions of each row: scored_index [R,S] (positions, -1 = empty slot) ->
+    hidden [R,S,D] and targets, pair_index, side [R,S], empty slots counting for no pair. The LM head then
+    runs on S positions per row instead of T (in a DPO row most positions are prompt or padding).
+    A gather along the row, so rows stay where they are sharded."""
+    valid = scored_index >= 0
+    index = jnp.maximum(scored_index, 0)
+    take = lambda x: jnp.take_along_axis(x, index, axis=1)
+    hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    return hidden, take(targets), jnp.where(valid, take(pair_index), -1), jnp.where(valid, take(side), 0)
+
+
 def pair_sums(token_lp: jax.Array, pair_index: jax.Array, side: jax.Array,
               num_pairs: int) -> dict[str, jax.Array]:
     """Per-pair completion logprob sums and lengths from per-token logprobs.

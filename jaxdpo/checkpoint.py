@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
 FINGERPRINT_KEY = "fingerprint"  # meta[FINGERPRINT_KEY]: the dict that must match for a resume to be valid

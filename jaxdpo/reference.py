@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.step import StepFunctions
 
 MODES_WITH_PARAMS = ("device", "host")
@@ -38,6 +38,29 @@ def _to_device(tree):
 
 def _to_memory_kind(sharding: NamedSharding, memory_kind: str) -> NamedSharding:
     return NamedSharding(sharding.mesh, sharding.spec, memory_kind=memory_kind)
+
+
+def check_config(config, *, lora_on: bool) -> None:
+    """The `reference` section against LoRA: what each mode loads and needs."""
+    from jaxdpo.models.hf_io import check_checkpoint_dir
+
+    mode = config.reference.mode
+    if mode == "lora_base" and not lora_on:
+        raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
+                          "or choose reference.mode device | host | cached")
+    if config.reference.path:
+        if mode in ("none", "lora_base"):
+            raise ConfigError(f"reference.path = {config.reference.path!r} is set but reference.mode = "
+                              f"{mode!r} loads no reference checkpoint; clear one of them")
+        check_checkpoint_dir(config.reference.path, "reference.path")
+        if lora_on:
+            raise ConfigError(f"reference.path = {config.reference.path!r} with LoRA is not supported: the LoRA "
+                              f"reference is the base model (reference.mode lora_base); clear reference.path")
+
+
+def gives_logprobs(config, *, lora_on: bool) -> bool:
+    """Whether the run's reference gives logprobs (reference-free losses need none)."""
+    return config.reference.mode != "none"
 
 
 def check_host_memory_supported(mesh) -> None:

@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
-from jaxdpo.step import ROW_KEYS, pair_logprobs
+from jaxdpo.data.layouts import STEP_ROW_KEYS
+from jaxdpo.step import pair_logprobs
 
 CACHE_VERSION = 1
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".json", ".bin")
@@ -167,7 +168,7 @@ class ReferenceCache:
         rows = NamedSharding(mesh, sharding.logical_spec("batch", None))
         pairs_sh = NamedSharding(mesh, sharding.logical_spec("batch"))
         num_pairs = cfg.train.eval_batch_size
-        shardings = {k: rows for k in ROW_KEYS} | {"pair_valid": pairs_sh}
+        shardings = {k: rows for k in STEP_ROW_KEYS} | {"pair_valid": pairs_sh}
         graphdef, frozen = trainer.graphdef, trainer.frozen
         common_parts = {
             "weights_files": weight_files_fingerprint(weights_path),

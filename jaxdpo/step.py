@@ -24,8 +24,6 @@ from flax import nnx
 from jaxdpo import losses
 from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
 
-ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side",
-            "scored_index")
 
 
 def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,

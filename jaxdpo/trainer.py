@@ -25,13 +25,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.optim import make_optimizer
 from jaxdpo.step import init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")  # [P] arrays (not rows)
 
 
 def _log(msg: str) -> None:
@@ -343,8 +342,7 @@ class Trainer:
         return jax.jit(init, out_shardings=shardings, donate_argnums=0)(self.params)
 
     def _batch_keys(self):
-        from jaxdpo.step import ROW_KEYS
-        keys = list(ROW_KEYS) + ["pair_valid"]
+        keys = list(STEP_ROW_KEYS) + ["pair_valid"]
         if self.config.reference.mode == "cached":
             keys += ["ref_chosen", "ref_rejected"]
         return keys

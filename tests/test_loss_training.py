@@ -124,7 +124,7 @@ def trained(tmp_path_factory):
         for reference_mode in ("device", "none"):
             names = [n for n in losses.LOSS_NAMES if (n in losses.REFERENCE_FREE) == (reference_mode == "none")]
             for name in names:
-                losses.validate_loss_config(loss_config(config.loss, name), reference_mode)
+                losses.validate_loss_config(loss_config(config.loss, name), has_reference=reference_mode != "none")
             switched = SwitchedLoss(names, [loss_config(config.loss, n) for n in names])
             steps = SwitchedSteps(graphdef=trainer.graphdef, loss_cfg=switched, optimizer=optimizer,
                                   schedule=schedule, reference_mode=reference_mode,

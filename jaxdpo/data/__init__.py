@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.data import cache
 from jaxdpo.data.batcher import PairBatcher
 from jaxdpo.data.formats import BadRow, Pair, normalize_row
@@ -170,6 +170,29 @@ def format_report(report: dict) -> str:
         how = " (held out from train)" if section.get("held_out_from_train") else ""
         lines.append(f"{split:<6} {'= pairs used' + how:<40} {'':>8} {section['pairs']:>8}")
     return "\n".join(lines)
+
+
+def check_data_config(data_cfg) -> None:
+    """The `data` section's cross-key rules and its local files (hub names are checked when read)."""
+    if data_cfg.max_prompt_length >= data_cfg.max_length:
+        raise ConfigError(f"data.max_prompt_length = {data_cfg.max_prompt_length} leaves no room for the "
+                          f"completion in data.max_length = {data_cfg.max_length}; make it smaller (or 0 for no "
+                          f"prompt limit)")
+    if data_cfg.pack_length and data_cfg.layout != "packed":
+        raise ConfigError(f"data.pack_length = {data_cfg.pack_length} only applies to data.layout = 'packed' "
+                          f"(layout is {data_cfg.layout!r}); set it to 0 or use the packed layout")
+    if data_cfg.eval_files and data_cfg.eval_fraction:
+        raise ConfigError(f"data.eval_files and data.eval_fraction = {data_cfg.eval_fraction} are both set; "
+                          "use eval files or a held-out fraction of the training data, not both")
+    for key in ("train_files", "eval_files"):
+        if key == "eval_files" and not data_cfg.eval_files:
+            continue
+        for source in parse_sources(data_cfg[key], config_key=f"data.{key}"):
+            if not is_hub_name(source.spec):
+                try:
+                    resolve_paths(source.spec)
+                except ConfigError as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
 
 
 def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print):

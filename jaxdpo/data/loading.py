@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".arrow")
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdpo.data.formats import BadRow, Pair
+from jaxdpo.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -64,11 +65,6 @@ class TokenizedPairs:
         self.rejected_ids.append(np.asarray(rejected, np.int32))
         self.source.append(source)
 
-    def max_pair_length(self) -> int:
-        """max over pairs of P + C + R + 1: the tokens of one prefix-shared pair."""
-        return max((len(p) + len(c) + len(r) + 1 for p, c, r in zip(
-            self.prompt_ids, self.chosen_ids, self.rejected_ids)), default=0)
-
 
 @dataclasses.dataclass
 class TokenizerSpec:
@@ -93,7 +89,6 @@ def resolve_chat_template(value: str) -> str | None:
 
 
 def make_spec(tokenizer, chat_template: str = "") -> TokenizerSpec:
-    from jaxdpo.config import ConfigError
 
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json "
@@ -117,7 +112,6 @@ def _render(spec: TokenizerSpec, messages, *, add_generation_prompt: bool) -> st
                                                   add_generation_prompt=add_generation_prompt)
     except ValueError as e:
         if spec.chat_template is None and getattr(spec.tokenizer, "chat_template", None) is None:
-            from jaxdpo.config import ConfigError
 
             raise ConfigError("the data is conversational but the tokenizer has no chat template; set "
                               "data.chat_template to a Jinja template (a file path or the template text)") from e
@@ -181,7 +175,6 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_l
         elif truncation == "keep_start":
             prompt = prompt[:max_prompt_length]
         else:
-            from jaxdpo.config import ConfigError
 
             raise ConfigError(f"data.truncation={truncation!r}; use keep_end or keep_start")
     room = max_length - len(prompt)

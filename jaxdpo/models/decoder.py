@@ -24,6 +24,11 @@ from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
 from jaxdpo.sharding import logical_to_mesh_axes
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# The linear projections of a layer -> how many leading dims (after `layers`) of its stacked weight are
+# input dims (the rest are output dims). LoRA targets them, HF import/export transposes them, and the
+# order is the order in which their LoRA dropout keys are folded from a layer's key (never reorder: a
+# resumed run must draw the same masks).
+PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 _NORMS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")
 
 
@@ -135,11 +140,6 @@ def _softcap(x, cap):
     return jnp.tanh(x / cap) * cap
 
 
-# The order in which the LoRA targets' dropout keys are folded from a layer's key (never reorder: a
-# resumed run must draw the same masks).
-LORA_DROPOUT_STREAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def lora_dropout(x, rate: float, key):
     """PEFT's adapter dropout: each unit of x kept with probability 1 - rate and scaled by 1 / (1 - rate).
     The mask is drawn for x's whole (global) shape from `key`; with jax_threefry_partitionable (the default)
@@ -192,7 +192,7 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
         if f"{name}_lora_a" in p:
             key = None
             if lora_dropout_key is not None:
-                key = jax.random.fold_in(lora_dropout_key, LORA_DROPOUT_STREAMS.index(name))
+                key = jax.random.fold_in(lora_dropout_key, list(PROJECTIONS).index(name))
             out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec,
                                                  dropout_rate=lora_dropout_rate, dropout_key=key)
         return out

@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
 from jaxdpo.models.config import ModelConfig
-from jaxdpo.models.decoder import Decoder, layer_param_specs, top_param_specs
-from jaxdpo.sharding import logical_spec
+from jaxdpo.models.decoder import PROJECTIONS, Decoder, layer_param_specs, top_param_specs
+from jaxdpo.sharding import gather_to_host, logical_spec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,8 +34,7 @@ _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
               "F64": np.dtype(np.float64)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 # our param name -> where its [in..., out...] dims split, for weights stored by torch as Linear [out, in]
-_LINEAR_SPLIT = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
-                 "down_proj": 1, "lm_head": 1}
+_LINEAR_SPLIT = {**PROJECTIONS, "lm_head": 1}
 # tensors some checkpoints carry that hold no parameters
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -119,13 +119,30 @@ def _to_hf(name: str, ours: np.ndarray) -> np.ndarray:
 
 # ---- import -----------------------------------------------------------------------------------------------
 
+def check_checkpoint_dir(path: str, key: str) -> None:
+    """ConfigError unless `path` (the value of config key `key`) is a Hugging Face checkpoint directory."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r} is not a directory (a Hugging Face checkpoint directory with "
+                          f"config.json and *.safetensors)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"{key} = {path!r} has no config.json (is it a Hugging Face checkpoint directory?)")
+
+
+def check_model_config(model_cfg) -> None:
+    """The `model` section: its checkpoint and tokenizer directories exist."""
+    check_checkpoint_dir(model_cfg.path, "model.path")
+    if model_cfg.tokenizer and not os.path.isdir(model_cfg.tokenizer):
+        raise ConfigError(f"model.tokenizer = {model_cfg.tokenizer!r} is not a directory "
+                          f"(leave it empty to use model.path's tokenizer)")
+
+
 def load_config(path: str) -> ModelConfig:
     """ModelConfig from `path/config.json`."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: no config.json; point the model path at a Hugging Face checkpoint dir")
     with open(file) as f:
-        return ModelConfig.from_hf(json.load(f))
+        return families.config_from_hf(json.load(f))
 
 
 def _active_mesh():
@@ -185,14 +202,6 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
 
 # ---- export -----------------------------------------------------------------------------------------------
 
-def _gather_to_host(x) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype]], produce) -> None:
     """Write a safetensors file whose header is known from shapes; `produce(name)` yields each tensor."""
     header, offset = {}, 0
@@ -249,7 +258,7 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
         if name not in cached:
             cached.clear()
             var = params[name] if layer is None else layer_params[name]
-            cached[name] = _gather_to_host(var[...])
+            cached[name] = gather_to_host(var[...])
         value = cached[name] if layer is None else cached[name][layer]
         return _to_hf(name, value.astype(disk_dtype))
 
@@ -271,7 +280,7 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[disk_dtype.name]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf(dtype_name), f, indent=2)
+        json.dump(families.config_to_hf(config, dtype_name), f, indent=2)
     generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
                   "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
                   else config.eos_token_id}

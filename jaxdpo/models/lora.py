@@ -28,14 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
-from jaxdpo.models.decoder import Decoder, layer_param_specs
-from jaxdpo.sharding import logical_to_mesh_axes
+from jaxdpo.models.decoder import PROJECTIONS, Decoder, layer_param_specs
+from jaxdpo.sharding import gather_to_host, logical_to_mesh_axes
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# how many leading dims (after `layers`) of each target's stacked weight are its input dims
-INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+TARGETS = tuple(PROJECTIONS)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -82,13 +80,18 @@ def lora_settings(lora_cfg) -> LoRASettings | None:
                         dropout=float(dropout))
 
 
+def check_config(config) -> bool:
+    """The `lora` section (ConfigError when invalid); whether LoRA is on. A config without one: off."""
+    return "lora" in config and lora_settings(config.lora) is not None
+
+
 def adapter_specs(config, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
     """`{target}_lora_a` / `{target}_lora_b` -> (shape, logical axes); the rank axis is never sharded."""
     base = layer_param_specs(config)
     specs = {}
     for target in settings.targets:
         (layers, *dims), (layers_axis, *axes) = base[target]
-        k = INPUT_DIMS[target]
+        k = PROJECTIONS[target]
         specs[f"{target}_lora_a"] = ((layers, *dims[:k], settings.rank), (layers_axis, *axes[:k], None))
         specs[f"{target}_lora_b"] = ((layers, settings.rank, *dims[k:]), (layers_axis, None, *axes[k:]))
     return specs
@@ -115,7 +118,7 @@ def add_adapters(model: Decoder, settings: LoRASettings, *, seed: int = 0) -> No
 
 def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
     """W + scale * A B for one stacked target, in W's dtype (products in float32)."""
-    k = INPUT_DIMS[target]
+    k = PROJECTIONS[target]
     ins, outs = "ijk"[:k], "xyz"[:weight.ndim - 1 - k]
     delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
     return (weight.astype(jnp.float32) + scale * delta).astype(weight.dtype)
@@ -141,13 +144,11 @@ def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
 def peft_tensors(model: Decoder, settings: LoRASettings) -> dict[str, np.ndarray]:
     """PEFT's key -> array ([r, in] for lora_A, [out, r] for lora_B, torch Linear layout), per layer.
     Every process must call this (sharded adapters are gathered)."""
-    from jaxdpo.models.hf_io import _gather_to_host
-
     key_map = families.layer_key_map(model.config)
     out = {}
     for target in settings.targets:
-        a = _gather_to_host(getattr(model.layers, f"{target}_lora_a")[...])
-        b = _gather_to_host(getattr(model.layers, f"{target}_lora_b")[...])
+        a = gather_to_host(getattr(model.layers, f"{target}_lora_a")[...])
+        b = gather_to_host(getattr(model.layers, f"{target}_lora_b")[...])
         module = "base_model.model." + key_map[target].removesuffix(".weight")
         for i in range(model.config.num_layers):
             prefix = module.format(i=i)

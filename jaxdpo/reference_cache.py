@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
+from jaxdpo.distributed import all_processes_agree
 from jaxdpo.data.layouts import STEP_ROW_KEYS
 from jaxdpo.step import pair_logprobs
 
@@ -132,14 +133,6 @@ def lookup(pair_ids: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> di
             "ref_rejected": np.where(valid, rejected[safe], 0.0).astype(np.float32)}
 
 
-def _all_processes_agree(flag: bool) -> bool:
-    """True only if every process has `flag` (so all of them skip, or all join, the collective pass)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 class ReferenceCache:
     """Per-split reference logprobs of a run, loaded from disk or computed once with the given weights."""
 
@@ -195,7 +188,7 @@ class ReferenceCache:
             parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
             path = cache_path(cache_dir, fingerprint(parts))
             found = load(path, len(pairs))
-            if _all_processes_agree(found is not None):
+            if all_processes_agree(found is not None):
                 log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
                 cache.add(split, found, path)
                 continue

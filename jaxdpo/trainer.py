@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
+from jaxdpo.data.layouts import PAIR_KEYS, STEP_ROW_KEYS
 from jaxdpo.errors import ConfigError
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.optim import make_optimizer
@@ -392,7 +393,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run (mesh, steps and intervals may change)."""
-        from jaxdpo.checkpoint import config_fingerprint
+        from jaxdpo.fingerprint import config_fingerprint
         fingerprint = config_fingerprint(self.config, model_config=self.model_config,
                                          vocab_size=self.model_config.vocab_size)
         fingerprint["train_pairs"] = len(self.train_pairs)
@@ -438,7 +439,7 @@ class Trainer:
         return step
 
     def save(self, step: int, *, force: bool = False) -> None:
-        from jaxdpo.checkpoint import FINGERPRINT_KEY
+        from jaxdpo.fingerprint import FINGERPRINT_KEY
         if not force and not self.checkpointer.should_save(step):
             return  # decided before the meta: the window's state fetches its metrics from the device
         meta = {"data_position": step, FINGERPRINT_KEY: self.fingerprint(),
@@ -451,7 +452,7 @@ class Trainer:
         self.checkpointer.save(step, self.state, meta, force=force)
 
     def run(self) -> dict[str, float]:
-        from jaxdpo.checkpoint import install_preemption_handler, resume_message
+        from jaxdpo.preemption import install_preemption_handler, resume_message
 
         cfg = self.config
         self.check_config()

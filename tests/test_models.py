@@ -295,7 +295,7 @@ def test_config_round_trips_through_transformers(case, hf_checkpoints):
     config = load_config(path)
     assert families.config_from_hf(families.config_to_hf(config)) == config
     # transformers parses our config.json into the same architecture numbers
-    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    hf_config = transformers.AutoConfig.for_model(**families.config_to_hf(config))
     assert families.config_from_hf(hf_config.to_dict()) == config
 
 

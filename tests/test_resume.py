@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdpo.checkpoint import Checkpointer, abstract_like
-from tests.test_checkpoint import assert_bit_equal, truncate_files
+from tests.helpers import assert_bit_equal, truncate_files
 
 
 # ----- end to end: a real run killed or preempted, then resumed (issue 5's acceptance) ----------------

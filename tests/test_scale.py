@@ -105,11 +105,14 @@ def test_host_reference_gives_the_same_losses_as_device(runs):
 def test_host_reference_leaves_the_device_and_streams_one_layer(runs):
     import jax
 
-    from jaxdpo.reference import reference_memory_report
+    from tools.memory_report import reference_memory_report
 
     host, _ = runs((2, 4, 1), "host")
     device, _ = runs((2, 4, 1), "device")
-    host_report, device_report = reference_memory_report(host), reference_memory_report(device)
+    report = lambda trainer, mode: reference_memory_report(  # noqa: E731
+        trainer.train_step, trainer.state, trainer.frozen, trainer.reference, trainer.train_batch(0), mode=mode,
+        streams_layers=mode == "host")
+    host_report, device_report = report(host, "host"), report(device, "device")
     # 2-layer tiny Llama: embed [V,32] and lm_head [32,V] (tensor x fsdp = 4 ways), 2 norms, 2 layers.
     ref = device.reference
     total = sum(x.size * 4 for x in jax.tree.leaves(ref))

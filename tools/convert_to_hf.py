@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxdpo.checkpoint import FINGERPRINT_KEY
+from jaxdpo.fingerprint import FINGERPRINT_KEY
 from jaxdpo.config import ConfigError
 from jaxdpo.models import Decoder, ModelConfig, save_pretrained
 
@@ -107,10 +107,10 @@ def build_model(params: dict, meta: dict, *, base: str | None = None) -> Decoder
     """The policy as a Decoder: a fresh (abstract) one filled with the params, or for LoRA the base model
     with the adapters merged in."""
     fingerprint = meta.get(FINGERPRINT_KEY) or {}
-    architecture = fingerprint.get("model_config") or fingerprint.get("model")  # newer / older trainers
+    architecture = fingerprint.get("model_config")
     if not isinstance(architecture, dict):
         raise ConfigError("the checkpoint's meta has no model architecture (meta['fingerprint']['model_config']); "
-                          "it was not written by jaxdpo's Trainer")
+                          "it was not written by jaxdpo's training loop")
     config = _model_config(architecture)
     param_dtype = DTYPES[fingerprint.get("model.param_dtype") or fingerprint.get("param_dtype") or "float32"]
     lora = meta.get("lora") or fingerprint.get("lora")

@@ -21,8 +21,11 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
-from jaxdpo.distributed import all_processes_agree
+from jaxdpo.batches import batch_shardings, to_global
+from jaxdpo.data.batcher import PairBatcher
+from jaxdpo.data.cache import default_cache_dir
 from jaxdpo.data.layouts import STEP_ROW_KEYS
+from jaxdpo.distributed import all_processes_agree
 from jaxdpo.step import pair_logprobs
 
 CACHE_VERSION = 1
@@ -149,57 +152,47 @@ class ReferenceCache:
         chosen, rejected = self.arrays[split]
         return {**batch, **lookup(batch["pair_ids"], chosen, rejected)}
 
-    @classmethod
-    def for_trainer(cls, trainer, reference_params, *, weights_path: str, log=print) -> "ReferenceCache":
-        """Load or compute (rc, rr) for the trainer's train and eval pairs with `reference_params`."""
-        from jaxdpo.data.batcher import PairBatcher
-        from jaxdpo.data.cache import default_cache_dir
 
-        cfg = trainer.config
-        cache_dir = default_cache_dir(cfg.data.cache_dir)
-        mesh = trainer.mesh
-        rows = NamedSharding(mesh, sharding.logical_spec("batch", None))
-        pairs_sh = NamedSharding(mesh, sharding.logical_spec("batch"))
-        num_pairs = cfg.train.eval_batch_size
-        shardings = {k: rows for k in STEP_ROW_KEYS} | {"pair_valid": pairs_sh}
-        graphdef, frozen = trainer.graphdef, trainer.frozen
-        common_parts = {
-            "weights_files": weight_files_fingerprint(weights_path),
-            "weights": params_digest(reference_params),
-            "model": trainer.model_config.__dict__,
-            "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.get("dtype", ""),
-            "attention": cfg.model.get("attention", "xla"),
-            "layout": cfg.data.layout, "row_length": trainer.row_length, "chunk": cfg.model.logprob_chunk,
-        }
+def load_or_compute(reference_params, *, config, mesh, policy, data, weights_path: str, log=print) -> ReferenceCache:
+    """(rc, rr) of every train and eval pair of `data`, from disk or computed now with `reference_params`
+    (over `policy`'s graphdef and frozen weights); written to data.cache_dir for the next run."""
+    cfg = config
+    cache_dir = default_cache_dir(cfg.data.cache_dir)
+    num_pairs = cfg.train.eval_batch_size
+    shardings = batch_shardings(mesh, list(STEP_ROW_KEYS) + ["pair_valid"], stacked=False)
+    common_parts = {
+        "weights_files": weight_files_fingerprint(weights_path),
+        "weights": params_digest(reference_params),
+        "model": policy.model_config.__dict__,
+        "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.get("dtype", ""),
+        "attention": cfg.model.get("attention", "xla"),
+        "layout": cfg.data.layout, "row_length": data.row_length, "chunk": cfg.model.logprob_chunk,
+    }
 
-        def logprobs(batch):
-            out = pair_logprobs(graphdef, (reference_params, frozen), batch, num_pairs=num_pairs,
-                                chunk_size=cfg.model.logprob_chunk)
-            return out["pc"], out["pr"]
+    def logprobs(batch):
+        out = pair_logprobs(policy.graphdef, (reference_params, policy.frozen), batch, num_pairs=num_pairs,
+                            chunk_size=cfg.model.logprob_chunk)
+        return out["pc"], out["pr"]
 
-        jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
-        to_global = lambda local: trainer._to_global(local, shardings, pair_axis=0)
-
-        cache = cls()
-        splits = [("train", trainer.train_pairs)]
-        if trainer.eval_pairs is not None and len(trainer.eval_pairs) > 0:
-            splits.append(("eval", trainer.eval_pairs))
-        for split, pairs in splits:
-            parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
-            path = cache_path(cache_dir, fingerprint(parts))
-            found = load(path, len(pairs))
-            if all_processes_agree(found is not None):
-                log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
-                cache.add(split, found, path)
-                continue
-            batcher = PairBatcher(pairs, layout=cfg.data.layout, row_length=trainer.row_length,
-                                  batch_size=num_pairs, micro_batch_size=num_pairs, seed=cfg.seed, shuffle=False,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  row_multiple=trainer.row_multiple, pad_id=trainer.batcher.pad_id)
-            arrays = compute(batcher, jitted, to_global, desc=f"reference logprobs ({split})")
-            if jax.process_index() == 0:
-                save(path, *arrays, parts)
-            log(f"  reference  {split}: computed {len(pairs)} pairs' logprobs, cached in {path}")
-            cache.add(split, arrays, path)
-            cache.computed.append(split)
-        return cache
+    jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+    cache = ReferenceCache()
+    for split, pairs in data.splits():
+        parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
+        path = cache_path(cache_dir, fingerprint(parts))
+        found = load(path, len(pairs))
+        if all_processes_agree(found is not None):
+            log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
+            cache.add(split, found, path)
+            continue
+        batcher = PairBatcher(pairs, layout=cfg.data.layout, row_length=data.row_length, batch_size=num_pairs,
+                              micro_batch_size=num_pairs, seed=cfg.seed, shuffle=False,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              row_multiple=data.row_multiple, pad_id=data.pad_id)
+        arrays = compute(batcher, jitted, lambda local: to_global(local, shardings, pair_axis=0),
+                         desc=f"reference logprobs ({split})")
+        if jax.process_index() == 0:
+            save(path, *arrays, parts)
+        log(f"  reference  {split}: computed {len(pairs)} pairs' logprobs, cached in {path}")
+        cache.add(split, arrays, path)
+        cache.computed.append(split)
+    return cache

@@ -18,3 +18,22 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402  (after the environment above: jax must not load first)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The tiny run assets (a random Llama + tokenizer, train/eval jsonl), built once per session."""
+    from tests.tiny_assets import make_run_assets
+
+    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(assets):
+    """`tiny_config(workdir, **overrides)`: configs/dpo.py on the session's tiny assets."""
+    from tests.tiny_assets import tiny_run_config
+
+    return lambda workdir, **overrides: tiny_run_config(assets, str(workdir), **overrides)

@@ -28,3 +28,35 @@ def truncate_files(step_dir, subdir="state"):
                     f.truncate(os.path.getsize(path) // 2)
                 count += 1
     assert count > 0
+
+
+def train_batch(run, step: int) -> dict:
+    """The global train batch of `step` of a finished run (jaxdpo.loop.Run), as its train step takes it."""
+    from jaxdpo import batches
+
+    return batches.train_batch(run.data.batcher, run.reference, step, run.steps.train_batch_shardings)
+
+
+def series(records, key):
+    """The values of one metric over a run's records (metrics.jsonl), in step order."""
+    return [r[key] for r in records if key in r]
+
+
+# The LoRA tests' settings, tiny decoder and token ids.
+LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear", "lora.export_merged": True}
+
+
+def _tiny_model_config():
+    from jaxdpo.models import ModelConfig
+
+    return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+
+
+TINY = _tiny_model_config()
+
+
+def lora_ids():
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)

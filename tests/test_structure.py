@@ -16,9 +16,6 @@ LONG_ALLOWED: dict[tuple[str, str], str] = {
     ("jaxdpo.models.families", "config_to_hf"): "the same table backwards",
     ("jaxdpo.distributed", "plan"): "the precedence config > environment > cluster, one field after another",
     ("jaxdpo.models.hf_io", "save_pretrained"): "plan, then stream: splitting it passes the plan around",
-    # Replaced by jaxdpo/build.py + jaxdpo/loop.py (issue 14, phase 4).
-    ("jaxdpo.trainer", "Trainer"): "being replaced",
-    ("jaxdpo.trainer", "Trainer.run"): "being replaced",
 }
 
 
@@ -119,3 +116,48 @@ def test_classes_and_functions_are_short(module):
         if lines > limit and (module, name) not in LONG_ALLOWED:
             too_long.append(f"{module}.{name}: {lines} lines (limit {limit})")
     assert too_long == []
+
+
+REFERENCE_MODES = {"device", "host", "cached", "lora_base", "none"}
+# Where a reference mode name may be compared: the factory that picks the reference's class.
+MODE_COMPARISONS_ALLOWED = {("jaxdpo.reference", "choose_reference")}
+
+
+def _mentions_mode(node: ast.AST) -> bool:
+    names = [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+    names += [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)]
+    return any("mode" in name for name in names)
+
+
+def _mode_literals(node: ast.AST) -> set[str]:
+    elements = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {e.value for e in elements if isinstance(e, ast.Constant) and e.value in REFERENCE_MODES}
+
+
+def mode_comparisons(tree: ast.Module, module: str) -> list[str]:
+    """`x.mode == "host"`, `mode in ("device", "host")`, ... outside the allowed functions."""
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Compare) and (module, name) not in MODE_COMPARISONS_ALLOWED:
+                operands = [child.left, *child.comparators]
+                literals = set().union(*(_mode_literals(o) for o in operands))
+                if literals and any(_mentions_mode(o) for o in operands):
+                    found.append(f"{module}:{child.lineno} compares a mode with {sorted(literals)}")
+            visit(child, name)
+
+    visit(tree, None)
+    return found
+
+
+def test_reference_modes_are_compared_only_by_the_factory():
+    found = [line for module, tree in MODULES.items() for line in mode_comparisons(tree, module)]
+    assert found == []
+
+
+def test_the_mode_comparison_finder_finds_them():
+    source = "def f(cfg):\n    if cfg.reference.mode in ('device', 'host'):\n        return mode == 'none'\n"
+    assert len(mode_comparisons(ast.parse(source), "jaxdpo.x")) == 2
+    assert mode_comparisons(ast.parse("remat == 'none'"), "jaxdpo.x") == []

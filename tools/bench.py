@@ -98,8 +98,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     import jax
     import numpy as np
 
-    from jaxdpo import flops
-    from jaxdpo.trainer import Trainer
+    from jaxdpo import batches as batches_lib, build, flops
     from configs import dpo
 
     c = dpo.get_config()
@@ -122,15 +121,17 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     c.reference.mode = args.reference
     c.mesh.fsdp = -1
 
-    trainer = Trainer(c)
-    trainer.build_data()
-    trainer.build_model()
+    mesh = build.make_mesh(c)
+    data = build.build_data(c, mesh)
+    policy = build.build_policy(c, mesh, resuming=False)
     t0 = time.perf_counter()
-    trainer.build_reference()  # reference.mode=cached: the one pass over the data that fills the cache
+    reference = build.build_reference(c, mesh, policy, data)  # cached: the one pass that fills the cache
     reference_s = time.perf_counter() - t0
-    trainer.build_steps()
+    steps = build.build_steps(c, mesh, policy, reference, data)
+    state = build.train_state(policy, steps, resuming=False)
 
-    batches = [trainer.train_batch(s) for s in range(c.train.steps)]
+    batches = [batches_lib.train_batch(data.batcher, reference, s, steps.train_batch_shardings)
+               for s in range(c.train.steps)]
     # The packed layout's row count can differ between steps: compile every shape before timing (a
     # real run compiles each once too), and report the first compile.
     executables, compile_times = {}, []
@@ -138,8 +139,8 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if signature not in executables:
             t0 = time.perf_counter()
-            executables[signature] = trainer.train_step.lower(trainer.state, trainer.frozen, trainer.reference,
-                                                              batch).compile()
+            executables[signature] = steps.train_step.lower(state, policy.frozen, reference.params,
+                                                            batch).compile()
             compile_times.append(time.perf_counter() - t0)
     compile_s = compile_times[0]
     compiled = next(iter(executables.values()))
@@ -149,22 +150,22 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         compiled_bytes = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
                              + memory.output_size_in_bytes - memory.alias_size_in_bytes)
 
-    times, state = [], trainer.state
+    times = []
     for batch in batches:
         t0 = time.perf_counter()
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
-        state, metrics = executables[signature](state, trainer.frozen, trainer.reference, batch)
+        state, metrics = executables[signature](state, policy.frozen, reference.params, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[args.warmup:])
     losses = [float(m) for m in [metrics["loss"]]]
 
-    step_flops = [flops.step_flops(trainer.model_config, trainer.batcher.train_batch(s),
-                                   reference_forward=args.reference in ("device", "host"))
+    step_flops = [flops.step_flops(policy.model_config, data.batcher.train_batch(s),
+                                   reference_forward=reference.runs_forward)
                   for s in range(args.warmup, c.train.steps)]
     per_pair = float(np.mean([f["per_pair"] for f in step_flops]))
-    pair_tokens = float(np.mean([sum(len(x) for x in trainer.train_pairs[int(i)])
-                                 for s in range(c.train.steps) for i in trainer.batcher.step_indices(s)]))
+    pair_tokens = float(np.mean([sum(len(x) for x in data.train_pairs[int(i)])
+                                 for s in range(c.train.steps) for i in data.batcher.step_indices(s)]))
     fed_tokens = float(np.mean([f["tokens"] for f in step_flops]))
     peak_device = None
     device = jax.devices()[0]
@@ -172,7 +173,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         peak_device = device.memory_stats().get("peak_bytes_in_use")
     pairs_s = args.batch_size / step_s
     return {
-        "layout": layout, "row_length": trainer.row_length, "params": trainer.num_params,
+        "layout": layout, "row_length": data.row_length, "params": policy.num_params,
         "compile_s": compile_s, "compiled_shapes": len(compile_times), "step_s": step_s, "step_times_s": times, "pairs_per_s": pairs_s,
         "tokens_per_s": pairs_s * pair_tokens, "fed_tokens_per_step": fed_tokens,
         "flops_per_pair": per_pair, "achieved_flops_per_s": per_pair * pairs_s,
@@ -226,7 +227,8 @@ def memory_vs_length(args) -> dict:
 
     from configs import dpo
     from jaxdpo.models import Decoder, ModelConfig
-    from jaxdpo.step import StepFunctions, init_state
+    from jaxdpo.reference import DeviceReference
+    from jaxdpo.step import init_state, make_train_step
 
     shape = SHAPES[args.shape]
     cfg = ModelConfig(vocab_size=args.memory_vocab, hidden_size=shape["hidden"],
@@ -240,14 +242,14 @@ def memory_vs_length(args) -> dict:
     pairs = args.batch_size
     out = {"vocab": args.memory_vocab, "pairs": pairs, "chunk": args.chunk, "lengths": {}}
     for t in (args.max_length, 2 * args.max_length):
-        steps = StepFunctions(graphdef=graphdef, loss_cfg=dpo.get_config().loss, optimizer=optimizer,
-                              schedule=optax.constant_schedule(1e-4), reference_mode="device",
-                              num_pairs=pairs, chunk_size=args.chunk)
+        train_step = make_train_step(graphdef, reference=DeviceReference(), loss_cfg=dpo.get_config().loss,
+                                     optimizer=optimizer, schedule=optax.constant_schedule(1e-4),
+                                     num_pairs=pairs, chunk_size=args.chunk)
         rows = jax.ShapeDtypeStruct((1, 2 * pairs, t), jnp.int32)
         batch = {k: rows for k in ("input_ids", "positions", "segment_ids", "branch_ids", "targets",
                                    "pair_index", "side")}
         batch["pair_valid"] = jax.ShapeDtypeStruct((1, pairs), jnp.int32)
-        compiled = jax.jit(steps.train_step).lower(state, frozen, params, batch).compile()
+        compiled = jax.jit(train_step).lower(state, frozen, params, batch).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         out["lengths"][t] = {"temp_bytes": int(temp), "full_logits_bytes": int(2 * pairs * t * cfg.vocab_size * 4)}
     (t1, a), (t2, b) = out["lengths"].items()

@@ -122,7 +122,7 @@ def build_model(params: dict, meta: dict, *, base: str | None = None) -> Decoder
         return nnx.merge(graphdef, state)
 
     from jaxdpo.models import from_pretrained, load_config
-    from jaxdpo.models.lora import LoRAParam, LoRASettings, add_adapters, merge_adapters
+    from jaxdpo.models.lora import LoRAParam, LoRASettings, merge_adapters
 
     base = base or meta.get("model_path")
     if not base or not os.path.isdir(base):
@@ -131,8 +131,7 @@ def build_model(params: dict, meta: dict, *, base: str | None = None) -> Decoder
     if load_config(base) != config:
         raise ConfigError(f"--base {base} is not the architecture this LoRA checkpoint was trained on")
     settings = LoRASettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=tuple(lora["targets"]))
-    model = from_pretrained(base, dtype=param_dtype)
-    add_adapters(model, settings)
+    model = from_pretrained(base, dtype=param_dtype, lora=settings)
     graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
     nnx.replace_by_pure_dict(adapters, params)
     return merge_adapters(nnx.merge(graphdef, adapters, rest), settings)

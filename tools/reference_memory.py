@@ -37,7 +37,7 @@ def main(argv=None) -> list[dict]:
                                    "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
-    from jaxdpo.trainer import Trainer
+    from jaxdpo import batches, build
     from tools.memory_report import reference_memory_report
 
     if args.tiny:
@@ -45,14 +45,16 @@ def main(argv=None) -> list[dict]:
     reports = []
     for mode in ("device", "host"):
         config = run_config(args, mode, workdir=os.path.join(args.tiny or "/tmp", f"refmem_{mode}"))
-        trainer = Trainer(config)
-        trainer.build_data()
-        trainer.build_model()
-        trainer.build_reference()
-        trainer.build_steps()
-        report = reference_memory_report(trainer.train_step, trainer.state, trainer.frozen, trainer.reference,
-                                         trainer.train_batch(0), mode=mode, streams_layers=mode == "host")
-        report["mesh"] = dict(trainer.mesh.shape)
+        mesh = build.make_mesh(config)
+        data = build.build_data(config, mesh)
+        policy = build.build_policy(config, mesh, resuming=False)
+        reference = build.build_reference(config, mesh, policy, data)
+        steps = build.build_steps(config, mesh, policy, reference, data)
+        state = build.train_state(policy, steps, resuming=False)
+        batch = batches.train_batch(data.batcher, reference, 0, steps.train_batch_shardings)
+        report = reference_memory_report(steps.train_step, state, policy.frozen, reference.params, batch,
+                                         mode=reference.mode, streams_layers=reference.streams_layers)
+        report["mesh"] = dict(mesh.shape)
         reports.append(report)
     print(format_reports(reports))
     if args.json:

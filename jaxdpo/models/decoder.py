@@ -12,6 +12,8 @@ v vocab, l layers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -69,6 +71,50 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], t
         specs["attn_out_norm"] = ((l, d), ("layers", "norm"))
         specs["mlp_out_norm"] = ((l, d), ("layers", "norm"))
     return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """Low-rank adapters on the `targets` projections: x W + (alpha / rank) (dropout(x) A) B."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0  # probability of zeroing an adapter input unit while training
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only thing that trains when LoRA is on."""
+
+
+def adapter_specs(config: ModelConfig, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """`{target}_lora_a` / `{target}_lora_b` -> (shape, logical axes); the rank axis is never sharded."""
+    base = layer_param_specs(config)
+    specs = {}
+    for target in settings.targets:
+        (layers, *dims), (layers_axis, *axes) = base[target]
+        k = PROJECTIONS[target]
+        specs[f"{target}_lora_a"] = ((layers, *dims[:k], settings.rank), (layers_axis, *axes[:k], None))
+        specs[f"{target}_lora_b"] = ((layers, settings.rank, *dims[k:]), (layers_axis, None, *axes[k:]))
+    return specs
+
+
+def adapter_values(config: ModelConfig, settings: LoRASettings, *, seed: int, param_dtype) -> dict:
+    """Fresh adapters, name -> array: A uniform in +-1/sqrt(fan_in) (PEFT's default) from `seed`, B zero
+    (so a fresh adapter leaves the model exactly as it was)."""
+    key = jax.random.key(seed)
+    values = {}
+    for name, (shape, _) in adapter_specs(config, settings).items():
+        if name.endswith("_lora_a"):
+            key, sub = jax.random.split(key)
+            bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+            values[name] = jax.random.uniform(sub, shape, jnp.float32, -bound, bound).astype(param_dtype)
+        else:
+            values[name] = jnp.zeros(shape, param_dtype)
+    return values
 
 
 def _init_value(name, shape, key, config, param_dtype):
@@ -229,19 +275,33 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
 # ---- the module -----------------------------------------------------------------------------------------
 
 class LayerStack(nnx.Module):
-    """Holds the stacked layer Params as attributes named as in `layer_param_specs`."""
+    """Holds the stacked layer Params as attributes named as in `layer_param_specs`, and with `lora` the
+    adapters named as in `adapter_specs` (LoRAParam; fresh ones from `lora_seed`)."""
 
-    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
-        self.names = tuple(layer_param_specs(config))
+    def __init__(self, config: ModelConfig, *, param_dtype, lora: LoRASettings | None, lora_seed: int,
+                 rngs: nnx.Rngs):
         for name, (shape, logical) in layer_param_specs(config).items():
             setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
+        adapters = {} if lora is None else adapter_specs(config, lora)
+        if adapters:
+            mesh_active = not jax.sharding.get_abstract_mesh().empty
+            values = adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype)
+            for name, (_, logical) in adapters.items():
+                setattr(self, name, LoRAParam(values[name], out_sharding=logical_to_mesh_axes(logical),
+                                              eager_sharding=mesh_active))
+        self.names = tuple(layer_param_specs(config)) + tuple(adapters)
 
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.names}
 
 
 class Decoder(nnx.Module):
+    """The decoder. Its switches are constructor fields, static parts of the graphdef every step is traced
+    with: `attention_backend` ("xla", or a kernel ops.attention.select_backend found to express this
+    run's mask exactly) and `lora` (adapters on the target projections, with their scale and dropout)."""
+
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 attention_backend: str = "xla", lora: LoRASettings | None = None, lora_seed: int = 0,
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"Decoder: remat must be one of {REMAT_POLICIES}, got {remat!r}")
@@ -249,9 +309,11 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
+        self.attention_backend = attention_backend
+        self.lora = lora
         for name, (shape, logical) in top_param_specs(config).items():
             setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
-        self.layers = LayerStack(config, param_dtype=param_dtype, rngs=rngs)
+        self.layers = LayerStack(config, param_dtype=param_dtype, lora=lora, lora_seed=lora_seed, rngs=rngs)
 
     def lm_head_weight(self):
         """[D,V] in the compute dtype (the embedding transposed when tied)."""
@@ -262,7 +324,7 @@ class Decoder(nnx.Module):
     def hidden_states(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
                       layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,D] hidden states after the final norm. `lora_dropout_key` (training forwards
-        only) turns on the adapters' dropout (rate `layers.lora_dropout`, set by models.lora); layer l
+        only) turns on the adapters' dropout (rate `lora.dropout`); layer l
         uses fold_in(key, l). Without a key the forward is deterministic (eval, reference, export)."""
         c, dtype = self.config, self.dtype
         b, t = input_ids.shape
@@ -289,13 +351,12 @@ class Decoder(nnx.Module):
                 positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
 
         hook = layer_params_hook or (lambda params: params)
-        # "cudnn" / "splash" / "splash_branches" are set (as a static attribute) only where
-        # ops.attention.select_backend found the kernel to express the mask exactly; cuDNN then takes per-row
-        # lengths, splash the segment (and branch) ids, instead of the mask (which XLA then never builds).
-        backend = getattr(self, "attention_backend", "xla")
+        # A kernel backend takes per-row lengths (cuDNN) or the segment (and branch) ids (splash) instead
+        # of the mask, which XLA then never builds.
+        backend = self.attention_backend
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
-        lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
-        lora_dropout_rate = getattr(self.layers, "lora_dropout", 0.0)
+        lora_scale = 1.0 if self.lora is None else self.lora.scale
+        lora_dropout_rate = 0.0 if self.lora is None else self.lora.dropout
         layer_keys = None  # scanned with the layers, so a rematerialized layer redraws the same masks
         if lora_dropout_key is not None and lora_dropout_rate > 0:
             layer_keys = jax.vmap(lambda l: jax.random.fold_in(lora_dropout_key, l))(jnp.arange(c.num_layers))

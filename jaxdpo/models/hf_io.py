@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
 from jaxdpo.models.config import ModelConfig
-from jaxdpo.models.decoder import PROJECTIONS, Decoder, layer_param_specs, top_param_specs
+from jaxdpo.models.decoder import (PROJECTIONS, Decoder, LoRASettings, adapter_specs, adapter_values,
+                                   layer_param_specs, top_param_specs)
 from jaxdpo.sharding import gather_to_host, logical_spec
 
 SINGLE_FILE = "model.safetensors"
@@ -159,9 +160,15 @@ def _place(value: np.ndarray, logical: tuple[str, ...], mesh):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, remat: str = "none") -> Decoder:
+def _place_array(value: jax.Array, logical: tuple, mesh):
+    return value if mesh is None else jax.device_put(value, NamedSharding(mesh, logical_spec(*logical)))
+
+
+def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, remat: str = "none",
+                    attention_backend: str = "xla", lora: LoRASettings | None = None, lora_seed: int = 0) -> Decoder:
     """Load a HF safetensors checkpoint dir into a Decoder; params in `param_dtype` (default `dtype`),
-    compute in `dtype`. With `mesh` (or inside `with jax.set_mesh(mesh):`) each weight lands sharded."""
+    compute in `dtype`. With `mesh` (or inside `with jax.set_mesh(mesh):`) each weight lands sharded.
+    `attention_backend`, `lora` and `lora_seed` are the Decoder's own fields (LoRA: fresh adapters)."""
     config = load_config(path)
     param_dtype = dtype if param_dtype is None else param_dtype
     mesh = mesh if mesh is not None else _active_mesh()
@@ -169,7 +176,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
     cast = np.dtype(param_dtype)
 
     def build():
-        return Decoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+        return Decoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_backend=attention_backend,
+                       lora=lora, lora_seed=lora_seed, rngs=nnx.Rngs(0))
 
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
@@ -190,6 +198,10 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
             used.add(hf_name)
         values["layers"][name] = _place(np.stack(per_layer), logical, mesh)
         del per_layer
+    if lora is not None:
+        adapters = adapter_specs(config, lora)
+        for name, value in adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype).items():
+            values["layers"][name] = _place_array(value, adapters[name][1], mesh)
     extra = [n for n in reader.entries if n not in used and not n.endswith(_IGNORED_SUFFIXES)
              and not (config.tie_word_embeddings and n == "lm_head.weight")]  # tied copies some exporters keep
     if extra:

@@ -193,7 +193,8 @@ def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(as
 
 
 def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(assets, tmp_path):
-    from jaxdpo import build    from jaxdpo.config import ConfigError
+    from jaxdpo import build
+    from jaxdpo.config import ConfigError
     from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdpo.config import ConfigError
+from jaxdpo.data import identity
 
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
 FINGERPRINT_KEY = "fingerprint"  # meta[FINGERPRINT_KEY]: the dict that must match for a resume to be valid
@@ -115,12 +116,12 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 # Config keys whose change makes a resumed run something other than the continuation of the saved one:
 # the data order and content (so the saved data position means the same pairs), the objective and the
-# optimizer. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
+# optimizer. The data files are there by content (jaxdpo.data.identity), not by path. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
 # logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
 RESUME_CRITICAL_KEYS = (
     "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
     "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
-    "data.train_files", "data.eval_files", "data.eval_fraction", "data.prompt_key", "data.chosen_key",
+    "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples",
     "loss", "optim", "train.batch_size", "reference.mode", "reference.path",
@@ -372,7 +373,11 @@ class Checkpointer:
             return None, "metadata: the state item has no readable metadata"
 
         if expected_fingerprint is not None:
-            diffs = fingerprint_differences(meta.get(FINGERPRINT_KEY, {}), expected_fingerprint)
+            saved, expected = dict(meta.get(FINGERPRINT_KEY, {})), dict(expected_fingerprint)
+            if identity.FINGERPRINT_KEY in expected:  # changed data: one line naming the file
+                identity.check_unchanged(saved.pop(identity.FINGERPRINT_KEY, None),
+                                         expected.pop(identity.FINGERPRINT_KEY), where=f"{self.directory} (step {step})")
+            diffs = fingerprint_differences(saved, expected)
             if diffs:
                 raise ConfigError(
                     f"cannot resume from {self.directory} (step {step}): it was written by a run with a different "

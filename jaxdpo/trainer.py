@@ -67,7 +67,7 @@ class Trainer:
     def build_data(self):
         from transformers import AutoTokenizer
 
-        from jaxdpo.data import load_preference_data
+        from jaxdpo.data import load_preference_data, require_full_batch
         from jaxdpo.data.batcher import PairBatcher
         from jaxdpo.data.layouts import row_length
 
@@ -94,6 +94,7 @@ class Trainer:
             self.eval_batcher = PairBatcher(self.eval_pairs, batch_size=cfg.train.eval_batch_size,
                                             micro_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
                                             shuffle=False, **common)
+        require_full_batch(self.batcher)  # now, before anything is compiled or evaluated
         if cfg.train.steps > 0:
             self.total_steps = cfg.train.steps
         else:
@@ -395,9 +396,11 @@ class Trainer:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run (mesh, steps and intervals may change)."""
         from jaxdpo.checkpoint import config_fingerprint
+        from jaxdpo.data import identity
         fingerprint = config_fingerprint(self.config, model_config=self.model_config,
                                          vocab_size=self.model_config.vocab_size)
         fingerprint["train_pairs"] = len(self.train_pairs)
+        fingerprint[identity.FINGERPRINT_KEY] = identity.data_identity(self.data_report)  # by content, not path
         return fingerprint
 
     def open_checkpoints(self) -> int | None:

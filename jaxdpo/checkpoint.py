@@ -332,7 +332,11 @@ class Checkpointer:
         steps = self.all_steps()
         failures = []
         for step in reversed(steps):
-            restored, reason = self._try_restore(step, abstract_state, expected_meta_fingerprint)
+            try:
+                restored, reason = self._try_restore(step, abstract_state, expected_meta_fingerprint)
+            except ConfigError:  # a refused resume exits at once: let orbax's threads finish first
+                self.close()
+                raise
             if _all_processes_agree(reason is None):
                 return restored
             reason = reason or "another process could not read it"

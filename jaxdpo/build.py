@@ -109,7 +109,7 @@ def build_data(config, mesh) -> Data:
     """Tokenize (every process tokenizes all data; only process 0 reports and writes) and batch."""
     from transformers import AutoTokenizer
 
-    from jaxdpo.data import load_preference_data
+    from jaxdpo.data import load_preference_data, require_full_batch
     from jaxdpo.data.batcher import PairBatcher
     from jaxdpo.data.layouts import row_length
 
@@ -130,6 +130,7 @@ def build_data(config, mesh) -> Data:
     if eval_pairs is not None and len(eval_pairs) > 0:
         eval_batcher = PairBatcher(eval_pairs, batch_size=cfg.train.eval_batch_size,
                                    micro_batch_size=cfg.train.eval_batch_size, shuffle=False, **common)
+    require_full_batch(batcher)  # now, before anything is compiled or evaluated
     total_steps = cfg.train.steps if cfg.train.steps > 0 else max(
         1, math.ceil(cfg.train.epochs * batcher.steps_per_epoch))
     return Data(tokenizer, train_pairs, eval_pairs, report, length, row_multiple, pad_id, batcher, eval_batcher,

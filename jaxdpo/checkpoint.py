@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jaxdpo.distributed import all_processes_agree
 from jaxdpo.errors import ConfigError
 from jaxdpo.fingerprint import FINGERPRINT_KEY, fingerprint_differences, jsonable
+from jaxdpo.data import identity
 
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
 
@@ -182,7 +183,11 @@ class Checkpointer:
         steps = self.all_steps()
         failures = []
         for step in reversed(steps):
-            restored, reason = self._try_restore(step, abstract_state, expected_meta_fingerprint)
+            try:
+                restored, reason = self._try_restore(step, abstract_state, expected_meta_fingerprint)
+            except ConfigError:  # a refused resume exits at once: let orbax's threads finish first
+                self.close()
+                raise
             if all_processes_agree(reason is None):
                 return restored
             reason = reason or "another process could not read it"
@@ -222,7 +227,11 @@ class Checkpointer:
             return None, "metadata: the state item has no readable metadata"
 
         if expected_fingerprint is not None:
-            diffs = fingerprint_differences(meta.get(FINGERPRINT_KEY, {}), expected_fingerprint)
+            saved, expected = dict(meta.get(FINGERPRINT_KEY, {})), dict(expected_fingerprint)
+            if identity.FINGERPRINT_KEY in expected:  # changed data: one line naming the file
+                identity.check_unchanged(saved.pop(identity.FINGERPRINT_KEY, None),
+                                         expected.pop(identity.FINGERPRINT_KEY), where=f"{self.directory} (step {step})")
+            diffs = fingerprint_differences(saved, expected)
             if diffs:
                 raise ConfigError(
                     f"cannot resume from {self.directory} (step {step}): it was written by a run with a different "

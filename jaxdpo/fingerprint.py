@@ -30,12 +30,12 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 # Config keys whose change makes a resumed run something other than the continuation of the saved one:
 # the data order and content (so the saved data position means the same pairs), the objective and the
-# optimizer. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
+# optimizer. The data files are compared by content (`jaxdpo.data.identity`), not by path. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
 # logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
 RESUME_CRITICAL_KEYS = (
     "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
     "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
-    "data.train_files", "data.eval_files", "data.eval_fraction", "data.prompt_key", "data.chosen_key",
+    "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples",
     "loss", "optim", "train.batch_size", "reference.mode", "reference.path",

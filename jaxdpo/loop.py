@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdpo import batches, build, checkpoint
+from jaxdpo.data import identity
 from jaxdpo.fingerprint import FINGERPRINT_KEY, config_fingerprint
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.models import lora as lora_lib, save_pretrained
@@ -130,6 +131,7 @@ def run_fingerprint(config, policy, reference, data) -> dict[str, Any]:
                                      vocab_size=policy.model_config.vocab_size,
                                      overrides={"reference.mode": reference.mode})
     fingerprint["train_pairs"] = len(data.train_pairs)
+    fingerprint[identity.FINGERPRINT_KEY] = identity.data_identity(data.report)  # by content, not path
     return fingerprint
 
 

@@ -28,21 +28,19 @@ from jaxdpo.data.layouts import STEP_ROW_KEYS
 from jaxdpo.distributed import all_processes_agree
 from jaxdpo.step import pair_logprobs
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: weight files keyed by content
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".json", ".bin")
 
 
 # -- fingerprints -----------------------------------------------------------------------------------
 def weight_files_fingerprint(path: str) -> list:
-    """(name, size, mtime_ns) of the checkpoint's weight and config files: cheap, changes on rewrite."""
+    """(name, sha256) of the checkpoint's weight and config files: their content, however they were copied."""
+    from jaxdpo.data.identity import file_digest
+
     if not path or not os.path.isdir(path):
         return []
-    out = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith(WEIGHT_FILE_SUFFIXES):
-            st = os.stat(os.path.join(path, name))
-            out.append([name, st.st_size, st.st_mtime_ns])
-    return out
+    return [[name, file_digest(os.path.join(path, name))] for name in sorted(os.listdir(path))
+            if name.endswith(WEIGHT_FILE_SUFFIXES)]
 
 
 @jax.jit
@@ -88,26 +86,21 @@ def cache_path(cache_dir: str, key: str) -> str:
 
 
 def save(path: str, chosen: np.ndarray, rejected: np.ndarray, parts: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, chosen=chosen.astype(np.float32), rejected=rejected.astype(np.float32),
-                 meta=np.array(json.dumps(parts, sort_keys=True, default=str)))
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+    from jaxdpo.data.cache import write_npz
+
+    write_npz(path, {"chosen": chosen.astype(np.float32), "rejected": rejected.astype(np.float32),
+                     "meta": np.array(json.dumps(parts, sort_keys=True, default=str))})
 
 
-def load(path: str, num_pairs: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (chosen, rejected) arrays, or None if absent, unreadable or of the wrong size."""
-    if not os.path.exists(path):
+def load(path: str, num_pairs: int, *, on_damage=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (chosen, rejected) arrays, or None if absent, of the wrong size, or damaged (then
+    `on_damage` hears one line, and the caller computes and writes the entry again)."""
+    from jaxdpo.data.cache import read_npz
+
+    arrays = read_npz(path, ("chosen", "rejected"), on_damage=on_damage)
+    if arrays is None or arrays["chosen"].shape != (num_pairs,) or arrays["rejected"].shape != (num_pairs,):
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            chosen, rejected = z["chosen"], z["rejected"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if chosen.shape != (num_pairs,) or rejected.shape != (num_pairs,):
-        return None
-    return chosen, rejected
+    return arrays["chosen"], arrays["rejected"]
 
 
 # -- computing --------------------------------------------------------------------------------------
@@ -179,7 +172,7 @@ def load_or_compute(reference_params, *, config, mesh, policy, data, weights_pat
     for split, pairs in data.splits():
         parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
         path = cache_path(cache_dir, fingerprint(parts))
-        found = load(path, len(pairs))
+        found = load(path, len(pairs), on_damage=lambda m: log(f"  reference  {split}: {m}"))
         if all_processes_agree(found is not None):
             log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
             cache.add(split, found, path)

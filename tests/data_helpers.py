@@ -14,7 +14,7 @@ CORPUS = ["What color is the sky? The sky is blue.", "Human: hello there Assista
           "Paris is the capital of France.", "2+2=4 and 2+2 is not 5", "The cat sat on the mat."] * 3
 
 
-def make_tokenizer(add_bos: bool = True):
+def make_tokenizer(add_bos: bool = True, corpus: list[str] = CORPUS):
     """A byte-level BPE of ~300 ids; ids 0..6 are SPECIALS in order; BOS is added to plain text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -22,7 +22,7 @@ def make_tokenizer(add_bos: bool = True):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])

@@ -1,6 +1,7 @@
 """Assertions and file surgery several test files share (a helper module, not a test file)."""
 
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -60,3 +61,18 @@ def lora_ids():
     import jax.numpy as jnp
 
     return jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
+
+
+def damage(path: str, how: str) -> None:
+    data = open(path, "rb").read()
+    if how == "empty":
+        data = b""
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # bad CRC: bytes inside a member's data flipped, the zip structure intact
+        with zipfile.ZipFile(path) as z:
+            info = z.infolist()[0]
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2 + 4
+        data = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 8]) + data[at + 8:]
+    with open(path, "wb") as f:
+        f.write(data)

@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 
 from jaxdpo.models import Decoder, ModelConfig, families, from_pretrained, load_config, save_pretrained
-from jaxdpo.models.hf_io import INDEX_FILE, _SafetensorsReader
+from jaxdpo.models.hf_io import INDEX_FILE, ModelFileError, _SafetensorsReader
 from jaxdpo.ops.attention import make_attention_mask
 from jaxdpo.sharding import make_mesh
 
@@ -247,7 +247,7 @@ def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
     missing = dict(tensors)
     del missing["model.layers.1.mlp.up_proj.weight"]
     save_file(missing, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
+    with pytest.raises(ModelFileError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
         from_pretrained(str(tmp_path))
 
     wrong = dict(tensors)
@@ -263,7 +263,7 @@ def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
         from_pretrained(str(tmp_path))
 
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ModelFileError, match="no model.safetensors"):
         from_pretrained(str(tmp_path))
 
 
@@ -322,3 +322,76 @@ def test_import_inside_set_mesh_and_export_with_tokenizer_in_bf16(hf_checkpoints
     for name, value in reloaded.state_dict().items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, original[name].to(torch.bfloat16)), name
+
+
+# ---- damaged model files and interrupted exports (issue 15, item 16) ---------------------------------------
+
+def test_config_json_missing_a_key_names_the_file_and_key(hf_checkpoints, tmp_path):
+    from jaxdpo.config import ConfigError
+
+    _, path = hf_checkpoints("llama")
+    config = json.load(open(os.path.join(path, "config.json")))
+    del config["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json.*'num_attention_heads'") as info:
+        load_config(str(tmp_path))
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_damaged_safetensors_names_the_file(hf_checkpoints, tmp_path, damage):
+    from jaxdpo.config import ConfigError
+
+    _, path = hf_checkpoints("llama")
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    data = {"garbage": np.random.default_rng(0).bytes(4096), "truncated": data[:len(data) // 2],
+            "empty": b""}[damage]
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(ConfigError, match=r"model\.safetensors") as info:
+        from_pretrained(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(hf_checkpoints, tmp_path, monkeypatch):
+    from jaxdpo.models import hf_io
+
+    _, path = hf_checkpoints("llama")
+    model = from_pretrained(path)
+    out = tmp_path / "hf"
+    save_pretrained(model, str(out))
+    before = (out / "model.safetensors").read_bytes()
+    calls = []
+
+    def failing(name, ours):  # the disk fills up half way through the weights
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return original(name, ours)
+
+    original = hf_io._to_hf
+    monkeypatch.setattr(hf_io, "_to_hf", failing)
+    with pytest.raises(OSError):
+        save_pretrained(model, str(out))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no partial directory left behind
+    monkeypatch.setattr(hf_io, "_to_hf", original)
+    save_pretrained(model, str(out))  # and exporting again over it works
+    assert load_config(str(out)) == model.config
+
+
+def test_a_failed_adapter_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    from jaxdpo.models import lora
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora, "peft_tensors", lambda model, settings: {"x": np.ones(3, np.float32)})
+    monkeypatch.setattr(lora.json, "dump", fail)  # the config write fails after the weights were written
+    settings = lora.LoRASettings(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",))
+    with pytest.raises(OSError):
+        lora.save_adapter(None, settings, str(tmp_path / "adapter"), base_model="base")
+    assert os.listdir(tmp_path) == []

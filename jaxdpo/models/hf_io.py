@@ -10,9 +10,11 @@ only process 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import struct
 
 import jax
@@ -40,13 +42,34 @@ _LINEAR_SPLIT = {**PROJECTIONS, "lm_head": 1}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class ModelFileError(ConfigError, ValueError):
+    """A model file that cannot be used (absent, unreadable, damaged, or not matching config.json): one line
+    naming the file, exit status 2 from the CLI."""
+
+
 # ---- safetensors, read and written with numpy (bf16 via ml_dtypes) ----------------------------------------
 
 def _read_header(path: str) -> tuple[dict, int]:
+    """The tensor table of a safetensors file, checked against the file's size (a truncated or garbage file
+    is a ModelFileError naming it, not an OverflowError or a memmap failure later)."""
+    size = os.path.getsize(path)
+    damaged = f"{path}: not a safetensors file, or damaged (truncated?)"
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        prefix = f.read(8)
+        if len(prefix) < 8 or struct.unpack("<Q", prefix)[0] > size - 8:
+            raise ModelFileError(f"{damaged}: its header length does not fit in its {size} bytes")
+        (length,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{damaged}: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{damaged}: its header is not a table of tensors")
     header.pop("__metadata__", None)
+    for tensor, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= size - 8 - length):
+            raise ModelFileError(f"{damaged}: tensor {tensor!r} lies outside the file's {size} bytes")
     return header, 8 + length
 
 
@@ -63,12 +86,12 @@ class _SafetensorsReader:
             pickled = [n for n in ("pytorch_model.bin", "model.pt") if os.path.exists(os.path.join(path, n))]
             hint = (f" Found {pickled[0]}: jaxdpo never loads pickle; re-save it with "
                     f"model.save_pretrained(dir, safe_serialization=True).") if pickled else ""
-            raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
+            raise ModelFileError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
         self.entries: dict[str, tuple[str, dict, int]] = {}
         for name in files:
             file = os.path.join(path, name)
             if not os.path.exists(file):
-                raise FileNotFoundError(f"{path}: {INDEX_FILE} lists {name}, which is missing")
+                raise ModelFileError(f"{path}: {INDEX_FILE} lists {name}, which is missing")
             header, data_start = _read_header(file)
             for tensor, info in header.items():
                 self.entries[tensor] = (file, info, data_start)
@@ -76,19 +99,19 @@ class _SafetensorsReader:
     def get(self, tensor: str, expected_shape: tuple[int, ...]) -> np.ndarray:
         if tensor not in self.entries:
             files = sorted({os.path.basename(f) for f, _, _ in self.entries.values()})
-            raise KeyError(f"checkpoint is missing tensor {tensor!r} (looked in {', '.join(files)})")
+            raise ModelFileError(f"checkpoint is missing tensor {tensor!r} (looked in {', '.join(files)})")
         file, info, data_start = self.entries[tensor]
         if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {tensor!r} has dtype {info['dtype']}; expected one of "
+            raise ModelFileError(f"{file}: tensor {tensor!r} has dtype {info['dtype']}; expected one of "
                              f"{', '.join(_ST_DTYPES)}")
         shape = tuple(info["shape"])
         if shape != tuple(expected_shape):
-            raise ValueError(f"{file}: tensor {tensor!r} has shape {shape} but config.json implies "
+            raise ModelFileError(f"{file}: tensor {tensor!r} has shape {shape} but config.json implies "
                              f"{tuple(expected_shape)}")
         begin, end = info["data_offsets"]
         dtype = _ST_DTYPES[info["dtype"]]
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{file}: tensor {tensor!r} byte range does not match its shape and dtype")
+            raise ModelFileError(f"{file}: tensor {tensor!r} byte range does not match its shape and dtype")
         if begin == end:
             return np.zeros(shape, dtype)
         return np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
@@ -141,9 +164,21 @@ def load_config(path: str) -> ModelConfig:
     """ModelConfig from `path/config.json`."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{path}: no config.json; point the model path at a Hugging Face checkpoint dir")
-    with open(file) as f:
-        return families.config_from_hf(json.load(f))
+        raise ModelFileError(f"{path}: no config.json; point the model path at a Hugging Face checkpoint dir")
+    try:
+        with open(file, "rb") as f:
+            hf = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelFileError(f"{file}: must hold a JSON object, found {type(hf).__name__}")
+    try:
+        return families.config_from_hf(hf)
+    except KeyError as e:
+        raise ModelFileError(f"{file}: missing key {e.args[0]!r}, which a {hf.get('model_type')!r} model needs; "
+                             "is this a complete transformers config.json?") from None
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{file}: {' '.join(str(e).split())}") from None
 
 
 def _active_mesh():
@@ -206,7 +241,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
              and not (config.tie_word_embeddings and n == "lm_head.weight")]  # tied copies some exporters keep
     if extra:
         file = os.path.basename(reader.entries[extra[0]][0])
-        raise ValueError(f"{path}: checkpoint has tensors a {config.model_type} model does not use, e.g. "
+        raise ModelFileError(f"{path}: checkpoint has tensors a {config.model_type} model does not use, e.g. "
                          f"{extra[0]!r} in {file} ({len(extra)} in all): is config.json for this checkpoint?")
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state)
@@ -261,9 +296,6 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
 
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
     cached: dict = {}  # one gathered stacked weight at a time
 
     def host_value(name: str, layer: int | None) -> np.ndarray:
@@ -274,22 +306,26 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
         value = cached[name] if layer is None else cached[name][layer]
         return _to_hf(name, value.astype(disk_dtype))
 
-    for file_name, shard in zip(names, shards):
-        by_name = {hf: (name, layer) for hf, name, layer, _ in shard}
-        if writer:
-            _write_safetensors(os.path.join(out_dir, file_name),
-                               [(hf, shape, disk_dtype) for hf, _, _, shape in shard],
-                               lambda hf: host_value(*by_name[hf]))
-        else:  # still join every gather, in the same order as process 0
-            for hf, name, layer, _ in shard:
-                host_value(name, layer)
-    if not writer:
+    if jax.process_index() != 0:  # still join every gather, in the same order as process 0
+        for _, name, layer, _ in plan:
+            host_value(name, layer)
         return
-    if len(shards) > 1:
-        total = sum(math.prod(shape) * disk_dtype.itemsize for _, _, _, shape in plan)
-        weight_map = {hf: file_name for file_name, shard in zip(names, shards) for hf, _, _, _ in shard}
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with staged_dir(out_dir) as staging:
+        for file_name, shard in zip(names, shards):
+            by_name = {hf: (name, layer) for hf, name, layer, _ in shard}
+            _write_safetensors(os.path.join(staging, file_name), [(hf, shape, disk_dtype) for hf, _, _, shape in shard],
+                               lambda hf: host_value(*by_name[hf]))
+        if len(shards) > 1:
+            total = sum(math.prod(shape) * disk_dtype.itemsize for _, _, _, shape in plan)
+            weight_map = {hf: file_name for file_name, shard in zip(names, shards) for hf, _, _, _ in shard}
+            with open(os.path.join(staging, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _write_configs(config, disk_dtype, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+
+def _write_configs(config: ModelConfig, disk_dtype: np.dtype, out_dir: str) -> None:
     dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[disk_dtype.name]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(families.config_to_hf(config, dtype_name), f, indent=2)
@@ -298,5 +334,22 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
                   else config.eos_token_id}
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str):
+    """Write an export into a sibling `<out_dir>.partial-<pid>`, then swap it in whole: a failure (disk
+    full, a kill) leaves the previous export, never a truncated model.safetensors under `out_dir`."""
+    staging = f"{os.path.abspath(out_dir).rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = f"{staging}.previous"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, previous)
+    os.replace(staging, out_dir)
+    shutil.rmtree(previous, ignore_errors=True)

@@ -115,19 +115,21 @@ def save_adapter(model: Decoder, settings: LoRASettings, out_dir: str, *, base_m
     Every process must call this; only process 0 writes."""
     from safetensors.numpy import save_file
 
+    from jaxdpo.models.hf_io import staged_dir
+
     tensors = peft_tensors(model, settings)
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-        "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None,
-    }
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with staged_dir(out_dir) as staging:  # a failed write leaves the previous adapter, never a partial one
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+            "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None,
+        }
+        with open(os.path.join(staging, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)

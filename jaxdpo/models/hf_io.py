@@ -279,3 +279,66 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
         json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+# ---- sequence classifiers (reward models) -----------------------------------------------------------------
+# `*ForSequenceClassification` checkpoints hold the decoder under the same `model.` prefix as a causal LM,
+# no `lm_head`, and a `score` Linear [num_labels, D] (no bias) applied to the final-normed hidden states.
+
+SCORE_HEAD = "score.weight"
+
+
+def _decoder_values(reader: _SafetensorsReader, config: ModelConfig, mesh, cast) -> tuple[dict, set[str]]:
+    """Every decoder param of `config`, read from `reader`, converted, cast and placed; and the tensor
+    names used. (The same loop as `from_pretrained`, for checkpoints that carry more than a decoder.)"""
+    values: dict = {"layers": {}}
+    used = set()
+    for name, hf_name in families.top_key_map(config).items():
+        shape, logical = top_param_specs(config)[name]
+        values[name] = _place(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape)), shape).astype(cast),
+                              logical, mesh)
+        used.add(hf_name)
+    specs = layer_param_specs(config)
+    for name, template in families.layer_key_map(config).items():
+        shape, logical = specs[name]
+        per_layer = []
+        for i in range(config.num_layers):
+            hf_name = template.format(i=i)
+            per_layer.append(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape[1:])), shape[1:]).astype(cast))
+            used.add(hf_name)
+        values["layers"][name] = _place(np.stack(per_layer), logical, mesh)
+        del per_layer
+    return values, used
+
+
+def from_pretrained_classifier(path: str, dtype=jnp.float32, *, param_dtype=None,
+                               mesh=None) -> tuple[Decoder, jax.Array]:
+    """Load a `*ForSequenceClassification` safetensors checkpoint dir: (the decoder, the score head
+    [D, num_labels] with logical axes ("embed", None)). The decoder is built with tied embeddings, which
+    is how a Decoder holds no LM head (a classifier has none; `lm_head_weight()` is never used). Params
+    in `param_dtype` (default `dtype`), sharded on `mesh` (or the mesh of an enclosing `jax.set_mesh`)."""
+    import dataclasses
+
+    config = dataclasses.replace(load_config(path), tie_word_embeddings=True)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    mesh = mesh if mesh is not None else _active_mesh()
+    reader = _SafetensorsReader(path)
+    cast = np.dtype(param_dtype)
+    if SCORE_HEAD not in reader.entries:
+        raise ValueError(f"{path}: no {SCORE_HEAD!r} tensor: not a *ForSequenceClassification checkpoint "
+                         f"(a reward model has a `score` head on its decoder)")
+    num_labels = reader.entries[SCORE_HEAD][1]["shape"][0]
+    score_hf = reader.get(SCORE_HEAD, (num_labels, config.hidden_size))
+    score = _place(np.asarray(score_hf).T.astype(cast), ("embed", None), mesh)
+
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, remat="none", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values, used = _decoder_values(reader, config, mesh, cast)
+    extra = [n for n in reader.entries if n not in used | {SCORE_HEAD} and not n.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        file = os.path.basename(reader.entries[extra[0]][0])
+        raise ValueError(f"{path}: classifier checkpoint has tensors a {config.model_type} decoder plus score "
+                         f"head does not use, e.g. {extra[0]!r} in {file} ({len(extra)} in all)")
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state), score

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 
 from jaxdpo.config import ConfigError
 from jaxdpo.judges import FunctionJudge, form_pairs, make_judge, pair_rows, win_rate
@@ -78,7 +79,7 @@ def ragged_batch(vocab: int, side: str):
 
 def torch_scores(model, ids, mask) -> np.ndarray:
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits[:, 0].numpy()
 
 
 @pytest.mark.parametrize("case", list(CLASSIFIERS))
@@ -107,7 +108,7 @@ def test_reward_model_sharded_on_mesh_and_text_scores(classifiers, tokenizer):
     reward_model = RewardModel(path, mesh=mesh, batch_size=3)
     assert reward_model.batch_rows == 4  # whole rows for each of the 4 batch shards
     q_proj = reward_model.state["layers"]["q_proj"][...]
-    assert q_proj.sharding.spec == jax_spec(None, "fsdp", "tensor", None)
+    assert q_proj.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
     prompts = ["What color is the cat?", [{"role": "user", "content": "What color is the cat?"}],
                "No idea"]
     completions = [" The cat is red.", "The cat is red. Glad to help!", ", go away."]
@@ -121,12 +122,6 @@ def test_reward_model_sharded_on_mesh_and_text_scores(classifiers, tokenizer):
         enc = tokenizer(text, add_special_tokens=special, return_tensors="pt")
         expected.append(torch_scores(hf_model, enc["input_ids"], enc["attention_mask"])[0])
     assert got.dtype == np.float64 and np.abs(got - np.array(expected)).max() < 1e-4
-
-
-def jax_spec(*axes):
-    import jax
-
-    return jax.sharding.PartitionSpec(*axes)
 
 
 def test_read_position_and_buckets():
@@ -179,6 +174,15 @@ def test_function_judge_errors(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         FunctionJudge(spec)
     assert "\n" not in str(info.value)
+
+
+def test_short_answer_rule():
+    from jaxdpo.judges_rules import MAX_WORDS, short_answer
+
+    assert short_answer("q", "") == 0.0
+    assert short_answer("q", "Paris.") == 1.0 and short_answer("q", " w" * MAX_WORDS) == 1.0
+    assert short_answer("q", " w" * (2 * MAX_WORDS)) == 0.5
+    assert short_answer("q", " w" * (MAX_WORDS + 1)) > short_answer("q", " w" * (MAX_WORDS + 2))
 
 
 def test_make_judge_needs_exactly_one_kind():

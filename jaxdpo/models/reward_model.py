@@ -84,7 +84,8 @@ def right_padded(rows: Sequence[Sequence[int]], num_rows: int, length: int, pad_
 class RewardModel:
     """A `*ForSequenceClassification` checkpoint loaded on `mesh` (sharded like the policy), in `dtype`.
 
-    `score(prompts, completions)` is the Judge interface (jaxdpo.judges). A prompt is a string (scored
+    `score(prompts, completions)` is the Judge interface (jaxdpo.judges). On several hosts every process
+    calls it with the same inputs (each places its own shards of the global batch) and gets every score. A prompt is a string (scored
     text: prompt + completion, tokenized with the tokenizer's special tokens) or a message list (scored
     text: the checkpoint's chat template over the messages plus an assistant turn with the completion).
     """

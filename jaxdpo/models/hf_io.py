@@ -11,6 +11,7 @@ only process 0 writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -187,7 +188,7 @@ def _active_mesh():
     return jax.sharding.get_mesh()
 
 
-def _place(value: np.ndarray, logical: tuple[str, ...], mesh):
+def place_on_mesh(value: np.ndarray, logical: tuple[str, ...], mesh):
     if mesh is None:
         return jnp.asarray(value)
     sharding = NamedSharding(mesh, logical_spec(*logical))
@@ -197,6 +198,32 @@ def _place(value: np.ndarray, logical: tuple[str, ...], mesh):
 
 def _place_array(value: jax.Array, logical: tuple, mesh):
     return value if mesh is None else jax.device_put(value, NamedSharding(mesh, logical_spec(*logical)))
+
+
+SCORE_HEAD = "score.weight"
+
+
+def _decoder_values(reader: _SafetensorsReader, config: ModelConfig, mesh, cast) -> tuple[dict, set[str]]:
+    """Every decoder param of `config`, read from `reader`, converted, cast and placed; and the tensor
+    names used (causal LMs and sequence classifiers share this loop)."""
+    values: dict = {"layers": {}}
+    used = set()
+    for name, hf_name in families.top_key_map(config).items():
+        shape, logical = top_param_specs(config)[name]
+        values[name] = place_on_mesh(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape)), shape).astype(cast),
+                              logical, mesh)
+        used.add(hf_name)
+    specs = layer_param_specs(config)
+    for name, template in families.layer_key_map(config).items():
+        shape, logical = specs[name]
+        per_layer = []
+        for i in range(config.num_layers):
+            hf_name = template.format(i=i)
+            per_layer.append(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape[1:])), shape[1:]).astype(cast))
+            used.add(hf_name)
+        values["layers"][name] = place_on_mesh(np.stack(per_layer), logical, mesh)
+        del per_layer
+    return values, used
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, remat: str = "none",
@@ -216,23 +243,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
 
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
-    values: dict = {"layers": {}}
-    used = set()
-    for name, hf_name in families.top_key_map(config).items():
-        shape, logical = top_param_specs(config)[name]
-        hf = reader.get(hf_name, _hf_shape(name, shape))
-        values[name] = _place(_to_ours(name, hf, shape).astype(cast), logical, mesh)
-        used.add(hf_name)
-    specs = layer_param_specs(config)
-    for name, template in families.layer_key_map(config).items():
-        shape, logical = specs[name]
-        per_layer = []
-        for i in range(config.num_layers):
-            hf_name = template.format(i=i)
-            per_layer.append(_to_ours(name, reader.get(hf_name, _hf_shape(name, shape[1:])), shape[1:]).astype(cast))
-            used.add(hf_name)
-        values["layers"][name] = _place(np.stack(per_layer), logical, mesh)
-        del per_layer
+    values, used = _decoder_values(reader, config, mesh, cast)
     if lora is not None:
         adapters = adapter_specs(config, lora)
         for name, value in adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype).items():
@@ -353,3 +364,38 @@ def staged_dir(out_dir: str):
         os.replace(out_dir, previous)
     os.replace(staging, out_dir)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+# ---- sequence classifiers (reward models) -----------------------------------------------------------------
+# `*ForSequenceClassification` checkpoints hold the decoder under the same `model.` prefix as a causal LM,
+# no `lm_head`, and a `score` Linear [num_labels, D] (no bias) applied to the final-normed hidden states.
+
+def from_pretrained_classifier(path: str, dtype=jnp.float32, *, param_dtype=None,
+                               mesh=None) -> tuple[Decoder, jax.Array]:
+    """Load a `*ForSequenceClassification` safetensors checkpoint dir: (the decoder, the score head
+    [D, num_labels] with logical axes ("embed", None)). The decoder is built with tied embeddings, which
+    is how a Decoder holds no LM head (a classifier has none; `lm_head_weight()` is never used). Params
+    in `param_dtype` (default `dtype`), sharded on `mesh` (or the mesh of an enclosing `jax.set_mesh`)."""
+    config = dataclasses.replace(load_config(path), tie_word_embeddings=True)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    mesh = mesh if mesh is not None else _active_mesh()
+    reader = _SafetensorsReader(path)
+    cast = np.dtype(param_dtype)
+    if SCORE_HEAD not in reader.entries:
+        raise ModelFileError(f"{path}: no {SCORE_HEAD!r} tensor: not a *ForSequenceClassification checkpoint "
+                         f"(a reward model has a `score` head on its decoder)")
+    num_labels = reader.entries[SCORE_HEAD][1]["shape"][0]
+    score_hf = reader.get(SCORE_HEAD, (num_labels, config.hidden_size))
+    score = place_on_mesh(np.asarray(score_hf).T.astype(cast), ("embed", None), mesh)
+
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, remat="none", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    values, used = _decoder_values(reader, config, mesh, cast)
+    extra = [n for n in reader.entries if n not in used | {SCORE_HEAD} and not n.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        file = os.path.basename(reader.entries[extra[0]][0])
+        raise ModelFileError(f"{path}: classifier checkpoint has tensors a {config.model_type} decoder plus score "
+                         f"head does not use, e.g. {extra[0]!r} in {file} ({len(extra)} in all)")
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state), score

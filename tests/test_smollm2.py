@@ -108,3 +108,39 @@ def test_sample_cli_greedy_equals_transformers_generate(smollm2_dir, tokenizer, 
         assert row["completion_ids"] == expected, question
         assert row["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert rows[0]["completion"] == "The capital of France is Paris."
+
+
+def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_path):
+    """configs/smollm2.py (LoRA, cached reference, prefix_shared) for two steps on one device, then
+    `jaxdpo.sample` reads the run's newest checkpoint (adapters on the recorded base model)."""
+    import math
+    import subprocess
+    import sys
+
+    from jaxdpo.metrics import read_metrics
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    flags = {"workdir": workdir, "model.path": smollm2_dir, "data.max_samples": 8, "data.eval_files": "",
+             "data.cache_dir": tmp_path / "cache", "train.steps": 2, "train.batch_size": 4,
+             "train.micro_batch_size": 4, "train.log_every": 1, "train.eval_every": 100, "train.save_every": 100}
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if "host_platform_device_count" not in f)  # one CPU device: faster on a small machine
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdpo.train", "--config=configs/smollm2.py",
+         *[f"--config.{k}={v}" for k, v in flags.items()]],
+        cwd=repo, env=dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=repo), capture_output=True, text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["train/loss"] for r in read_metrics(str(workdir)) if "train/loss" in r]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(losses[1])
+    assert os.path.exists(workdir / "hf_adapter" / "adapter_model.safetensors")
+
+    from jaxdpo import sample
+
+    prompts_file, output = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts_file.write_text('{"prompt": [{"role": "user", "content": "What is 23 + 48?"}]}\n')
+    assert sample.main([f"--model={workdir}", f"--prompts={prompts_file}", "--max_new_tokens=8",
+                        "--temperature=0", f"--output={output}"]) == 0
+    row = json.loads(output.read_text())
+    assert row["completion"] and len(row["completion_ids"]) <= 8

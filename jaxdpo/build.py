@@ -32,8 +32,9 @@ from jaxdpo.models import hf_io, lora as lora_lib
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
 from jaxdpo.optim import make_optimizer
-from jaxdpo.reference import Reference, choose_reference
-from jaxdpo.step import init_state, jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from jaxdpo.reference import Reference
+from jaxdpo.step import (init_state, jit_eval_step, jit_train_step, make_eval_metrics, make_eval_step,
+                         make_train_step)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -80,7 +81,7 @@ def check_config(config, mesh) -> None:
     check_mesh_fits_model(config, mesh)
     lora_on = lora_lib.check_config(config)
     reference_lib.check_config(config, lora_on=lora_on)
-    kind, _ = choose_reference(config.reference.mode, lora=lora_on)
+    kind, _ = reference_lib.reference_kind(config, lora_on=lora_on)
     kind.check_mesh(mesh)
 
 
@@ -193,7 +194,7 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
     reference built from weights is made of (kept as `initial_params` for build_reference)."""
     check_mesh_fits_model(config, mesh)
     settings = lora_lib.lora_settings(config.lora) if "lora" in config else None
-    kind, _ = choose_reference(config.reference.mode, lora=settings is not None)
+    kind, _ = reference_lib.reference_kind(config, lora_on=settings is not None)
     keep_initial = resuming and kind.uses_weights and not config.reference.path
     model_config = hf_io.load_config(config.model.path)
     fields = _decoder_fields(config, model_config, settings)
@@ -217,7 +218,7 @@ def build_reference(config, mesh, policy: Policy, data: Data) -> Reference:
     """The run's reference (jaxdpo.reference): the factory picks the kind, built here from the weights
     it needs: reference.path's, else the initial policy (on a resume the weights build_policy loaded for
     it alone, taken over without a copy; on a fresh run a copy of the live params)."""
-    kind, note = choose_reference(config.reference.mode, lora=policy.lora is not None)
+    kind, note = reference_lib.reference_kind(config, lora_on=policy.lora is not None)
     if note:
         log(f"  reference  {note}")
     if not kind.uses_weights:
@@ -242,7 +243,8 @@ def build_reference(config, mesh, policy: Policy, data: Data) -> Reference:
 @dataclasses.dataclass(frozen=True)
 class Steps:
     train_step: Any  # jitted (state, frozen, reference_params, batches) -> (state, metrics)
-    eval_step: Any  # jitted (params, frozen, reference_params, batch) -> metric sums
+    eval_step: Any  # jitted (params, frozen, reference_params, batch) -> per-pair values
+    eval_metrics: Any  # [eval_step outputs of every eval batch] -> mean eval metrics
     init: Any  # params -> the step-0 state
     state_shardings: Any
     train_batch_shardings: dict
@@ -270,13 +272,14 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
                                  schedule=schedule, num_pairs=cfg.train.micro_batch_size,
                                  chunk_size=cfg.model.logprob_chunk,
                                  dropout_seed=cfg.seed if with_dropout else None)  # masks: (seed, step, micro)
-    eval_step = make_eval_step(policy.graphdef, reference=reference, loss_cfg=cfg.loss,
-                               num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
+    eval_step = make_eval_step(policy.graphdef, reference=reference, num_pairs=cfg.train.eval_batch_size,
+                               chunk_size=cfg.model.logprob_chunk)
     return Steps(
         train_step=jit_train_step(train_step, state_shardings=state_shardings,
                                   batch_shardings=train_batch_shardings, **common),
         eval_step=jit_eval_step(eval_step, params_shardings=state_shardings["params"],
                                 batch_shardings=eval_batch_shardings, **common),
+        eval_metrics=make_eval_metrics(cfg.loss, group_size=cfg.train.batch_size),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,
         eval_batch_shardings=eval_batch_shardings, optimizer=optimizer, schedule=schedule)
 

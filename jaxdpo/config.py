@@ -3,7 +3,7 @@
 Two layers: `check_overrides` looks at the `--config.key=value` command-line overrides against the
 loaded config file (unknown key with the nearest known one suggested, a value of the wrong type), and
 `validate` looks at the finished config: the value ranges and choices of the schema here, then each
-module's check of its own section (data, model, LoRA, reference, loss, mesh, batch sizes).
+module's check of its own section (optimizer, data, model, LoRA, reference, loss, mesh, batch sizes).
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ CHOICES = {
 
 POSITIVE = ("data.max_length", "train.batch_size", "train.micro_batch_size", "train.eval_batch_size",
             "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-            "train.max_bad_steps", "model.logprob_chunk", "optim.lr", "optim.eps")
+            "train.max_bad_steps", "model.logprob_chunk")
 
-NON_NEGATIVE = ("train.steps", "train.epochs", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
-                "data.max_prompt_length", "data.pack_length", "data.max_samples")
+NON_NEGATIVE = ("train.steps", "train.epochs", "data.max_prompt_length", "data.pack_length", "data.max_samples")
 
 # Values that are fractions: (low, high, high_inclusive); low is always inclusive.
-FRACTIONS = {"optim.min_lr_ratio": (0.0, 1.0, True), "optim.b1": (0.0, 1.0, False),
-             "optim.b2": (0.0, 1.0, False), "data.eval_fraction": (0.0, 1.0, False)}
+FRACTIONS = {"data.eval_fraction": (0.0, 1.0, False)}
 
 
 def _get(config, dotted: str):
@@ -203,7 +201,7 @@ def _check_schema_values(config) -> None:
 def validate(config) -> None:
     """Raise ConfigError for the first problem found, in words a user can act on."""
     # The owners of each section; imported here because they are heavy (jax) and this module is not.
-    from jaxdpo import data, losses, reference, sharding
+    from jaxdpo import data, losses, optim, reference, sharding
     from jaxdpo.data.batcher import check_batch_sizes
     from jaxdpo.models import hf_io, lora
 
@@ -211,6 +209,7 @@ def validate(config) -> None:
     if config.train.steps <= 0 and config.train.epochs <= 0:
         raise ConfigError("set train.steps or train.epochs to a positive number")
     check_batch_sizes(config.train.batch_size, config.train.micro_batch_size)
+    optim.check_config(config.optim)
     sharding.check_mesh_config(config.mesh)
     data.check_data_config(config.data)
     hf_io.check_model_config(config.model)

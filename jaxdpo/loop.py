@@ -136,17 +136,13 @@ def run_fingerprint(config, policy, reference, data) -> dict[str, Any]:
 
 
 def evaluate(steps, state, policy, reference, data) -> dict[str, float]:
-    """Mean of every eval metric over the eval pairs."""
-    sums: dict[str, float] = {}
+    """Mean of every eval metric over the eval pairs (steps.eval_metrics, from every pair's logprobs)."""
+    outputs = []
     eval_batches = batches.eval_batches(data.eval_batcher, reference, steps.eval_batch_shardings)
     for batch in tqdm(eval_batches, total=data.eval_batcher.num_eval_batches(), desc="eval", leave=False,
                       disable=jax.process_index() != 0):
-        out = steps.eval_step(state["params"], policy.frozen, reference.params, batch)
-        for k, v in jax.device_get(out).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    pairs = max(sums.pop("pairs"), 1.0)
-    sums.pop("tokens", None)
-    return {k: v / pairs for k, v in sums.items()}
+        outputs.append(jax.device_get(steps.eval_step(state["params"], policy.frozen, reference.params, batch)))
+    return steps.eval_metrics(outputs)
 
 
 def log_train_window(config, logger, bar, window, state, checkpoints, done: int, seconds: float) -> None:

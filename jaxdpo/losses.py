@@ -94,10 +94,10 @@ def pair_losses(name, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0, ipo_
     """Per-pair loss [P] of the loss `name` (see LOSSES.md).
 
     rc, rr may be None for the reference-free losses (simpo, orpo). The batch-level losses (aot,
-    aot_unpaired) sort over the pairs given, i.e. over one micro-batch in the training step (under
-    gradient accumulation the sort does not span the whole global batch); `valid` ([P] 0/1, default
-    all valid) keeps padding pairs out of that sort, and their entries then sit at the end (the
-    caller masks them).
+    aot_unpaired) sort over the pairs given; the training step gives them the whole global batch
+    however it is split into micro-batches, eval groups of train.batch_size pairs (jaxdpo/step.py).
+    `valid` ([P] 0/1, default all valid) keeps padding pairs out of that sort, and their entries then
+    sit at the end (the caller masks them).
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown preference loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
@@ -234,9 +234,9 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
     if nll_coef != 0.0:
         per_pair = per_pair + nll_coef * nll
 
-    if rc is None or rr is None:
-        # Reference-free losses have no log-ratio; like TRL's CPO/SimPO trainer, report
-        # beta * (length-averaged) policy logprobs as the rewards.
+    if not needs_reference(loss_cfg):
+        # Reference-free losses have no log-ratio, whatever reference the run has; like TRL's
+        # CPO/SimPO trainer, report beta * (length-averaged) policy logprobs as the rewards.
         chosen_rewards, rejected_rewards = beta * _mean(pc, nc), beta * _mean(pr, nr)
     else:
         chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
@@ -258,6 +258,12 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
     if uses_nll(loss_cfg):
         metric_sums["nll"] = valid_sum(nll)
     return loss_sum, metric_sums
+
+
+def is_batch_level(loss_cfg) -> bool:
+    """True when some loss in loss.types couples the pairs of a batch (aot sorts over it): the train step
+    then computes the whole global batch's logprobs before any gradient (jaxdpo/step.py)."""
+    return any(name in BATCH_LEVEL for name in loss_types(loss_cfg))
 
 
 def needs_reference(loss_cfg) -> bool:

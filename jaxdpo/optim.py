@@ -1,7 +1,44 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
 
+import math
+import numbers
+
 import jax
 import optax
+
+from jaxdpo.errors import ConfigError
+
+# Every numeric `optim` key: (low, high, low_inclusive, high_inclusive, what the range is in words).
+# All must be finite: inf passes a sign test, and NaN fails every comparison, so `grad_clip > 0` would
+# read NaN as "clipping off".
+RANGES = {
+    "lr": (0.0, math.inf, False, False, "positive"),
+    "eps": (0.0, math.inf, False, False, "positive"),
+    "weight_decay": (0.0, math.inf, True, False, ">= 0"),
+    "grad_clip": (0.0, math.inf, True, False, ">= 0 (0 = no clipping)"),
+    "warmup_steps": (0, math.inf, True, False, ">= 0"),
+    "min_lr_ratio": (0.0, 1.0, True, True, "in [0, 1]"),
+    "b1": (0.0, 1.0, True, False, "in [0, 1)"),
+    "b2": (0.0, 1.0, True, False, "in [0, 1)"),
+}
+
+
+def _in_range(value, low, high, low_inclusive, high_inclusive) -> bool:
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    return above and below
+
+
+def check_config(optim_cfg) -> None:
+    """ConfigError naming the first `optim` key that is not a finite number in its range."""
+    for key, (low, high, low_inclusive, high_inclusive, words) in RANGES.items():
+        value = optim_cfg[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"optim.{key} = {value!r} must be a number {words}")
+        if not (math.isfinite(value) and _in_range(value, low, high, low_inclusive, high_inclusive)):
+            raise ConfigError(f"optim.{key} = {value} must be {words} and finite")
+    if not isinstance(optim_cfg.warmup_steps, numbers.Integral):
+        raise ConfigError(f"optim.warmup_steps = {optim_cfg.warmup_steps!r} must be a whole number of steps")
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:

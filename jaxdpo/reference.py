@@ -7,7 +7,7 @@ its `params` (a params pytree, or None) is what the jitted step takes as its `re
   host       the same copy in pinned host memory, streamed to the device one layer at a time
   cached     logprobs computed once per dataset and joined to each batch (jaxdpo/reference_cache.py)
   lora_base  the policy with its adapters zeroed: the base model, with no copy of anything
-  none       no reference (reference-free losses)
+  none       no reference (reference-free losses; chosen whatever the mode when every loss is one)
 
 `choose_reference` is the only place mode names are compared; everything else asks the class.
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from jaxdpo import losses
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.hf_io import check_checkpoint_dir
 from jaxdpo.step import pair_logprobs
@@ -182,20 +183,31 @@ KINDS: dict[str, type[Reference]] = {kind.mode: kind for kind in (
     DeviceReference, HostReference, CachedReference, LoRABaseReference, NoReference)}
 
 
-def choose_reference(mode: str, *, lora: bool) -> tuple[type[Reference], str | None]:
+def choose_reference(mode: str, *, lora: bool, loss_needs_reference: bool) -> tuple[type[Reference], str | None]:
     """The factory: the kind of reference a run with `reference.mode = mode` builds, and a note to report
-    when it is not the one named. With LoRA the initial policy is the base model (B = 0), so a device
-    copy of it would be the base weights twice: lora_base is the same reference with no copy."""
+    when it is not the one named. Reference-free losses (simpo, orpo) read no reference logprobs, so any
+    mode builds `none`: no copy held, no forward run. With LoRA the initial policy is the base model
+    (B = 0), so a device copy of it would be the base weights twice: lora_base is the same reference with
+    no copy."""
+    if not loss_needs_reference and mode != "none":
+        return NoReference, (f"none: every loss in loss.types is reference-free, so reference.mode = {mode} "
+                             f"builds no reference model and runs no reference forward")
     if lora and mode == "device":
         return LoRABaseReference, ("device with LoRA: the reference is the base model, computed as "
                                    "lora_base (adapters off) instead of a copy")
     return KINDS[mode], None
 
 
+def reference_kind(config, *, lora_on: bool) -> tuple[type[Reference], str | None]:
+    """choose_reference for a run's config: its reference.mode, LoRA and loss.types."""
+    return choose_reference(config.reference.mode, lora=lora_on,
+                            loss_needs_reference=losses.needs_reference(config.loss))
+
+
 def check_config(config, *, lora_on: bool) -> None:
     """The `reference` section against LoRA and the loss: what each kind loads and needs."""
     mode, path = config.reference.mode, config.reference.path
-    named, _ = choose_reference(mode, lora=False)
+    named = KINDS[mode]  # what the user named: the checks below are about that setting
     if path:
         if not named.uses_weights:
             raise ConfigError(f"reference.path = {path!r} is set but reference.mode = {mode!r} loads no "
@@ -211,4 +223,4 @@ def check_config(config, *, lora_on: bool) -> None:
 
 def gives_logprobs(config, *, lora_on: bool) -> bool:
     """Whether the run's reference gives logprobs (reference-free losses need none)."""
-    return choose_reference(config.reference.mode, lora=lora_on)[0].gives_logprobs
+    return reference_kind(config, lora_on=lora_on)[0].gives_logprobs

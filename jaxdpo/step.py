@@ -3,7 +3,10 @@
 A step receives its micro-batches stacked on a leading axis `[A, ...]` (A = gradient-accumulation
 count) and scans over them. Each micro-batch contributes `sum of per-pair losses / valid pairs in the
 whole step`, so the accumulated gradient is exactly the gradient of the mean over the global batch,
-however the batch is split.
+however the batch is split. A batch-level loss (aot sorts over the global batch) is not a sum of
+micro-batch terms: `make_batch_level_gradients` first computes every pair's logprobs, then the loss of
+the whole batch and its per-pair coefficients, then each micro-batch's backward with those coefficients.
+Eval steps return per-pair values; `make_eval_metrics` computes the metrics over all eval pairs.
 
 State is a dict pytree {"params", "opt_state", "step", "bad_steps"}; `frozen` holds the model's
 non-trained variables (all base weights under LoRA, nothing otherwise); `reference_params` is the run's
@@ -20,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -67,25 +71,141 @@ def dropout_key(seed: int, step, micro_index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
 
 
-def make_micro_loss(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int) -> Callable:
-    """`micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None)` ->
-    (loss of the micro-batch's pairs / total_valid, metric sums). `reference` is the run's
-    jaxdpo.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
+def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:
+    """`pair_values(params, frozen, reference_params, micro, lora_dropout_key=None)` -> per-pair {pc, pr, nc,
+    nr} of the policy and {rc, rr} of the reference (None without one), each [P]."""
 
-    def micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None):
-        # Dropout (if the model has any) only here, in the policy's training forward: the reference,
-        # eval and cached-reference forwards get no key and are deterministic.
+    def pair_values(params, frozen, reference_params, micro, lora_dropout_key=None):
+        # Dropout (if the model has any) only in the policy's training forward: the reference, eval and
+        # cached-reference forwards get no key and are deterministic.
         policy = pair_logprobs(graphdef, (params, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size,
                                lora_dropout_key=lora_dropout_key)
         rc, rr = reference.logprobs(graphdef, params, frozen, reference_params, micro, num_pairs=num_pairs,
                                     chunk_size=chunk_size)
-        loss_sum, metric_sums = losses.preference_loss(loss_cfg, policy["pc"], policy["pr"], rc, rr, policy["nc"],
-                                                       policy["nr"], micro["pair_valid"])
-        metric_sums = dict(metric_sums)
-        metric_sums["tokens"] = jnp.sum((micro["side"] > 0) * 1.0)
+        return dict(policy, rc=rc, rr=rr)
+
+    return pair_values
+
+
+def loss_of_values(loss_cfg, values: dict, valid):
+    """losses.preference_loss on per-pair values: (loss sum, metric sums) over the valid pairs."""
+    return losses.preference_loss(loss_cfg, values["pc"], values["pr"], values["rc"], values["rr"], values["nc"],
+                                  values["nr"], valid)
+
+
+def scored_tokens(micro) -> jax.Array:
+    return jnp.sum((micro["side"] > 0) * 1.0)
+
+
+def make_micro_loss(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int) -> Callable:
+    """`micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None)` ->
+    (loss of the micro-batch's pairs / total_valid, metric sums). `reference` is the run's
+    jaxdpo.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
+    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
+
+    def micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None):
+        values = pair_values(params, frozen, reference_params, micro, lora_dropout_key)
+        loss_sum, metric_sums = loss_of_values(loss_cfg, values, micro["pair_valid"])
+        metric_sums = dict(metric_sums, tokens=scored_tokens(micro))
         return loss_sum / total_valid, metric_sums
 
     return micro_loss
+
+
+def _policy_dropout_key(dropout_seed, step, micro_index):
+    """The LoRA dropout key of the policy's training forward, or None when the model has no dropout."""
+    return None if dropout_seed is None else dropout_key(dropout_seed, step, micro_index)
+
+
+def _zeros_like_params(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def _add(total, tree):
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), total, tree)
+
+
+def make_accumulated_gradients(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int,
+                               dropout_seed: int | None) -> Callable:
+    """`gradients(params, frozen, reference_params, batches, total_valid, step)` -> (grads, metric sums) for
+    per-pair losses: one forward and backward per micro-batch, summed (each already / total_valid)."""
+    micro_loss = make_micro_loss(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
+                                 chunk_size=chunk_size)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def gradients(params, frozen, reference_params, batches, total_valid, step):
+        def accumulate(carry, indexed_micro):
+            grads_sum, metrics_sum = carry
+            micro_index, micro = indexed_micro
+            key = _policy_dropout_key(dropout_seed, step, micro_index)
+            (_, metric_sums), grads = grad_fn(params, frozen, reference_params, micro, total_valid, key)
+            return (_add(grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metric_sums)), None
+
+        first = jax.tree.map(lambda x: x[0], batches)
+        metric_shapes = jax.eval_shape(lambda: grad_fn(params, frozen, reference_params, first, total_valid)[0][1])
+        zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+        num_micro = batches["pair_valid"].shape[0]
+        (grads, metric_sums), _ = jax.lax.scan(accumulate, (_zeros_like_params(params), zeros_metrics),
+                                               (jnp.arange(num_micro), batches))
+        return grads, metric_sums
+
+    return gradients
+
+
+def make_batch_level_gradients(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int,
+                               dropout_seed: int | None) -> Callable:
+    """The same `gradients` for a loss over the whole global batch (aot sorts over it), exact under any
+    micro-batch split, in two passes:
+      1. a forward-only scan: per-pair values [A, P] of every micro-batch (policy and reference);
+      2. the loss of the [A*P] vectors and its gradient w.r.t. pc and pr (coef_c, coef_r);
+      3. a backward scan: grad of sum_i coef_c_i * pc_i + coef_r_i * pr_i per micro-batch, which by the
+         chain rule sums to the gradient of the global-batch loss.
+    Costs one more policy forward per micro-batch (the reference forward runs once, in pass 1)."""
+    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
+
+    def gradients(params, frozen, reference_params, batches, total_valid, step):
+        indices = jnp.arange(batches["pair_valid"].shape[0])
+
+        def forward(_, indexed_micro):
+            micro_index, micro = indexed_micro
+            key = _policy_dropout_key(dropout_seed, step, micro_index)
+            values = pair_values(params, frozen, reference_params, micro, key)
+            return None, dict(values, tokens=scored_tokens(micro))
+
+        _, values = jax.lax.scan(forward, None, (indices, batches))
+        tokens = jnp.sum(values.pop("tokens"))
+        flat = {k: None if v is None else jax.lax.stop_gradient(v).reshape(-1) for k, v in values.items()}
+
+        def global_loss(pc, pr):
+            loss_sum, metric_sums = loss_of_values(loss_cfg, dict(flat, pc=pc, pr=pr),
+                                                   batches["pair_valid"].reshape(-1))
+            return loss_sum / total_valid, metric_sums
+
+        (_, metric_sums), coefs = jax.value_and_grad(global_loss, argnums=(0, 1), has_aux=True)(flat["pc"], flat["pr"])
+        coef_c, coef_r = (c.reshape(values["pc"].shape) for c in coefs)
+
+        def backward(grads_sum, indexed_micro):
+            micro_index, micro, micro_coef_c, micro_coef_r = indexed_micro
+            key = _policy_dropout_key(dropout_seed, step, micro_index)  # pass 1's masks again
+
+            def surrogate(p):  # its gradient is the global loss's gradient through this micro-batch
+                policy = pair_logprobs(graphdef, (p, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size,
+                                       lora_dropout_key=key)
+                return jnp.sum(micro_coef_c * policy["pc"] + micro_coef_r * policy["pr"])
+
+            return _add(grads_sum, jax.grad(surrogate)(params)), None
+
+        grads, _ = jax.lax.scan(backward, _zeros_like_params(params), (indices, batches, coef_c, coef_r))
+        return grads, dict(metric_sums, tokens=tokens)
+
+    return gradients
+
+
+def make_gradients(graphdef, *, loss_cfg, **kwargs) -> Callable:
+    """The two-pass batch-level gradients when a batch-level loss (aot, aot_unpaired) is configured, else
+    the single-pass accumulation."""
+    make = make_batch_level_gradients if losses.is_batch_level(loss_cfg) else make_accumulated_gradients
+    return make(graphdef, loss_cfg=loss_cfg, **kwargs)
 
 
 def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientTransformation,
@@ -94,30 +214,13 @@ def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientT
     """`train_step(state, frozen, reference_params, batches) -> (state, metrics)` over micro-batches stacked
     on a leading axis. `dropout_seed` (the config seed; None = the model has no LoRA dropout) keys micro-batch
     i of step s with dropout_key(seed, s, i)."""
-    micro_loss = make_micro_loss(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
-                                 chunk_size=chunk_size)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    gradients = make_gradients(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
+                               chunk_size=chunk_size, dropout_seed=dropout_seed)
 
     def train_step(state, frozen, reference_params, batches):
-        params = state["params"]
         total_valid = jnp.maximum(jnp.sum(batches["pair_valid"]).astype(jnp.float32), 1.0)
-
-        def accumulate(carry, indexed_micro):
-            grads_sum, metrics_sum = carry
-            micro_index, micro = indexed_micro
-            # Without dropout the micro loss is called exactly as before (no key argument at all).
-            keys = () if dropout_seed is None else (dropout_key(dropout_seed, state["step"], micro_index),)
-            (_, metric_sums), grads = grad_fn(params, frozen, reference_params, micro, total_valid, *keys)
-            grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
-            return (grads_sum, jax.tree.map(jnp.add, metrics_sum, metric_sums)), None
-
-        first = jax.tree.map(lambda x: x[0], batches)
-        metric_shapes = jax.eval_shape(lambda: grad_fn(params, frozen, reference_params, first, total_valid)[0][1])
-        zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
-        zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        num_micro = batches["pair_valid"].shape[0]
-        (grads, metric_sums), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics),
-                                               (jnp.arange(num_micro), batches))
+        grads, metric_sums = gradients(state["params"], frozen, reference_params, batches, total_valid,
+                                       state["step"])
         tokens = metric_sums.pop("tokens")
         metrics = {k: v / total_valid for k, v in metric_sums.items()}
         grad_norm = optax.tree.norm(grads)
@@ -146,19 +249,49 @@ def apply_gradients(state, grads, optimizer: optax.GradientTransformation, finit
     }
 
 
-def make_eval_step(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int) -> Callable:
-    """`eval_step(params, frozen, reference_params, batch)` -> metric sums over the batch's valid pairs and
-    their count ("pairs"); the caller divides by the total count."""
-    micro_loss = make_micro_loss(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
-                                 chunk_size=chunk_size)
+def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:
+    """`eval_step(params, frozen, reference_params, batch)` -> the batch's per-pair values {pc, pr, nc, nr, rc,
+    rr, pair_valid} and its scored-token count; `make_eval_metrics` turns those of every eval batch into the
+    eval metrics."""
+    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
 
     def eval_step(params, frozen, reference_params, batch):
-        _, metric_sums = micro_loss(params, frozen, reference_params, batch, 1.0)
-        metric_sums = dict(metric_sums)
-        metric_sums["pairs"] = jnp.sum(batch["pair_valid"]).astype(jnp.float32)
-        return metric_sums
+        values = pair_values(params, frozen, reference_params, batch)
+        return dict({k: v for k, v in values.items() if v is not None}, pair_valid=batch["pair_valid"],
+                    tokens=scored_tokens(batch))
 
     return eval_step
+
+
+def make_eval_metrics(loss_cfg, *, group_size: int) -> Callable:
+    """`eval_metrics(outputs)`: the eval_step outputs of every eval batch, in eval order -> the mean of every
+    metric over the valid eval pairs. The valid pairs are taken in eval (dataset) order and cut into groups
+    of `group_size` (train.batch_size; the last group may be smaller), and the loss is evaluated per group:
+    a batch-level loss (aot) sees the groups a training step would, and no metric depends on
+    train.eval_batch_size. Per-pair losses do not depend on the grouping at all."""
+
+    @jax.jit
+    def group_sums(grouped: dict, valid):
+        sums = jax.vmap(lambda values, group_valid: loss_of_values(loss_cfg, values, group_valid)[1])(grouped, valid)
+        return jax.tree.map(jnp.sum, sums)
+
+    def eval_metrics(outputs: list[dict]) -> dict[str, float]:
+        valid = np.concatenate([np.asarray(o["pair_valid"]) for o in outputs]) > 0
+        count = int(valid.sum())
+        groups = max(1, -(-count // group_size))
+        keys = ("pc", "pr", "nc", "nr", "rc", "rr")
+
+        def grouped(key):  # the valid pairs in order, padded to whole groups: [groups, group_size]
+            if key not in outputs[0]:
+                return None
+            values = np.concatenate([np.asarray(o[key], np.float32) for o in outputs])[valid]
+            return np.pad(values, (0, groups * group_size - count)).reshape(groups, group_size)
+
+        group_valid = (np.arange(groups * group_size) < count).reshape(groups, group_size)
+        sums = jax.device_get(group_sums({k: grouped(k) for k in keys}, group_valid))
+        return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+    return eval_metrics
 
 
 def jit_train_step(train_step: Callable, *, state_shardings, frozen_shardings, reference_shardings,

@@ -95,6 +95,31 @@ def test_validate_rejects(assets, tmp_path, overrides, message):
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.lr", float("inf"), "optim.lr = inf must be positive and finite"),
+    ("optim.lr", float("nan"), "optim.lr = nan must be positive and finite"),
+    ("optim.weight_decay", float("inf"), "optim.weight_decay = inf must be >= 0 and finite"),
+    ("optim.grad_clip", float("nan"), "optim.grad_clip = nan must be >= 0 (0 = no clipping) and finite"),
+    ("optim.grad_clip", float("inf"), "optim.grad_clip = inf must be >= 0 (0 = no clipping) and finite"),
+    ("optim.eps", float("inf"), "optim.eps = inf must be positive and finite"),
+    ("optim.b1", float("nan"), "optim.b1 = nan must be in [0, 1) and finite"),
+    ("optim.min_lr_ratio", float("nan"), "optim.min_lr_ratio = nan must be in [0, 1] and finite"),
+    ("optim.warmup_steps", -1, "optim.warmup_steps = -1 must be >= 0 and finite"),
+])
+def test_issue15_item8_optim_keys_must_be_finite_and_in_range(assets, tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(good_config(assets, tmp_path, **{key: value}))
+    assert str(error.value) == message
+
+
+def test_issue15_item8_infinite_lr_on_the_command_line_is_one_line_exit_2(assets, tmp_path):
+    result = run_train("--config=configs/dpo.py", f"--config.workdir={tmp_path}",
+                       f"--config.model.path={assets['model']}", f"--config.data.train_files={assets['train']}",
+                       f"--config.data.eval_files={assets['eval']}", "--config.optim.weight_decay=inf")
+    assert result.returncode == 2
+    assert_one_line_error(result, "jaxdpo: optim.weight_decay = inf must be >= 0 and finite")
+
+
 def test_validate_accepts_the_tiny_config_and_reference_free_losses(assets, tmp_path):
     config_lib.validate(good_config(assets, tmp_path))
     config_lib.validate(good_config(assets, tmp_path, **{"reference.mode": "none", "loss.types": ("simpo",)}))

@@ -191,17 +191,19 @@ def test_dropout_only_in_the_policys_training_forward(dropout_run):
                                                 rngs=nnx.Rngs(0)))
     graphdef_no_dropout = nnx.split(no_dropout, LoRAParam, ...)[0]
     cfg = trainer.config
-    no_dropout_eval_step = make_eval_step(graphdef_no_dropout, reference=trainer.reference, loss_cfg=cfg.loss,
+    no_dropout_eval_step = make_eval_step(graphdef_no_dropout, reference=trainer.reference,
                                           num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
     eval_batch = next(batches.eval_batches(trainer.data.eval_batcher, trainer.reference,
                                            trainer.steps.eval_batch_shardings))
     params = trainer.state["params"]
-    got = trainer.steps.eval_step(params, frozen, None, eval_batch)
-    expected = jax.jit(no_dropout_eval_step)(params, frozen, None, eval_batch)
+    got = trainer.steps.eval_metrics([jax.device_get(trainer.steps.eval_step(params, frozen, None, eval_batch))])
+    expected = trainer.steps.eval_metrics([jax.device_get(jax.jit(no_dropout_eval_step)(params, frozen, None,
+                                                                                      eval_batch))])
     for k in expected:
-        assert float(got[k]) == float(expected[k]), k
+        assert got[k] == expected[k], k
     # while the same batch through the training forward (with a key) does see dropout
-    eval_micro_loss = lambda key: micro_loss(params, frozen, None, eval_batch, 1.0, key)[0]
+    pairs = float(np.sum(eval_batch["pair_valid"]))
+    eval_micro_loss = lambda key: micro_loss(params, frozen, None, eval_batch, pairs, key)[0]
     assert abs(float(jax.jit(eval_micro_loss)(key)) - float(expected["loss"])) > 1e-5
 
 

@@ -229,6 +229,22 @@ def test_reference_free_rewards_use_beta_times_mean_logps():
     np.testing.assert_allclose(float(metrics["nll"]), (-pc / nc).sum(), rtol=1e-9)  # ORPO reports its NLL
 
 
+@pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE))
+def test_issue15_item10_reference_free_rewards_whatever_reference_is_given(name):
+    """Handed reference logprobs anyway (a run whose reference mode gives them), a reference-free loss still
+    reports beta * mean logprob, never log-ratios; a mix with a reference loss reports log-ratios."""
+    cfg = dpo.get_config().loss
+    cfg.types, cfg.weights, cfg.beta = (name,), (1.0,), 0.5
+    pc, pr, rc, rr, nc, nr = random_pairs(seed=5)
+    with jax.enable_x64(True):
+        _, metrics = losses.preference_loss(cfg, pc, pr, rc, rr, nc, nr, np.ones(len(pc)))
+        cfg.types, cfg.weights = (name, "sigmoid"), (1.0, 1.0)
+        _, mixed = losses.preference_loss(cfg, pc, pr, rc, rr, nc, nr, np.ones(len(pc)))
+    np.testing.assert_allclose(float(metrics["rewards/chosen"]), (0.5 * pc / nc).sum(), rtol=1e-9)
+    np.testing.assert_allclose(float(metrics["rewards/rejected"]), (0.5 * pr / nr).sum(), rtol=1e-9)
+    np.testing.assert_allclose(float(mixed["rewards/chosen"]), (0.5 * (pc - rc)).sum(), rtol=1e-9)
+
+
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
 def test_padding_pairs_excluded_and_never_nan(name):
     cfg = dpo.get_config().loss

@@ -166,7 +166,9 @@ class Checkpointer:
         self._manager.reload()
         intact = self.latest_step()
         kept = f"checkpoint step {intact} is intact" if intact is not None else "no checkpoint was kept"
-        return ConfigError(f"could not write a checkpoint in {self.directory} ({_short_reason(error)}); {kept}. "
+        # tensorstore's message names every path on the way; its last part is the OS error (No space left...)
+        reason = " ".join(str(error).split()).rsplit(": ", 1)[-1]
+        return ConfigError(f"could not write a checkpoint in {self.directory} ({reason}); {kept}. "
                            f"Free space there (or point --config.workdir at a disk with room), then rerun the "
                            f"same command to resume")
 

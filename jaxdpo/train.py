@@ -9,6 +9,7 @@ Exit statuses (jaxdpo/errors.py): 0 finished; 2 a config, input, workdir or disk
 preempted by SIGTERM or Ctrl-C, checkpoint saved: rerun the same command to resume.
 """
 
+import logging
 import os
 import sys
 import warnings
@@ -106,6 +107,14 @@ def main(argv):
     sys.exit(errors.EXIT_PREEMPTED if run.preempted else errors.EXIT_FINISHED)
 
 
+class _DropOrbaxErrors(logging.Filter):
+    """A failed background save (a full disk) makes orbax log the same error with tracebacks from several
+    threads before it reaches the loop, which reports it in one line (Checkpointer._write_error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def _one_line_notices() -> None:
     """A damaged file set aside (DamagedFileWarning) is one `jaxdpo:` line on stderr, not Python's two."""
     default = warnings.formatwarning
@@ -116,6 +125,7 @@ def _one_line_notices() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = formatwarning
+    logging.getLogger("absl").addFilter(_DropOrbaxErrors())
 
 
 def run():

@@ -43,13 +43,14 @@ def _leaf_sums(x) -> jax.Array:
                       jnp.sum(words * _odd_position_weights(words.shape), dtype=jnp.uint32)])
 
 
-_state_sums = jax.jit(lambda state: jax.tree.map(_leaf_sums, state))
+# Leaf by leaf: the leaves of a state may live on different device sets (a scalar count on one device).
+_jitted_leaf_sums = jax.jit(_leaf_sums)
 
 
 def state_checksums(state, path_name) -> dict[str, str]:
     """{leaf path: "xxxxxxxx-xxxxxxxx"} of a pytree of jax arrays; `path_name` turns a tree path into the
     key (the checkpoint's container-independent path, so a restored tree of dicts matches the live one)."""
-    sums = jax.device_get(_state_sums(state))
+    sums = jax.device_get(jax.tree.map(_jitted_leaf_sums, state))
     return {path_name(path): "-".join(f"{int(v):08x}" for v in np.asarray(leaf))
             for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]}
 

@@ -303,13 +303,17 @@ class Checkpointer:
         return (step, restored, meta), None
 
 
-def _checksum_mismatch(layout, restored) -> str | None:
-    """Why the restored state is not what was saved (its checksums differ), or None. Steps written before
+def _checksum_mismatch(layout, restored, *, partial: bool = False) -> str | None:
+    """Why the restored state is not what was saved (its checksums differ), or None. `partial`: `restored`
+    holds only some of the state (e.g. {"params"}); only those leaves are compared. Steps written before
     checksums existed carry none and pass."""
     saved = (layout or {}).get(_CHECKSUMS)
     if saved is None:
         return None
-    differing = checksum_differences(saved, state_checksums(restored, _plain_path))
+    now = state_checksums(restored, _plain_path)
+    if partial:
+        saved = {k: v for k, v in saved.items() if k.split("/")[0] in restored}
+    differing = checksum_differences(saved, now)
     if not differing:
         return None
     more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
@@ -320,3 +324,11 @@ def abstract_like(state):
     """The pytree of ShapeDtypeStruct (with shardings) that `restore_latest` takes, from live arrays."""
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def check_restored(layout, restored: dict, where: str) -> None:
+    """A ConfigError naming `where` if the leaves in `restored` (a part of the state, e.g. {"params": ...})
+    differ from the checksums in the step's `layout` item: a damaged checkpoint never reaches an export."""
+    damaged = _checksum_mismatch(layout, restored, partial=True)
+    if damaged:
+        raise ConfigError(f"{where} is damaged ({damaged}); use another step or rerun training to replace it")

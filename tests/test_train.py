@@ -101,17 +101,20 @@ def with_nan_reference(batch: dict) -> dict:
 
 
 def test_skipped_step_takes_no_place_in_the_schedule(cached_run):
+    from jaxdpo.build import fresh_state
     from jaxdpo.optim import applied_updates
     from tests.helpers import train_batch
 
-    run, state = cached_run, cached_run.state
-    updates = int(applied_updates(state["opt_state"]))  # 3 good steps
-    state, bad = run.steps.train_step(state, run.policy.frozen, run.reference.params,
-                                      with_nan_reference(train_batch(run, 0)))
-    assert float(bad["finite"]) == 0.0 and int(state["step"]) == 4 and int(applied_updates(state["opt_state"])) == updates
-    assert float(bad["lr"]) == pytest.approx(float(run.steps.schedule(updates)))
-    state, good = run.steps.train_step(state, run.policy.frozen, run.reference.params, train_batch(run, 1))
-    assert float(good["finite"]) == 1.0
+    run = cached_run
+    params = jax.tree.map(lambda x: x.copy(), run.state["params"])
+    state = fresh_state(run.steps.init, run.steps.state_shardings, params)  # schedule position 0
+    step = lambda state, batch: run.steps.train_step(state, run.policy.frozen, run.reference.params, batch)  # noqa: E731
+    state, _ = step(state, train_batch(run, 0))  # warmup: rate 0
+    state, bad = step(state, with_nan_reference(train_batch(run, 1)))
+    assert float(bad["finite"]) == 0.0 and int(state["step"]) == 2 and int(applied_updates(state["opt_state"])) == 1
+    assert float(bad["lr"]) == pytest.approx(float(run.steps.schedule(1)))  # the peak, after one update
+    state, good = step(state, train_batch(run, 2))
+    assert float(good["finite"]) == 1.0 and int(applied_updates(state["opt_state"])) == 2
     assert float(good["lr"]) == float(bad["lr"])  # the rate the skipped step would have applied
 
 

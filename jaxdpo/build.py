@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -45,6 +46,19 @@ def log(msg: str) -> None:
 
 
 # ----- mesh and config-only checks -----------------------------------------------------------------
+
+def prepare_workdir(workdir: str) -> None:
+    """Create the workdir and check that files can be written in it: a path that is a file, or a directory
+    that is read-only, is one ConfigError naming it before anything is built."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        problem = "is a file, not a directory" if os.path.isfile(workdir) else f"is not writable ({error.strerror})"
+        raise ConfigError(f"workdir {os.path.abspath(workdir)} {problem}: pass --config.workdir=<a directory "
+                          f"you can write to>") from None
+
 
 def make_mesh(config, devices=None):
     try:

@@ -9,13 +9,17 @@ A checkpoint step directory holds three orbax items:
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when every file is on disk,
 so a save interrupted by SIGKILL is never listed as a step; leftovers are removed when a manager opens.
-A committed step can still be damaged later (a disk filled up, a file truncated by a copy): restoring
-tries the newest step first and falls back to older ones, warning with the step and the reason.
+A committed step can still be damaged later (a disk filled up, a file truncated by a copy, flipped bytes):
+`layout` also holds a checksum of every state leaf (jaxdpo/checksums.py), compared with what a restore
+read. Restoring tries the newest step first; a damaged one is reported in one warning line and moved
+aside to `damaged/<step>-<time>` (no longer a step: never kept by rotation, never restored, and the
+resumed run saves that step again), then the next older one is tried.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -25,15 +29,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdpo.distributed import all_processes_agree
-from jaxdpo.errors import ConfigError
+from jaxdpo.checksums import checksum_differences, state_checksums
+from jaxdpo.errors import ConfigError, DamagedFileWarning
 from jaxdpo.fingerprint import FINGERPRINT_KEY, fingerprint_differences, jsonable
 from jaxdpo.data import identity
 
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
 
 
-class CorruptCheckpointWarning(UserWarning):
-    """A committed checkpoint step could not be read; an older step is used instead."""
+_CHECKSUMS = "checksums"  # layout[_CHECKSUMS]: {state leaf path: checksum}
+DAMAGED_DIR = "damaged"  # where damaged steps are moved: <directory>/damaged/<step>-<time>
+
+
+class CorruptCheckpointWarning(DamagedFileWarning):
+    """A committed checkpoint step could not be read (or its checksums differ); an older step is used."""
 
 
 def _jaxdpo_version() -> str:
@@ -126,25 +135,42 @@ class Checkpointer:
             return False
         if not force and not self.should_save(step):
             return False
-        layout = {"jaxdpo_version": _jaxdpo_version()}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardSave(state),
-                _META: ocp.args.JsonSave(jsonable(dict(meta))),
-                _LAYOUT: ocp.args.JsonSave(layout),
-            }),
-            force=True,  # the schedule is decided above; orbax's own policy would second-guess it
-        )
+        # Checksums before orbax takes the arrays: the caller may donate them once save() returns.
+        layout = {"jaxdpo_version": _jaxdpo_version(), _CHECKSUMS: state_checksums(state, _plain_path)}
+        args = ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _META: ocp.args.JsonSave(jsonable(dict(meta))),
+            _LAYOUT: ocp.args.JsonSave(layout),
+        })
+        try:  # orbax first waits for the previous async save: its write error surfaces here too
+            # force: the schedule is decided above; orbax's own policy would second-guess it
+            self._manager.save(step, args=args, force=True)
+        except Exception as error:
+            raise self._write_error(error) from None
         return True
 
     def wait(self) -> None:
-        """Block until every started save is committed (renamed from its tmp dir) and old ones rotated out."""
-        self._manager.wait_until_finished()
+        """Block until every started save is committed (renamed from its tmp dir) and old ones rotated out.
+        A save that could not be written (disk full, read-only) is a ConfigError naming the directory."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(error) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
+
+    def _write_error(self, error: BaseException) -> ConfigError:
+        """One line for a save that failed: the directory, orbax's reason, what to do, what is intact."""
+        self._manager.reload()
+        intact = self.latest_step()
+        kept = f"checkpoint step {intact} is intact" if intact is not None else "no checkpoint was kept"
+        # tensorstore's message names every path on the way; its last part is the OS error (No space left...)
+        reason = " ".join(str(error).split()).rsplit(": ", 1)[-1]
+        return ConfigError(f"could not write a checkpoint in {self.directory} ({reason}); {kept}. "
+                           f"Free space there (or point --config.workdir at a disk with room), then rerun the "
+                           f"same command to resume")
 
     def __enter__(self):
         return self
@@ -192,15 +218,31 @@ class Checkpointer:
                 return restored
             reason = reason or "another process could not read it"
             failures.append(f"step {step}: {reason}")
+            moved = self._move_aside(step)
             older = "trying the previous one" if step != steps[0] else "no older checkpoint left"
-            warnings.warn(
-                f"checkpoint step {step} in {self.directory} is unreadable ({reason}); {older}",
-                CorruptCheckpointWarning, stacklevel=2)
+            warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); moved to "
+                          f"{moved}; {older}", CorruptCheckpointWarning, stacklevel=2)
         if failures:
             raise ConfigError(
-                f"{self.directory} has checkpoints but none can be restored:\n  " + "\n  ".join(failures)
-                + "\nMove the workdir aside (or delete its checkpoints/) to start fresh.")
+                f"{self.directory} had checkpoints but none can be restored (each was moved to "
+                f"{os.path.join(self.directory, DAMAGED_DIR)}): " + "; ".join(failures)
+                + ". Rerun to start from model.path, or use a fresh workdir.")
         return None
+
+    def _move_aside(self, step: int) -> str:
+        """Move a damaged step to damaged/<step>-<time>: it stops being a step (rotation neither keeps it
+        nor deletes a good older one for it; the resumed run saves that step again) but is not deleted."""
+        target = os.path.join(self.directory, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), target)
+        all_processes_agree(True)  # every process waits for the move before listing the steps again
+        self._manager.reload()
+        return target
+
+    def read_meta(self, step: int) -> dict:
+        """The meta dict of one step (no array is read)."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META])
 
     def read(self, step: int) -> tuple[Any, dict]:
         """(state, meta) of one step as saved, on the first local device, with no target structure needed
@@ -211,14 +253,20 @@ class Checkpointer:
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
                                 saved_tree)
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
+            _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore(),
+            _LAYOUT: ocp.args.JsonRestore()}))
+        damaged = _checksum_mismatch(restored[_LAYOUT], restored[_STATE])
+        if damaged:
+            raise ConfigError(f"checkpoint step {step} in {self.directory} is damaged ({damaged}); "
+                              f"use another step or rerun training to replace it")
         return restored[_STATE], dict(restored[_META])
 
     def _try_restore(self, step: int, abstract_state, expected_fingerprint):
         """((step, state, meta), None) on success, (None, reason) if the step is damaged; raises on mismatch."""
         try:
-            small = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
-            meta = dict(small[_META])
+            small = self._manager.restore(step, args=ocp.args.Composite(**{
+                _META: ocp.args.JsonRestore(), _LAYOUT: ocp.args.JsonRestore()}))
+            meta, layout = dict(small[_META]), small[_LAYOUT]
             saved_tree = self._manager.item_metadata(step)[_STATE]
             saved_tree = getattr(saved_tree, "tree", saved_tree)
         except Exception as error:  # orbax raises many types for missing/garbled files
@@ -249,10 +297,38 @@ class Checkpointer:
             jax.block_until_ready(restored)
         except Exception as error:
             return None, f"state: {_short_reason(error)}"
+        damaged = _checksum_mismatch(layout, restored)
+        if damaged:
+            return None, damaged
         return (step, restored, meta), None
+
+
+def _checksum_mismatch(layout, restored, *, partial: bool = False) -> str | None:
+    """Why the restored state is not what was saved (its checksums differ), or None. `partial`: `restored`
+    holds only some of the state (e.g. {"params"}); only those leaves are compared. Steps written before
+    checksums existed carry none and pass."""
+    saved = (layout or {}).get(_CHECKSUMS)
+    if saved is None:
+        return None
+    now = state_checksums(restored, _plain_path)
+    if partial:
+        saved = {k: v for k, v in saved.items() if k.split("/")[0] in restored}
+    differing = checksum_differences(saved, now)
+    if not differing:
+        return None
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    return f"checksum mismatch in state/{', state/'.join(differing[:3])}{more}"
 
 
 def abstract_like(state):
     """The pytree of ShapeDtypeStruct (with shardings) that `restore_latest` takes, from live arrays."""
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def check_restored(layout, restored: dict, where: str) -> None:
+    """A ConfigError naming `where` if the leaves in `restored` (a part of the state, e.g. {"params": ...})
+    differ from the checksums in the step's `layout` item: a damaged checkpoint never reaches an export."""
+    damaged = _checksum_mismatch(layout, restored, partial=True)
+    if damaged:
+        raise ConfigError(f"{where} is damaged ({damaged}); use another step or rerun training to replace it")

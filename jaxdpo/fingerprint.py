@@ -3,7 +3,8 @@
 A checkpoint's meta holds `meta[FINGERPRINT_KEY]`, the values of the config keys that change the past
 (data order and content, objective, optimizer, model architecture); a resume compares it with the
 current run's and refuses, listing every difference, when they differ. Keys that change only the future
-(steps, cadences, mesh, remat, paths of caches) may change between a run and its resume.
+(learning rate and schedule, steps, cadences, the bad-step limit, mesh, remat, paths of caches) may change
+between a run and its resume; `setting_changes` lists the ones of RESUME_ADJUSTABLE_KEYS that did.
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ RESUME_CRITICAL_KEYS = (
     "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples",
-    "loss", "optim", "train.batch_size", "reference.mode", "reference.path",
+    "loss", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
+    "train.batch_size", "reference.mode", "reference.path",
 )
+
+# Config keys that change only what comes next: a resume may change them. The checkpoint records their
+# values (meta[SETTINGS_KEY]) so a resume can say what changed, in the log and in metrics.jsonl. The
+# learning rate and schedule shape the updates still to come (the optimizer's moments do not depend on
+# them); the other optim keys stay in RESUME_CRITICAL_KEYS (the moments' meaning, the state's layout).
+RESUME_ADJUSTABLE_KEYS = (
+    "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "train.steps", "train.epochs",
+    "train.log_every", "train.eval_every", "train.save_every", "train.max_bad_steps",
+)
+SETTINGS_KEY = "settings"
 
 
 def _lookup(config, dotted: str):
@@ -102,3 +114,21 @@ def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
             show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
             lines.append(f"{key}: checkpoint={show(a)} now={show(b)}")
     return lines
+
+
+def adjustable_settings(config) -> dict[str, Any]:
+    """{key: value} of RESUME_ADJUSTABLE_KEYS, as a checkpoint's meta[SETTINGS_KEY] records them."""
+    settings = {}
+    for key in RESUME_ADJUSTABLE_KEYS:
+        try:
+            settings[key] = jsonable(_lookup(config, key))
+        except (KeyError, AttributeError):
+            continue
+    return settings
+
+
+def setting_changes(saved: Mapping | None, now: Mapping) -> dict[str, tuple[Any, Any]]:
+    """{key: (checkpoint value, value now)} of the adjustable keys a resume changed (none for checkpoints
+    that recorded no settings)."""
+    saved = saved or {}
+    return {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from jaxdpo import batches, build, checkpoint
 from jaxdpo.data import identity
-from jaxdpo.fingerprint import FINGERPRINT_KEY, config_fingerprint
+from jaxdpo.divergence import BadStepWatch
+from jaxdpo.fingerprint import FINGERPRINT_KEY, SETTINGS_KEY, adjustable_settings, config_fingerprint, setting_changes
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.models import lora as lora_lib, save_pretrained
 from jaxdpo.preemption import install_preemption_handler, resume_message
@@ -42,7 +43,7 @@ class Run:
 
 def train_and_evaluate(config, *, devices=None) -> Run:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save; the console is the bar's
-    os.makedirs(config.workdir, exist_ok=True)
+    build.prepare_workdir(config.workdir)  # a file or a read-only path: one line before anything is built
     mesh = build.make_mesh(config, devices)
     build.check_config(config, mesh)  # seconds, before any tokenizing
     data = build.build_data(config, mesh)
@@ -55,6 +56,9 @@ def train_and_evaluate(config, *, devices=None) -> Run:
         config, mesh, data, checkpoints, (policy, reference, steps, state), resuming=resuming)
     logger = MetricsLogger(config.workdir)
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
+    if start_step:
+        log_setting_changes(config, logger, start_step, checkpoints.read_meta(start_step))
+    watch = BadStepWatch(config.train.max_bad_steps)
     preempted = install_preemption_handler()
     fingerprint = run_fingerprint(config, policy, reference, data)
 
@@ -69,10 +73,14 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     for step in range(start_step, total):
         batch = batches.train_batch(data.batcher, reference, step, steps.train_batch_shardings)
         state, metrics = steps.train_step(state, policy.frozen, reference.params, batch)
-        window.add(metrics)
         done = step + 1
+        if watch.limit_reached(done, metrics.pop("bad_steps"), last=done == total):
+            bar.close()
+            preempted.restore_signal_handlers()
+            stop_diverged(config, checkpoints, done, state, window, policy, fingerprint, watch)
+        window.add(metrics)
         if done % config.train.log_every == 0 or done == total:
-            log_train_window(config, logger, bar, window, state, checkpoints, done, time.perf_counter() - t_window)
+            log_train_window(logger, bar, window, done, time.perf_counter() - t_window)
             window, t_window = MetricsWindow(), time.perf_counter()
         bar.update(1)
         if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
@@ -145,17 +153,11 @@ def evaluate(steps, state, policy, reference, data) -> dict[str, float]:
     return steps.eval_metrics(outputs)
 
 
-def log_train_window(config, logger, bar, window, state, checkpoints, done: int, seconds: float) -> None:
-    """The train record of the logging window that ends at `done`; stops the run after too many bad steps."""
+def log_train_window(logger, bar, window, done: int, seconds: float) -> None:
+    """The train record of the logging window that ends at `done`."""
     record = window.mean()
     record.update(window.rates(seconds))
     record.pop("pairs"), record.pop("tokens")
-    bad = int(jax.device_get(state["bad_steps"]))
-    if bad >= config.train.max_bad_steps:
-        checkpoints.close()
-        raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last at step {done}); "
-                           f"none of them was applied and the last good checkpoint is intact in "
-                           f"{checkpoints.directory}. Lower optim.lr or check the data.")
     logger.write(done, {f"train/{k}": v for k, v in record.items()})
     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                     pairs_s=f"{record['pairs_per_s']:.1f}")
@@ -167,10 +169,28 @@ def log_eval(logger, bar, done: int, eval_metrics: dict) -> None:
               f"margin {eval_metrics['rewards/margins']:.3f}")
 
 
+def stop_diverged(config, checkpoints, done: int, state, window, policy, fingerprint, watch) -> None:
+    """Save the newest state (bad steps were never applied to it, so it is the newest good one) unless that
+    step is on disk already, then stop the run with the watch's one-line message."""
+    save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
+    checkpoints.close()
+    raise watch.stop(checkpoints.latest_step(), checkpoints.directory)
+
+
+def log_setting_changes(config, logger, step: int, meta: dict) -> None:
+    """Keys that change only the future (fingerprint.RESUME_ADJUSTABLE_KEYS) may change on resume: one line
+    each, and a record of the new values in metrics.jsonl at the step the run resumes from."""
+    changes = setting_changes(meta.get(SETTINGS_KEY), adjustable_settings(config))
+    for key, (before, now) in changes.items():
+        build.log(f"  changed    {key}: {before} -> {now} (from step {step} on)")
+    if changes:
+        logger.write(step, {f"resume/{key}": now for key, (_, now) in changes.items()})
+
+
 def save(config, checkpoints, step: int, state, window, policy, fingerprint, *, force: bool = False) -> None:
     if not force and not checkpoints.should_save(step):
         return  # decided before the meta: the window's state fetches its metrics from the device
-    meta = {"data_position": step, FINGERPRINT_KEY: fingerprint,
+    meta = {"data_position": step, FINGERPRINT_KEY: fingerprint, SETTINGS_KEY: adjustable_settings(config),
             # The logging window so far, so a resume logs what an uninterrupted run logs.
             WINDOW_META_KEY: window.state(),
             # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).

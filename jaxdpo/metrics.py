@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import jax
+
+from jaxdpo.errors import ConfigError, DamagedFileWarning
 
 # Key of the window's state in a checkpoint's meta.
 WINDOW_META_KEY = "metrics_window"
@@ -86,9 +89,13 @@ class MetricsLogger:
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            lines = f.readlines()
+        records = _parse_lines(self.path, lines)
+        if len(records) < len([line for line in lines if line.strip()]):
+            warnings.warn(f"{self.path}: dropped its partial last line (the run stopped while writing it)",
+                          DamagedFileWarning, stacklevel=2)
         with open(self.path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= step)
 
     def write(self, step: int, record: dict[str, float]) -> None:
         if not self.enabled:
@@ -106,6 +113,23 @@ class MetricsLogger:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl (a partial last line, from a run stopped mid-write, left out)."""
     path = os.path.join(workdir, "metrics.jsonl")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return _parse_lines(path, f.readlines())
+
+
+def _parse_lines(path: str, lines: list[str]) -> list[dict]:
+    """The JSON records of `lines`; a last line that is not JSON (cut off mid-write) is left out, any other
+    such line is a ConfigError naming the file and line."""
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path}:{number} is not a JSON record ({error.msg}); fix or delete that line") from None
+    return records

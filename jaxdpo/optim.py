@@ -1,4 +1,11 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping, no weight decay on norms and biases.
+
+Two counters: the train state's `step` is the data position (batches consumed, a skipped non-finite step
+included), and the optimizer's own count is the number of updates applied. The schedule (and Adam's bias
+correction) follows the optimizer's count, so a skipped step takes no place in the schedule: the next
+good step gets the rate the bad one would have had, and `train/lr` logs the rate applied
+(`applied_updates`). A run with k skipped steps ends k places short of the schedule's end.
+"""
 
 import math
 import numbers
@@ -75,3 +82,10 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                              weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask))
     return optax.chain(*parts), schedule
+
+
+def applied_updates(opt_state):
+    """The optimizer's count of applied updates (the schedule's position), from `make_optimizer`'s state."""
+    (schedule_state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+                         if isinstance(s, optax.ScaleByScheduleState)]
+    return schedule_state.count

@@ -86,6 +86,8 @@ def read_params(checkpoints_dir: str, step: int) -> tuple[dict, dict]:
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one_device), wanted)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
+        layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+        check_restored(layout, {"params": restored["params"]}, where=f"checkpoint step {step} in {checkpoints_dir}")
     finally:
         manager.close()
     return _strip_variable_level(restored["params"]), meta

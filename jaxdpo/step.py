@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from jaxdpo import losses
+from jaxdpo.optim import applied_updates
 from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
 
 
@@ -225,28 +226,39 @@ def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientT
         metrics = {k: v / total_valid for k, v in metric_sums.items()}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new_state = apply_gradients(state, grads, optimizer, finite)
-        metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite * 1.0, pairs=total_valid,
-                       tokens=tokens)
+        new_state, finite = apply_gradients(state, grads, optimizer, finite)
+        # The rate this step applies: the schedule counts applied updates, not batches (optim.py).
+        metrics.update(grad_norm=grad_norm, lr=schedule(applied_updates(state["opt_state"])), finite=finite * 1.0,
+                       pairs=total_valid, tokens=tokens, bad_steps=new_state["bad_steps"])
         return new_state, metrics
 
     return train_step
 
 
-def apply_gradients(state, grads, optimizer: optax.GradientTransformation, finite) -> dict[str, Any]:
-    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state untouched; the
-    data position still advances (the loop counts consecutive bad steps and stops the run)."""
+def apply_gradients(state, grads, optimizer: optax.GradientTransformation, finite) -> tuple[dict[str, Any], Any]:
+    """One optimizer update -> (state, whether it was committed). The update commits only if the loss and
+    gradient (`finite`) and the updated params and optimizer state are all finite: a bad step leaves both
+    untouched, so the optimizer's count (the schedule's position) does not advance either. `step`, the
+    data position, always advances (the batch is skipped, not retried); the loop counts consecutive bad
+    steps (`bad_steps`) and stops the run at train.max_bad_steps."""
     params = state["params"]
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
+    finite = finite & all_finite(new_params) & all_finite(new_opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return {
         "params": keep(new_params, params),
         "opt_state": keep(new_opt_state, state["opt_state"]),
         "step": state["step"] + 1,
         "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
-    }
+    }, finite
+
+
+def all_finite(tree) -> jax.Array:
+    """True iff every floating-point leaf of `tree` is finite everywhere."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:

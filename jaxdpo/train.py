@@ -3,10 +3,16 @@
 A bad config never reaches the compiler: the `--config.*` overrides are checked against the config file
 before absl parses them (unknown key -> the nearest known key; wrong type), then `config.validate` checks
 the finished config. Every such problem is one line on stderr, `jaxdpo: ...`, and exit status 2.
+
+Exit statuses (jaxdpo/errors.py): 0 finished; 2 a config, input, workdir or disk problem (one line);
+3 stopped after train.max_bad_steps non-finite steps in a row (newest good state saved); 75 (EX_TEMPFAIL)
+preempted by SIGTERM or Ctrl-C, checkpoint saved: rerun the same command to resume.
 """
 
+import logging
 import os
 import sys
+import warnings
 
 # Simulated CPU devices (--xla_force_host_platform_device_count) deadlock in all-reduce when XLA's
 # concurrency-optimized CPU scheduler orders collectives differently per device; turn it off there.
@@ -17,7 +23,7 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdpo import config as config_lib
+from jaxdpo import config as config_lib, errors
 
 DEFAULT_CONFIG = "configs/dpo.py"
 # Every key a run reads, with its default: other config files must have exactly these keys.
@@ -84,15 +90,42 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; options look like --config.train.steps=100")
     config = _CONFIG.value
+    _one_line_notices()
     try:
         config_lib.validate(config)
         from jaxdpo import distributed
         distributed.initialize(config.distributed)
         from jaxdpo.loop import train_and_evaluate
-        train_and_evaluate(config)
+        run = train_and_evaluate(config)
     except config_lib.ConfigError as e:
-        print(f"jaxdpo: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"jaxdpo: {e}", file=sys.stderr, flush=True)
+        sys.exit(errors.EXIT_USER_ERROR)
+    except errors.TrainingStopped as e:
+        print(f"jaxdpo: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+    # A scheduler (or `train && convert`) must tell "preempted, saved, rerun me" from "finished".
+    sys.exit(errors.EXIT_PREEMPTED if run.preempted else errors.EXIT_FINISHED)
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """A failed background save (a full disk) makes orbax log the same error with tracebacks from several
+    threads before it reaches the loop, which reports it in one line (Checkpointer._write_error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _one_line_notices() -> None:
+    """A damaged file set aside (DamagedFileWarning) is one `jaxdpo:` line on stderr, not Python's two."""
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, errors.DamagedFileWarning):
+            return f"jaxdpo: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    logging.getLogger("absl").addFilter(_DropOrbaxErrors())
 
 
 def run():

@@ -16,7 +16,9 @@
 # JAX_PLATFORMS=cpu. Output lines are prefixed with [pK]; each process's output is also kept in
 # LOG_DIR/process_K.log (LOG_DIR defaults to a fresh temp dir, printed at the start).
 # If one process fails, the others are stopped (SIGTERM, SIGKILL after STOP_GRACE_S=10 seconds) and
-# the script exits with the failed process's status.
+# the script exits with the failed process's status. The trainer's statuses (README, "Exit statuses"):
+# 0 finished, 2 config/input/workdir/disk problem, 3 diverged, 75 preempted (SIGTERM / Ctrl-C) with a
+# checkpoint saved: rerun the same command to resume.
 # PYTHON picks the interpreter (default: python3).
 set -euo pipefail
 if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then

@@ -24,7 +24,9 @@
 # worker writes its own checkpoints. The model and data paths must exist on every worker too (the
 # bundled demo assets travel with the checkout). Interrupting this script stops the ssh sessions; the
 # remote runs go on unless killed (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command
-# "pkill -f jaxdpo.train"`).
+# "pkill -f jaxdpo.train"`). The script exits with the trainer's status (README, "Exit statuses"): 75
+# means preempted (a Spot VM reclaimed, a maintenance event) with a checkpoint saved: run the same
+# command again to resume; 0 finished; 2 a config/input/workdir/disk problem; 3 diverged.
 set -euo pipefail
 
 name="${JAXDPO_TPU_NAME:-jaxdpo}"

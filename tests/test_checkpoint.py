@@ -113,6 +113,31 @@ def test_truncated_newest_falls_back_to_previous(tmp_path, mesh8):
     assert_bit_equal(restored["params"], toy_state(mesh8, 2)["params"])
 
 
+def test_changed_values_fail_the_checksums_and_the_step_is_moved_aside_then_saved_again(tmp_path, mesh8):
+    save_steps(tmp_path, mesh8, [2, 4], keep=2)
+    # Readable arrays with other values than step 4 saved (what flipped bytes in a data block read as):
+    # step 2's state files under step 4's checksums.
+    shutil.rmtree(tmp_path / "4" / "state")
+    shutil.copytree(tmp_path / "2" / "state", tmp_path / "4" / "state")
+    ckpt = Checkpointer(tmp_path, keep=2, save_every=2)
+    with pytest.warns(CorruptCheckpointWarning, match=r"step 4 .*checksum mismatch in state/.*moved to"):
+        step, _, _ = ckpt.restore_latest(abstract_on(mesh8, toy_state(mesh8)))
+    assert step == 2 and ckpt.all_steps() == [2]
+    assert [n.split("-")[0] for n in os.listdir(tmp_path / "damaged")] == ["4"]
+    assert ckpt.save(4, toy_state(mesh8, 4), {"fingerprint": FINGERPRINT})  # not "already on disk"
+    ckpt.close()
+    assert Checkpointer(tmp_path, keep=2, save_every=2).all_steps() == [2, 4]
+
+
+def test_checksums_do_not_depend_on_the_mesh():
+    from jaxdpo.checksums import state_checksums
+
+    state = toy_state(make_mesh(1, 8, 1))
+    on_one = jax.device_put(jax.device_get(state), jax.devices()[0])
+    name = lambda path: jax.tree_util.keystr(path)  # noqa: E731
+    assert state_checksums(state, name) == state_checksums(on_one, name)
+
+
 def test_unreadable_metadata_falls_back_and_all_bad_is_an_error(tmp_path, mesh8):
     save_steps(tmp_path, mesh8, [1, 2])
     with open(tmp_path / "2" / "meta" / "metadata", "w") as f:
@@ -170,7 +195,8 @@ def test_config_fingerprint_flags_what_breaks_an_exact_resume():
     config = dpo.get_config()
     saved = config_fingerprint(config, model_config={"hidden_size": 32, "rope_theta": 1e4}, vocab_size=300)
     changed = dpo.get_config()
-    changed.optim.lr *= 2
+    changed.optim.lr *= 2  # allowed on resume: the rate shapes only the updates to come
+    changed.optim.b2 = 0.9
     changed.data.layout = "packed"
     changed.model.dtype, changed.lora.dropout = "bfloat16", 0.1
     changed.mesh.fsdp, changed.train.steps, changed.train.save_every = 2, 500, 7  # allowed on resume
@@ -180,7 +206,7 @@ def test_config_fingerprint_flags_what_breaks_an_exact_resume():
         "data.layout: checkpoint='padded' now='packed'",
         "lora.dropout: checkpoint=0.0 now=0.1",
         "model.dtype: checkpoint='float32' now='bfloat16'",
-        f"optim.lr: checkpoint={config.optim.lr!r} now={changed.optim.lr!r}"]
+        f"optim.b2: checkpoint={config.optim.b2!r} now=0.9"]
     assert fingerprint_differences(saved, config_fingerprint(config, model_config={"hidden_size": 64,
                                    "rope_theta": 1e4}, vocab_size=300)) == [
         "model_config.hidden_size: checkpoint=32 now=64"]

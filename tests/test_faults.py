@@ -1,18 +1,22 @@
 """Fault injection through the real entry point (`python -m jaxdpo.train`, issue 15): changed data on
-resume, damaged caches, broken model files, too little data. Every run is its own process on one CPU
+resume, damaged caches and checkpoints, broken model files, a bad workdir or a full disk, divergence,
+preemption, a half-written metrics line, too little data. Every run is its own process on one CPU
 device; they share one compile cache, so only the first run compiles. The base run trains 4 steps with
 relative data paths and a cached reference; every later test works on a copy of its workdir."""
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
-from tests.helpers import damage
+from tests.helpers import damage, truncate_files
 from tests.processes import REPO_ROOT
 
 OVERRIDES = {"train.steps": 4, "train.save_every": 2, "train.keep_checkpoints": 2, "train.export_hf": False,
@@ -45,14 +49,21 @@ def write_config(root: str, name: str, **overrides) -> str:
     return path
 
 
+def train_env(root: str) -> dict:
+    return dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true",
+                JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compile_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+
+
+def train_command(config_file: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "jaxdpo.train", f"--config={config_file}", *flags]
+
+
 def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
-    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compile_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "jaxdpo.train", f"--config={config_file}", *flags]
-    return subprocess.run(command, cwd=cwd or root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(train_command(config_file, *flags), cwd=cwd or root, env=train_env(root),
+                          capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(result) -> str:
@@ -168,3 +179,160 @@ def test_fewer_pairs_than_one_batch_fails_before_compiling(root, base):
     line = one_line_error(result)
     assert "train.batch_size=32" in line and "data/train.jsonl" in line
     assert "pairs/step" not in result.stdout  # found while building the data: no banner, no step, no eval
+
+
+# ------------------------------------------------------------------------------ 1, 3: damaged checkpoints
+def checkpoint_steps(workdir: str) -> list[int]:
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def notices(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("jaxdpo:")]
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(root, base):
+    config = copy_run(root, base, "damaged_ckpt")
+    workdir = os.path.join(root, "damaged_ckpt")
+    truncate_files(os.path.join(workdir, "checkpoints", "4"))
+    result = train(root, config, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in notices(result) if "checkpoint step 4" in line]
+    assert "moved to" in line and "Traceback" not in result.stderr
+    assert "resumed    from checkpoint step 2" in result.stdout
+    (moved,) = os.listdir(os.path.join(workdir, "checkpoints", "damaged"))
+    assert moved.startswith("4-")
+    assert checkpoint_steps(workdir) == [2, 4]  # step 4 saved again; the good step 2 was not rotated out
+    again = train(root, config, cwd=workdir)
+    assert again.returncode == 0 and "resumed    from checkpoint step 4" in again.stdout, again.stderr[-3000:]
+
+
+def flip_bytes(path: str, count: int = 8) -> None:
+    data = bytearray(open(path, "rb").read())
+    for i in range(count):
+        data[len(data) // 2 + i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected_and_never_exported(root, base):
+    config = copy_run(root, base, "flipped")
+    workdir = os.path.join(root, "flipped")
+    state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+    files = [os.path.join(r, n) for r, _, names in os.walk(state_dir) for n in names]
+    flip_bytes(max(files, key=os.path.getsize))  # the arrays' data file
+    result = train(root, config, "--config.train.export_hf=true", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any("checkpoint step 4" in line and "checksum mismatch" in line for line in notices(result))
+    assert "resumed    from checkpoint step 2" in result.stdout
+    from safetensors.numpy import load_file
+
+    weights = load_file(os.path.join(workdir, "hf", "model.safetensors"))
+    assert all(np.isfinite(w).all() for w in weights.values())
+
+
+# ------------------------------------------------------------------------------ 2: divergence
+def test_divergence_stops_at_the_limit_between_logs_saves_and_exits_3(root, base):
+    # beta 1e38: every step's loss or gradient overflows. log_every 25 > steps: only a per-step check stops it.
+    config = write_config(root, "diverged", **{"loss.beta": 1e38, "train.steps": 8, "train.save_every": 6,
+                                               "train.log_every": 25, "train.max_bad_steps": 2})
+    result = train(root, config)
+    assert result.returncode == 3, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    (line,) = notices(result)
+    assert "max_bad_steps=2" in line and "optim.lr" in line
+    workdir = os.path.join(root, "diverged")
+    (saved,) = checkpoint_steps(workdir)  # the newest state, saved at the stop (before the scheduled 6)
+    assert saved <= 4 and f"checkpoint step {saved}" in line
+
+
+def test_learning_rate_and_steps_may_change_on_resume(root, base):
+    from jaxdpo.metrics import read_metrics
+
+    config = copy_run(root, base, "new_lr")
+    workdir = os.path.join(root, "new_lr")
+    result = train(root, config, "--config.optim.lr=2e-4", "--config.train.steps=6", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "changed    optim.lr: 0.001 -> 0.0002 (from step 4 on)" in result.stdout
+    assert {"step": 4, "resume/optim.lr": 2e-4, "resume/train.steps": 6.0} in read_metrics(workdir)
+    refused = train(root, config, "--config.optim.b2=0.9", "--config.train.steps=8", cwd=workdir)
+    assert refused.returncode == 2 and "optim.b2" in refused.stderr
+
+
+# ------------------------------------------------------------------------------ 7: preemption exit status
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_preempted_run_exits_75_after_saving(root, base, signal_name):
+    config = write_config(root, f"preempted_{signal_name}", **{"train.steps": 2000, "train.save_every": 5000,
+                                                                  "train.log_every": 50})
+    process = subprocess.Popen(train_command(config), cwd=root, env=train_env(root), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "train:" not in seen:  # the progress bar exists once the signal handlers are installed
+        char = process.stderr.read(1)
+        assert char, seen[-3000:]
+        seen += char
+    process.send_signal(getattr(signal, signal_name))
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, (process.returncode, (seen + stderr)[-3000:])
+    assert "to resume, rerun the same command" in stdout
+    (saved,) = checkpoint_steps(os.path.join(root, f"preempted_{signal_name}"))
+    assert 0 < saved < 2000
+
+
+# ------------------------------------------------------------------------------ 15: partial metrics line
+def test_partial_last_metrics_line_does_not_block_resume(root, base):
+    from jaxdpo.metrics import read_metrics
+
+    config = copy_run(root, base, "partial_metrics")
+    workdir = os.path.join(root, "partial_metrics")
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "train/lo')  # a crash mid-write
+    result = train(root, config, "--config.train.steps=6", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in notices(result) if "metrics.jsonl" in line]
+    assert "partial last line" in line
+    assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------ 16: workdir and disk
+def test_workdir_that_is_a_file_is_one_line(root, base):
+    path = os.path.join(root, "a_file")
+    open(path, "w").write("not a directory")
+    line = one_line_error(train(root, write_config(root, "file_workdir"), f"--config.workdir={path}"))
+    assert path in line and "is a file" in line
+
+
+def read_only_directory(root: str) -> str:
+    """A directory this process cannot write in: chmod 555 where permissions apply, else a read-only mount."""
+    if os.geteuid() != 0:
+        path = os.path.join(root, "read_only")
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, 0o555)
+        return path
+    for mount in ("/sys", "/proc/sys"):
+        if os.path.isdir(mount) and os.statvfs(mount).f_flag & os.ST_RDONLY:
+            return mount
+    pytest.skip("running as root with no read-only mount to write into")
+
+
+def test_read_only_workdir_is_one_line(root, base):
+    path = os.path.join(read_only_directory(root), "run")
+    line = one_line_error(train(root, write_config(root, "ro_workdir"), f"--config.workdir={path}"))
+    assert path in line and "not writable" in line
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(root, base):
+    config = copy_run(root, base, "disk_full")
+    workdir = os.path.join(root, "disk_full")
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # the rerun trains 3-4 and saves 4 again
+    state_dir = os.path.join(workdir, "checkpoints", "2", "state")
+    largest = max(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(state_dir) for n in names)
+
+    def file_size_limit():  # writes past it fail with EFBIG, as they would with ENOSPC on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest // 2, largest // 2))
+
+    result = subprocess.run(train_command(config), cwd=workdir, env=train_env(root), capture_output=True, text=True,
+                            timeout=300, preexec_fn=file_size_limit)
+    line = one_line_error(result)
+    assert "Exception ignored" not in result.stderr
+    assert os.path.join(workdir, "checkpoints") in line and "checkpoint step 2 is intact" in line
+    assert checkpoint_steps(workdir) == [2]

@@ -84,3 +84,50 @@ def test_bf16_compute_over_fp32_master_weights(assets, tmp_path):
     in_fp32 = nnx.merge(full.policy.graphdef, full.reference.params, full.policy.frozen)
     difference = np.max(np.abs(np.asarray(in_bf16(ids)) - np.asarray(in_fp32(ids))))
     assert 1e-4 < difference < 0.1
+
+
+# ----- non-finite steps (issue 15, items 3 and 4) ----------------------------------------------------
+@pytest.fixture
+def cached_run(assets, tmp_path):
+    """A finished 3-step run with a cached reference (its batches carry the reference logprobs)."""
+    run, _ = train(assets, tmp_path, devices=jax.devices()[:1], **{"reference.mode": "cached",
+                                                                     "train.export_hf": False})
+    return run
+
+
+def with_nan_reference(batch: dict) -> dict:
+    nan = np.full(batch["ref_chosen"].shape, np.nan, np.float32)
+    return {**batch, "ref_chosen": jax.device_put(nan, batch["ref_chosen"].sharding)}
+
+
+def test_skipped_step_takes_no_place_in_the_schedule(cached_run):
+    from jaxdpo.build import fresh_state
+    from jaxdpo.optim import applied_updates
+    from tests.helpers import train_batch
+
+    run = cached_run
+    params = jax.tree.map(lambda x: x.copy(), run.state["params"])
+    state = fresh_state(run.steps.init, run.steps.state_shardings, params)  # schedule position 0
+    step = lambda state, batch: run.steps.train_step(state, run.policy.frozen, run.reference.params, batch)  # noqa: E731
+    state, _ = step(state, train_batch(run, 0))  # warmup: rate 0
+    state, bad = step(state, with_nan_reference(train_batch(run, 1)))
+    assert float(bad["finite"]) == 0.0 and int(state["step"]) == 2 and int(applied_updates(state["opt_state"])) == 1
+    assert float(bad["lr"]) == pytest.approx(float(run.steps.schedule(1)))  # the peak, after one update
+    state, good = step(state, train_batch(run, 2))
+    assert float(good["finite"]) == 1.0 and int(applied_updates(state["opt_state"])) == 2
+    assert float(good["lr"]) == float(bad["lr"])  # the rate the skipped step would have applied
+
+
+def test_non_finite_optimizer_state_is_never_committed(cached_run):
+    from tests.helpers import train_batch
+
+    run, state = cached_run, cached_run.state
+    before = jax.device_get(state["params"])
+    # A damaged (restored) first moment: loss and gradient are finite, the update is not.
+    state = {**state, "opt_state": jax.tree.map(
+        lambda x: x * np.nan if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state["opt_state"])}
+    state, metrics = run.steps.train_step(state, run.policy.frozen, run.reference.params, train_batch(run, 0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["finite"]) == 0.0 and int(metrics["bad_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)

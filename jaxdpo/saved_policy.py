@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxdpo.checkpoint import check_restored
 from jaxdpo.errors import ConfigError
 from jaxdpo.fingerprint import FINGERPRINT_KEY
 from jaxdpo.models import Decoder, ModelConfig

@@ -336,3 +336,16 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(root,
     assert "Exception ignored" not in result.stderr
     assert os.path.join(workdir, "checkpoints") in line and "checkpoint step 2 is intact" in line
     assert checkpoint_steps(workdir) == [2]
+
+
+def test_damaged_checkpoint_never_reaches_an_export(root, base):
+    from jaxdpo.errors import ConfigError
+    from jaxdpo.saved_policy import read_params
+
+    checkpoints = os.path.join(root, "export_damaged")
+    shutil.copytree(os.path.join(base, "checkpoints"), checkpoints)
+    shutil.rmtree(os.path.join(checkpoints, "4", "state"))  # readable arrays, other values than step 4's
+    shutil.copytree(os.path.join(checkpoints, "2", "state"), os.path.join(checkpoints, "4", "state"))
+    read_params(checkpoints, 2)
+    with pytest.raises(ConfigError, match="checkpoint step 4 .* is damaged .checksum mismatch in state/params"):
+        read_params(checkpoints, 4)

@@ -149,3 +149,39 @@ def test_same_seed_same_tokens_on_one_and_eight_devices(tiny):
     other_seed = sample(model, batch, gen.SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=50,
                                                             top_p=0.9, seed=12))
     assert [c.ids for c in other_seed] != results[0]
+
+
+def test_stop_strings_cut_text_and_ids(tmp_path):
+    from tests.tiny_assets import make_tokenizer
+
+    tokenizer = make_tokenizer(str(tmp_path), ["The owl is red. Glad to help! The cat is blue."] * 20)
+    ids = tokenizer("The owl is red. Glad to help! The cat", add_special_tokens=False)["input_ids"]
+    text, kept, stopped = gen.truncate_at_stop(tokenizer, ids, ["nothing here", " Glad"])
+    assert (text, stopped) == ("The owl is red.", True)
+    assert " Glad" in tokenizer.decode(kept) and " Glad" not in tokenizer.decode(kept[:-1])
+    assert gen.truncate_at_stop(tokenizer, ids, ["zebra"]) == (tokenizer.decode(ids), ids, False)
+
+
+@pytest.mark.parametrize("flags,row,message", [
+    ([], '{"question": "hi"}', "prompts.jsonl line 2: a JSON row needs a 'prompt' key"),
+    ([], '{"prompt": [{"role": "user"}]}', "prompts.jsonl line 2: 'prompt' must be a non-empty string"),
+    (["--temperature=-1"], "hi", "temperature = -1.0 must be >= 0"),
+    (["--top_p=0"], "hi", "top_p = 0.0 must be in (0, 1]"),
+    (["--max_new_tokens=x"], "hi", "argument --max_new_tokens: invalid int value"),
+    (["--model=/no/such/dir"], "hi", "--model: /no/such/dir is not a directory"),
+])
+def test_sample_cli_bad_input_is_one_line_and_status_2(flags, row, message, tmp_path, capsys):
+    from jaxdpo import sample
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + row + "\n")
+    args = [f"--model={tmp_path}", f"--prompts={prompts}", "--max_new_tokens=4", f"--output={tmp_path / 'o'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        sys_exit(sample.main(args + flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jaxdpo.sample: ") and message in err, err
+
+
+def sys_exit(status):
+    raise SystemExit(status)

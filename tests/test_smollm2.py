@@ -136,11 +136,14 @@ def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_pat
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(losses[1])
     assert os.path.exists(workdir / "hf_adapter" / "adapter_model.safetensors")
 
-    from jaxdpo import sample
-
     prompts_file, output = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
     prompts_file.write_text('{"prompt": [{"role": "user", "content": "What is 23 + 48?"}]}\n')
-    assert sample.main([f"--model={workdir}", f"--prompts={prompts_file}", "--max_new_tokens=8",
-                        "--temperature=0", f"--output={output}"]) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdpo.sample", f"--model={workdir}", f"--prompts={prompts_file}",
+         "--max_new_tokens=8", "--temperature=0", f"--output={output}"],
+        cwd=repo, env=dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=repo), capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens/s" in result.stdout
     row = json.loads(output.read_text())
     assert row["completion"] and len(row["completion_ids"]) <= 8

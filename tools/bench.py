@@ -288,6 +288,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
     p.add_argument("--batch-sizes", default="1,32", help="--generate: comma-separated rows per call")
     p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens decoded per row")
+    p.add_argument("--torch-threads", type=int, default=0, help="--generate: transformers' threads (0 = torch's)")
     p.add_argument("--json", default="", help="write every figure here")
     args = p.parse_args(argv)
 
@@ -301,7 +302,8 @@ def main(argv=None) -> dict:
         from bench_generate import bench_generate
 
         report["generate"] = bench_generate(args.model, [int(b) for b in args.batch_sizes.split(",")],
-                                            args.new_tokens, repeats=args.steps, dtype=args.dtype)
+                                            args.new_tokens, repeats=args.steps, dtype=args.dtype,
+                                            torch_threads=args.torch_threads)
         _write(args, report)
         return report
     if args.memory_vocab:

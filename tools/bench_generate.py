@@ -75,12 +75,14 @@ def decode_tokens_per_s(run, rows: int, new_tokens: int, repeats: int) -> tuple[
 
 
 def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repeats: int = 3,
-                   dtype: str = "float32") -> dict:
+                   dtype: str = "float32", torch_threads: int = 0) -> dict:
     import torch
     from transformers import AutoTokenizer
 
     from jaxdpo.generate import encode_prompt
 
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report = {"model": model_dir, "new_tokens": new_tokens, "dtype": dtype, "torch_threads": torch.get_num_threads(),

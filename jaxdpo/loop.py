@@ -18,7 +18,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdpo import batches, build, checkpoint
+from jaxdpo import batches, build, checkpoint, samples
 from jaxdpo.data import identity
 from jaxdpo.fingerprint import FINGERPRINT_KEY, config_fingerprint
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
@@ -57,11 +57,14 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
     preempted = install_preemption_handler()
     fingerprint = run_fingerprint(config, policy, reference, data)
+    watch = samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step)
 
     eval_metrics = {}
     if start_step == 0 and data.eval_batcher is not None:
-        eval_metrics = evaluate(steps, state, policy, reference, data)
+        eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
         logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    if start_step == 0:
+        watch.write_samples(0, state["params"], logger)
     total = data.total_steps
     bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
@@ -76,8 +79,9 @@ def train_and_evaluate(config, *, devices=None) -> Run:
             window, t_window = MetricsWindow(), time.perf_counter()
         bar.update(1)
         if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
-            eval_metrics = evaluate(steps, state, policy, reference, data)
+            eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
             log_eval(logger, bar, done, eval_metrics)
+        watch.write_samples(done, state["params"], logger)
         save(config, checkpoints, done, state, window, policy, fingerprint, force=done == total)
         if done < total and preempted(done):
             save(config, checkpoints, done, state, window, policy, fingerprint, force=True)

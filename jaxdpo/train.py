@@ -88,8 +88,12 @@ def main(argv):
         config_lib.validate(config)
         from jaxdpo import distributed
         distributed.initialize(config.distributed)
-        from jaxdpo.loop import train_and_evaluate
-        train_and_evaluate(config)
+        if config.online.rounds:
+            from jaxdpo.online import run_online
+            run_online(config)
+        else:
+            from jaxdpo.loop import train_and_evaluate
+            train_and_evaluate(config)
     except config_lib.ConfigError as e:
         print(f"jaxdpo: {e}", file=sys.stderr)
         sys.exit(2)

@@ -71,6 +71,41 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.max_bad_steps = 5  # consecutive non-finite steps before the run stops
     c.train.export_hf = True
+    c.train.sample_every = 0  # every N steps: policy vs reference completions -> samples.jsonl, tensorboard; 0 = off
+    c.train.sample_prompts = 4  # held-out eval prompts sampled (the first distinct ones)
+
+    # Sampling for train.sample_every and the judge's win rate (policy and reference draw with seeds
+    # derived from sampling.seed, see jaxdpo/samples.py).
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 64
+    c.sampling.temperature = 0.7  # 0 = greedy
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.top_p = 1.0  # 1 = off
+    c.sampling.seed = 0
+    c.sampling.batch_size = 16  # prompts per compiled sampling call
+
+    # A judge ranks completions: eval/win_rate of the policy against the reference at every eval, and
+    # the pairs of on-policy rounds. Set one of function and reward_model; both empty = no judge.
+    c.judge = ml_collections.ConfigDict()
+    c.judge.function = ""  # "module:function(prompt, completion) -> float", e.g. "jaxdpo.judges_rules:short_answer"
+    c.judge.reward_model = ""  # an HF *ForSequenceClassification checkpoint directory
+    c.judge.prompts = 32  # held-out prompts judged for the win rate (the first distinct ones)
+    c.judge.batch_size = 8  # reward model: rows per forward
+    c.judge.max_length = 0  # reward model: tokens read per row; 0 = its max_position_embeddings
+
+    # On-policy DPO (jaxdpo/online.py): rounds of sample (k per prompt) -> judge -> best vs worst pairs ->
+    # train (train.* per round) on WORKDIR/rounds/N.jsonl. 0 rounds = offline DPO on data.train_files.
+    c.online = ml_collections.ConfigDict()
+    c.online.rounds = 0
+    c.online.prompts = ""  # prompt files, as data.train_files (rows with data.prompt_key; pairs give theirs)
+    c.online.eval_prompts = ""  # held-out prompts for the win rate after each round (judge.prompts of them)
+    c.online.prompts_per_round = 32
+    c.online.samples_per_prompt = 4  # k >= 2 completions per prompt; best vs worst by judge score
+    c.online.max_new_tokens = 64
+    c.online.temperature = 1.0
+    c.online.top_k = 0
+    c.online.top_p = 1.0
+    c.online.reference = "previous"  # previous: each round's starting policy | initial: model.path (no LoRA)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

@@ -201,7 +201,7 @@ def _check_schema_values(config) -> None:
 def validate(config) -> None:
     """Raise ConfigError for the first problem found, in words a user can act on."""
     # The owners of each section; imported here because they are heavy (jax) and this module is not.
-    from jaxdpo import data, losses, optim, reference, sharding
+    from jaxdpo import data, losses, online, optim, reference, samples, sharding
     from jaxdpo.data.batcher import check_batch_sizes
     from jaxdpo.models import hf_io, lora
 
@@ -216,3 +216,5 @@ def validate(config) -> None:
     lora_on = lora.check_config(config)
     reference.check_config(config, lora_on=lora_on)
     losses.validate_loss_config(config.loss, has_reference=reference.gives_logprobs(config, lora_on=lora_on))
+    samples.check_config(config)
+    online.check_config(config, lora_on=lora_on)

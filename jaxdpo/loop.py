@@ -18,7 +18,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdpo import batches, build, checkpoint
+from jaxdpo import batches, build, checkpoint, samples
 from jaxdpo.data import identity
 from jaxdpo.divergence import BadStepWatch
 from jaxdpo.fingerprint import FINGERPRINT_KEY, SETTINGS_KEY, adjustable_settings, config_fingerprint, setting_changes
@@ -61,11 +61,14 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     watch = BadStepWatch(config.train.max_bad_steps)
     preempted = install_preemption_handler()
     fingerprint = run_fingerprint(config, policy, reference, data)
+    watch = samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step)
 
     eval_metrics = {}
     if start_step == 0 and data.eval_batcher is not None:
-        eval_metrics = evaluate(steps, state, policy, reference, data)
+        eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
         logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    if start_step == 0:
+        watch.write_samples(0, state["params"], logger)
     total = data.total_steps
     bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
@@ -84,8 +87,9 @@ def train_and_evaluate(config, *, devices=None) -> Run:
             window, t_window = MetricsWindow(), time.perf_counter()
         bar.update(1)
         if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
-            eval_metrics = evaluate(steps, state, policy, reference, data)
+            eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
             log_eval(logger, bar, done, eval_metrics)
+        watch.write_samples(done, state["params"], logger)
         save(config, checkpoints, done, state, window, policy, fingerprint, force=done == total)
         if done < total and preempted(done):
             save(config, checkpoints, done, state, window, policy, fingerprint, force=True)

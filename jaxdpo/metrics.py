@@ -107,6 +107,12 @@ class MetricsLogger:
             self._tb.add_scalar(key, float(value), int(step))
         self._tb.flush()
 
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A markdown text record in tensorboard's text tab (samples during training)."""
+        if self.enabled:
+            self._tb.add_text(tag, text, int(step))
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

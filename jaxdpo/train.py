@@ -95,8 +95,12 @@ def main(argv):
         config_lib.validate(config)
         from jaxdpo import distributed
         distributed.initialize(config.distributed)
-        from jaxdpo.loop import train_and_evaluate
-        run = train_and_evaluate(config)
+        if config.online.rounds:
+            from jaxdpo.online import run_online
+            run = run_online(config)  # the last round's run; None when every round was already done
+        else:
+            from jaxdpo.loop import train_and_evaluate
+            run = train_and_evaluate(config)
     except config_lib.ConfigError as e:
         print(f"jaxdpo: {e}", file=sys.stderr, flush=True)
         sys.exit(errors.EXIT_USER_ERROR)
@@ -104,7 +108,7 @@ def main(argv):
         print(f"jaxdpo: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)
     # A scheduler (or `train && convert`) must tell "preempted, saved, rerun me" from "finished".
-    sys.exit(errors.EXIT_PREEMPTED if run.preempted else errors.EXIT_FINISHED)
+    sys.exit(errors.EXIT_PREEMPTED if run is not None and run.preempted else errors.EXIT_FINISHED)
 
 
 class _DropOrbaxErrors(logging.Filter):

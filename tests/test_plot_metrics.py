@@ -55,6 +55,18 @@ def test_every_panel_is_drawn_into_a_png(tmp_path):
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
 
+def test_a_judged_run_gets_its_win_rate_panel(tmp_path):
+    _write_run(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        for step in (0, 20, 40):
+            rate = 0.5 + step / 100
+            f.write(json.dumps({"step": step, "eval/win_rate": rate, "eval/win_rate_low": rate - 0.15,
+                                "eval/win_rate_high": min(1.0, rate + 0.1)}) + "\n")
+    titles = plot_metrics.plot_metrics(str(tmp_path))
+    assert titles == BASE_TITLES + ["judged win rate vs reference"]
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_a_panel_without_data_says_so(tmp_path):
     _write_run(tmp_path, with_lr=False)
     titles = plot_metrics.plot_metrics(str(tmp_path), out=str(tmp_path / "plots" / "m.png"))

@@ -31,6 +31,18 @@ PANELS: list[tuple[str, str, tuple[str, ...]]] = [
     ("learning rate", "lr", ("train/lr",)),
     ("gradient norm", "global L2 norm", ("train/grad_norm",)),
 ]
+# Panels of metrics only some runs log, drawn when the run has them. A judge configured: the policy
+# against the reference on held-out prompts (ties a half), its 95% interval as a band, 0.5 = no better.
+OPTIONAL_PANELS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("judged win rate vs reference", "win rate", ("eval/win_rate",)),
+    ("on-policy rounds: mean judge score", "judge score", ("online/score_mean",)),
+]
+
+
+def panels_of(records: list[dict[str, float]]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """PANELS, then each optional panel whose metrics the run logged."""
+    logged = {key for record in records for key in record}
+    return PANELS + [panel for panel in OPTIONAL_PANELS if logged & set(panel[2])]
 
 
 def _as_float(value, where: str, key: str) -> float:
@@ -71,13 +83,14 @@ def series(records: list[dict[str, float]], key: str) -> tuple[list[float], list
 
 
 def plot(records: list[dict[str, float]], out_path: str, title: str = "") -> list[str]:
-    """Draw every panel of PANELS into `out_path` (PNG); returns the panel titles as drawn, in order
-    (a panel without data is titled "<title> (no data)" and names the metrics it looked for)."""
+    """Draw every panel of `panels_of(records)` into `out_path` (PNG); returns the panel titles as drawn, in
+    order (a panel without data is titled "<title> (no data)" and names the metrics it looked for)."""
+    panels = panels_of(records)
     columns = 3
-    rows = math.ceil(len(PANELS) / columns)
+    rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
     titles = []
-    for ax, (panel_title, ylabel, keys) in zip(axes.flat, PANELS):
+    for ax, (panel_title, ylabel, keys) in zip(axes.flat, panels):
         drawn = 0
         for key in keys:
             steps, values = series(records, key)
@@ -86,6 +99,7 @@ def plot(records: list[dict[str, float]], out_path: str, title: str = "") -> lis
             is_eval = key.startswith("eval/")
             ax.plot(steps, values, label=key, color=_color(key), linestyle="--" if is_eval else "-",
                     marker="o" if is_eval or len(steps) == 1 else None, markersize=3)
+            _interval_band(ax, records, key)
             drawn += 1
         ax.set_title(panel_title if drawn else f"{panel_title} (no data)")
         titles.append(ax.get_title())
@@ -103,7 +117,7 @@ def plot(records: list[dict[str, float]], out_path: str, title: str = "") -> lis
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(PANELS):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -113,6 +127,15 @@ def plot(records: list[dict[str, float]], out_path: str, title: str = "") -> lis
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return titles
+
+
+def _interval_band(ax, records, key: str) -> None:
+    """The 95% interval of a metric logged with `<key>_low` / `<key>_high` (the win rate), as a band."""
+    low_steps, low = series(records, f"{key}_low")
+    high_steps, high = series(records, f"{key}_high")
+    if low_steps and low_steps == high_steps:
+        ax.fill_between(low_steps, low, high, color=_color(key), alpha=0.2, label="95% interval")
+        ax.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
 
 
 def _color(key: str) -> str:

@@ -1,0 +1,328 @@
+"""On-policy DPO: rounds of sample -> judge -> pairs -> train, wrapped around the training loop.
+
+`run_online(config)` runs `online.rounds` rounds. Round r (from 0), all under WORKDIR/rounds/:
+  1. `r.jsonl` (the round's pairs, a data file) is the round's source of truth. When it is missing:
+     `online.prompts_per_round` prompts of `online.prompts` (`round_prompt_indices`), each completed
+     `online.samples_per_prompt` (k) times by the round's starting policy, judged, and the best completion
+     paired with the worst (`judges.form_pairs`; ties give no pair and are counted). Every completion and
+     score goes to `r.samples.jsonl`, the pairs to `r.jsonl`; each file is written whole, then renamed.
+  2. Training: `loop.train_and_evaluate` (the same builders and loop as offline DPO) on `round_config`:
+     workdir `rounds/r/`, data.train_files `rounds/r.jsonl`, model.path the round's starting policy, train.*
+     as configured (steps or epochs per round). Its checkpoints make a stopped round resume exactly.
+  3. `rounds/r/hf`: the trained policy (merged under LoRA: the next round puts fresh adapters on it) starts
+     round r+1; `rounds/r.done` marks the round finished. online.reference = previous: each round's
+     reference is its starting policy (the run's reference.mode on it); initial: model.path.
+  4. The round's policy against the initial policy on `online.eval_prompts` (`judge.prompts` of them,
+     sampled with `sampling.*`): eval/win_rate and its interval in WORKDIR/metrics.jsonl (step = rounds
+     done; step 0 is the initial policy against itself), with the round's pair counts and mean score.
+
+Exact resume: every draw is a pure function of (seed, round, index): the round's prompts, the sampling
+keys (seed derived from (seed, round), keyed by the row's index) and tie-breaking in form_pairs. A rerun
+skips finished rounds, reads an existing r.jsonl instead of sampling again, and resumes the round's
+training from its checkpoint, so a run killed anywhere ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxdpo import build, judges, prompts as prompts_lib, samples
+from jaxdpo.data.identity import files_identity
+from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
+from jaxdpo.errors import ConfigError
+from jaxdpo.fingerprint import fingerprint_differences, jsonable
+from jaxdpo.metrics import MetricsLogger
+
+REFERENCES = ("previous", "initial")
+# What shapes the rounds already written: a rerun with any of these changed would mix two runs' rounds.
+ROUND_KEYS = ("seed", "model.path", "online.prompts", "online.prompts_per_round", "online.samples_per_prompt",
+              "online.max_new_tokens", "online.temperature", "online.top_k", "online.top_p", "online.reference",
+              "judge.function", "judge.reward_model", "lora", "loss", "optim", "train.batch_size", "train.steps",
+              "train.epochs")
+
+
+def check_config(config, *, lora_on: bool) -> None:
+    """The `online` section: ConfigError in one line."""
+    o = config.online
+    if not isinstance(o.rounds, int) or o.rounds < 0:
+        raise ConfigError(f"online.rounds = {o.rounds!r} must be an integer >= 0 (0 = offline DPO)")
+    if not o.rounds:
+        return
+    if not samples.judge_configured(config):
+        raise ConfigError("online.rounds > 0 needs a judge to rank the samples: set judge.function "
+                          "('module:function') or judge.reward_model")
+    if not o.prompts:
+        raise ConfigError("online.rounds > 0 needs online.prompts: files of prompts, as data.train_files")
+    if not isinstance(o.samples_per_prompt, int) or o.samples_per_prompt < 2:
+        raise ConfigError(f"online.samples_per_prompt = {o.samples_per_prompt!r} must be >= 2 (a pair is the best "
+                          f"and the worst of them)")
+    if not isinstance(o.prompts_per_round, int) or o.prompts_per_round < 1:
+        raise ConfigError(f"online.prompts_per_round = {o.prompts_per_round!r} must be positive")
+    if o.reference not in REFERENCES:
+        raise ConfigError(f"online.reference = {o.reference!r} is not one of {', '.join(REFERENCES)}")
+    if o.reference == "initial" and lora_on:
+        raise ConfigError("online.reference = 'initial' with LoRA: each round trains fresh adapters on the previous "
+                          "round's merged policy, so its reference is that policy; use online.reference = "
+                          "'previous', or lora.rank = 0")
+    if config.reference.path:
+        raise ConfigError(f"reference.path = {config.reference.path!r} is set in an online run; its reference is "
+                          f"online.reference (previous or initial): clear reference.path")
+    samples.sampling_settings(o, seed=0)  # the generation settings' ranges
+
+
+def round_prompt_indices(num_prompts: int, per_round: int, *, seed: int, round_index: int) -> np.ndarray:
+    """Which prompts round r completes: positions [r*n, (r+1)*n) of the prompts visited epoch by epoch, each
+    epoch in its own seeded order; a pure function of (seed, round)."""
+    start, stop = round_index * per_round, (round_index + 1) * per_round
+    epochs = range(start // num_prompts, (stop - 1) // num_prompts + 1)
+    order = np.concatenate([np.random.default_rng([seed, 0x0A11, e]).permutation(num_prompts) for e in epochs])
+    offset = epochs[0] * num_prompts
+    return order[start - offset:stop - offset]
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The sampling seed of round r (draws are further keyed by the row's index and token step)."""
+    return int(np.random.SeedSequence([seed, 0x50, round_index]).generate_state(1)[0])
+
+
+def rounds_dir(config) -> str:
+    return os.path.join(config.workdir, "rounds")
+
+
+def round_config(config, round_index: int, start_policy: str):
+    """The config of round r's training run: the run's own, on the round's pairs and starting policy."""
+    c = copy.deepcopy(config)
+    c.workdir = os.path.join(rounds_dir(config), str(round_index))
+    c.model.path = start_policy
+    c.model.tokenizer = config.model.tokenizer or config.model.path
+    c.data.train_files = os.path.join(rounds_dir(config), f"{round_index}.jsonl")
+    c.data.eval_files, c.data.eval_fraction = "", 0.0
+    c.train.export_hf = True
+    c.train.sample_every = 0  # the rounds' files show every sample; the win rate is measured per round
+    c.judge.function = c.judge.reward_model = ""
+    c.online.rounds = 0
+    if config.online.reference == "initial":
+        c.reference.path = config.model.path
+    if "lora" in c and c.lora.rank > 0:
+        c.lora.export_merged = True  # the next round starts from the merged policy
+    return c
+
+
+# ----- files ---------------------------------------------------------------------------------------------
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """Rows written whole, then renamed into place (a killed write leaves no partial file)."""
+    if jax.process_index() != 0:
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def rounds_fingerprint(config, num_prompts: int) -> dict:
+    fingerprint = {}
+    for key in ROUND_KEYS:
+        section, _, name = key.partition(".")
+        fingerprint[key] = jsonable(config[section][name] if name else config[section])
+    fingerprint["model.path"] = os.path.abspath(config.model.path)
+    fingerprint["prompts"] = {"count": num_prompts, "files": [
+        f["sha256"] for s in parse_sources(config.online.prompts, config_key="online.prompts")
+        if not is_hub_name(s.spec) for f in files_identity(resolve_paths(s.spec))]}
+    return fingerprint
+
+
+def check_rounds_fingerprint(config, num_prompts: int) -> None:
+    """WORKDIR/rounds/online.json records what shaped the rounds; a rerun must match it (online.rounds,
+    cadences and the eval settings may change)."""
+    path = os.path.join(rounds_dir(config), "online.json")
+    now = rounds_fingerprint(config, num_prompts)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differences = fingerprint_differences(saved, now)
+        if differences:
+            raise ConfigError(f"{path} was written by a run with other settings ({'; '.join(differences)}); use "
+                              f"a new workdir or the same settings")
+    elif jax.process_index() == 0:
+        os.makedirs(rounds_dir(config), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(now, f, indent=2)
+
+
+# ----- a policy from a HF directory, for sampling ------------------------------------------------------
+
+class PolicyLoader:
+    """Loads HF directories as (Sampler, states) on the run's mesh; keeps the last one (a round's policy
+    is judged and then samples the next round)."""
+
+    def __init__(self, config, mesh, tokenizer):
+        self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
+        self._last = (None, None)
+
+    def load(self, path: str):
+        if self._last[0] != path:
+            self._last = (None, None)  # let go of the previous weights first
+            with jax.set_mesh(self.mesh):
+                model = build.load_weights(self.config, path, self.mesh)
+            graphdef, state = nnx.split(model)
+            eos_ids = samples.eos_ids_of(self.tokenizer, model.config, self.config.model.path)
+            sampler = samples.Sampler(graphdef, self.tokenizer, self.mesh, tuple(eos_ids),
+                                      int(self.config.sampling.batch_size))
+            self._last = (path, (sampler, (state,)))
+        return self._last[1]
+
+    def release(self) -> None:
+        self._last = (None, None)
+
+
+# ----- one round -----------------------------------------------------------------------------------------
+
+def nonblank(text: str) -> bool:
+    return bool(text.strip())
+
+
+def sample_round(config, round_index: int, prompts: list, judge, sampler, states) -> None:
+    """Round r's completions, scores and pairs -> rounds/r.samples.jsonl (every completion) and
+    rounds/r.jsonl (the pairs; a pair with a blank completion is left out, as the data loader refuses it)."""
+    o, k = config.online, config.online.samples_per_prompt
+    indices = round_prompt_indices(len(prompts), o.prompts_per_round, seed=config.seed, round_index=round_index)
+    chosen = [prompts[i] for i in indices]
+    expanded = [p for p in chosen for _ in range(k)]
+    rows = sampler.complete(states, expanded, samples.sampling_settings(o, seed=round_seed(config.seed, round_index)))
+    texts = [r["completion"] for r in rows]
+    scores = judge.score(expanded, texts).reshape(len(chosen), k)
+    completions = [texts[i * k:(i + 1) * k] for i in range(len(chosen))]
+    pairs = judges.form_pairs(scores, seed=config.seed, round_index=round_index)
+    pair_rows = [row for row in judges.pair_rows(chosen, completions, scores, pairs)
+                 if nonblank(row["chosen"]) and nonblank(row["rejected"])]
+    for row in pair_rows:
+        row["prompt_index"] = int(indices[row["prompt_index"]])  # the prompt's row in online.prompts
+    audit = [{"prompt_index": int(i), "prompt": p, "completions": c, "scores": s.tolist(),
+              "finished": [r["finished"] for r in rows[j * k:(j + 1) * k]]}
+             for j, (i, p, c, s) in enumerate(zip(indices, chosen, completions, scores))]
+    os.makedirs(rounds_dir(config), exist_ok=True)
+    write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"), audit)
+    write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl"), pair_rows)
+
+
+def round_summary(config, round_index: int) -> dict[str, float]:
+    """Counts of a round from its files: pairs, ties (best == worst), pairs left out for a blank
+    completion, and the mean judge score of its samples."""
+    audit = read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"))
+    pairs = len(read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl")))
+    scores = np.asarray([row["scores"] for row in audit], np.float64)
+    ties = int(np.sum(scores.max(axis=1) == scores.min(axis=1)))
+    return {"online/pairs": pairs, "online/ties": ties, "online/blank": len(audit) - ties - pairs,
+            "online/score_mean": float(scores.mean())}
+
+
+def done_path(config, round_index: int) -> str:
+    return os.path.join(rounds_dir(config), f"{round_index}.done")
+
+
+def finished_rounds(config) -> list[dict]:
+    """The done markers of rounds 0, 1, ... up to the first unfinished one."""
+    done = []
+    while os.path.exists(done_path(config, len(done))):
+        with open(done_path(config, len(done))) as f:
+            done.append(json.load(f))
+    return done
+
+
+def policy_after(config, done: list[dict]) -> str:
+    """The policy the finished rounds ended with: the last trained round's export, else model.path."""
+    trained = [i for i, marker in enumerate(done) if marker["trained"]]
+    return os.path.join(rounds_dir(config), str(trained[-1]), "hf") if trained else config.model.path
+
+
+# ----- win rate against the initial policy ---------------------------------------------------------------
+
+def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_path: str) -> dict[str, float]:
+    """eval/* win rate of `policy_path` against model.path on the held-out prompts (sampling.* settings;
+    the initial policy's completions drawn once and stored in rounds/eval_reference.jsonl)."""
+    if not eval_prompts:
+        return {}
+    settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "reference"))
+    key = {"prompts": eval_prompts, "settings": dataclasses.asdict(settings), "reference": config.model.path}
+    path = os.path.join(rounds_dir(config), "eval_reference.jsonl")
+    reference = samples.read_reference_rows(path, key)
+    if reference is None:
+        sampler, states = loader.load(config.model.path)
+        reference = sampler.complete(states, eval_prompts, settings)
+        samples.write_reference_rows(path, key, reference)
+    sampler, states = loader.load(policy_path)
+    policy_settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "policy"))
+    policy = sampler.complete(states, eval_prompts, policy_settings)
+    result = judges.win_rate(judge.score(eval_prompts, [r["completion"] for r in policy]),
+                             judge.score(eval_prompts, [r["completion"] for r in reference]))
+    return result.metrics(prefix="eval/")
+
+
+# ----- the rounds ----------------------------------------------------------------------------------------
+
+def run_online(config):
+    """online.rounds rounds (see the module docstring); returns the last round's loop.Run (None when every
+    round was already finished or none trained). Stops after a round's training was preempted."""
+    from transformers import AutoTokenizer
+
+    from jaxdpo.loop import train_and_evaluate
+
+    mesh = build.make_mesh(config)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    prompts = prompts_lib.read_prompts(config.online.prompts, config.data, config_key="online.prompts")
+    eval_prompts = prompts_lib.read_prompts(config.online.eval_prompts, config.data, config_key="online.eval_prompts",
+                                            distinct=True)[:config.judge.prompts] if config.online.eval_prompts else []
+    check_rounds_fingerprint(config, len(prompts))
+    judge = samples.make_judge(config, mesh)
+    loader = PolicyLoader(config, mesh, tokenizer)
+    logger = MetricsLogger(config.workdir)
+    done = finished_rounds(config)
+    build.log(f"on-policy DPO: {config.online.rounds} rounds of {config.online.prompts_per_round} prompts x "
+              f"{config.online.samples_per_prompt} samples (of {len(prompts)} prompts), judge {judge.name}, "
+              f"{len(eval_prompts)} held-out prompts; {len(done)} round(s) already done")
+    logger.truncate_after(len(done) if done else -1)  # a rerun rewrites what came after its last round
+    if not done and eval_prompts:
+        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path))
+    last_run = None
+    for r in range(len(done), config.online.rounds):
+        start_policy = policy_after(config, done)
+        if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
+            sample_round(config, r, prompts, judge, *loader.load(start_policy))
+        summary = round_summary(config, r)
+        trained = summary["online/pairs"] >= config.train.batch_size
+        if trained:
+            loader.release()  # the round's training loads its own copy
+            last_run = train_and_evaluate(round_config(config, r, start_policy))
+            if last_run.preempted:
+                break
+        else:
+            build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = {config.train.batch_size}: "
+                      f"the policy is kept as it was")
+        done.append({"trained": trained, **summary})
+        record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done))
+        logger.write(r + 1, record)
+        write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
+        build.log(round_line(r, record))
+    logger.close()
+    return last_run
+
+
+def round_line(round_index: int, record: dict) -> str:
+    line = (f"round {round_index}: {record['online/pairs']} pairs, {record['online/ties']} ties, mean judge score "
+            f"{record['online/score_mean']:.3f}")
+    if "eval/win_rate" in record:
+        line += (f"; win rate vs initial {record['eval/win_rate']:.3f} [{record['eval/win_rate_low']:.3f}, "
+                 f"{record['eval/win_rate_high']:.3f}]")
+    return line

@@ -58,17 +58,14 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
     if start_step:
         log_setting_changes(config, logger, start_step, checkpoints.read_meta(start_step))
-    watch = BadStepWatch(config.train.max_bad_steps)
+    bad_steps = BadStepWatch(config.train.max_bad_steps)
     preempted = install_preemption_handler()
     fingerprint = run_fingerprint(config, policy, reference, data)
-    watch = samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step)
+    sample_watch = samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step)
 
     eval_metrics = {}
-    if start_step == 0 and data.eval_batcher is not None:
-        eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
-        logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
     if start_step == 0:
-        watch.write_samples(0, state["params"], logger)
+        eval_metrics = evaluate_and_sample(steps, state, policy, reference, data, sample_watch, logger, 0)
     total = data.total_steps
     bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
                disable=jax.process_index() != 0)
@@ -77,26 +74,22 @@ def train_and_evaluate(config, *, devices=None) -> Run:
         batch = batches.train_batch(data.batcher, reference, step, steps.train_batch_shardings)
         state, metrics = steps.train_step(state, policy.frozen, reference.params, batch)
         done = step + 1
-        if watch.limit_reached(done, metrics.pop("bad_steps"), last=done == total):
+        if bad_steps.limit_reached(done, metrics.pop("bad_steps"), last=done == total):
             bar.close()
             preempted.restore_signal_handlers()
-            stop_diverged(config, checkpoints, done, state, window, policy, fingerprint, watch)
+            stop_diverged(config, checkpoints, done, state, window, policy, fingerprint, bad_steps)
         window.add(metrics)
         if done % config.train.log_every == 0 or done == total:
             log_train_window(logger, bar, window, done, time.perf_counter() - t_window)
             window, t_window = MetricsWindow(), time.perf_counter()
         bar.update(1)
         if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
-            eval_metrics = evaluate(steps, state, policy, reference, data) | watch.win_rate(state["params"])
+            eval_metrics = evaluate(steps, state, policy, reference, data) | sample_watch.win_rate(state["params"])
             log_eval(logger, bar, done, eval_metrics)
-        watch.write_samples(done, state["params"], logger)
+        sample_watch.write_samples(done, state["params"], logger)
         save(config, checkpoints, done, state, window, policy, fingerprint, force=done == total)
         if done < total and preempted(done):
-            save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
-            checkpoints.close()
-            bar.close()
-            build.log(resume_message(config.workdir))
-            preempted.restore_signal_handlers()
+            stop_preempted(config, checkpoints, done, state, window, policy, fingerprint, bar, preempted)
             return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=True)
     bar.close()
     checkpoints.close()
@@ -105,6 +98,25 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     logger.close()
     _summary(eval_metrics, logger, checkpoints, exported)
     return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=False)
+
+
+def evaluate_and_sample(steps, state, policy, reference, data, sample_watch, logger, step: int) -> dict:
+    """The step-0 eval (with the judged win rate when a judge is configured) and samples, logged."""
+    eval_metrics = {}
+    if data.eval_batcher is not None:
+        eval_metrics = evaluate(steps, state, policy, reference, data) | sample_watch.win_rate(state["params"])
+        logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    sample_watch.write_samples(step, state["params"], logger)
+    return eval_metrics
+
+
+def stop_preempted(config, checkpoints, done: int, state, window, policy, fingerprint, bar, preempted) -> None:
+    """Save the state at `done` (off schedule), wait for it to commit, and say how to resume."""
+    save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
+    checkpoints.close()
+    bar.close()
+    build.log(resume_message(config.workdir))
+    preempted.restore_signal_handlers()
 
 
 def build_pieces(config, mesh, data, *, resuming: bool):

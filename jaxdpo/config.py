@@ -224,11 +224,12 @@ def validate(config) -> None:
         raise ConfigError(
             f"train.batch_size = {config.train.batch_size} must be a multiple of train.micro_batch_size = "
             f"{config.train.micro_batch_size} (their ratio is the gradient-accumulation count)")
-    for axis in ("data", "tensor"):
-        if config.mesh[axis] < 1:
+    for axis in ("data", "tensor", "sequence"):
+        if _has(config, f"mesh.{axis}") and config.mesh[axis] < 1:
             raise ConfigError(f"mesh.{axis} = {config.mesh[axis]} must be >= 1")
     if config.mesh.fsdp < 1 and config.mesh.fsdp != -1:
         raise ConfigError(f"mesh.fsdp = {config.mesh.fsdp} must be >= 1, or -1 for all remaining devices")
+    _check_sequence_split(config)
 
     data = config.data
     if data.max_prompt_length >= data.max_length:
@@ -257,6 +258,26 @@ def validate(config) -> None:
     _check_lora(config)
     from jaxdpo import losses
     losses.validate_loss_config(config.loss, config.reference.mode)
+
+
+def _check_sequence_split(config) -> None:
+    """Rows must cut into 2 * mesh.sequence equal chunks (jaxdpo/sequence_parallel.py). The padded and
+    packed row lengths are known from the config; prefix_shared rows are sized from the data and rounded
+    up to that multiple when the data is built."""
+    sequence = config.mesh.get("sequence", 1)
+    if sequence == 1:
+        return
+    from jaxdpo.sequence_parallel import check_row_length
+
+    data = config.data
+    if data.layout == "padded":
+        check_row_length(data.max_length, sequence, key="data.max_length")
+    elif data.layout == "packed":
+        key = "data.pack_length" if data.pack_length else "data.pack_length (0: 2 * data.max_length)"
+        check_row_length(data.pack_length or 2 * data.max_length, sequence, key=key)
+    # The ring attention op (jaxdpo/ops/ring_attention.py) exists; the train step does not use it yet.
+    raise ConfigError(f"mesh.sequence = {sequence}: the training step does not split rows over the sequence "
+                      "axis yet; set mesh.sequence = 1")
 
 
 def _check_lora(config) -> None:

@@ -173,7 +173,7 @@ def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, drop
 
 
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
-                  segment_ids=None, branch_ids=None,
+                  segment_ids=None, branch_ids=None, positions=None, sliding_window=None,
                   attention_backend: str = "xla", seq_lengths=None, lora_dropout_rate: float = 0.0,
                   lora_dropout_key=None):
     """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
@@ -208,7 +208,7 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
                   backend=attention_backend, seq_lengths=seq_lengths, segment_ids=segment_ids,
-                  branch_ids=branch_ids)
+                  branch_ids=branch_ids, positions=positions, sliding_window=sliding_window)
     o = project("btnh,nhd->btd", a, "o_proj")
     if c.out_bias:
         o = o + w("o_bias")
@@ -277,10 +277,13 @@ class Decoder(nnx.Module):
         if c.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
             x = x * jnp.asarray(c.hidden_size ** 0.5, dtype)
 
-        base_mask = make_attention_mask(segment_ids, branch_ids, positions)
         is_sliding = np.asarray(c.layer_is_sliding)
         any_sliding = bool(is_sliding.any())
-        if any_sliding:  # both masks are built once, as bool; each layer picks its own in the scan
+        backend = getattr(self, "attention_backend", "xla")
+        # Ring attention builds its mask block by block from the ids; a [T,T] mask would be whole-row.
+        build_mask = backend != "sequence_parallel"
+        base_mask = make_attention_mask(segment_ids, branch_ids, positions) if build_mask else None
+        if any_sliding and build_mask:  # both masks are built once, as bool; each layer picks its own
             sliding_mask = make_attention_mask(segment_ids, branch_ids, positions, c.sliding_window)
         cos_g, sin_g = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
         local_rope = c.sliding_rope_theta is not None
@@ -292,7 +295,6 @@ class Decoder(nnx.Module):
         # "cudnn" / "splash" / "splash_branches" are set (as a static attribute) only where
         # ops.attention.select_backend found the kernel to express the mask exactly; cuDNN then takes per-row
         # lengths, splash the segment (and branch) ids, instead of the mask (which XLA then never builds).
-        backend = getattr(self, "attention_backend", "xla")
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
         lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
         lora_dropout_rate = getattr(self.layers, "lora_dropout", 0.0)
@@ -303,15 +305,17 @@ class Decoder(nnx.Module):
         def body(x, per_layer):
             params, sliding, layer_key = per_layer
             params = hook(params)
-            mask, cos, sin = base_mask, cos_g, sin_g
-            if any_sliding:
+            mask, cos, sin, window = base_mask, cos_g, sin_g, None
+            if any_sliding and build_mask:
                 mask = jnp.where(sliding, sliding_mask, base_mask)
+            elif any_sliding:
+                window = jnp.where(sliding, c.sliding_window, jnp.iinfo(jnp.int32).max)
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
-                                 segment_ids=segment_ids, branch_ids=branch_ids,
-                                 lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths,
-                                 lora_dropout_rate=lora_dropout_rate, lora_dropout_key=layer_key), None
+                                 segment_ids=segment_ids, branch_ids=branch_ids, positions=positions,
+                                 sliding_window=window, lora_scale=lora_scale, attention_backend=backend,
+                                 seq_lengths=seq_lengths, lora_dropout_rate=lora_dropout_rate, lora_dropout_key=layer_key), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)

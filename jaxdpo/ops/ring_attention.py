@@ -59,16 +59,25 @@ class BlockKernel(NamedTuple):
 
 
 def block_mask(q_ids, k_ids, window, causal: bool):
-    """ids = (segment_ids, branch_ids, positions), each [b,t] -> [b,tq,1,1,tk] bool (DEVELOPING.md's rule;
-    `causal` compares local order, which is original order within a block pair that needs it)."""
+    """ids = (segment_ids, branch_ids, positions), each [b,t] -> [b,tq,1,1,tk] float32, 1 where query q
+    may see key k (DEVELOPING.md's rule; `causal` compares local order, which is original order within a
+    block pair that needs it), else 0. Built only from the ids, never from shape-only constants: see
+    `_varying_with` for why nothing in a ring step may be a constant of a block's size."""
     (seg_q, br_q, pos_q), (seg_k, br_k, pos_k) = q_ids, k_ids
     mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
     mask &= (br_k[:, None, :] == 0) | (br_k[:, None, :] == br_q[:, :, None])
     mask &= pos_q[:, :, None] - pos_k[:, None, :] < window
     if causal:
-        tq, tk = seg_q.shape[1], seg_k.shape[1]
-        mask &= jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
-    return mask[:, :, None, None, :]
+        zero = jnp.minimum(seg_q[:1, :1], 0)  # ids are >= 0: a zero that varies with the ids
+        order_q = jnp.arange(seg_q.shape[1])[None, :] + zero
+        order_k = jnp.arange(seg_k.shape[1])[None, :] + zero
+        mask &= order_q[:, :, None] >= order_k[:, None, :]
+    return mask[:, :, None, None, :].astype(jnp.float32)
+
+
+def _masked(scores, mask):
+    """Scores where mask is 1, NEG_INF where it is 0 (arithmetic: no block-sized constant)."""
+    return scores * mask + NEG_INF * (1.0 - mask)
 
 
 def _scores(q, k, *, scale, softcap):
@@ -83,7 +92,7 @@ def _scores(q, k, *, scale, softcap):
 def xla_blocks(scale: float, softcap: float | None) -> BlockKernel:
     def forward(q, k, v, q_ids, k_ids, window, causal):
         scores, _ = _scores(q, k, scale=scale, softcap=softcap)
-        scores = jnp.where(block_mask(q_ids, k_ids, window, causal), scores, NEG_INF)
+        scores = _masked(scores, block_mask(q_ids, k_ids, window, causal))
         m = jnp.max(scores, axis=-1)
         p = jnp.exp(scores - m[..., None])
         total = jnp.sum(p, axis=-1)
@@ -93,9 +102,9 @@ def xla_blocks(scale: float, softcap: float | None) -> BlockKernel:
     def backward(q, k, v, q_ids, k_ids, window, causal, out, lse, dout):
         scores, capped = _scores(q, k, scale=scale, softcap=softcap)
         mask = block_mask(q_ids, k_ids, window, causal)
-        # `where`, not exp of a masked score: a fully masked (padding) row has lse ~ NEG_INF, and must
-        # still send no gradient to the keys.
-        p = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)
+        # Times the mask, not only exp of a masked score: a fully masked (padding) row has lse ~ NEG_INF,
+        # and must still send no gradient to the keys.
+        p = jnp.exp(_masked(scores, mask) - lse[..., None]) * mask
         dv = jnp.einsum("btkgs,btkgh->bskh", p, dout)
         dp = jnp.einsum("btkgh,bskh->btkgs", dout, v.astype(jnp.float32))
         ds = p * (dp - jnp.sum(dout * out, axis=-1)[..., None])
@@ -124,45 +133,54 @@ def _take(ids, part):
     return tuple(_halves(x)[part] for x in ids)
 
 
-def _step_forward(kernel, case, q, q_ids, kv, window):
-    """One ring step's contribution to all local queries: case 0 own block, 1 earlier shard, 2 later."""
+def _concat(first, second):
+    return jnp.concatenate([first, second], axis=1)
+
+
+def _step_forward(kernel, case, q, q_ids, kv, window, out, lse):
+    """Merge one ring step's block into the accumulators (out, lse) of all local queries: case 0 own
+    block, 1 an earlier shard's, 2 a later shard's. Each branch updates its rows of the accumulators
+    itself, so no branch builds padding (a shape-only constant) for rows it does not touch."""
     k, v, k_ids = kv
 
     def own():
-        return kernel.forward(q, k, v, q_ids, k_ids, window, True)
+        return merge(out, lse, *kernel.forward(q, k, v, q_ids, k_ids, window, True))
 
     def earlier():  # all queries against the peer's first chunk
-        return kernel.forward(q, _halves(k)[0], _halves(v)[0], q_ids, _take(k_ids, 0), window, False)
+        return merge(out, lse, *kernel.forward(q, _halves(k)[0], _halves(v)[0], q_ids, _take(k_ids, 0),
+                                               window, False))
 
     def later():  # our second chunk against the peer's whole block; our first chunk gets nothing
-        out, lse = kernel.forward(_halves(q)[1], k, v, _take(q_ids, 1), k_ids, window, False)
-        return (jnp.concatenate([jnp.zeros_like(out), out], axis=1),
-                jnp.concatenate([jnp.full_like(lse, NEG_INF), lse], axis=1))
+        block = kernel.forward(_halves(q)[1], k, v, _take(q_ids, 1), k_ids, window, False)
+        out_2, lse_2 = merge(_halves(out)[1], _halves(lse)[1], *block)
+        return _concat(_halves(out)[0], out_2), _concat(_halves(lse)[0], lse_2)
 
     return jax.lax.switch(case, (own, earlier, later))
 
 
-def _step_backward(kernel, case, q, q_ids, kv, window, out, lse, dout):
-    """One ring step's (dq for all local queries, dk, dv for the held peer block), f32."""
+def _step_backward(kernel, case, q, q_ids, kv, window, out, lse, dout, dq, dkv):
+    """Add one ring step's gradients: dq of all local queries, (dk, dv) of the held peer block (f32)."""
     k, v, k_ids = kv
+    dk, dv = dkv
     f32 = lambda x: x.astype(jnp.float32)
 
     def own():
-        return kernel.backward(q, k, v, q_ids, k_ids, window, True, out, lse, dout)
+        dq_b, dk_b, dv_b = kernel.backward(q, k, v, q_ids, k_ids, window, True, out, lse, dout)
+        return dq + f32(dq_b), dk + f32(dk_b), dv + f32(dv_b)
 
     def earlier():
-        dq, dk, dv = kernel.backward(q, _halves(k)[0], _halves(v)[0], q_ids, _take(k_ids, 0), window, False,
-                                     out, lse, dout)
-        pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
-        return dq, pad(dk), pad(dv)
+        dq_b, dk_b, dv_b = kernel.backward(q, _halves(k)[0], _halves(v)[0], q_ids, _take(k_ids, 0), window,
+                                           False, out, lse, dout)
+        add_first = lambda acc, d: _concat(_halves(acc)[0] + f32(d), _halves(acc)[1])
+        return dq + f32(dq_b), add_first(dk, dk_b), add_first(dv, dv_b)
 
     def later():
-        dq, dk, dv = kernel.backward(_halves(q)[1], k, v, _take(q_ids, 1), k_ids, window, False,
-                                     _halves(out)[1], _halves(lse)[1], _halves(dout)[1])
-        return jnp.concatenate([jnp.zeros_like(dq), dq], axis=1), dk, dv
+        dq_b, dk_b, dv_b = kernel.backward(_halves(q)[1], k, v, _take(q_ids, 1), k_ids, window, False,
+                                           _halves(out)[1], _halves(lse)[1], _halves(dout)[1])
+        return _concat(_halves(dq)[0], _halves(dq)[1] + f32(dq_b)), dk + f32(dk_b), dv + f32(dv_b)
 
     dq, dk, dv = jax.lax.switch(case, (own, earlier, later))
-    return f32(dq), f32(dk), f32(dv)
+    return dq, (dk, dv)
 
 
 def _ring_position(size: int, step):
@@ -179,18 +197,29 @@ def _pass_on(tree, size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, perm), tree)
 
 
+def _varying_with(x, ids):
+    """`ids` plus a zero computed from x. Under the decoder's layer scan the ids are the same for every
+    layer, and JAX's scan partial evaluation would hoist every ring step's block masks (and its switch's
+    placeholder outputs) out of the scan and keep them all: memory quadratic in T. A dependence on this
+    layer's queries keeps the masks inside the step, built and dropped block by block. (An
+    optimization_barrier does not do it: its partial evaluation lets the known operands through.)"""
+    first = x.reshape(-1)[0]
+    zero = jnp.minimum((first != first).astype(jnp.int32), 0)  # 0 for every value, NaN included
+    return tuple(i + zero for i in ids)
+
+
 def _ring_forward(kernel, size, q, k, v, ids, window):
+    ids = _varying_with(q, ids)
     out = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full(q.shape[:-1], NEG_INF, jnp.float32)
 
     def accumulate(carry, step):
         out, lse, kv = carry
-        out, lse = merge(out, lse, *_step_forward(kernel, _ring_position(size, step), q, ids, kv, window))
+        out, lse = _step_forward(kernel, _ring_position(size, step), q, ids, kv, window, out, lse)
         return (out, lse, kv), None
 
     def step_and_pass(carry, step):
-        carry, _ = accumulate(carry, step)
-        out, lse, kv = carry
+        (out, lse, kv), _ = accumulate(carry, step)
         return (out, lse, _pass_on(kv, size)), None
 
     carry, _ = jax.lax.scan(step_and_pass, (out, lse, (k, v, ids)), jnp.arange(size - 1))
@@ -199,13 +228,13 @@ def _ring_forward(kernel, size, q, k, v, ids, window):
 
 
 def _ring_backward(kernel, size, q, k, v, ids, window, out, lse, dout):
+    ids = _varying_with(q, ids)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
 
     def accumulate(carry, step):
-        dq, kv, (dk, dv) = carry
-        dq_step, dk_step, dv_step = _step_backward(kernel, _ring_position(size, step), q, ids, kv, window,
-                                                   out, lse, dout)
-        return (dq + dq_step, kv, (dk + dk_step, dv + dv_step)), None
+        dq, kv, dkv = carry
+        dq, dkv = _step_backward(kernel, _ring_position(size, step), q, ids, kv, window, out, lse, dout, dq, dkv)
+        return (dq, kv, dkv), None
 
     def step_and_pass(carry, step):
         (dq, kv, dkv), _ = accumulate(carry, step)
@@ -218,23 +247,32 @@ def _ring_backward(kernel, size, q, k, v, ids, window, out, lse, dout):
     return dq, dk, dv
 
 
-def make_ring_attention(size: int, scale: float, softcap: float | None, kernel: BlockKernel | None = None):
-    """The per-shard op (call inside shard_map over AXIS with `size` shards, or with size 1 anywhere):
-    (q [b,t,k,g,h], k/v [b,t,k,h], ids (segment, branch, positions) [b,t], window int32 scalar)
-    -> out [b,t,k,g,h] in q's dtype, with a ring backward."""
+def make_ring_attention(size: int, scale: float, softcap: float | None, kernel: BlockKernel | None = None,
+                        shard=lambda f, in_specs, out_specs: f):
+    """(q [b,t,k,g,h], k/v [b,t,k,h], ids (segment, branch, positions) [b,t], window int32 scalar)
+    -> out [b,t,k,g,h] in q's dtype, with the ring backward as its VJP. `shard(f, in_specs, out_specs)`
+    wraps the forward and backward rings (a shard_map over AXIS with `size` shards; identity for size 1).
+
+    The custom VJP sits outside the shard_map on purpose: inside one, under the decoder's layer scan,
+    JAX linearized the forward ring itself (saving every step's scores) instead of using the rule."""
     kernel = kernel or xla_blocks(scale, softcap)
+    forward_ring = shard(lambda q, k, v, ids, window: _ring_forward(kernel, size, q, k, v, ids, window),
+                         ("q", "kv", "kv", "ids", "scalar"), ("q", "lse"))
+    backward_ring = shard(lambda q, k, v, ids, window, out, lse, dout: _ring_backward(
+        kernel, size, q, k, v, ids, window, out, lse, dout), ("q", "kv", "kv", "ids", "scalar", "q", "lse", "q"),
+        ("q", "kv", "kv"))
 
     @jax.custom_vjp
     def ring(q, k, v, ids, window):
-        return _ring_forward(kernel, size, q, k, v, ids, window)[0].astype(q.dtype)
+        return forward_ring(q, k, v, ids, window)[0].astype(q.dtype)
 
     def forward(q, k, v, ids, window):
-        out, lse = _ring_forward(kernel, size, q, k, v, ids, window)
+        out, lse = forward_ring(q, k, v, ids, window)
         return out.astype(q.dtype), (q, k, v, ids, window, out, lse)
 
     def backward(residuals, dout):
         q, k, v, ids, window, out, lse = residuals
-        dq, dk, dv = _ring_backward(kernel, size, q, k, v, ids, window, out, lse, dout.astype(jnp.float32))
+        dq, dk, dv = backward_ring(q, k, v, ids, window, out, lse, dout.astype(jnp.float32))
         no_grad = jax.tree.map(lambda x: None, (ids, window))
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)) + no_grad
 
@@ -267,9 +305,11 @@ def ring_attention(q, k, v, *, segment_ids, branch_ids, positions, scale, logit_
         return make_ring_attention(1, scale, softcap, kernel)(q, k, v, ids, window).reshape(b, t, n, h)
     rows, heads = shard_axes(mesh, "batch", b), shard_axes(mesh, "kv_heads", kv_heads)
     tokens = (AXIS,) if size > 1 else None
-    q_spec, kv_spec, ids_spec = P(rows, tokens, heads, None, None), P(rows, tokens, heads, None), P(rows, tokens)
-    sharded = jax.shard_map(make_ring_attention(size, scale, softcap, kernel), mesh=mesh,
-                            in_specs=(q_spec, kv_spec, kv_spec, (ids_spec,) * 3, P()), out_specs=q_spec,
-                            check_vma=False)
-    return sharded(q, k, v, ids, window).reshape(b, t, n, h)
+    spec = {"q": P(rows, tokens, heads, None, None), "kv": P(rows, tokens, heads, None),
+            "lse": P(rows, tokens, heads, None), "ids": (P(rows, tokens),) * 3, "scalar": P()}
 
+    def shard(f, in_names, out_names):
+        return jax.shard_map(f, mesh=mesh, in_specs=tuple(spec[n] for n in in_names),
+                             out_specs=tuple(spec[n] for n in out_names), check_vma=False)
+
+    return make_ring_attention(size, scale, softcap, kernel, shard)(q, k, v, ids, window).reshape(b, t, n, h)

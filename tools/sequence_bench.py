@@ -1,9 +1,9 @@
 """Context parallelism figures (issue 18), run by `tools/bench.py --sequence 1,2,4,8`.
 
 What is measured: the policy's forward + backward as the train step runs it (per-pair logprob sums from
-`jaxdpo.step.pair_logprobs`, gradient of sum(pc - pr) w.r.t. every param) on one padded-layout row per
-batch shard: mesh (data=1, fsdp=D/S, sequence=S, tensor=1) over D devices, D/S rows of T tokens (half
-prompt, half scored completion), rows in zigzag order. So each device holds T/S tokens of one row.
+`jaxdpo.step.pair_logprobs`, gradient of sum(pc - pr) w.r.t. every param) on one row per batch shard:
+mesh (data=1, fsdp=D/S, sequence=S, tensor=1) over D devices, D/S prefix_shared rows of T tokens (half
+prompt, a quarter each for chosen and rejected), in zigzag order. Each device holds T/S tokens of one row.
 The optimizer update and the reference forward are left out (neither depends on S per device).
 
   memory   compiled.memory_analysis() of that function, per device: temp (activations, scores) and
@@ -41,19 +41,20 @@ def model_config(shape: dict):
                        head_dim=shape["hidden"] // shape["heads"])
 
 
-def padded_rows(rows: int, length: int, vocab: int, sequence: int) -> dict:
-    """Rows of one prompt (first half) + one scored completion (second half), in zigzag order."""
+def prefix_shared_rows(rows: int, length: int, vocab: int, sequence: int) -> dict:
+    """One pair per row (prefix_shared layout): a prompt of half the row, then chosen and rejected of a
+    quarter each (all scored), in zigzag order."""
     import numpy as np
 
     from jaxdpo.data.layouts import make_batch, scored_index
     from jaxdpo.sequence_parallel import to_zigzag
 
     rng = np.random.default_rng(0)
-    half = length // 2
-    pairs = [(rng.integers(3, vocab, half), rng.integers(3, vocab, half), rng.integers(3, vocab, half))
-             for _ in range(rows // 2)]
-    batch = make_batch(pairs, layout="padded", row_length=length, num_pairs=rows // 2)
-    batch["scored_index"] = scored_index(batch["side"], half)
+    quarter = length // 4
+    pairs = [(rng.integers(3, vocab, 2 * quarter), rng.integers(3, vocab, quarter - 1),
+              rng.integers(3, vocab, quarter - 1)) for _ in range(rows)]
+    batch = make_batch(pairs, layout="prefix_shared", row_length=length, num_pairs=rows)
+    batch["scored_index"] = scored_index(batch["side"], 2 * quarter)
     return to_zigzag(batch, sequence)
 
 
@@ -70,13 +71,13 @@ def compiled_step(shape: dict, *, length: int, sequence: int, backend: str, devi
     from jaxdpo.step import pair_logprobs
 
     mesh = make_mesh(1, devices // sequence, 1, sequence=sequence)
-    rows = max(2, devices // sequence)
+    rows = devices // sequence  # one row per batch shard
     with jax.set_mesh(mesh):
         model = Decoder(model_config(shape), remat=REMAT, rngs=nnx.Rngs(0))
     if backend != "xla":
         model.attention_backend = backend  # how select_backend's choice reaches the model today
     graphdef, params = nnx.split(model)
-    batch = padded_rows(rows, length, shape["vocab"], sequence)
+    batch = prefix_shared_rows(rows, length, shape["vocab"], sequence)
     num_pairs = len(batch["pair_valid"])
     row_sharding = NamedSharding(mesh, logical_spec("batch", "seq"))
     batch = {k: jax.device_put(v, row_sharding if k in ROW_KEYS + ("scored_index",) else

@@ -26,9 +26,10 @@ backward pass; the backward ring recomputes each block's probabilities and sends
 block, home after S hops. Plain autodiff through the scan would keep every step's accumulators: O(T) per
 device instead of O(T/S).
 
-Kernels: each block goes through `BlockKernel` (forward -> (out, lse); backward -> dq, dk, dv), the
-flash-attention contract. `XLA_BLOCKS` is the einsum implementation used on CPU. On GPU/TPU a fused
-kernel (cuDNN, splash) can be dropped in there: the blocks it gets are exactly "causal + ids" (own block)
+Kernels: each block goes through a `BlockKernel` (forward -> (out, lse); backward -> dq, dk, dv), the
+flash-attention contract, passed as `ring_attention(..., kernel=)`. `xla_blocks` is the einsum version
+used on CPU (and the default everywhere today); it materializes one block's scores, so per-device memory
+is quadratic in T/S. A fused kernel (cuDNN, splash) plugged in there makes it linear: the blocks it gets are exactly "causal + ids" (own block)
 or "ids only" (peer blocks) in local order, which splash expresses with segment ids (+ the two-call
 branch merge of ops/splash.py) and cuDNN with its padding/causal flags on the padded layout.
 """
@@ -253,8 +254,7 @@ def make_ring_attention(size: int, scale: float, softcap: float | None, kernel: 
     -> out [b,t,k,g,h] in q's dtype, with the ring backward as its VJP. `shard(f, in_specs, out_specs)`
     wraps the forward and backward rings (a shard_map over AXIS with `size` shards; identity for size 1).
 
-    The custom VJP sits outside the shard_map on purpose: inside one, under the decoder's layer scan,
-    JAX linearized the forward ring itself (saving every step's scores) instead of using the rule."""
+    The custom VJP sits outside the shard_maps, so they are only ever evaluated, never differentiated."""
     kernel = kernel or xla_blocks(scale, softcap)
     forward_ring = shard(lambda q, k, v, ids, window: _ring_forward(kernel, size, q, k, v, ids, window),
                          ("q", "kv", "kv", "ids", "scalar"), ("q", "lse"))

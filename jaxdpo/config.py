@@ -2,17 +2,17 @@
 
 Two layers: `check_overrides` looks at the `--config.key=value` command-line overrides against the
 loaded config file (unknown key with the nearest known one suggested, a value of the wrong type), and
-`validate` looks at the finished config (ranges, choices, incompatible options, missing files).
+`validate` looks at the finished config: the value ranges and choices of the schema here, then each
+module's check of its own section (data, model, LoRA, reference, loss, mesh, batch sizes).
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 
+from jaxdpo.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A problem with the user's config or inputs; train.py prints it in one line and exits non-zero."""
+__all__ = ["ConfigError", "check_overrides", "check_schema", "validate"]
 
 
 CHOICES = {
@@ -178,28 +178,8 @@ def check_overrides(config, argv) -> None:
 
 # ----- the finished config ----------------------------------------------------------------------------
 
-def _check_data_files(spec: str, key: str) -> None:
-    """Every local entry of a data.*_files list must match something (hub names are checked when read)."""
-    from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
-
-    for source in parse_sources(spec, config_key=key):
-        if not is_hub_name(source.spec):
-            try:
-                resolve_paths(source.spec)
-            except ConfigError as e:
-                raise ConfigError(f"{key}: {e}") from None
-
-
-def _check_model_dir(path: str, key: str) -> None:
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key} = {path!r} is not a directory (a Hugging Face checkpoint directory with "
-                          f"config.json and *.safetensors)")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"{key} = {path!r} has no config.json (is it a Hugging Face checkpoint directory?)")
-
-
-def validate(config) -> None:
-    """Raise ConfigError for the first problem found, in words a user can act on."""
+def _check_schema_values(config) -> None:
+    """Choices, signs and ranges of single keys (the schema); cross-key rules belong to their modules."""
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
@@ -218,77 +198,23 @@ def validate(config) -> None:
         value = _get(config, key)
         if not (low <= value <= high if high_inclusive else low <= value < high):
             raise ConfigError(f"{key} = {value} must be in [{low:g}, {high:g}{']' if high_inclusive else ')'}")
+
+
+def validate(config) -> None:
+    """Raise ConfigError for the first problem found, in words a user can act on."""
+    # The owners of each section; imported here because they are heavy (jax) and this module is not.
+    from jaxdpo import data, losses, reference, sequence_parallel, sharding
+    from jaxdpo.data.batcher import check_batch_sizes
+    from jaxdpo.models import hf_io, lora
+
+    _check_schema_values(config)
     if config.train.steps <= 0 and config.train.epochs <= 0:
         raise ConfigError("set train.steps or train.epochs to a positive number")
-    if config.train.batch_size % config.train.micro_batch_size:
-        raise ConfigError(
-            f"train.batch_size = {config.train.batch_size} must be a multiple of train.micro_batch_size = "
-            f"{config.train.micro_batch_size} (their ratio is the gradient-accumulation count)")
-    for axis in ("data", "tensor", "sequence"):
-        if _has(config, f"mesh.{axis}") and config.mesh[axis] < 1:
-            raise ConfigError(f"mesh.{axis} = {config.mesh[axis]} must be >= 1")
-    if config.mesh.fsdp < 1 and config.mesh.fsdp != -1:
-        raise ConfigError(f"mesh.fsdp = {config.mesh.fsdp} must be >= 1, or -1 for all remaining devices")
-    _check_sequence_split(config)
-
-    data = config.data
-    if data.max_prompt_length >= data.max_length:
-        raise ConfigError(f"data.max_prompt_length = {data.max_prompt_length} leaves no room for the completion "
-                          f"in data.max_length = {data.max_length}; make it smaller (or 0 for no prompt limit)")
-    if data.pack_length and data.layout != "packed":
-        raise ConfigError(f"data.pack_length = {data.pack_length} only applies to data.layout = 'packed' "
-                          f"(layout is {data.layout!r}); set it to 0 or use the packed layout")
-    if data.eval_files and data.eval_fraction:
-        raise ConfigError(f"data.eval_files and data.eval_fraction = {data.eval_fraction} are both set; "
-                          "use eval files or a held-out fraction of the training data, not both")
-
-    _check_model_dir(config.model.path, "model.path")
-    if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
-        raise ConfigError(f"model.tokenizer = {config.model.tokenizer!r} is not a directory "
-                          f"(leave it empty to use model.path's tokenizer)")
-    if config.reference.path:
-        if config.reference.mode in ("none", "lora_base"):
-            raise ConfigError(f"reference.path = {config.reference.path!r} is set but reference.mode = "
-                              f"{config.reference.mode!r} loads no reference checkpoint; clear one of them")
-        _check_model_dir(config.reference.path, "reference.path")
-    _check_data_files(data.train_files, "data.train_files")
-    if data.eval_files:
-        _check_data_files(data.eval_files, "data.eval_files")
-
-    _check_lora(config)
-    from jaxdpo import losses
-    losses.validate_loss_config(config.loss, config.reference.mode)
-
-
-def _check_sequence_split(config) -> None:
-    """Rows must cut into 2 * mesh.sequence equal chunks (jaxdpo/sequence_parallel.py). The padded and
-    packed row lengths are known from the config; prefix_shared rows are sized from the data and rounded
-    up to that multiple when the data is built."""
-    sequence = config.mesh.get("sequence", 1)
-    if sequence == 1:
-        return
-    from jaxdpo.sequence_parallel import check_row_length
-
-    data = config.data
-    if data.layout == "padded":
-        check_row_length(data.max_length, sequence, key="data.max_length")
-    elif data.layout == "packed":
-        key = "data.pack_length" if data.pack_length else "data.pack_length (0: 2 * data.max_length)"
-        check_row_length(data.pack_length or 2 * data.max_length, sequence, key=key)
-    # The ring attention op (jaxdpo/ops/ring_attention.py) exists; the train step does not use it yet.
-    raise ConfigError(f"mesh.sequence = {sequence}: the training step does not split rows over the sequence "
-                      "axis yet; set mesh.sequence = 1")
-
-
-def _check_lora(config) -> None:
-    """LoRA settings and the reference modes that go with them (the trainer repeats these at build time)."""
-    lora_on = False
-    if "lora" in config:
-        from jaxdpo.models.lora import lora_settings
-        lora_on = lora_settings(config.lora) is not None
-    if config.reference.mode == "lora_base" and not lora_on:
-        raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
-                          "or choose reference.mode device | host | cached")
-    if lora_on and config.reference.path:
-        raise ConfigError(f"reference.path = {config.reference.path!r} with LoRA is not supported: the LoRA "
-                          f"reference is the base model (reference.mode lora_base); clear reference.path")
+    check_batch_sizes(config.train.batch_size, config.train.micro_batch_size)
+    sharding.check_mesh_config(config.mesh)
+    data.check_data_config(config.data)
+    sequence_parallel.check_config(config)
+    hf_io.check_model_config(config.model)
+    lora_on = lora.check_config(config)
+    reference.check_config(config, lora_on=lora_on)
+    losses.validate_loss_config(config.loss, has_reference=reference.gives_logprobs(config, lora_on=lora_on))

@@ -23,6 +23,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR_ADDRESS = "JAXDPO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAXDPO_NUM_PROCESSES"
@@ -229,6 +230,15 @@ def initialize(dist_cfg: Mapping | None = None) -> None:
             f"process_id={p.process_id if p.process_id is not None else 'auto'}, "
             f"timeout={p.initialization_timeout}s): {e}. Check that every process got the same coordinator "
             "address and process count, that process 0 is running, and that its port is reachable") from e
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True only if `flag` on every process, so that all of them take the same branch together."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def is_main_process() -> bool:

@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 LOSS_NAMES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo",
@@ -271,8 +271,9 @@ def _in_range(value, low, high, low_inclusive, high_inclusive):
     return above and below
 
 
-def validate_loss_config(loss_cfg, reference_mode: str) -> None:
-    """Raises ConfigError (one sentence: key, value, allowed range) for a bad `loss` config."""
+def validate_loss_config(loss_cfg, *, has_reference: bool = True) -> None:
+    """Raises ConfigError (one sentence: key, value, allowed range) for a bad `loss` config.
+    `has_reference`: whether the run's reference gives logprobs (reference.mode 'none' gives none)."""
     types = loss_types(loss_cfg)
     if not types:
         raise ConfigError("loss.types is empty; name at least one loss, e.g. ('sigmoid',)")
@@ -322,7 +323,7 @@ def validate_loss_config(loss_cfg, reference_mode: str) -> None:
     if "orpo" in types and not (math.isfinite(lambda_) and lambda_ >= 0):
         raise ConfigError(f"loss.lambda_={lambda_} must be >= 0 (ORPO's odds-ratio weight, default 0.1)")
 
-    if reference_mode == "none" and needs_reference(loss_cfg):
+    if not has_reference and needs_reference(loss_cfg):
         needing = [name for name in types if name not in REFERENCE_FREE]
         raise ConfigError(f"reference.mode='none' but loss.types includes {', '.join(needing)}, which "
                           f"need a reference model; use a reference mode (device, host, cached, "

@@ -1,153 +1,214 @@
-"""Where the frozen reference model lives: `device` (a copy sharded like the policy) or `host`.
+"""The reference model behind one interface: one class per reference.mode, and the factory that picks one.
+
+A `Reference` tells the step how to get the reference's per-pair logprob sums (rc, rr) of a micro-batch;
+its `params` (a params pytree, or None) is what the jitted step takes as its `reference_params` argument.
+
+  device     a frozen copy of the initial (or reference.path's) weights, sharded like the policy
+  host       the same copy in pinned host memory, streamed to the device one layer at a time
+  cached     logprobs computed once per dataset and joined to each batch (jaxdpo/reference_cache.py)
+  lora_base  the policy with its adapters zeroed: the base model, with no copy of anything
+  none       no reference (reference-free losses)
+
+`choose_reference` is the only place mode names are compared; everything else asks the class.
 
 `host` keeps the reference params in pinned host memory with the policy's partition specs. The
 reference forward brings the non-layer params (embedding, final norm, LM head) to the device when it
 starts, and the stacked layer params one layer at a time inside the layer scan (the Decoder's
 `layer_params_hook`), so the reference's device footprint is about one layer plus the embeddings
-instead of a whole model.
-
-On GPU/TPU, `jax.device_put(x, jax.memory.Space.Device)` inside jit lowers to a host-to-device copy
-(XLA's `annotate_device_placement`; tests/test_scale.py checks the CUDA lowering has one per layer
-param inside the scan). On CPU (jax 0.10) JAX lowers it to nothing (`_common_device_put_lowering`):
-host and device memory are the same RAM and XLA:CPU has no memory-space transfers, so the scan reads
-each layer straight from the `pinned_host` argument. The numbers are the same; only the copy is
-elided, and XLA:CPU's memory analysis counts host arguments as ordinary arguments.
-`reference_memory_report` therefore adds the compiled program's own host-memory entry parameters
-(memory space S(5) in its HLO) and the reference's bytes per memory kind.
+instead of a whole model. On GPU/TPU, `jax.device_put(x, jax.memory.Space.Device)` inside jit lowers to
+a host-to-device copy (XLA's `annotate_device_placement`; tests/test_scale.py checks the CUDA lowering
+has one per layer param inside the scan). On CPU (jax 0.10) JAX lowers it to nothing: host and device
+memory are the same RAM, so the scan reads each layer straight from the `pinned_host` argument. The
+numbers are the same; only the copy is elided (tools/memory_report.py reads what XLA placed where).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
-from jaxdpo.config import ConfigError
-from jaxdpo.step import StepFunctions
+from jaxdpo.errors import ConfigError
+from jaxdpo.models.hf_io import check_checkpoint_dir
+from jaxdpo.step import pair_logprobs
 
-MODES_WITH_PARAMS = ("device", "host")
 HOST_MEMORY_KIND = "pinned_host"
+
+
+class Reference:
+    """The interface. Class attributes describe the kind (config checks and the build read them)."""
+
+    mode: ClassVar[str]
+    gives_logprobs: ClassVar[bool] = True  # False: only reference-free losses can train
+    uses_weights: ClassVar[bool] = False  # built from weights: reference.path's, else the initial policy's
+    needs_lora: ClassVar[bool] = False
+    runs_forward: ClassVar[bool] = False  # the step runs a reference forward (FLOPs count it)
+    streams_layers: ClassVar[bool] = False  # its layers come from host memory inside the scan
+    batch_keys: ClassVar[tuple[str, ...]] = ()  # what it reads from each batch
+
+    def __init__(self, params=None):
+        self.params = params
+
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs: int, chunk_size: int):
+        """(rc, rr) [P] of the micro-batch, or (None, None) without a reference; `params` is self.params
+        as the jitted step received it."""
+        raise NotImplementedError
+
+    def attach(self, split: str, batch: dict) -> dict:
+        """The host batch of `split` ("train" / "eval") with whatever this reference reads from batches."""
+        return batch
+
+    @classmethod
+    def check_mesh(cls, mesh) -> None:
+        """ConfigError if this kind cannot run on `mesh`'s devices."""
+
+    @classmethod
+    def from_weights(cls, weights, *, is_live_policy: bool, cache: Callable) -> "Reference":
+        """The reference made of `weights` (uses_weights kinds). `is_live_policy`: they are the policy's own
+        buffers (donated to the step, changed every update), so a kept copy must be a real copy.
+        `cache(weights)` computes or loads the cached logprobs (cached mode)."""
+        return cls()
+
+
+def _placed_copy(params, memory_kind: str | None):
+    """A real copy of `params` with the same partition specs, in device memory or `memory_kind`."""
+    def place(x):
+        sharding = x.sharding if memory_kind is None else NamedSharding(x.sharding.mesh, x.sharding.spec,
+                                                                          memory_kind=memory_kind)
+        return jax.device_put(x, sharding, may_alias=False)
+    return jax.tree.map(place, params)
 
 
 def _to_device(tree):
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
 
 
-def _to_memory_kind(sharding: NamedSharding, memory_kind: str) -> NamedSharding:
-    return NamedSharding(sharding.mesh, sharding.spec, memory_kind=memory_kind)
+def _stopped(out: dict):
+    return jax.lax.stop_gradient(out["pc"]), jax.lax.stop_gradient(out["pr"])
 
 
-def check_host_memory_supported(mesh) -> None:
-    """reference.mode = host needs a backend with a pinned_host memory space (CPU, GPU and TPU have one)."""
-    kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
-    if HOST_MEMORY_KIND not in kinds:
-        platform = mesh.devices.flat[0].platform
-        raise ConfigError(f"reference.mode = host needs '{HOST_MEMORY_KIND}' memory, which {platform} devices "
-                          f"do not offer (they have {sorted(kinds)}); use reference.mode = device")
+class DeviceReference(Reference):
+    """A frozen copy of the initial weights, sharded like the policy. Under LoRA `frozen` is the shared
+    base weights and `params` replaces the trainable part (the adapters, zero-initialized at step 0)."""
+
+    mode = "device"
+    uses_weights = runs_forward = True
+
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+        return _stopped(pair_logprobs(graphdef, (params, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size))
+
+    @classmethod
+    def from_weights(cls, weights, *, is_live_policy, cache):
+        return cls(_placed_copy(weights, None) if is_live_policy else weights)
 
 
-def place_reference(params, mode: str):
-    """A frozen copy of `params` placed for `mode`: same partition specs, device or pinned_host memory.
+class HostReference(Reference):
+    """The device reference's shards in pinned host memory; the forward first brings the non-layer params
+    to the device (used outside the scan, free again once it is done), the stacked layers stream through
+    the Decoder's layer_params_hook one at a time."""
 
-    Always a real copy: the policy's buffers are donated to the train step and change every update."""
-    if mode == "device":
-        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
-    if mode == "host":
-        return jax.tree.map(
-            lambda x: jax.device_put(x, _to_memory_kind(x.sharding, HOST_MEMORY_KIND), may_alias=False), params)
-    raise ConfigError(f"reference.mode = {mode!r} holds no reference params; place_reference takes "
-                      f"{' | '.join(MODES_WITH_PARAMS)}")
+    mode = "host"
+    uses_weights = runs_forward = streams_layers = True
 
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+        non_layer = {k: v for k, v in params.items() if k != "layers"}
+        on_device = type(params)({**params, **_to_device(non_layer)}) if non_layer else params
+        return _stopped(pair_logprobs(graphdef, (on_device, frozen), micro, num_pairs=num_pairs,
+                                      chunk_size=chunk_size, layer_params_hook=_to_device))
 
-def reference_layer_hook(mode: str) -> Callable[[dict], dict] | None:
-    """The Decoder's `layer_params_hook` for the reference forward: host mode copies one layer's params
-    (already this device's shard of them) to device memory inside the scan body."""
-    return _to_device if mode == "host" else None
+    @classmethod
+    def check_mesh(cls, mesh) -> None:
+        kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
+        if HOST_MEMORY_KIND not in kinds:
+            platform = mesh.devices.flat[0].platform
+            raise ConfigError(f"reference.mode = host needs '{HOST_MEMORY_KIND}' memory, which {platform} devices "
+                              f"do not offer (they have {sorted(kinds)}); use reference.mode = device")
 
-
-class HostReferenceSteps(StepFunctions):
-    """StepFunctions whose reference forward first brings the non-layer reference params to the device.
-
-    The stacked layers stay in host memory and stream through `reference_layer_hook("host")`; the
-    embedding / final norm / LM head are used outside the scan, so they are copied once per
-    reference forward and are free again once it is done."""
-
-    def __init__(self, **kwargs):
-        super().__init__(reference_hook=reference_layer_hook("host"), **kwargs)
-
-    def _reference_logprobs(self, params, frozen, reference, micro):
-        non_layer = {k: v for k, v in reference.items() if k != "layers"}
-        on_device = type(reference)({**reference, **_to_device(non_layer)}) if non_layer else reference
-        return super()._reference_logprobs(params, frozen, on_device, micro)
+    @classmethod
+    def from_weights(cls, weights, *, is_live_policy, cache):
+        return cls(_placed_copy(weights, HOST_MEMORY_KIND))
 
 
-def make_step_functions(reference_mode: str, **kwargs) -> StepFunctions:
-    """The StepFunctions for a reference mode (`kwargs` are StepFunctions' own)."""
-    if reference_mode == "host":
-        return HostReferenceSteps(reference_mode=reference_mode, **kwargs)
-    return StepFunctions(reference_mode=reference_mode, **kwargs)
+class CachedReference(Reference):
+    """Logprobs of every train/eval pair computed once (or loaded) under a fingerprint; batches carry
+    ref_chosen / ref_rejected, and training holds no reference weights."""
+
+    mode = "cached"
+    uses_weights = True
+    batch_keys = ("ref_chosen", "ref_rejected")
+
+    def __init__(self, cache):
+        super().__init__(None)
+        self.cache = cache  # a jaxdpo.reference_cache.ReferenceCache
+
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+        return micro["ref_chosen"], micro["ref_rejected"]
+
+    def attach(self, split: str, batch: dict) -> dict:
+        return self.cache.attach(split, batch)
+
+    @classmethod
+    def from_weights(cls, weights, *, is_live_policy, cache):
+        return cls(cache(weights))
 
 
-# ---- memory figures -----------------------------------------------------------------------------
+class LoRABaseReference(Reference):
+    """The base model is the policy with its adapters off: zero A and B add exactly 0 to x W, so this is
+    the same forward over the shared frozen weights, with no copy of them."""
 
-def per_device_bytes(tree, shardings) -> dict[str, int]:
-    """{memory kind: bytes one device holds} for arrays (or ShapeDtypeStructs) placed by `shardings`."""
-    out: dict[str, int] = {}
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        shard = s.shard_shape(x.shape)
-        kind = s.memory_kind or "device"
-        out[kind] = out.get(kind, 0) + int(np.prod(shard)) * np.dtype(x.dtype).itemsize
-    return out
+    mode = "lora_base"
+    needs_lora = runs_forward = True
 
-
-def reference_memory_report(trainer) -> dict:
-    """Per-device memory of the compiled train step of a built `Trainer` (build_data/model/reference/steps
-    done): XLA's memory analysis plus where the reference's bytes are.
-
-    `reference_device_bytes` is what the reference holds in device memory for the whole step;
-    `reference_streamed_bytes` is what host mode copies in during a reference forward and frees again
-    (the non-layer params plus one layer): the largest the reference ever gets on the device."""
-    batch = trainer.train_batch(0)
-    compiled = trainer.train_step.lower(trainer.state, trainer.frozen, trainer.reference, batch).compile()
-    stats = compiled.memory_analysis()
-    analysis = {name: int(getattr(stats, name)) for name in (
-        "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-        "host_argument_size_in_bytes", "host_temp_size_in_bytes")} if stats is not None else {}
-    ref = trainer.reference
-    ref_shardings = jax.tree.map(lambda x: x.sharding, ref)
-    by_kind = per_device_bytes(ref, ref_shardings)
-    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), ref["layers"])
-    one_layer_shardings = jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])),
-                                       ref_shardings["layers"])
-    non_layer = [k for k in ref.keys() if k != "layers"]
-    streamed = sum(per_device_bytes(one_layer, one_layer_shardings).values()) + sum(
-        sum(per_device_bytes(ref[k], ref_shardings[k]).values()) for k in non_layer)
-    return {
-        "mode": trainer.config.reference.mode,
-        "memory_analysis": analysis,
-        "reference_bytes_by_memory_kind": by_kind,
-        "reference_device_bytes": by_kind.get("device", 0),
-        "reference_host_bytes": by_kind.get(HOST_MEMORY_KIND, 0),
-        "reference_streamed_bytes": streamed if trainer.config.reference.mode == "host" else 0,
-        **_host_params_in_hlo(compiled.as_text()),
-    }
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+        adapters_off = jax.tree.map(jnp.zeros_like, policy_params)
+        return _stopped(pair_logprobs(graphdef, (adapters_off, frozen), micro, num_pairs=num_pairs,
+                                      chunk_size=chunk_size))
 
 
-_HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-                 "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_HOST_PARAM = re.compile(r"(\w+)\[([\d,]*)\]\{[^{}]*:S\(5\)\}")  # f32[8,64,256]{2,1,0:S(5)}
+class NoReference(Reference):
+    """Reference-free losses (SimPO, ORPO) need none."""
+
+    mode = "none"
+    gives_logprobs = False
+
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+        return None, None
 
 
-def _host_params_in_hlo(hlo_text: str) -> dict[str, int]:
-    """The entry parameters XLA compiled into host memory (memory space 5) and their per-device bytes.
+KINDS: dict[str, type[Reference]] = {kind.mode: kind for kind in (
+    DeviceReference, HostReference, CachedReference, LoRABaseReference, NoReference)}
 
-    XLA:CPU's memory analysis counts them in argument_size_in_bytes (it has one memory), so this is
-    the compiled program's own statement of what is not in device memory."""
-    layout = next((line for line in hlo_text.splitlines() if "entry_computation_layout=" in line), "")
-    params = layout.split("entry_computation_layout={(", 1)[-1].split(")->", 1)[0]
-    found = _HOST_PARAM.findall(params)
-    size = sum(_HLO_ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])) for dtype, dims in found)
-    return {"hlo_host_params": len(found), "hlo_host_param_bytes": size}
+
+def choose_reference(mode: str, *, lora: bool) -> tuple[type[Reference], str | None]:
+    """The factory: the kind of reference a run with `reference.mode = mode` builds, and a note to report
+    when it is not the one named. With LoRA the initial policy is the base model (B = 0), so a device
+    copy of it would be the base weights twice: lora_base is the same reference with no copy."""
+    if lora and mode == "device":
+        return LoRABaseReference, ("device with LoRA: the reference is the base model, computed as "
+                                   "lora_base (adapters off) instead of a copy")
+    return KINDS[mode], None
+
+
+def check_config(config, *, lora_on: bool) -> None:
+    """The `reference` section against LoRA and the loss: what each kind loads and needs."""
+    mode, path = config.reference.mode, config.reference.path
+    named, _ = choose_reference(mode, lora=False)
+    if path:
+        if not named.uses_weights:
+            raise ConfigError(f"reference.path = {path!r} is set but reference.mode = {mode!r} loads no "
+                              f"reference checkpoint; clear one of them")
+        check_checkpoint_dir(path, "reference.path")
+    if named.needs_lora and not lora_on:
+        raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
+                          "or choose reference.mode device | host | cached")
+    if lora_on and path:
+        raise ConfigError(f"reference.path = {path!r} with LoRA is not supported: the LoRA reference is the "
+                          f"base model (reference.mode lora_base); clear reference.path")
+
+
+def gives_logprobs(config, *, lora_on: bool) -> bool:
+    """Whether the run's reference gives logprobs (reference-free losses need none)."""
+    return choose_reference(config.reference.mode, lora=lora_on)[0].gives_logprobs

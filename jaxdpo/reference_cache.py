@@ -21,23 +21,26 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxdpo import sharding
-from jaxdpo.step import ROW_KEYS, pair_logprobs
+from jaxdpo.batches import batch_shardings, to_global
+from jaxdpo.data.batcher import PairBatcher
+from jaxdpo.data.cache import default_cache_dir
+from jaxdpo.data.layouts import STEP_ROW_KEYS
+from jaxdpo.distributed import all_processes_agree
+from jaxdpo.step import pair_logprobs
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: weight files keyed by content
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".json", ".bin")
 
 
 # -- fingerprints -----------------------------------------------------------------------------------
 def weight_files_fingerprint(path: str) -> list:
-    """(name, size, mtime_ns) of the checkpoint's weight and config files: cheap, changes on rewrite."""
+    """(name, sha256) of the checkpoint's weight and config files: their content, however they were copied."""
+    from jaxdpo.data.identity import file_digest
+
     if not path or not os.path.isdir(path):
         return []
-    out = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith(WEIGHT_FILE_SUFFIXES):
-            st = os.stat(os.path.join(path, name))
-            out.append([name, st.st_size, st.st_mtime_ns])
-    return out
+    return [[name, file_digest(os.path.join(path, name))] for name in sorted(os.listdir(path))
+            if name.endswith(WEIGHT_FILE_SUFFIXES)]
 
 
 @jax.jit
@@ -83,26 +86,21 @@ def cache_path(cache_dir: str, key: str) -> str:
 
 
 def save(path: str, chosen: np.ndarray, rejected: np.ndarray, parts: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, chosen=chosen.astype(np.float32), rejected=rejected.astype(np.float32),
-                 meta=np.array(json.dumps(parts, sort_keys=True, default=str)))
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache entry
+    from jaxdpo.data.cache import write_npz
+
+    write_npz(path, {"chosen": chosen.astype(np.float32), "rejected": rejected.astype(np.float32),
+                     "meta": np.array(json.dumps(parts, sort_keys=True, default=str))})
 
 
-def load(path: str, num_pairs: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached (chosen, rejected) arrays, or None if absent, unreadable or of the wrong size."""
-    if not os.path.exists(path):
+def load(path: str, num_pairs: int, *, on_damage=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (chosen, rejected) arrays, or None if absent, of the wrong size, or damaged (then
+    `on_damage` hears one line, and the caller computes and writes the entry again)."""
+    from jaxdpo.data.cache import read_npz
+
+    arrays = read_npz(path, ("chosen", "rejected"), on_damage=on_damage)
+    if arrays is None or arrays["chosen"].shape != (num_pairs,) or arrays["rejected"].shape != (num_pairs,):
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            chosen, rejected = z["chosen"], z["rejected"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if chosen.shape != (num_pairs,) or rejected.shape != (num_pairs,):
-        return None
-    return chosen, rejected
+    return arrays["chosen"], arrays["rejected"]
 
 
 # -- computing --------------------------------------------------------------------------------------
@@ -131,14 +129,6 @@ def lookup(pair_ids: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> di
             "ref_rejected": np.where(valid, rejected[safe], 0.0).astype(np.float32)}
 
 
-def _all_processes_agree(flag: bool) -> bool:
-    """True only if every process has `flag` (so all of them skip, or all join, the collective pass)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 class ReferenceCache:
     """Per-split reference logprobs of a run, loaded from disk or computed once with the given weights."""
 
@@ -155,57 +145,47 @@ class ReferenceCache:
         chosen, rejected = self.arrays[split]
         return {**batch, **lookup(batch["pair_ids"], chosen, rejected)}
 
-    @classmethod
-    def for_trainer(cls, trainer, reference_params, *, weights_path: str, log=print) -> "ReferenceCache":
-        """Load or compute (rc, rr) for the trainer's train and eval pairs with `reference_params`."""
-        from jaxdpo.data.batcher import PairBatcher
-        from jaxdpo.data.cache import default_cache_dir
 
-        cfg = trainer.config
-        cache_dir = default_cache_dir(cfg.data.cache_dir)
-        mesh = trainer.mesh
-        rows = NamedSharding(mesh, sharding.logical_spec("batch", None))
-        pairs_sh = NamedSharding(mesh, sharding.logical_spec("batch"))
-        num_pairs = cfg.train.eval_batch_size
-        shardings = {k: rows for k in ROW_KEYS} | {"pair_valid": pairs_sh}
-        graphdef, frozen = trainer.graphdef, trainer.frozen
-        common_parts = {
-            "weights_files": weight_files_fingerprint(weights_path),
-            "weights": params_digest(reference_params),
-            "model": trainer.model_config.__dict__,
-            "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.get("dtype", ""),
-            "attention": cfg.model.get("attention", "xla"),
-            "layout": cfg.data.layout, "row_length": trainer.row_length, "chunk": cfg.model.logprob_chunk,
-        }
+def load_or_compute(reference_params, *, config, mesh, policy, data, weights_path: str, log=print) -> ReferenceCache:
+    """(rc, rr) of every train and eval pair of `data`, from disk or computed now with `reference_params`
+    (over `policy`'s graphdef and frozen weights); written to data.cache_dir for the next run."""
+    cfg = config
+    cache_dir = default_cache_dir(cfg.data.cache_dir)
+    num_pairs = cfg.train.eval_batch_size
+    shardings = batch_shardings(mesh, list(STEP_ROW_KEYS) + ["pair_valid"], stacked=False)
+    common_parts = {
+        "weights_files": weight_files_fingerprint(weights_path),
+        "weights": params_digest(reference_params),
+        "model": policy.model_config.__dict__,
+        "param_dtype": cfg.model.param_dtype, "dtype": cfg.model.get("dtype", ""),
+        "attention": cfg.model.get("attention", "xla"),
+        "layout": cfg.data.layout, "row_length": data.row_length, "chunk": cfg.model.logprob_chunk,
+    }
 
-        def logprobs(batch):
-            out = pair_logprobs(graphdef, (reference_params, frozen), batch, num_pairs=num_pairs,
-                                chunk_size=cfg.model.logprob_chunk)
-            return out["pc"], out["pr"]
+    def logprobs(batch):
+        out = pair_logprobs(policy.graphdef, (reference_params, policy.frozen), batch, num_pairs=num_pairs,
+                            chunk_size=cfg.model.logprob_chunk)
+        return out["pc"], out["pr"]
 
-        jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
-        to_global = lambda local: trainer._to_global(local, shardings, pair_axis=0)
-
-        cache = cls()
-        splits = [("train", trainer.train_pairs)]
-        if trainer.eval_pairs is not None and len(trainer.eval_pairs) > 0:
-            splits.append(("eval", trainer.eval_pairs))
-        for split, pairs in splits:
-            parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
-            path = cache_path(cache_dir, fingerprint(parts))
-            found = load(path, len(pairs))
-            if _all_processes_agree(found is not None):
-                log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
-                cache.add(split, found, path)
-                continue
-            batcher = PairBatcher(pairs, layout=cfg.data.layout, row_length=trainer.row_length,
-                                  batch_size=num_pairs, micro_batch_size=num_pairs, seed=cfg.seed, shuffle=False,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  row_multiple=trainer.row_multiple, pad_id=trainer.batcher.pad_id)
-            arrays = compute(batcher, jitted, to_global, desc=f"reference logprobs ({split})")
-            if jax.process_index() == 0:
-                save(path, *arrays, parts)
-            log(f"  reference  {split}: computed {len(pairs)} pairs' logprobs, cached in {path}")
-            cache.add(split, arrays, path)
-            cache.computed.append(split)
-        return cache
+    jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+    cache = ReferenceCache()
+    for split, pairs in data.splits():
+        parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}
+        path = cache_path(cache_dir, fingerprint(parts))
+        found = load(path, len(pairs), on_damage=lambda m: log(f"  reference  {split}: {m}"))
+        if all_processes_agree(found is not None):
+            log(f"  reference  {split}: {len(pairs)} pairs' logprobs from cache {path}")
+            cache.add(split, found, path)
+            continue
+        batcher = PairBatcher(pairs, layout=cfg.data.layout, row_length=data.row_length, batch_size=num_pairs,
+                              micro_batch_size=num_pairs, seed=cfg.seed, shuffle=False,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              row_multiple=data.row_multiple, pad_id=data.pad_id)
+        arrays = compute(batcher, jitted, lambda local: to_global(local, shardings, pair_axis=0),
+                         desc=f"reference logprobs ({split})")
+        if jax.process_index() == 0:
+            save(path, *arrays, parts)
+        log(f"  reference  {split}: computed {len(pairs)} pairs' logprobs, cached in {path}")
+        cache.add(split, arrays, path)
+        cache.computed.append(split)
+    return cache

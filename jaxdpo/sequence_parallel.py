@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
 
@@ -74,3 +74,14 @@ def check_row_length(row_length: int, sequence: int, *, key: str) -> None:
             f"{key} = {row_length} must be a multiple of 2 * mesh.sequence = {multiple} (each of the "
             f"{sequence} sequence shards holds two equal chunks of a row); use "
             f"{math.ceil(row_length / multiple) * multiple} or change mesh.sequence")
+
+
+def check_config(config) -> None:
+    """Rows must cut into 2 * mesh.sequence equal chunks. The padded and packed row lengths are known from
+    the config; prefix_shared rows are sized from the data and rounded up to that multiple when built."""
+    sequence, data = config.mesh.sequence, config.data
+    if data.layout == "padded":
+        check_row_length(data.max_length, sequence, key="data.max_length")
+    elif data.layout == "packed":
+        key = "data.pack_length" if data.pack_length else "data.pack_length (0: 2 * data.max_length)"
+        check_row_length(data.pack_length or 2 * data.max_length, sequence, key=key)

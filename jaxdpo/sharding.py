@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdpo.errors import ConfigError
+
 # Outer to inner: `tensor` talks most (every matmul), so its devices are adjacent (one NVLink island / ICI
 # neighbours); `sequence` passes K/V to its ring neighbour every layer, next; `fsdp` gathers each layer's
 # params once per pass; `data` only reduces gradients once per step.
@@ -95,6 +97,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def check_mesh_config(mesh_cfg) -> None:
+    """The `mesh` section alone (whether it fits the devices is `make_mesh`'s check)."""
+    for axis in ("data", "sequence", "tensor"):
+        if mesh_cfg[axis] < 1:
+            raise ConfigError(f"mesh.{axis} = {mesh_cfg[axis]} must be >= 1")
+    if mesh_cfg.fsdp < 1 and mesh_cfg.fsdp != -1:
+        raise ConfigError(f"mesh.fsdp = {mesh_cfg.fsdp} must be >= 1, or -1 for all remaining devices")
+
+
 def batch_axis_size(mesh: Mesh) -> int:
     """How many ways the batch rows are split: rows per step must be a multiple of this."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
@@ -129,7 +140,6 @@ def check_params_divisible(param_specs: dict[str, tuple[tuple[int, ...], tuple[s
     `param_specs` is name -> (shape, logical axes), as `jaxdpo.models.decoder.*_param_specs` give them;
     raises ConfigError naming each offending size (heads, kv_heads, intermediate, vocab vs mesh.tensor;
     hidden vs mesh.fsdp) before anything is loaded or compiled."""
-    from jaxdpo.config import ConfigError  # config imports nothing heavy; kept local to stay a leaf module
 
     problems: dict[tuple[str, int, str], list[str]] = {}
     for name, (shape, logical) in param_specs.items():
@@ -160,3 +170,12 @@ def optimizer_state_shardings(optimizer, params, replicated: NamedSharding):
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_shardings,
                                  transform_non_params=lambda _: replicated)
+
+
+def gather_to_host(x) -> np.ndarray:
+    """The whole of a (maybe sharded, maybe multi-host) array as numpy; every process must call it."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

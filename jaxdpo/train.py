@@ -88,8 +88,8 @@ def main(argv):
         config_lib.validate(config)
         from jaxdpo import distributed
         distributed.initialize(config.distributed)
-        from jaxdpo.trainer import Trainer
-        Trainer(config).run()
+        from jaxdpo.loop import train_and_evaluate
+        train_and_evaluate(config)
     except config_lib.ConfigError as e:
         print(f"jaxdpo: {e}", file=sys.stderr)
         sys.exit(2)

@@ -162,17 +162,17 @@ def test_mesh_that_does_not_fit_fails_before_any_tokenizing(assets, tmp_path, mo
     on a large dataset a bad mesh fails in seconds, not after tokenizing everything."""
     import jax
 
-    from jaxdpo import data
-    from jaxdpo.trainer import Trainer
+    from jaxdpo import build, data
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     def must_not_tokenize(*args, **kwargs):
         raise AssertionError("the data was read before the config-only checks")
 
-    monkeypatch.setattr(Trainer, "build_data", must_not_tokenize)
+    monkeypatch.setattr(build, "build_data", must_not_tokenize)
     monkeypatch.setattr(data, "load_preference_data", must_not_tokenize)
     config = tiny_run_config(assets, str(tmp_path / "run"), **overrides,
                              **{"data.train_files": str(tmp_path / "never_read.jsonl")})
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
-        Trainer(config, devices=jax.devices()[:6]).run()
+        train_and_evaluate(config, devices=jax.devices()[:6])
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

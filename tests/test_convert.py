@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo.trainer import Trainer
+from jaxdpo.loop import train_and_evaluate
 from tests.tiny_assets import make_run_assets, tiny_run_config
 from tools import convert_to_hf
 
@@ -22,8 +22,7 @@ def run(tmp_path_factory):
     assets = make_run_assets(str(tmp_path_factory.mktemp("assets")), n_train=16)
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_run_config(assets, workdir, **{"train.steps": 2, "data.eval_files": "", "mesh.fsdp": -1})
-    trainer = Trainer(config)
-    trainer.run()
+    trainer = train_and_evaluate(config)
     return {"workdir": workdir, "assets": assets, "devices": trainer.mesh.size}
 
 
@@ -82,7 +81,7 @@ def test_lora_checkpoint_is_merged_into_its_base(run, tmp_path):
     workdir = str(tmp_path / "lora_run")
     config = tiny_run_config(run["assets"], workdir, **{"train.steps": 2, "data.eval_files": "", "lora.rank": 4,
                                                         "lora.export_merged": True, "optim.lr": 1e-2})
-    Trainer(config, devices=jax.devices()[:1]).run()
+    train_and_evaluate(config, devices=jax.devices()[:1])
     out = str(tmp_path / "converted")
     convert_to_hf.convert(workdir, out)
     from safetensors.numpy import load_file

@@ -11,7 +11,7 @@ import pytest
 from jaxdpo.config import ConfigError
 from jaxdpo.data import format_report, load_preference_data, make_batch, mix_sources, row_length
 from jaxdpo.data.tokenize import TokenizedPairs
-from test_data import data_config, make_tokenizer, visible_contexts
+from tests.data_helpers import data_config, make_tokenizer, visible_contexts
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 BOS, EOS, ASSISTANT, END = 1, 2, 5, 6

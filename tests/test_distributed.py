@@ -177,7 +177,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     import jax
 
     from jaxdpo.metrics import read_metrics
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import make_run_assets, tiny_run_config
 
     assets = make_run_assets(str(tmp_path / "assets"), n_train=32, n_eval=8)
@@ -192,7 +192,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     for rc, out, _ in results:
         assert rc == 0, out[-3000:]
 
-    Trainer(tiny_run_config(assets, str(tmp_path / "one"), **E2E_OVERRIDES), devices=jax.devices()[:4]).run()
+    train_and_evaluate(tiny_run_config(assets, str(tmp_path / "one"), **E2E_OVERRIDES), devices=jax.devices()[:4])
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [sorted(r) for r in two] == [sorted(r) for r in one]
     for key in ("train/loss", "train/grad_norm", "train/rewards/margins", "eval/loss", "eval/rewards/accuracies"):
@@ -284,12 +284,12 @@ def _train_worker(heartbeat_timeout: int, assets_json: str, workdir: str) -> Non
 
     distributed.initialize({"heartbeat_timeout": heartbeat_timeout, "shutdown_timeout": 60})
     sys.path.insert(0, REPO_ROOT)  # for configs/ and tests.tiny_assets
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     with open(assets_json) as f:
         assets = json.load(f)
-    Trainer(tiny_run_config(assets, workdir, **E2E_OVERRIDES)).run()
+    train_and_evaluate(tiny_run_config(assets, workdir, **E2E_OVERRIDES))
     print("TRAINED", distributed.describe(), flush=True)
 
 

@@ -5,19 +5,13 @@ import numpy as np
 import pytest
 
 from jaxdpo.metrics import read_metrics
-from jaxdpo.trainer import Trainer
+from jaxdpo.loop import train_and_evaluate
 from tests.tiny_assets import make_run_assets, tiny_run_config
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def run(assets, workdir, **overrides):
     cfg = tiny_run_config(assets, str(workdir), **{"train.eval_every": 3, "train.export_hf": False, **overrides})
-    trainer = Trainer(cfg, devices=jax.devices()[:2])
-    trainer.run()
+    trainer = train_and_evaluate(cfg, devices=jax.devices()[:2])
     records = read_metrics(str(workdir))
     return trainer, {key: [r[key] for r in records if key in r]
                      for key in ("train/loss", "train/grad_norm", "train/rewards/chosen", "eval/loss",

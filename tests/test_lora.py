@@ -14,34 +14,23 @@ from flax import nnx
 from jaxdpo.config import ConfigError
 from jaxdpo.metrics import read_metrics
 from jaxdpo.models import Decoder, ModelConfig, from_pretrained
-from jaxdpo.models.lora import LoRAParam, LoRASettings, add_adapters, lora_settings, merge_adapters
+from jaxdpo.models.lora import LoRAParam, LoRASettings, lora_settings, merge_adapters
 from jaxdpo.optim import make_optimizer
+from jaxdpo import build
+from jaxdpo.loop import train_and_evaluate
 from jaxdpo.step import init_state
-from jaxdpo.trainer import Trainer
-from tests.tiny_assets import make_run_assets, tiny_run_config
+from tests.helpers import LORA, TINY, lora_ids, series, train_batch
+from tests.tiny_assets import tiny_run_config
 
-LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear", "lora.export_merged": True}
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                   num_kv_heads=2, head_dim=8)
-IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
+IDS = lora_ids()
 
 
 @pytest.fixture(scope="module")
 def lora_run(assets, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora_run")
-    trainer = Trainer(tiny_run_config(assets, str(workdir), **LORA, **{"train.eval_every": 3}),
-                      devices=jax.devices()[:1])
-    trainer.run()
+    trainer = train_and_evaluate(tiny_run_config(assets, str(workdir), **LORA, **{"train.eval_every": 3}),
+                                 devices=jax.devices()[:1])
     return trainer, read_metrics(str(workdir)), workdir
-
-
-def series(records, key):
-    return [r[key] for r in records if key in r]
 
 
 def base_params(path):
@@ -51,8 +40,8 @@ def base_params(path):
 
 def test_step0_is_ln2_and_only_adapters_train(assets, lora_run):
     trainer, records, _ = lora_run
-    assert trainer.config.reference.mode == "lora_base"  # the default reference under LoRA
-    assert trainer.reference is None  # no copy of anything
+    assert trainer.reference.mode == "lora_base"  # the default reference under LoRA
+    assert trainer.reference.params is None  # no copy of anything
     assert series(records, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
     assert series(records, "eval/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
     assert series(records, "train/loss")[-1] < math.log(2)
@@ -68,7 +57,7 @@ def test_step0_is_ln2_and_only_adapters_train(assets, lora_run):
 
     # the base weights are bit-identical to the checkpoint on disk
     base = nnx.to_flat_state(base_params(assets["model"]))
-    frozen = dict(nnx.to_flat_state(trainer.frozen))
+    frozen = dict(nnx.to_flat_state(trainer.policy.frozen))
     assert len(base) == 12  # embed, final_norm, lm_head + 9 stacked layer weights
     for path, var in base:
         np.testing.assert_array_equal(np.asarray(frozen[path][...]), np.asarray(var[...]), err_msg=str(path))
@@ -76,8 +65,10 @@ def test_step0_is_ln2_and_only_adapters_train(assets, lora_run):
 
 def test_lora_base_reference_is_the_base_model_after_training(assets, lora_run):
     trainer, _, _ = lora_run
-    batch = jax.tree.map(lambda x: x[0], trainer.train_batch(0))
-    ref_c, ref_r = trainer.steps._reference_logprobs(trainer.state["params"], trainer.frozen, None, batch)
+    batch = jax.tree.map(lambda x: x[0], train_batch(trainer, 0))
+    ref_c, ref_r = trainer.reference.logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
+                                              None, batch, num_pairs=trainer.config.train.micro_batch_size,
+                                              chunk_size=trainer.config.model.logprob_chunk)
     from jaxdpo.step import pair_logprobs
     base = from_pretrained(assets["model"])
     graphdef, state = nnx.split(base)
@@ -85,7 +76,7 @@ def test_lora_base_reference_is_the_base_model_after_training(assets, lora_run):
                              chunk_size=trainer.config.model.logprob_chunk)
     np.testing.assert_allclose(np.asarray(ref_c), np.asarray(expected["pc"]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(ref_r), np.asarray(expected["pr"]), atol=1e-5, rtol=0)
-    policy = pair_logprobs(trainer.graphdef, (trainer.state["params"], trainer.frozen), batch,
+    policy = pair_logprobs(trainer.policy.graphdef, (trainer.state["params"], trainer.policy.frozen), batch,
                            num_pairs=trainer.config.train.micro_batch_size, chunk_size=trainer.config.model.logprob_chunk)
     assert float(jnp.abs(policy["pc"] - expected["pc"]).max()) > 1e-3  # the adapters do change the policy
 
@@ -109,7 +100,7 @@ def test_peft_and_merged_exports_match_jax(assets, lora_run):
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     ids = np.asarray([tokenizer("What color is the owl? The owl is gold.")["input_ids"]], np.int32)
-    model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.frozen)
+    model = nnx.merge(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen)
     got = np.asarray(model(ids))
     torch_ids = torch.from_numpy(ids).long()
 
@@ -145,7 +136,7 @@ def test_fresh_adapter_is_identity_and_merge_equals_adapter_applied(config):
     model = Decoder(config, rngs=nnx.Rngs(0))
     base_logits = model(IDS)
     settings = LoRASettings(rank=3, alpha=6.0, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
-    add_adapters(model, settings, seed=1)
+    model = Decoder(config, lora=settings, lora_seed=1, rngs=nnx.Rngs(0))  # the same base weights
     np.testing.assert_array_equal(np.asarray(model(IDS)), np.asarray(base_logits))  # B = 0
 
     graphdef, adapters, frozen = nnx.split(model, LoRAParam, ...)
@@ -186,19 +177,15 @@ def test_settings_and_config_errors(assets, tmp_path):
         lora_settings(lora_cfg(rank=-1))
     with pytest.raises(ConfigError, match="lora.alpha"):
         lora_settings(lora_cfg(alpha=0.0))
-    trainer = Trainer(tiny_run_config(assets, str(tmp_path), **{"reference.mode": "lora_base"}),
-                      devices=jax.devices()[:1])
+    config = tiny_run_config(assets, str(tmp_path), **{"reference.mode": "lora_base"})
     with pytest.raises(ConfigError, match="needs LoRA: set lora.rank"):
-        trainer.build_model()
+        build.check_config(config, build.make_mesh(config, jax.devices()[:1]))
 
 
 def train_state_bytes(config: ModelConfig, settings: LoRASettings | None) -> int:
     """Bytes of what trains: params + AdamW state (shapes only, nothing allocated)."""
     def build():
-        model = Decoder(config, rngs=nnx.Rngs(0))
-        if settings is not None:
-            add_adapters(model, settings)
-        return model
+        return Decoder(config, lora=settings, rngs=nnx.Rngs(0))
 
     model = nnx.eval_shape(build)
     _, params, _ = nnx.split(model, nnx.Param if settings is None else LoRAParam, ...)
@@ -233,13 +220,12 @@ def test_resume_from_an_adapter_checkpoint_continues_the_run(assets, lora_run, t
 
     trainer, records, _ = lora_run
     config = tiny_run_config(assets, str(tmp_path), **LORA, **{"train.eval_every": 3, "train.save_every": 2})
-    Trainer(config, devices=jax.devices()[:1]).run()
+    train_and_evaluate(config, devices=jax.devices()[:1])
     shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if the run had stopped after step 2
-    resumed = Trainer(tiny_run_config(assets, str(tmp_path), **LORA, **{"train.eval_every": 3,
-                                                                         "train.save_every": 2}),
-                      devices=jax.devices()[:1])
     capsys.readouterr()
-    resumed.run()
+    resumed = train_and_evaluate(tiny_run_config(assets, str(tmp_path), **LORA, **{"train.eval_every": 3,
+                                                                                   "train.save_every": 2}),
+                                 devices=jax.devices()[:1])
     assert "resumed    from checkpoint step 2" in capsys.readouterr().out
     np.testing.assert_allclose(series(read_metrics(str(tmp_path)), "train/loss"), series(records, "train/loss"),
                                atol=1e-6)
@@ -250,8 +236,7 @@ def test_resume_from_an_adapter_checkpoint_continues_the_run(assets, lora_run, t
 def test_lora_on_eight_fsdp_devices_matches_one(assets, lora_run, tmp_path):
     _, records, _ = lora_run
     overrides = {**LORA, "train.eval_every": 3, "mesh.fsdp": 8, "lora.export_merged": False}
-    trainer = Trainer(tiny_run_config(assets, str(tmp_path), **overrides))
-    trainer.run()
+    trainer = train_and_evaluate(tiny_run_config(assets, str(tmp_path), **overrides))
     eight = read_metrics(str(tmp_path))
     np.testing.assert_allclose(series(eight, "train/loss"), series(records, "train/loss"), atol=1e-5)
     np.testing.assert_allclose(series(eight, "eval/loss"), series(records, "eval/loss"), atol=1e-5)

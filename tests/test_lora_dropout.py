@@ -1,5 +1,6 @@
 """LoRA adapter dropout (lora.dropout): PEFT's adapter-input dropout, keyed by (seed, step, micro-batch)."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,17 +10,14 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxdpo.loop import train_and_evaluate
 from jaxdpo.metrics import read_metrics
 from jaxdpo.models import Decoder
-from jaxdpo.models.lora import LoRAParam, LoRASettings, add_adapters
-from jaxdpo.trainer import Trainer
-from tests.test_lora import IDS, LORA, TINY, series
-from tests.tiny_assets import make_run_assets, tiny_run_config
+from jaxdpo.models.lora import LoRAParam, LoRASettings
+from tests.helpers import LORA, TINY, lora_ids, series, train_batch
+from tests.tiny_assets import tiny_run_config
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
+IDS = lora_ids()
 
 
 # ---- adapter dropout ------------------------------------------------------------------------------------
@@ -45,8 +43,8 @@ def test_dropout_drops_each_adapters_input_with_its_own_mask():
     rate, rank = 0.5, 64
     targets = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     in_dims = {"v_proj": (32,), "o_proj": (4, 8), "gate_proj": (32,), "up_proj": (32,), "down_proj": (64,)}
-    model = Decoder(TINY, rngs=nnx.Rngs(0))
-    add_adapters(model, LoRASettings(rank=rank, alpha=float(rank), targets=targets, dropout=rate))
+    model = Decoder(TINY, lora=LoRASettings(rank=rank, alpha=float(rank), targets=targets, dropout=rate),
+                    rngs=nnx.Rngs(0))
     for t in targets:  # A = [I 0]: the adapter's down projection is its input itself (padded to the rank)
         var = getattr(model.layers, f"{t}_lora_a")
         n_in = math.prod(in_dims[t])
@@ -79,8 +77,8 @@ def test_dropout_drops_each_adapters_input_with_its_own_mask():
 
 def adapted_tiny(rate: float, remat: str = "none"):
     """TINY with all-linear adapters whose B is non-zero (so they change the logits)."""
-    model = Decoder(TINY, remat=remat, rngs=nnx.Rngs(0))
-    add_adapters(model, LoRASettings(rank=4, alpha=8.0, targets=DROPOUT_STREAMS, dropout=rate), seed=1)
+    model = Decoder(TINY, remat=remat, lora=LoRASettings(rank=4, alpha=8.0, targets=DROPOUT_STREAMS, dropout=rate),
+                    lora_seed=1, rngs=nnx.Rngs(0))
     for t in DROPOUT_STREAMS:
         var = getattr(model.layers, f"{t}_lora_b")
         var[...] = 0.3 * jax.random.normal(jax.random.key(DROPOUT_STREAMS.index(t)), var[...].shape)
@@ -116,8 +114,7 @@ DROPOUT_RUN = {**LORA, "lora.dropout": 0.1, "lora.export_merged": False, "train.
 @pytest.fixture(scope="module")
 def dropout_run(assets, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dropout_run")
-    trainer = Trainer(tiny_run_config(assets, str(workdir), **DROPOUT_RUN), devices=jax.devices()[:1])
-    trainer.run()
+    trainer = train_and_evaluate(tiny_run_config(assets, str(workdir), **DROPOUT_RUN), devices=jax.devices()[:1])
     return trainer, read_metrics(str(workdir)), workdir
 
 
@@ -129,7 +126,7 @@ def test_dropout_run_learns_and_exports_a_peft_adapter_with_its_dropout(assets, 
     from transformers import AutoModelForCausalLM
 
     trainer, records, workdir = dropout_run
-    assert trainer.lora.dropout == 0.1
+    assert trainer.policy.lora.dropout == 0.1
     assert series(records, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: dropout is moot
     accuracy = series(records, "eval/rewards/accuracies")
     assert accuracy[0] == 0.0 and accuracy[-1] >= 0.9
@@ -140,11 +137,20 @@ def test_dropout_run_learns_and_exports_a_peft_adapter_with_its_dropout(assets, 
     base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     assert peft_model.peft_config["default"].lora_dropout == 0.1
-    ids = np.array(trainer.train_batch(0)["input_ids"][0, :2], np.int32)
+    ids = np.array(train_batch(trainer, 0)["input_ids"][0, :2], np.int32)
     with torch.no_grad():
         peft_logits = peft_model(torch.from_numpy(ids).long()).logits.numpy()
-    ours = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.frozen)(ids)  # no key: no dropout
+    ours = nnx.merge(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen)(ids)  # no key: no dropout
     np.testing.assert_allclose(np.asarray(ours), peft_logits, atol=1e-4, rtol=0)  # PEFT in eval mode too
+
+
+def micro_loss_of(run):
+    """The run's micro-batch loss (its train step scans it over the micro-batches)."""
+    from jaxdpo.step import make_micro_loss
+
+    cfg = run.config
+    return make_micro_loss(run.policy.graphdef, reference=run.reference, loss_cfg=cfg.loss,
+                           num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
 
 
 def with_b_zeroed(params):
@@ -153,14 +159,15 @@ def with_b_zeroed(params):
 
 
 def test_dropout_only_in_the_policys_training_forward(dropout_run):
-    from jaxdpo.reference import make_step_functions
-    from jaxdpo.step import dropout_key
+    from jaxdpo import batches
+    from jaxdpo.step import dropout_key, make_eval_step, make_micro_loss
 
     trainer, _, _ = dropout_run
-    steps, frozen = trainer.steps, trainer.frozen
-    batch = trainer.train_batch(0)
+    frozen = trainer.policy.frozen
+    micro_loss = micro_loss_of(trainer)
+    batch = train_batch(trainer, 0)
     micro = jax.tree.map(lambda x: x[0], batch)
-    grad_fn = jax.jit(jax.value_and_grad(steps._micro_loss, has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(micro_loss, has_aux=True))
     key = dropout_key(trainer.config.seed, 0, 0)
 
     # Step 0 (B = 0): the loss is the no-dropout loss; A gets no gradient; B's gradient changes.
@@ -179,22 +186,22 @@ def test_dropout_only_in_the_policys_training_forward(dropout_run):
     assert b_diff > 1e-5
 
     # Eval: the dropout model's eval metrics equal those of the same weights in a dropout-0 model.
-    model = nnx.merge(trainer.graphdef, trainer.state["params"], frozen)
-    model.layers.lora_dropout = 0.0
-    graphdef_no_dropout = nnx.split(model, LoRAParam, ...)[0]
+    model = nnx.merge(trainer.policy.graphdef, trainer.state["params"], frozen)
+    no_dropout = nnx.eval_shape(lambda: Decoder(model.config, lora=dataclasses.replace(model.lora, dropout=0.0),
+                                                rngs=nnx.Rngs(0)))
+    graphdef_no_dropout = nnx.split(no_dropout, LoRAParam, ...)[0]
     cfg = trainer.config
-    no_dropout_steps = make_step_functions(cfg.reference.mode, graphdef=graphdef_no_dropout, loss_cfg=cfg.loss,
-                                           optimizer=steps.optimizer, schedule=steps.schedule,
-                                           num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
-    eval_batch = trainer._to_global(next(iter(trainer.eval_batcher.eval_batches())), trainer.eval_batch_shardings,
-                                    pair_axis=0)
+    no_dropout_eval_step = make_eval_step(graphdef_no_dropout, reference=trainer.reference, loss_cfg=cfg.loss,
+                                          num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
+    eval_batch = next(batches.eval_batches(trainer.data.eval_batcher, trainer.reference,
+                                           trainer.steps.eval_batch_shardings))
     params = trainer.state["params"]
-    got = trainer.eval_step(params, frozen, None, eval_batch)
-    expected = jax.jit(no_dropout_steps.eval_step)(params, frozen, None, eval_batch)
+    got = trainer.steps.eval_step(params, frozen, None, eval_batch)
+    expected = jax.jit(no_dropout_eval_step)(params, frozen, None, eval_batch)
     for k in expected:
         assert float(got[k]) == float(expected[k]), k
     # while the same batch through the training forward (with a key) does see dropout
-    eval_micro_loss = lambda key: trainer.steps._micro_loss(params, frozen, None, eval_batch, 1.0, key)[0]
+    eval_micro_loss = lambda key: micro_loss(params, frozen, None, eval_batch, 1.0, key)[0]
     assert abs(float(jax.jit(eval_micro_loss)(key)) - float(expected["loss"])) > 1e-5
 
 
@@ -209,20 +216,20 @@ def test_dropout_keys_come_from_seed_step_and_micro_batch(dropout_run):
 
     trainer, _, _ = dropout_run
     seed = trainer.config.seed
-    assert trainer.steps.dropout_seed == seed
-    params, frozen = trainer.state["params"], trainer.frozen
+    micro_loss = micro_loss_of(trainer)
+    params, frozen = trainer.state["params"], trainer.policy.frozen
     step = int(trainer.state["step"])
-    batch = trainer.train_batch(step)
+    batch = train_batch(trainer, step)
     micros = [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(2)]
     total = float(jnp.sum(batch["pair_valid"]))
-    grad_fn = jax.jit(jax.grad(lambda p, m, k: trainer.steps._micro_loss(p, frozen, None, m, total, k)[0]))
+    grad_fn = jax.jit(jax.grad(lambda p, m, k: micro_loss(p, frozen, None, m, total, k)[0]))
 
     def accumulated_norm(keys):
         grads = [grad_fn(params, m, k) for m, k in zip(micros, keys)]
         return float(optax.tree.norm(jax.tree.map(jnp.add, *grads)))
 
     state_copy = jax.tree.map(jnp.copy, trainer.state)  # the train step donates its state
-    _, metrics = trainer.train_step(state_copy, frozen, None, batch)
+    _, metrics = trainer.steps.train_step(state_copy, frozen, None, batch)
     expected = accumulated_norm([dropout_key(seed, step, 0), dropout_key(seed, step, 1)])
     assert float(metrics["grad_norm"]) == pytest.approx(expected, rel=1e-5)
     one_key = accumulated_norm([dropout_key(seed, step, 0)] * 2)
@@ -230,13 +237,13 @@ def test_dropout_keys_come_from_seed_step_and_micro_batch(dropout_run):
     assert abs(one_key - expected) > 1e-4 * expected and abs(other_seed - expected) > 1e-4 * expected
 
     # the same micro-batch loss with its rows split over 8 devices
-    loss_fn = lambda p, m, k: trainer.steps._micro_loss(p, frozen, None, m, total, k)[0]
+    loss_fn = lambda p, m, k: micro_loss(p, frozen, None, m, total, k)[0]
     one_device = float(jax.jit(loss_fn)(params, micros[0], dropout_key(seed, step, 0)))
     mesh = make_mesh(1, 8, 1)
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("fsdp"))
     on_mesh = jax.tree.map(lambda x: jax.device_put(x, replicated), (params, frozen))
     micro8 = jax.tree.map(lambda x: jax.device_put(x, rows), micros[0])
-    eight = jax.jit(lambda p, f, m, k: trainer.steps._micro_loss(p, f, None, m, total, k)[0])(
+    eight = jax.jit(lambda p, f, m, k: micro_loss(p, f, None, m, total, k)[0])(
         *on_mesh, micro8, jax.device_put(dropout_key(seed, step, 0), replicated))
     assert float(eight) == pytest.approx(one_device, abs=1e-6)
     assert abs(one_device - float(jax.jit(loss_fn)(params, micros[0], None))) > 1e-6  # dropout is on
@@ -249,16 +256,14 @@ def test_dropout_run_is_reproducible_and_resumes_exactly(assets, dropout_run, tm
 
     trainer, records, _ = dropout_run
     config = lambda: tiny_run_config(assets, str(tmp_path), **DROPOUT_RUN)
-    again = Trainer(config(), devices=jax.devices()[:1])
-    again.run()
+    again = train_and_evaluate(config(), devices=jax.devices()[:1])
     assert series(read_metrics(str(tmp_path)), "train/loss") == series(records, "train/loss")
     for a, b in zip(jax.tree.leaves(again.state["params"]), jax.tree.leaves(trainer.state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if the run had stopped after step 2
-    resumed = Trainer(config(), devices=jax.devices()[:1])
     capsys.readouterr()
-    resumed.run()
+    resumed = train_and_evaluate(config(), devices=jax.devices()[:1])
     assert "resumed    from checkpoint step 2" in capsys.readouterr().out
     assert series(read_metrics(str(tmp_path)), "train/loss") == series(records, "train/loss")
     for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(trainer.state["params"])):

@@ -1,8 +1,8 @@
 """Issue 8: every loss in LOSS_NAMES trains the tiny run for a few steps with finite values, and its step-0
 loss equals the per-pair formula (LOSSES.md) averaged over the batch.
 
-Cheap by construction: one Trainer builds the data, model and batches once, and one compiled
-StepFunctions train step per reference mode serves every loss. The loss is picked per call by a batch
+Cheap by construction: the builders make the data, model and batches once, and one compiled
+train step (make_train_step) per reference mode serves every loss. The loss is picked per call by a batch
 entry (`loss_index`, traced) through `jax.lax.switch` over the real `losses.preference_loss` of each
 loss's config; everything else (logprobs, reference, accumulation, optimizer, non-finite guard) is the
 production step. Reference losses train with reference.mode device, reference-free ones with none.
@@ -17,8 +17,10 @@ import pytest
 
 from jaxdpo import losses
 from jaxdpo.optim import make_optimizer
-from jaxdpo.step import StepFunctions, init_state
-from jaxdpo.trainer import Trainer, _stack_micro_batches
+from jaxdpo import build
+from jaxdpo.batches import stack_micro_batches
+from jaxdpo.reference import DeviceReference, NoReference, Reference
+from jaxdpo.step import init_state, make_train_step
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
 STEPS = 3
@@ -73,10 +75,17 @@ class SwitchedLoss:
         self.names, self.cfgs, self.index = names, cfgs, None
 
 
-class SwitchedSteps(StepFunctions):
-    def _micro_loss(self, params, frozen, reference, micro, total_valid):
-        self.loss_cfg.index = micro["loss_index"]  # read by the patched preference_loss while tracing
-        return super()._micro_loss(params, frozen, reference, micro, total_valid)
+class SwitchingReference(Reference):
+    """The run's reference, which also tells the switched loss config which loss the micro-batch trains
+    (the step asks the reference for its logprobs just before it computes the loss)."""
+
+    def __init__(self, inner, switched):
+        super().__init__(inner.params)
+        self.inner, self.switched = inner, switched
+
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, **kwargs):
+        self.switched.index = micro["loss_index"]  # read by the patched preference_loss while tracing
+        return self.inner.logprobs(graphdef, policy_params, frozen, params, micro, **kwargs)
 
 
 def switched_preference_loss(original):
@@ -107,14 +116,14 @@ def switched_preference_loss(original):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """{loss name: (per-step metrics, final state)} for every loss, from one Trainer build."""
+    """{loss name: (per-step metrics, final state)} for every loss, from one build."""
     assets = make_run_assets(str(tmp_path_factory.mktemp("assets")), n_train=24, n_eval=4)
     config = tiny_run_config(assets, str(tmp_path_factory.mktemp("run")),
                              **{"train.steps": STEPS, "data.eval_files": ""})
-    trainer = Trainer(config, devices=jax.devices()[:1])
-    trainer.build_data()
-    trainer.build_model()
-    batches = [jax.tree.map(jnp.asarray, _stack_micro_batches(trainer.batcher.train_batch(step)))
+    mesh = build.make_mesh(config, jax.devices()[:1])
+    data = build.build_data(config, mesh)
+    policy = build.build_policy(config, mesh, resuming=False)
+    batches = [jax.tree.map(jnp.asarray, stack_micro_batches(data.batcher.train_batch(step)))
                for step in range(STEPS)]
     optimizer, schedule = make_optimizer(config.optim, STEPS)
     original = losses.preference_loss
@@ -124,22 +133,23 @@ def trained(tmp_path_factory):
         for reference_mode in ("device", "none"):
             names = [n for n in losses.LOSS_NAMES if (n in losses.REFERENCE_FREE) == (reference_mode == "none")]
             for name in names:
-                losses.validate_loss_config(loss_config(config.loss, name), reference_mode)
+                losses.validate_loss_config(loss_config(config.loss, name), has_reference=reference_mode != "none")
             switched = SwitchedLoss(names, [loss_config(config.loss, n) for n in names])
-            steps = SwitchedSteps(graphdef=trainer.graphdef, loss_cfg=switched, optimizer=optimizer,
-                                  schedule=schedule, reference_mode=reference_mode,
-                                  num_pairs=config.train.micro_batch_size, chunk_size=config.model.logprob_chunk)
-            # Not donated: trainer.params stays the initial policy, the device-mode reference.
-            train_step = jax.jit(steps.train_step)
-            reference = trainer.params if reference_mode == "device" else None
+            # Not donated: policy.params stays the initial policy, the device-mode reference.
+            inner = DeviceReference(policy.params) if reference_mode == "device" else NoReference()
+            train_step = jax.jit(make_train_step(
+                policy.graphdef, reference=SwitchingReference(inner, switched), loss_cfg=switched,
+                optimizer=optimizer, schedule=schedule, num_pairs=config.train.micro_batch_size,
+                chunk_size=config.model.logprob_chunk))
+            reference = inner.params
             for index, name in enumerate(names):
-                state = init_state(trainer.params, optimizer)
+                state = init_state(policy.params, optimizer)
                 records = []
                 for batch in batches:
                     batch = dict(batch, loss_index=jnp.full(batch["pair_valid"].shape[:1], index, jnp.int32))
-                    state, metrics = train_step(state, trainer.frozen, reference, batch)
+                    state, metrics = train_step(state, policy.frozen, reference, batch)
                     records.append(jax.device_get(metrics))
-                results[name] = (records, jax.device_get(state), jax.device_get(trainer.params))
+                results[name] = (records, jax.device_get(state), jax.device_get(policy.params))
     return results
 
 

@@ -302,12 +302,12 @@ def loss_config(**overrides):
 
 def test_shipped_configs_validate():
     for module in (dpo, ipo, cdpo):
-        losses.validate_loss_config(module.get_config().loss, "device")
-    losses.validate_loss_config(loss_config(types=("simpo",)), "none")
-    losses.validate_loss_config(loss_config(types=("orpo",)), "none")
-    losses.validate_loss_config(loss_config(types=("exo_pair",), label_smoothing=0.001), "device")
-    losses.validate_loss_config(loss_config(types=("sigmoid", "bco_pair"), weights=(0.8, 0.2)), "cached")
-    losses.validate_loss_config({"types": "sigmoid,hinge", "weights": (1.0, 1.0), "beta": 0.1}, "device")
+        losses.validate_loss_config(module.get_config().loss)
+    losses.validate_loss_config(loss_config(types=("simpo",)), has_reference=False)
+    losses.validate_loss_config(loss_config(types=("orpo",)), has_reference=False)
+    losses.validate_loss_config(loss_config(types=("exo_pair",), label_smoothing=0.001))
+    losses.validate_loss_config(loss_config(types=("sigmoid", "bco_pair"), weights=(0.8, 0.2)))
+    losses.validate_loss_config({"types": "sigmoid,hinge", "weights": (1.0, 1.0), "beta": 0.1})
 
 
 @pytest.mark.parametrize("overrides,reference_mode,message", [
@@ -330,4 +330,4 @@ def test_shipped_configs_validate():
 ])
 def test_validation_errors(overrides, reference_mode, message):
     with pytest.raises(ConfigError, match=message):
-        losses.validate_loss_config(loss_config(**overrides), reference_mode)
+        losses.validate_loss_config(loss_config(**overrides), has_reference=reference_mode != "none")

@@ -15,49 +15,11 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxdpo.models import Decoder, ModelConfig, from_pretrained, load_config, save_pretrained
-from jaxdpo.models.hf_io import INDEX_FILE, _SafetensorsReader
+from jaxdpo.models import Decoder, ModelConfig, families, from_pretrained, load_config, save_pretrained
+from jaxdpo.models.hf_io import INDEX_FILE, ModelFileError, _SafetensorsReader
 from jaxdpo.ops.attention import make_attention_mask
 from jaxdpo.sharding import make_mesh
-
-TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-# case -> (config class, model class, extra config kwargs)
-CASES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
-    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
-    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
-    "mistral_sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
-        "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
-        "query_pre_attn_scalar": 16}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "sliding_window": 4, "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"],
-        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}}),
-}
-LENGTHS = (12, 9, 5)  # a right-padded batch
-
-
-def build_hf_model(case: str, seed: int = 0):
-    config_cls, model_cls, extra = CASES[case]
-    config = getattr(transformers, config_cls)(**{**TINY, **extra})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # big enough weights that a wrong convention changes the logits
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    return model
-
+from tests.hf_models import CASES, LENGTHS, TINY, build_hf_model
 
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):
@@ -231,9 +193,9 @@ def test_config_round_trip_and_errors(hf_checkpoints, tmp_path):
     _, path = hf_checkpoints("llama3_rope")
     config = load_config(path)
     assert config.rope_scaling["rope_type"] == "llama3" and config.rope_theta == 10000.0
-    assert ModelConfig.from_hf(config.to_hf()) == config
+    assert families.config_from_hf(families.config_to_hf(config)) == config
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama"):
-        ModelConfig.from_hf({"model_type": "gpt2"})
+        families.config_from_hf({"model_type": "gpt2"})
 
 
 def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
@@ -247,7 +209,7 @@ def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
     missing = dict(tensors)
     del missing["model.layers.1.mlp.up_proj.weight"]
     save_file(missing, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
+    with pytest.raises(ModelFileError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
         from_pretrained(str(tmp_path))
 
     wrong = dict(tensors)
@@ -263,7 +225,7 @@ def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):
         from_pretrained(str(tmp_path))
 
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ModelFileError, match="no model.safetensors"):
         from_pretrained(str(tmp_path))
 
 
@@ -293,10 +255,10 @@ def test_sequence_logprobs_match_transformers(case, hf_checkpoints):
 def test_config_round_trips_through_transformers(case, hf_checkpoints):
     _, path = hf_checkpoints(case)
     config = load_config(path)
-    assert ModelConfig.from_hf(config.to_hf()) == config
+    assert families.config_from_hf(families.config_to_hf(config)) == config
     # transformers parses our config.json into the same architecture numbers
-    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
-    assert ModelConfig.from_hf(hf_config.to_dict()) == config
+    hf_config = transformers.AutoConfig.for_model(**families.config_to_hf(config))
+    assert families.config_from_hf(hf_config.to_dict()) == config
 
 
 def test_import_inside_set_mesh_and_export_with_tokenizer_in_bf16(hf_checkpoints, tmp_path):
@@ -322,3 +284,76 @@ def test_import_inside_set_mesh_and_export_with_tokenizer_in_bf16(hf_checkpoints
     for name, value in reloaded.state_dict().items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, original[name].to(torch.bfloat16)), name
+
+
+# ---- damaged model files and interrupted exports (issue 15, item 16) ---------------------------------------
+
+def test_config_json_missing_a_key_names_the_file_and_key(hf_checkpoints, tmp_path):
+    from jaxdpo.config import ConfigError
+
+    _, path = hf_checkpoints("llama")
+    config = json.load(open(os.path.join(path, "config.json")))
+    del config["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json.*'num_attention_heads'") as info:
+        load_config(str(tmp_path))
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_damaged_safetensors_names_the_file(hf_checkpoints, tmp_path, damage):
+    from jaxdpo.config import ConfigError
+
+    _, path = hf_checkpoints("llama")
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    data = {"garbage": np.random.default_rng(0).bytes(4096), "truncated": data[:len(data) // 2],
+            "empty": b""}[damage]
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(ConfigError, match=r"model\.safetensors") as info:
+        from_pretrained(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(hf_checkpoints, tmp_path, monkeypatch):
+    from jaxdpo.models import hf_io
+
+    _, path = hf_checkpoints("llama")
+    model = from_pretrained(path)
+    out = tmp_path / "hf"
+    save_pretrained(model, str(out))
+    before = (out / "model.safetensors").read_bytes()
+    calls = []
+
+    def failing(name, ours):  # the disk fills up half way through the weights
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return original(name, ours)
+
+    original = hf_io._to_hf
+    monkeypatch.setattr(hf_io, "_to_hf", failing)
+    with pytest.raises(OSError):
+        save_pretrained(model, str(out))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no partial directory left behind
+    monkeypatch.setattr(hf_io, "_to_hf", original)
+    save_pretrained(model, str(out))  # and exporting again over it works
+    assert load_config(str(out)) == model.config
+
+
+def test_a_failed_adapter_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    from jaxdpo.models import lora
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora, "peft_tensors", lambda model, settings: {"x": np.ones(3, np.float32)})
+    monkeypatch.setattr(lora.json, "dump", fail)  # the config write fails after the weights were written
+    settings = lora.LoRASettings(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",))
+    with pytest.raises(OSError):
+        lora.save_adapter(None, settings, str(tmp_path / "adapter"), base_model="base")
+    assert os.listdir(tmp_path) == []

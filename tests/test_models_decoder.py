@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdpo.models import Decoder, ModelConfig
+from jaxdpo.models import Decoder, ModelConfig, families
 from jaxdpo.sharding import make_mesh
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -121,6 +121,6 @@ def test_config_errors_speak_to_the_user():
     with pytest.raises(ValueError, match="sliding_attention layers but sliding_window is None"):
         dataclasses.replace(CONFIG, layer_types=("sliding_attention", "full_attention"))
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+        families.config_from_hf({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
                              "num_hidden_layers": 1, "num_attention_heads": 1,
                              "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})

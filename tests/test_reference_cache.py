@@ -9,20 +9,14 @@ import pytest
 
 from jaxdpo import reference_cache
 from jaxdpo.metrics import read_metrics
-from jaxdpo.trainer import Trainer
+from jaxdpo.loop import train_and_evaluate
 from tests.tiny_assets import make_llama, make_run_assets, tiny_run_config
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def run(assets, workdir, cache_dir, **overrides):
     cfg = tiny_run_config(assets, str(workdir), **{"train.eval_every": 3, "train.export_hf": False,
                                                    "data.cache_dir": str(cache_dir), **overrides})
-    trainer = Trainer(cfg, devices=jax.devices()[:2])
-    trainer.run()
+    trainer = train_and_evaluate(cfg, devices=jax.devices()[:2])
     records = read_metrics(str(workdir))
     return trainer, {key: [r[key] for r in records if key in r]
                      for key in ("train/loss", "train/grad_norm", "eval/loss", "eval/rewards/margins")}
@@ -35,22 +29,22 @@ def test_cached_reference_matches_live_and_is_reused(assets, tmp_path):
                         **{"data.layout": "packed", "reference.mode": "cached"})
     for key, values in live.items():
         np.testing.assert_allclose(cached[key], values, atol=1e-5, rtol=1e-5, err_msg=key)
-    assert first.reference is None  # training held no reference weights
-    assert first.reference_cache.computed == ["train", "eval"]
+    assert first.reference.params is None  # training held no reference weights
+    assert first.reference.cache.computed == ["train", "eval"]
     files = sorted(os.listdir(cache_dir / "reference"))
     assert len(files) == 2
 
     # A second run (a later run with the same inputs) reads both splits from disk, same losses.
     second, again = run(assets, tmp_path / "again", cache_dir,
                         **{"data.layout": "packed", "reference.mode": "cached"})
-    assert second.reference_cache.computed == []
+    assert second.reference.cache.computed == []
     assert sorted(os.listdir(cache_dir / "reference")) == files
     assert again == cached
 
     # Another layout is another entry (its logprobs differ by rounding only).
     third, _ = run(assets, tmp_path / "padded", cache_dir, **{"data.layout": "padded", "reference.mode": "cached"})
-    assert third.reference_cache.computed == ["train", "eval"]
-    np.testing.assert_allclose(third.reference_cache.arrays["train"][0], first.reference_cache.arrays["train"][0],
+    assert third.reference.cache.computed == ["train", "eval"]
+    np.testing.assert_allclose(third.reference.cache.arrays["train"][0], first.reference.cache.arrays["train"][0],
                                atol=1e-4)
 
 
@@ -58,7 +52,7 @@ def test_cache_invalidated_when_data_or_weights_change(assets, tmp_path):
     cache_dir = tmp_path / "cache"
     cached = {"reference.mode": "cached", "data.layout": "prefix_shared"}
     first, _ = run(assets, tmp_path / "a", cache_dir, **cached)
-    assert first.reference_cache.computed == ["train", "eval"]
+    assert first.reference.cache.computed == ["train", "eval"]
 
     # Different eval data: the eval split is recomputed, the train split is reused.
     evals = tmp_path / "eval.jsonl"
@@ -66,15 +60,15 @@ def test_cache_invalidated_when_data_or_weights_change(assets, tmp_path):
     rows[0]["chosen"] = "The owl is green. Glad to help you!"
     evals.write_text("".join(json.dumps(r) + "\n" for r in rows))
     second, _ = run(assets, tmp_path / "b", cache_dir, **cached, **{"data.eval_files": str(evals)})
-    assert second.reference_cache.computed == ["eval"]
+    assert second.reference.cache.computed == ["eval"]
 
     # Different reference weights (same shapes, same tokenizer): everything is recomputed.
     from transformers import AutoTokenizer
     ref_dir = tmp_path / "ref"
     make_llama(str(ref_dir), AutoTokenizer.from_pretrained(assets["model"]), seed=1)
     third, _ = run(assets, tmp_path / "c", cache_dir, **cached, **{"reference.path": str(ref_dir)})
-    assert third.reference_cache.computed == ["train", "eval"]
-    assert not np.allclose(third.reference_cache.arrays["train"][0], first.reference_cache.arrays["train"][0])
+    assert third.reference.cache.computed == ["train", "eval"]
+    assert not np.allclose(third.reference.cache.arrays["train"][0], first.reference.cache.arrays["train"][0])
 
 
 def test_lookup_and_fingerprints():

@@ -14,12 +14,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdpo.checkpoint import Checkpointer, abstract_like
-from tests.test_checkpoint import assert_bit_equal, truncate_files
+from tests.helpers import assert_bit_equal, truncate_files
 
 
 # ----- end to end: a real run killed or preempted, then resumed (issue 5's acceptance) ----------------
 # Every run is `jaxdpo.train`'s real entry point in its own process on 8 simulated devices. A run dies at an
-# exact point: a driver patches Trainer.save (called after every step) so the process SIGKILLs (or SIGTERMs)
+# exact point: a driver patches jaxdpo.loop.save (called after every step) so the process SIGKILLs (or SIGTERMs)
 # itself there, so nothing depends on timing. The processes share a compile cache of their own (the first one
 # compiles, the others load: about half of each later process's time): the cached 8-device step no longer
 # deadlocks in XLA:CPU's all-reduce now that train.py turns off the concurrency-optimized CPU scheduler
@@ -39,19 +39,19 @@ repo, config_file = sys.argv[1], sys.argv[2]
 sys.path.insert(0, repo)
 if len(sys.argv) > 3:
     at_step, signal_name = int(sys.argv[3]), sys.argv[4]
-    from jaxdpo import trainer
+    from jaxdpo import loop
 
-    original_save = trainer.Trainer.save
+    original_save, signalled = loop.save, []
 
-    def save(self, step, *args, **kwargs):
-        original_save(self, step, *args, **kwargs)
-        if step == at_step and not getattr(self, "_signalled", False):
-            self._signalled = True
+    def save(config, checkpoints, step, *args, **kwargs):
+        original_save(config, checkpoints, step, *args, **kwargs)
+        if step == at_step and not signalled:
+            signalled.append(step)
             if signal_name == "SIGKILL":
-                self.checkpointer.wait()  # this step's scheduled checkpoint, if any, is committed; die hard
+                checkpoints.wait()  # this step's scheduled checkpoint, if any, is committed; die hard
             os.kill(os.getpid(), getattr(signal, signal_name))
 
-    trainer.Trainer.save = save
+    loop.save = save
 sys.argv = ["jaxdpo.train", "--config=" + config_file]
 from jaxdpo.train import run
 run()
@@ -213,23 +213,25 @@ def _tree_bytes(*trees) -> int:
     return sum(x.nbytes for tree in trees for x in jax.tree.leaves(tree))
 
 
-def _spy_build(monkeypatch, trainer_class):
+def _spy_build(monkeypatch):
     """Counts of fresh train states built and HF loads, and the bytes of the arrays made by the run that are
     alive right after its fresh state is built and right after a checkpoint is restored (the two moments
-    a run holds the most: weights, optimizer state, reference)."""
-    from jaxdpo import models
+    a run holds the most: weights, optimizer state, reference). `held_after_fresh_state(run)`: what the
+    run holds then: that state, its frozen weights and its reference (which a run never replaces)."""
+    from jaxdpo import build
+    from jaxdpo.models import hf_io
 
     seen = {"fresh_states": 0, "weight_loads": 0}
     # Held until the spy goes away, so no id of these can be reused by a new array meanwhile.
     seen["arrays_before"] = jax.live_arrays()
     before = {id(x) for x in seen["arrays_before"]}
-    fresh_state, restore_latest, load = trainer_class._fresh_state, Checkpointer.restore_latest, models.from_pretrained
+    fresh_state, restore_latest, load = build.fresh_state, Checkpointer.restore_latest, hf_io.from_pretrained
 
-    def counting_fresh_state(self, *args, **kwargs):
-        state = fresh_state(self, *args, **kwargs)
+    def counting_fresh_state(*args, **kwargs):
+        state = fresh_state(*args, **kwargs)
         seen["fresh_states"] += 1
         seen["bytes_after_fresh_state"] = _live_bytes(before)
-        seen["held_after_fresh_state"] = _tree_bytes(state, self.frozen, self.reference)
+        seen["state_bytes_after_fresh_state"] = _tree_bytes(state)
         return state
 
     def measuring_restore(self, *args, **kwargs):
@@ -241,28 +243,31 @@ def _spy_build(monkeypatch, trainer_class):
         seen["weight_loads"] += 1
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_class, "_fresh_state", counting_fresh_state)
+    monkeypatch.setattr(build, "fresh_state", counting_fresh_state)
     monkeypatch.setattr(Checkpointer, "restore_latest", measuring_restore)
-    monkeypatch.setattr(models, "from_pretrained", counting_load)
+    monkeypatch.setattr(hf_io, "from_pretrained", counting_load)
     return seen
+
+
+def _held_after_fresh_state(spy, run) -> int:
+    return spy["state_bytes_after_fresh_state"] + _tree_bytes(run.policy.frozen, run.reference.params)
 
 
 @pytest.fixture(scope="module")
 def finished_runs(run_assets, tmp_path_factory):
     """name -> (workdir, final params, metrics records, what its build held) of an uninterrupted in-process
     run per MODES entry."""
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     runs = {}
     for name, overrides in MODES.items():
         workdir = tmp_path_factory.mktemp(f"finished_{name}") / "run"
         with pytest.MonkeyPatch.context() as monkeypatch:
-            spy = _spy_build(monkeypatch, Trainer)
-            trainer = Trainer(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **overrides),
-                              devices=jax.devices()[:1])
-            trainer.run()
-        assert spy["fresh_states"] == 1 and spy["bytes_after_fresh_state"] == spy["held_after_fresh_state"]
+            spy = _spy_build(monkeypatch)
+            trainer = train_and_evaluate(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **overrides),
+                                         devices=jax.devices()[:1])
+        assert spy["fresh_states"] == 1 and spy["bytes_after_fresh_state"] == _held_after_fresh_state(spy, trainer)
         del spy["arrays_before"]
         runs[name] = (workdir, jax.device_get(trainer.state["params"]), _records_without_timing(workdir), spy)
     return runs
@@ -272,17 +277,20 @@ def finished_runs(run_assets, tmp_path_factory):
 def test_described_state_is_the_fresh_state_without_values(run_assets, tmp_path, name):
     """What a resume restores into has the fresh state's tree, shapes, dtypes and shardings (here split over
     fsdp and tensor), and allocates nothing; LoRA's frozen base is real and equal to a fresh run's."""
-    from jaxdpo.trainer import Trainer
+    import types
+
+    from jaxdpo import build
     from tests.tiny_assets import tiny_run_config
 
     def built(resuming):
-        trainer = Trainer(tiny_run_config(run_assets, str(tmp_path), **IN_PROCESS, **MODES[name],
-                                          **{"mesh.fsdp": 4, "mesh.tensor": 2}))
-        trainer.total_steps = IN_PROCESS["train.steps"]  # all build_steps needs from the data
-        trainer.build_model(resuming=resuming)
-        trainer.build_reference()
-        trainer.build_steps()
-        return trainer
+        config = tiny_run_config(run_assets, str(tmp_path), **IN_PROCESS, **MODES[name],
+                                 **{"mesh.fsdp": 4, "mesh.tensor": 2})
+        mesh = build.make_mesh(config)
+        data = types.SimpleNamespace(total_steps=IN_PROCESS["train.steps"])  # all these builders need of it
+        policy = build.build_policy(config, mesh, resuming=resuming)
+        reference = build.build_reference(config, mesh, policy, data)
+        steps = build.build_steps(config, mesh, policy, reference, data)
+        return types.SimpleNamespace(policy=policy, state=build.train_state(policy, steps, resuming=resuming))
 
     resumed, fresh = built(resuming=True), built(resuming=False)
     described, expected = jax.tree.leaves(resumed.state), jax.tree.leaves(abstract_like(fresh.state))
@@ -292,8 +300,8 @@ def test_described_state_is_the_fresh_state_without_values(run_assets, tmp_path,
         assert (got.shape, got.dtype) == (want.shape, want.dtype)
         assert got.sharding.is_equivalent_to(want.sharding, len(want.shape)), (got.sharding, want.sharding)
     assert any(x.sharding.spec != P() for x in described)  # really sharded
-    assert jax.tree.structure(resumed.frozen) == jax.tree.structure(fresh.frozen)
-    assert_bit_equal(jax.device_get(resumed.frozen), jax.device_get(fresh.frozen))
+    assert jax.tree.structure(resumed.policy.frozen) == jax.tree.structure(fresh.policy.frozen)
+    assert_bit_equal(jax.device_get(resumed.policy.frozen), jax.device_get(fresh.policy.frozen))
 
 
 def _copy_stopped_at_2(finished_runs, name, tmp_path):
@@ -307,21 +315,20 @@ def _copy_stopped_at_2(finished_runs, name, tmp_path):
 @pytest.mark.parametrize("name", list(MODES))
 def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_assets, tmp_path, monkeypatch,
                                                              capsys, name):
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     workdir = _copy_stopped_at_2(finished_runs, name, tmp_path)
     _, final_params, records, fresh = finished_runs[name]
-    spy = _spy_build(monkeypatch, Trainer)
-    trainer = Trainer(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **MODES[name]),
+    spy = _spy_build(monkeypatch)
+    trainer = train_and_evaluate(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **MODES[name]),
                       devices=jax.devices()[:1])
-    trainer.run()
     assert "resumed    from checkpoint step 2" in capsys.readouterr().out
     assert spy["fresh_states"] == 0  # no fresh params + optimizer state built only to be overwritten
     assert spy["weight_loads"] == (0 if name == "none" else 1)  # the reference's or LoRA's frozen base
     # Right after restore the run's arrays are exactly the restored state, the reference and the frozen
     # weights (no second copy of the params or optimizer state): what a fresh run holds once built.
-    held = _tree_bytes(trainer.state, trainer.frozen, trainer.reference)
+    held = _tree_bytes(trainer.state, trainer.policy.frozen, trainer.reference.params)
     print(f"\n{name}: bytes alive after restore {spy['bytes_after_restore']}, held by the run {held}, "
           f"fresh run after building its state {fresh['bytes_after_fresh_state']}")
     assert spy["bytes_after_restore"] == held == fresh["bytes_after_fresh_state"]
@@ -332,16 +339,15 @@ def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_
 def test_resume_that_finds_no_restorable_step_builds_the_fresh_state(finished_runs, run_assets, tmp_path,
                                                                      monkeypatch):
     """A step was listed when the build started but restore found nothing (it went away): start fresh."""
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     workdir = _copy_stopped_at_2(finished_runs, "device", tmp_path)
     _, final_params, records, _ = finished_runs["device"]
-    spy = _spy_build(monkeypatch, Trainer)
+    spy = _spy_build(monkeypatch)
     monkeypatch.setattr(Checkpointer, "restore_latest", lambda self, *args, **kwargs: None)
-    trainer = Trainer(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **MODES["device"]),
+    trainer = train_and_evaluate(tiny_run_config(run_assets, str(workdir), **IN_PROCESS, **MODES["device"]),
                       devices=jax.devices()[:1])
-    trainer.run()
     assert spy["fresh_states"] == 1
     assert_bit_equal(jax.device_get(trainer.state["params"]), final_params)
     assert _records_without_timing(workdir) == records

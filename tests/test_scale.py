@@ -40,7 +40,7 @@ def runs(assets, tmp_path_factory):
     import jax
 
     from jaxdpo.metrics import read_metrics
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     done = {}
@@ -56,8 +56,7 @@ def runs(assets, tmp_path_factory):
                 mesh_overrides = mesh
             overrides.update({"mesh.data": mesh_overrides[0], "mesh.fsdp": mesh_overrides[1],
                               "mesh.tensor": mesh_overrides[2]})
-            trainer = Trainer(tiny_run_config(assets, workdir, **overrides), devices=devices)
-            trainer.run()
+            trainer = train_and_evaluate(tiny_run_config(assets, workdir, **overrides), devices=devices)
             done[(mesh, mode)] = trainer, read_metrics(workdir)
         return done[(mesh, mode)]
 
@@ -95,7 +94,7 @@ def test_host_reference_gives_the_same_losses_as_device(runs):
 
     host, host_records = runs((2, 4, 1), "host")
     _, device_records = runs((2, 4, 1), "device")
-    leaves = jax.tree.leaves(host.reference)
+    leaves = jax.tree.leaves(host.reference.params)
     assert {x.sharding.memory_kind for x in leaves} == {"pinned_host"}
     for key in STEP_KEYS:
         np.testing.assert_allclose(_series(host_records, key), _series(device_records, key), rtol=1e-6,
@@ -105,13 +104,17 @@ def test_host_reference_gives_the_same_losses_as_device(runs):
 def test_host_reference_leaves_the_device_and_streams_one_layer(runs):
     import jax
 
-    from jaxdpo.reference import reference_memory_report
+    from tests.helpers import train_batch
+    from tools.memory_report import reference_memory_report
 
     host, _ = runs((2, 4, 1), "host")
     device, _ = runs((2, 4, 1), "device")
-    host_report, device_report = reference_memory_report(host), reference_memory_report(device)
+    report = lambda run, mode: reference_memory_report(  # noqa: E731
+        run.steps.train_step, run.state, run.policy.frozen, run.reference.params, train_batch(run, 0), mode=mode,
+        streams_layers=run.reference.streams_layers)
+    host_report, device_report = report(host, "host"), report(device, "device")
     # 2-layer tiny Llama: embed [V,32] and lm_head [32,V] (tensor x fsdp = 4 ways), 2 norms, 2 layers.
-    ref = device.reference
+    ref = device.reference.params
     total = sum(x.size * 4 for x in jax.tree.leaves(ref))
     replicated = sum(x.size * 4 for x in jax.tree.leaves(ref) if all(a is None for a in x.sharding.spec))
     per_device = (total - replicated) // 4 + replicated
@@ -146,11 +149,13 @@ def test_host_reference_on_gpu_copies_each_layer_inside_the_scan(runs):
     the reference forward copies the 3 non-layer params once and the 9 layer params inside the scan."""
     import jax
 
+    from tests.helpers import train_batch
+
     placements = {}
     for mode in ("host", "device"):
         trainer, _ = runs((2, 4, 1), mode)
-        exported = jax.export.export(trainer.train_step, platforms=["cuda"])(
-            trainer.state, trainer.frozen, trainer.reference, trainer.train_batch(0))
+        exported = jax.export.export(trainer.steps.train_step, platforms=["cuda"])(
+            trainer.state, trainer.policy.frozen, trainer.reference.params, train_batch(trainer, 0))
         text = exported.mlir_module()
         placements[mode] = {f: n for f, n in _device_placements_by_function(text).items() if f != "main"}
         assert text.count('mhlo.memory_kind = "pinned_host"') == (12 if mode == "host" else 0)
@@ -161,41 +166,46 @@ def test_host_reference_on_gpu_copies_each_layer_inside_the_scan(runs):
 def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(assets, tmp_path):
     import jax
 
+    from jaxdpo import build
     from jaxdpo.config import ConfigError
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     # tiny Llama: hidden 32, 4 heads, 2 kv heads, intermediate 64, vocab 300
     config = tiny_run_config(assets, str(tmp_path), **LEAN, **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 3})
-    trainer = Trainer(config, devices=jax.devices()[:6])
-    with pytest.raises(ConfigError) as err:
-        trainer.build_model()
+    mesh = build.make_mesh(config, jax.devices()[:6])
+    loaded = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build, "load_weights", lambda *args, **kwargs: loaded.append(args))
+        with pytest.raises(ConfigError) as err:
+            build.build_policy(config, mesh, resuming=False)
     message = str(err.value)
     assert "heads size 4 is not divisible by mesh.tensor = 3 (params: q_proj, o_proj)" in message
     assert "kv_heads size 2 is not divisible by mesh.tensor = 3 (params: k_proj, v_proj)" in message
     assert "mlp size 64 is not divisible by mesh.tensor = 3 (params: gate_proj, up_proj, down_proj)" in message
     assert "vocab" not in message.split("choose")[0]  # 300 = 3 * 100 divides
     assert "choose mesh.tensor to divide heads" in message
-    assert not hasattr(trainer, "params")
+    assert loaded == []  # failed before loading any weights
 
     config = tiny_run_config(assets, str(tmp_path), **LEAN, **{"mesh.data": 1, "mesh.fsdp": 6, "mesh.tensor": 1})
     with pytest.raises(ConfigError, match=r"embed size 32 is not divisible by mesh.fsdp = 6 \(params: embed, "):
-        Trainer(config, devices=jax.devices()[:6]).build_model()
+        build.build_policy(config, build.make_mesh(config, jax.devices()[:6]), resuming=False)
 
 
 def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(assets, tmp_path):
+    from jaxdpo import build
     from jaxdpo.config import ConfigError
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     mesh = lambda data, fsdp, tensor: tiny_run_config(
         assets, str(tmp_path), **LEAN, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
-    assert dict(Trainer(mesh(2, -1, 1)).mesh.shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
-    assert dict(Trainer(mesh(1, 2, -1)).mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 4}
+    assert dict(build.make_mesh(mesh(2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert dict(build.make_mesh(mesh(1, 2, -1)).shape) == {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 4}
     with pytest.raises(ConfigError, match="8 devices cannot be split with fixed axes of product 3"):
-        Trainer(mesh(3, -1, 1))
+        build.make_mesh(mesh(3, -1, 1))
     with pytest.raises(ConfigError, match="data\\*fsdp\\*tensor = 4 but 8 devices are available"):
-        Trainer(mesh(2, 2, 1))
+        build.make_mesh(mesh(2, 2, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +217,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
     import jax
 
     from jaxdpo.metrics import read_metrics
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     overrides = dict(LEAN, **{"train.steps": 2})
@@ -219,7 +229,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
              for pid in range(2)]
 
     # the one-process run goes while the two processes start up
-    Trainer(tiny_run_config(assets, str(tmp_path / "one"), **overrides), devices=jax.devices()[:4]).run()
+    train_and_evaluate(tiny_run_config(assets, str(tmp_path / "one"), **overrides), devices=jax.devices()[:4])
 
     deadline = time.monotonic() + 240
     outputs = []
@@ -250,14 +260,13 @@ def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
     from jaxdpo import distributed
 
     distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
-    from jaxdpo.trainer import Trainer
+    from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     with open(assets_json) as f:
         assets = json.load(f)
-    trainer = Trainer(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
-    trainer.run()
-    local = trainer.batcher.train_batch(0)  # this process's micro-batches of step 0
+    trainer = train_and_evaluate(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
+    local = trainer.data.batcher.train_batch(0)  # this process's micro-batches of step 0
     print(f"LOCAL pairs={sum(m['pair_valid'].shape[0] for m in local)} rows={sum(m['input_ids'].shape[0] for m in local)}",
           flush=True)
     print("TRAINED", distributed.describe(), flush=True)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from configs import dpo
 from jaxdpo import config as config_lib
 from jaxdpo import sequence_parallel
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.data import layouts
 from jaxdpo.models import Decoder, ModelConfig
 from jaxdpo.ops.attention import attention, make_attention_mask
@@ -115,9 +115,8 @@ def test_ring_attention_matches_xla_on_every_layout(mesh_name):
 
 def decoder_logprobs(model_config, mesh, batch, *, sequence_parallel_backend):
     """value and grads of sum(pc - pr) with per-pair sums {pc, pr, nc, nr}, as the train step computes."""
-    model = Decoder(model_config, rngs=nnx.Rngs(3))
-    if sequence_parallel_backend:
-        model.attention_backend = "sequence_parallel"  # how select_backend's choice reaches the model
+    backend = "sequence_parallel" if sequence_parallel_backend else "xla"
+    model = Decoder(model_config, attention_backend=backend, rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(model)
     num_pairs = len(batch["pair_valid"])
 

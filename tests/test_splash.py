@@ -173,12 +173,11 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_la
 def test_decoder_pair_logprobs_match_xla(layout):
     batch = _batch(layout)
     config = dataclasses.replace(CONFIG, attn_logit_softcap=3.0) if layout == "padded" else CONFIG
-    model = Decoder(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
+    state = nnx.state(Decoder(config, rngs=nnx.Rngs(0)))
 
     def pair_logprobs(backend):
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, attention_backend=backend, rngs=nnx.Rngs(0))))
         model = nnx.merge(graphdef, state)
-        model.attention_backend = backend
 
         @jax.jit
         def forward(batch):

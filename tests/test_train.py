@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 
 from jaxdpo.metrics import read_metrics
-from jaxdpo.trainer import Trainer
+from jaxdpo.loop import train_and_evaluate
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_run_assets(str(tmp_path_factory.mktemp("assets")))
-
-
 def train(assets, workdir, devices=None, **overrides):
-    trainer = Trainer(tiny_run_config(assets, str(workdir), **overrides), devices=devices)
-    trainer.run()
+    trainer = train_and_evaluate(tiny_run_config(assets, str(workdir), **overrides), devices=devices)
     return trainer, read_metrics(str(workdir))
 
 
@@ -47,7 +41,7 @@ def test_step0_equals_ln2_and_export_matches_transformers(assets, tmp_path):
     ids = np.asarray([tokenizer("What color is the owl? The owl is gold.")["input_ids"]], np.int32)
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(ids).long()).logits.numpy()
-    model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.frozen)
+    model = nnx.merge(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen)
     got = np.asarray(model(ids))
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -77,7 +71,7 @@ def test_bf16_compute_over_fp32_master_weights(assets, tmp_path):
     mixed, records = train(assets, tmp_path / "mixed", devices=one,
                            **{"model.dtype": "bfloat16", "model.param_dtype": "float32", "train.export_hf": False})
     assert {x.dtype for x in jax.tree.leaves(mixed.state)} <= {np.dtype(np.float32), np.dtype(np.int32)}
-    model = nnx.merge(mixed.graphdef, mixed.state["params"], mixed.frozen)
+    model = nnx.merge(mixed.policy.graphdef, mixed.state["params"], mixed.policy.frozen)
     ids = np.arange(1, 17, dtype=np.int32)[None]
     assert model.hidden_states(ids).dtype == jax.numpy.bfloat16
     # policy == reference before the first update, so bf16 rounding cancels in the margin
@@ -86,7 +80,7 @@ def test_bf16_compute_over_fp32_master_weights(assets, tmp_path):
 
     # the same (initial) weights through both graphs: only the compute dtype differs
     full, _ = train(assets, tmp_path / "fp32", devices=one, **{"train.steps": 1, "train.export_hf": False})
-    in_bf16 = nnx.merge(mixed.graphdef, full.reference, full.frozen)
-    in_fp32 = nnx.merge(full.graphdef, full.reference, full.frozen)
+    in_bf16 = nnx.merge(mixed.policy.graphdef, full.reference.params, full.policy.frozen)
+    in_fp32 = nnx.merge(full.policy.graphdef, full.reference.params, full.policy.frozen)
     difference = np.max(np.abs(np.asarray(in_bf16(ids)) - np.asarray(in_fp32(ids))))
     assert 1e-4 < difference < 0.1

@@ -5,6 +5,7 @@
     python tools/bench.py --memory-vocab 150000        # compiled memory vs sequence length, big vocab
     # context parallelism on 8 simulated devices: per-device memory, step time, longest row in a budget
     python tools/bench.py --shape llama-tiny --sequence 1,2,4,8 --max-length 32768 --budget-mib 1024
+    python tools/bench.py --generate --model ckpt/smollm2-135m-instruct   # decode tokens/s vs transformers
     # MFU on one GPU: a Qwen2.5-0.5B-shaped model, rows of 2048 tokens, bf16 compute, cuDNN attention
     python tools/bench.py --shape qwen2.5-0.5b --max-length 2048 --max-prompt-length 1536 --prompt-len 1200 \
         --completion-len 400 --batch-size 16 --layouts padded,packed --dtype bfloat16 --param-dtype float32 \
@@ -100,8 +101,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     import jax
     import numpy as np
 
-    from jaxdpo import flops
-    from jaxdpo.trainer import Trainer
+    from jaxdpo import batches as batches_lib, build, flops
     from configs import dpo
 
     c = dpo.get_config()
@@ -124,15 +124,17 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     c.reference.mode = args.reference
     c.mesh.fsdp = -1
 
-    trainer = Trainer(c)
-    trainer.build_data()
-    trainer.build_model()
+    mesh = build.make_mesh(c)
+    data = build.build_data(c, mesh)
+    policy = build.build_policy(c, mesh, resuming=False)
     t0 = time.perf_counter()
-    trainer.build_reference()  # reference.mode=cached: the one pass over the data that fills the cache
+    reference = build.build_reference(c, mesh, policy, data)  # cached: the one pass that fills the cache
     reference_s = time.perf_counter() - t0
-    trainer.build_steps()
+    steps = build.build_steps(c, mesh, policy, reference, data)
+    state = build.train_state(policy, steps, resuming=False)
 
-    batches = [trainer.train_batch(s) for s in range(c.train.steps)]
+    batches = [batches_lib.train_batch(data.batcher, reference, s, steps.train_batch_shardings)
+               for s in range(c.train.steps)]
     # The packed layout's row count can differ between steps: compile every shape before timing (a
     # real run compiles each once too), and report the first compile.
     executables, compile_times = {}, []
@@ -140,8 +142,8 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if signature not in executables:
             t0 = time.perf_counter()
-            executables[signature] = trainer.train_step.lower(trainer.state, trainer.frozen, trainer.reference,
-                                                              batch).compile()
+            executables[signature] = steps.train_step.lower(state, policy.frozen, reference.params,
+                                                            batch).compile()
             compile_times.append(time.perf_counter() - t0)
     compile_s = compile_times[0]
     compiled = next(iter(executables.values()))
@@ -151,22 +153,22 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         compiled_bytes = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
                              + memory.output_size_in_bytes - memory.alias_size_in_bytes)
 
-    times, state = [], trainer.state
+    times = []
     for batch in batches:
         t0 = time.perf_counter()
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
-        state, metrics = executables[signature](state, trainer.frozen, trainer.reference, batch)
+        state, metrics = executables[signature](state, policy.frozen, reference.params, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[args.warmup:])
     losses = [float(m) for m in [metrics["loss"]]]
 
-    step_flops = [flops.step_flops(trainer.model_config, trainer.batcher.train_batch(s),
-                                   reference_forward=args.reference in ("device", "host"))
+    step_flops = [flops.step_flops(policy.model_config, data.batcher.train_batch(s),
+                                   reference_forward=reference.runs_forward)
                   for s in range(args.warmup, c.train.steps)]
     per_pair = float(np.mean([f["per_pair"] for f in step_flops]))
-    pair_tokens = float(np.mean([sum(len(x) for x in trainer.train_pairs[int(i)])
-                                 for s in range(c.train.steps) for i in trainer.batcher.step_indices(s)]))
+    pair_tokens = float(np.mean([sum(len(x) for x in data.train_pairs[int(i)])
+                                 for s in range(c.train.steps) for i in data.batcher.step_indices(s)]))
     fed_tokens = float(np.mean([f["tokens"] for f in step_flops]))
     peak_device = None
     device = jax.devices()[0]
@@ -174,7 +176,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
         peak_device = device.memory_stats().get("peak_bytes_in_use")
     pairs_s = args.batch_size / step_s
     return {
-        "layout": layout, "row_length": trainer.row_length, "params": trainer.num_params,
+        "layout": layout, "row_length": data.row_length, "params": policy.num_params,
         "compile_s": compile_s, "compiled_shapes": len(compile_times), "step_s": step_s, "step_times_s": times, "pairs_per_s": pairs_s,
         "tokens_per_s": pairs_s * pair_tokens, "fed_tokens_per_step": fed_tokens,
         "flops_per_pair": per_pair, "achieved_flops_per_s": per_pair * pairs_s,
@@ -228,7 +230,8 @@ def memory_vs_length(args) -> dict:
 
     from configs import dpo
     from jaxdpo.models import Decoder, ModelConfig
-    from jaxdpo.step import StepFunctions, init_state
+    from jaxdpo.reference import DeviceReference
+    from jaxdpo.step import init_state, make_train_step
 
     shape = SHAPES[args.shape]
     cfg = ModelConfig(vocab_size=args.memory_vocab, hidden_size=shape["hidden"],
@@ -242,14 +245,14 @@ def memory_vs_length(args) -> dict:
     pairs = args.batch_size
     out = {"vocab": args.memory_vocab, "pairs": pairs, "chunk": args.chunk, "lengths": {}}
     for t in (args.max_length, 2 * args.max_length):
-        steps = StepFunctions(graphdef=graphdef, loss_cfg=dpo.get_config().loss, optimizer=optimizer,
-                              schedule=optax.constant_schedule(1e-4), reference_mode="device",
-                              num_pairs=pairs, chunk_size=args.chunk)
+        train_step = make_train_step(graphdef, reference=DeviceReference(), loss_cfg=dpo.get_config().loss,
+                                     optimizer=optimizer, schedule=optax.constant_schedule(1e-4),
+                                     num_pairs=pairs, chunk_size=args.chunk)
         rows = jax.ShapeDtypeStruct((1, 2 * pairs, t), jnp.int32)
         batch = {k: rows for k in ("input_ids", "positions", "segment_ids", "branch_ids", "targets",
                                    "pair_index", "side")}
         batch["pair_valid"] = jax.ShapeDtypeStruct((1, pairs), jnp.int32)
-        compiled = jax.jit(steps.train_step).lower(state, frozen, params, batch).compile()
+        compiled = jax.jit(train_step).lower(state, frozen, params, batch).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         out["lengths"][t] = {"temp_bytes": int(temp), "full_logits_bytes": int(2 * pairs * t * cfg.vocab_size * 4)}
     (t1, a), (t2, b) = out["lengths"].items()
@@ -287,6 +290,11 @@ def main(argv=None) -> dict:
     p.add_argument("--devices", type=int, default=8, help="--sequence on CPU: simulated devices")
     p.add_argument("--time-length", type=int, default=2048, help="--sequence: row length of the timed steps")
     p.add_argument("--budget-mib", type=int, default=1024, help="--sequence: per-device memory budget")
+    p.add_argument("--generate", action="store_true",
+                   help="only decode tokens/s of jaxdpo.generate vs transformers' generate (tools/bench_generate.py)")
+    p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
+    p.add_argument("--batch-sizes", default="1,32", help="--generate: comma-separated rows per call")
+    p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens decoded per row")
     p.add_argument("--json", default="", help="write every figure here")
     args = p.parse_args(argv)
 
@@ -305,6 +313,13 @@ def main(argv=None) -> dict:
 
     report: dict = {"args": vars(args), "backend": jax.default_backend(), "devices": jax.device_count(),
                     "device_kind": jax.devices()[0].device_kind}
+    if args.generate:
+        from bench_generate import bench_generate
+
+        report["generate"] = bench_generate(args.model, [int(b) for b in args.batch_sizes.split(",")],
+                                            args.new_tokens, repeats=args.steps, dtype=args.dtype)
+        _write(args, report)
+        return report
     if args.memory_vocab:
         report["memory"] = memory_vs_length(args)
         m = report["memory"]

@@ -16,139 +16,18 @@ model.tokenizer / model.path; without any, the model is written alone (with a wa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: make `jaxdpo` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from flax import nnx
+from jaxdpo.errors import ConfigError
+from jaxdpo.models import save_pretrained
+from jaxdpo.models.lora import merge_adapters
+from jaxdpo.saved_policy import DTYPES, build_model, find_tokenizer, locate, read_params
 
-from jaxdpo.checkpoint import FINGERPRINT_KEY
-from jaxdpo.config import ConfigError
-from jaxdpo.models import Decoder, ModelConfig, save_pretrained
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def locate(path: str, step: int | None = None) -> tuple[str, int, str]:
-    """(checkpoints dir, step, workdir) for a WORKDIR, a checkpoints dir, or a step dir."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path} is not a directory; give a run's WORKDIR, WORKDIR/checkpoints or a step in it")
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        if step is not None and step != int(base):
-            raise ConfigError(f"{path} is step {base} but --step {step} was given; give one of them")
-        return os.path.dirname(path), int(base), os.path.dirname(os.path.dirname(path))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = sorted(int(name) for name in os.listdir(path)
-                   if name.isdigit() and os.path.isdir(os.path.join(path, name, "state")))
-    if not steps:
-        raise ConfigError(f"{path} holds no committed checkpoint step (directories named by step number with a "
-                          f"state/ item); is it a jaxdpo run's WORKDIR or WORKDIR/checkpoints?")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ConfigError(f"step {step} is not in {path}; available: {', '.join(map(str, steps))}")
-    return path, step, os.path.dirname(path)
-
-
-def _model_config(architecture: dict) -> ModelConfig:
-    """ModelConfig from its JSON form (lists back to the tuples the dataclass holds)."""
-    fields = dict(architecture)
-    for key in ("layer_types", "eos_token_id"):
-        if isinstance(fields.get(key), list):
-            fields[key] = tuple(fields[key])
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
-
-
-def _strip_variable_level(tree):
-    """Orbax stores each nnx Variable as {'value': array}; the pure dict nnx takes back has the array."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"}:
-            return tree["value"]
-        return {k: _strip_variable_level(v) for k, v in tree.items()}
-    return tree
-
-
-def read_params(checkpoints_dir: str, step: int) -> tuple[dict, dict]:
-    """(params as a nested dict of arrays on one device, meta) of one step; the optimizer state stays on disk."""
-    manager = ocp.CheckpointManager(
-        checkpoints_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                       "layout": ocp.JsonCheckpointHandler()})
-    try:
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        saved = manager.item_metadata(step)["state"]
-        saved = getattr(saved, "tree", saved)
-        if "params" not in saved:
-            raise ConfigError(f"{checkpoints_dir}/{step}: the saved state has no 'params' (keys: {sorted(saved)}); "
-                              f"not a jaxdpo training checkpoint")
-        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        wanted = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                                                        sharding=one_device), saved["params"])}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=one_device), wanted)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=wanted, restore_args=restore_args, partial_restore=True)))["state"]
-    finally:
-        manager.close()
-    return _strip_variable_level(restored["params"]), meta
-
-
-def build_model(params: dict, meta: dict, *, base: str | None = None) -> Decoder:
-    """The policy as a Decoder: a fresh (abstract) one filled with the params, or for LoRA the base model
-    with the adapters merged in."""
-    fingerprint = meta.get(FINGERPRINT_KEY) or {}
-    architecture = fingerprint.get("model_config") or fingerprint.get("model")  # newer / older trainers
-    if not isinstance(architecture, dict):
-        raise ConfigError("the checkpoint's meta has no model architecture (meta['fingerprint']['model_config']); "
-                          "it was not written by jaxdpo's Trainer")
-    config = _model_config(architecture)
-    param_dtype = DTYPES[fingerprint.get("model.param_dtype") or fingerprint.get("param_dtype") or "float32"]
-    lora = meta.get("lora") or fingerprint.get("lora")
-    if not lora:
-        model = nnx.eval_shape(lambda: Decoder(config, dtype=param_dtype, param_dtype=param_dtype,
-                                               rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(model)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
-
-    from jaxdpo.models import from_pretrained, load_config
-    from jaxdpo.models.lora import LoRAParam, LoRASettings, add_adapters, merge_adapters
-
-    base = base or meta.get("model_path")
-    if not base or not os.path.isdir(base):
-        raise ConfigError(f"this is a LoRA checkpoint (only adapters are saved); its base model directory "
-                          f"{base!r} is not available here: pass --base DIR (the run's model.path)")
-    if load_config(base) != config:
-        raise ConfigError(f"--base {base} is not the architecture this LoRA checkpoint was trained on")
-    settings = LoRASettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=tuple(lora["targets"]))
-    model = from_pretrained(base, dtype=param_dtype)
-    add_adapters(model, settings)
-    graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
-    nnx.replace_by_pure_dict(adapters, params)
-    return merge_adapters(nnx.merge(graphdef, adapters, rest), settings)
-
-
-def find_tokenizer(workdir: str, meta: dict, explicit: str | None):
-    """The tokenizer to copy next to the weights (see the module docstring for the order), or None."""
-    from transformers import AutoTokenizer
-
-    if explicit:
-        return AutoTokenizer.from_pretrained(explicit)
-    candidates = [os.path.join(workdir, "hf"), meta.get("tokenizer_path"), meta.get("model_path")]
-    for candidate in candidates:
-        if candidate and any(os.path.exists(os.path.join(candidate, f)) for f in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(candidate)
-    return None
+__all__ = ["ConfigError", "convert", "locate", "main"]
 
 
 def convert(checkpoint: str, out_dir: str, *, step: int | None = None, tokenizer: str | None = None,
@@ -156,7 +35,9 @@ def convert(checkpoint: str, out_dir: str, *, step: int | None = None, tokenizer
     """Write OUT_DIR; returns the step converted."""
     checkpoints_dir, step, workdir = locate(checkpoint, step)
     params, meta = read_params(checkpoints_dir, step)
-    model = build_model(params, meta, base=base)
+    model, lora = build_model(params, meta, base=base)
+    if lora is not None:
+        model = merge_adapters(model, lora)
     tok = find_tokenizer(workdir, meta, tokenizer)
     if tok is None:
         print("convert_to_hf: no tokenizer found (pass --tokenizer DIR); writing the model without one",

@@ -37,39 +37,60 @@ def main(argv=None) -> list[dict]:
                                    "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
-    from jaxdpo.reference import reference_memory_report
-    from jaxdpo.trainer import Trainer
-    from tests.tiny_assets import make_llama, make_tokenizer, preference_rows, tiny_run_config
+    from jaxdpo import batches, build
+    from tools.memory_report import reference_memory_report
 
     if args.tiny:
-        model_dir, data_file = os.path.join(args.tiny, "model"), os.path.join(args.tiny, "train.jsonl")
-        if not os.path.exists(os.path.join(model_dir, "config.json")):
-            rows = preference_rows(64, seed=1)
-            os.makedirs(args.tiny, exist_ok=True)
-            with open(data_file, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            tokenizer = make_tokenizer(model_dir, [r[k] for r in rows for k in ("prompt", "chosen", "rejected")])
-            make_llama(model_dir, tokenizer, hidden=args.hidden, layers=args.layers)
-        args.model, args.data = model_dir, data_file
+        args.model, args.data = make_tiny_assets(args.tiny, hidden=args.hidden, layers=args.layers)
     reports = []
     for mode in ("device", "host"):
-        workdir = os.path.join(args.tiny or "/tmp", f"refmem_{mode}")
-        config = tiny_run_config({"model": args.model, "train": args.data, "eval": ""}, workdir, **{
-            "reference.mode": mode, "mesh.data": args.data_axis, "mesh.fsdp": args.fsdp,
-            "mesh.tensor": args.tensor, "data.eval_files": ""})
-        trainer = Trainer(config)
-        trainer.build_data()
-        trainer.build_model()
-        trainer.build_reference()
-        trainer.build_steps()
-        report = reference_memory_report(trainer)
-        report["mesh"] = dict(trainer.mesh.shape)
+        config = run_config(args, mode, workdir=os.path.join(args.tiny or "/tmp", f"refmem_{mode}"))
+        mesh = build.make_mesh(config)
+        data = build.build_data(config, mesh)
+        policy = build.build_policy(config, mesh, resuming=False)
+        reference = build.build_reference(config, mesh, policy, data)
+        steps = build.build_steps(config, mesh, policy, reference, data)
+        state = build.train_state(policy, steps, resuming=False)
+        batch = batches.train_batch(data.batcher, reference, 0, steps.train_batch_shardings)
+        report = reference_memory_report(steps.train_step, state, policy.frozen, reference.params, batch,
+                                         mode=reference.mode, streams_layers=reference.streams_layers)
+        report["mesh"] = dict(mesh.shape)
         reports.append(report)
     print(format_reports(reports))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)
     return reports
+
+
+def make_tiny_assets(root: str, *, hidden: int, layers: int) -> tuple[str, str]:
+    """(model dir, train file): a random Llama, its tokenizer and 64 demo pairs under `root` (kept)."""
+    from tools import make_demo_assets as demo
+
+    model_dir, data_file = os.path.join(root, "model"), os.path.join(root, "train.jsonl")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        rows, _ = demo.make_data(seed=1, n_train=64, n_eval=0)
+        demo.write_jsonl(data_file, rows)
+        tokenizer = demo.train_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], 300)
+        model = demo.build_model(tokenizer, seed=0, hidden=hidden, layers=layers, heads=4, kv_heads=2,
+                                 intermediate=2 * hidden)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    return model_dir, data_file
+
+
+def run_config(args, mode: str, *, workdir: str):
+    """configs/dpo.py on the given model and data, with the reference in `mode`, compiled only."""
+    from configs import dpo
+
+    c = dpo.get_config()
+    c.workdir, c.model.path, c.data.train_files, c.data.eval_files = workdir, args.model, args.data, ""
+    c.data.max_length, c.data.max_prompt_length, c.data.cache_dir = 48, 24, os.path.join(workdir, "cache")
+    c.train.batch_size = c.train.micro_batch_size = c.train.eval_batch_size = 8
+    c.train.steps = 3
+    c.reference.mode = mode
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = args.data_axis, args.fsdp, args.tensor
+    return c
 
 
 def format_reports(reports: list[dict]) -> str:

@@ -73,9 +73,7 @@ def compiled_step(shape: dict, *, length: int, sequence: int, backend: str, devi
     mesh = make_mesh(1, devices // sequence, 1, sequence=sequence)
     rows = devices // sequence  # one row per batch shard
     with jax.set_mesh(mesh):
-        model = Decoder(model_config(shape), remat=REMAT, rngs=nnx.Rngs(0))
-    if backend != "xla":
-        model.attention_backend = backend  # how select_backend's choice reaches the model today
+        model = Decoder(model_config(shape), remat=REMAT, attention_backend=backend, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     batch = prefix_shared_rows(rows, length, shape["vocab"], sequence)
     num_pairs = len(batch["pair_valid"])

@@ -16,16 +16,16 @@ import os
 
 import numpy as np
 
-from jaxdpo.config import ConfigError
-from jaxdpo.data import cache
+from jaxdpo.errors import ConfigError
+from jaxdpo.data import cache, identity
 from jaxdpo.data.batcher import PairBatcher
-from jaxdpo.data.formats import BadRow, Pair, normalize_row
+from jaxdpo.data.formats import BadRow, Pair, check_prompt_key, normalize_row
 from jaxdpo.data.layouts import LAYOUTS, make_batch, row_length
-from jaxdpo.data.loading import RawRow, Source, is_hub_name, load_rows, parse_sources, resolve_paths
+from jaxdpo.data.loading import RawRow, Source, hub_label, is_hub_name, load_rows, parse_sources, resolve_paths
 from jaxdpo.data.tokenize import TokenizedPairs, TokenizerSpec, make_spec, tokenize_pair, truncate
 
 __all__ = ["load_preference_data", "tokenize_rows", "mix_sources", "format_report", "TokenizedPairs",
-           "PairBatcher", "make_batch", "row_length", "LAYOUTS"]
+           "PairBatcher", "make_batch", "row_length", "LAYOUTS", "require_full_batch"]
 
 
 def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str, dropped: collections.Counter):
@@ -73,37 +73,46 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
     return pairs, section
 
 
-def _source_fingerprint(source: Source) -> list:
+def _source_identity(source: Source, split: str) -> tuple[list[str], dict, list]:
+    """-> (the file names its rows carry, its identity for the report, its part of the cache key).
+
+    Local files are known by content: their sha256, hashed here on every run. A hub dataset is known
+    by its name (`datasets` caches the download itself)."""
     if is_hub_name(source.spec):
         import datasets
 
-        # The hub copy is cached by `datasets` itself and reused the same way; key on the name.
-        return ["hub", source.spec, datasets.__version__]
-    return cache.files_fingerprint(resolve_paths(source.spec))
+        return [hub_label(source.spec, split=split)], {"hub": source.spec}, ["hub", source.spec, datasets.__version__]
+    paths = resolve_paths(source.spec)
+    files = identity.files_identity(paths)
+    return paths, {"files": files}, [f["sha256"] for f in files]
 
 
 def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, log) -> tuple[TokenizedPairs, dict]:
-    """Tokenized pairs of one source, from the cache when the same inputs were tokenized before."""
+    """Tokenized pairs of one source, from the cache when the same contents were tokenized before.
+
+    The section it returns carries the source's identity ("files": path and sha256 of each, or "hub")."""
     max_samples = int(data_cfg.get("max_samples", 0) or 0) if split == "train" else 0
+    files, ident, key_parts = _source_identity(source, split)
     entry = None
     if data_cfg.get("use_cache", True):
-        key = cache.cache_key(_source_fingerprint(source), spec, data_cfg, split)
+        key = cache.cache_key(key_parts, spec, data_cfg, split)
         entry = os.path.join(cache.default_cache_dir(data_cfg.get("cache_dir", "")), "tokenized", f"{key}.npz")
-        cached = cache.load(entry)
+        cached = cache.load(entry, files, on_damage=(lambda m: log(f"data: tokenized-data {m}")) if log else None)
         if cached is not None:
             pairs, section = cached
-            return pairs, dict(section, source=source.spec, cached=True)
+            return pairs, dict(section, source=source.spec, cached=True, **ident)
     rows = load_rows(source.spec, split=split)
     if max_samples:
         rows = rows[:max_samples]  # tokenize no more than can be used
+    check_prompt_key(rows, data_cfg.prompt_key)
     pairs, section = tokenize_rows(rows, data_cfg, spec, progress=log is not None, label=source.spec)
     if entry is not None:
         try:
-            cache.save(entry, pairs, section)
+            cache.save(entry, pairs, section, files)
         except OSError as e:  # a read-only or full cache dir must not stop training
             if log is not None:
                 log(f"data: could not write the tokenized-data cache {entry}: {e}")
-    return pairs, dict(section, source=source.spec, cached=False)
+    return pairs, dict(section, source=source.spec, cached=False, **ident)
 
 
 def mix_sources(parts: list[TokenizedPairs], weights: list[float], total: int, seed: int) -> TokenizedPairs:
@@ -126,6 +135,17 @@ def mix_sources(parts: list[TokenizedPairs], weights: list[float], total: int, s
         picks = np.concatenate([np.arange(len(part))] * repeats + [np.sort(rng.permutation(len(part))[:rest])])
         chosen.append(part.subset(picks.astype(int)))
     return TokenizedPairs.concat(chosen)
+
+
+def require_full_batch(batcher: PairBatcher) -> None:
+    """ConfigError (one line, naming the key and the files) when the training pairs do not fill one batch:
+    checked while building the data, before anything is compiled or evaluated."""
+    if batcher.num_pairs >= batcher.batch_size:
+        return
+    files = sorted({f for f, _ in batcher.pairs.source})
+    named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    raise ConfigError(f"train.batch_size={batcher.batch_size} is more than the {batcher.num_pairs} pairs of the "
+                      f"training data ({named or 'no files'}); lower train.batch_size or add data")
 
 
 def _split_fraction(pairs: TokenizedPairs, fraction: float, seed: int, salt: int = 0):
@@ -170,6 +190,29 @@ def format_report(report: dict) -> str:
         how = " (held out from train)" if section.get("held_out_from_train") else ""
         lines.append(f"{split:<6} {'= pairs used' + how:<40} {'':>8} {section['pairs']:>8}")
     return "\n".join(lines)
+
+
+def check_data_config(data_cfg) -> None:
+    """The `data` section's cross-key rules and its local files (hub names are checked when read)."""
+    if data_cfg.max_prompt_length >= data_cfg.max_length:
+        raise ConfigError(f"data.max_prompt_length = {data_cfg.max_prompt_length} leaves no room for the "
+                          f"completion in data.max_length = {data_cfg.max_length}; make it smaller (or 0 for no "
+                          f"prompt limit)")
+    if data_cfg.pack_length and data_cfg.layout != "packed":
+        raise ConfigError(f"data.pack_length = {data_cfg.pack_length} only applies to data.layout = 'packed' "
+                          f"(layout is {data_cfg.layout!r}); set it to 0 or use the packed layout")
+    if data_cfg.eval_files and data_cfg.eval_fraction:
+        raise ConfigError(f"data.eval_files and data.eval_fraction = {data_cfg.eval_fraction} are both set; "
+                          "use eval files or a held-out fraction of the training data, not both")
+    for key in ("train_files", "eval_files"):
+        if key == "eval_files" and not data_cfg.eval_files:
+            continue
+        for source in parse_sources(data_cfg[key], config_key=f"data.{key}"):
+            if not is_hub_name(source.spec):
+                try:
+                    resolve_paths(source.spec)
+                except ConfigError as e:
+                    raise ConfigError(f"data.{key}: {e}") from None
 
 
 def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print):

@@ -13,17 +13,23 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.data.layouts import make_batch, pack_rows, scored_index, scored_slots, shared_length
+
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int) -> None:
+    """A step is batch_size pairs in micro-batches of micro_batch_size: their ratio must be whole."""
+    if batch_size % micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size = {batch_size} must be a multiple of train.micro_batch_size = {micro_batch_size} "
+            f"(their ratio is the gradient-accumulation count)")
 
 
 class PairBatcher:
     def __init__(self, pairs, *, layout: str, row_length: int, batch_size: int, micro_batch_size: int,
                  seed: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                  row_multiple: int = 1, pad_id: int = 0):
-        if batch_size % micro_batch_size:
-            raise ConfigError(f"train.batch_size={batch_size} is not a multiple of "
-                              f"train.micro_batch_size={micro_batch_size}")
+        check_batch_sizes(batch_size, micro_batch_size)
         if micro_batch_size % process_count:
             raise ConfigError(f"train.micro_batch_size={micro_batch_size} does not split evenly over "
                               f"{process_count} processes")

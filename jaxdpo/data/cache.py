@@ -1,10 +1,12 @@
 """On-disk cache of tokenized pairs, so that a second run with the same inputs starts at once.
 
-The key is a hash of everything tokenization depends on: the source files (path, size, mtime), the
+The key is a hash of everything tokenization depends on: the source files' contents (sha256 of their
+bytes, identity.py; not their paths, so the same file under another spelling hits the cache), the
 tokenizer (its serialized vocabulary/merges, special tokens, chat template), the data keys, lengths,
 truncation and bad-row policy, and a format version bumped whenever tokenization code changes its
 output. An entry is one .npz (ids concatenated, with lengths) written atomically, so processes of a
-multi-process run may all write the same entry safely.
+multi-process run may all write the same entry safely. An entry that cannot be read whole (truncated,
+empty, a bad CRC) is reported in one line and rebuilt.
 """
 
 from __future__ import annotations
@@ -12,29 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 
 from jaxdpo.data.tokenize import TokenizedPairs, TokenizerSpec
 
 # Bump when the tokenized output of the same inputs changes (tokenize.py, formats.py, truncation).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keys on content digests; standard rows tokenized as TRL 1.x
+# What reading a damaged .npz raises: a zip with no directory or a bad CRC, a short read, bad JSON.
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def default_cache_dir(cache_dir: str) -> str:
     return os.path.expanduser(cache_dir or os.path.join("~", ".cache", "jaxdpo"))
-
-
-def files_fingerprint(paths: list[str]) -> list:
-    """(path, size, mtime_ns) of every file, walking directories: changes whenever a file is rewritten."""
-    out = []
-    for path in paths:
-        files = ([os.path.join(root, n) for root, _, names in sorted(os.walk(path)) for n in sorted(names)]
-                 if os.path.isdir(path) else [path])
-        for f in files:
-            st = os.stat(f)
-            out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def tokenizer_fingerprint(spec: TokenizerSpec) -> str:
@@ -65,15 +58,23 @@ def _unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
-def save(path: str, pairs: TokenizedPairs, section: dict) -> None:
-    arrays = {}
-    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
-    files = sorted({f for f, _ in pairs.source})
-    index = {f: i for i, f in enumerate(files)}
-    arrays["source_file"] = np.array([index[f] for f, _ in pairs.source], np.int32)
-    arrays["source_row"] = np.array([r for _, r in pairs.source], np.int64)
-    arrays["meta"] = np.array(json.dumps({"files": files, "section": section}))
+def read_npz(path: str, names: tuple[str, ...], *, on_damage=None) -> dict[str, np.ndarray] | None:
+    """The named arrays of an .npz, read whole (which checks every CRC); None when the file is absent, or
+    damaged: then `on_damage(message)` hears one line about it, and the caller rebuilds the entry."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: np.array(z[name]) for name in names}
+    except NPZ_READ_ERRORS as e:
+        if on_damage is not None:
+            on_damage(f"cache entry {path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                      "rebuilding it")
+        return None
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically: a killed run never leaves a half-written entry under the final name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -81,17 +82,29 @@ def save(path: str, pairs: TokenizedPairs, section: dict) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str) -> tuple[TokenizedPairs, dict] | None:
-    """The cached entry, or None when absent or unreadable (a partial write from a killed run)."""
-    if not os.path.exists(path):
+_ARRAYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def save(path: str, pairs: TokenizedPairs, section: dict, files: list[str]) -> None:
+    """`files`: the source's files in order; rows are stored by their index there, so that a later run
+    names them as it spells them."""
+    arrays = {}
+    for name in _ARRAYS:
+        arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
+    index = {f: i for i, f in enumerate(files)}
+    arrays["source_file"] = np.array([index[f] for f, _ in pairs.source], np.int32)
+    arrays["source_row"] = np.array([r for _, r in pairs.source], np.int64)
+    arrays["meta"] = np.array(json.dumps({"section": section}))
+    write_npz(path, arrays)
+
+
+def load(path: str, files: list[str], *, on_damage=None) -> tuple[TokenizedPairs, dict] | None:
+    """The cached entry with its rows named by `files` (this run's spelling), or None when absent or damaged."""
+    names = (*_ARRAYS, *(n + "_lengths" for n in _ARRAYS), "source_file", "source_row", "meta")
+    z = read_npz(path, names, on_damage=on_damage)
+    if z is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            seqs = {name: _unflatten(z[name], z[name + "_lengths"])
-                    for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
-            files = meta["files"]
-            source = [(files[i], int(r)) for i, r in zip(z["source_file"], z["source_row"])]
-    except (OSError, ValueError, KeyError):
-        return None
-    return TokenizedPairs(seqs["prompt_ids"], seqs["chosen_ids"], seqs["rejected_ids"], source), meta["section"]
+    seqs = {name: _unflatten(z[name], z[name + "_lengths"]) for name in _ARRAYS}
+    source = [(files[i], int(r)) for i, r in zip(z["source_file"], z["source_row"])]
+    section = json.loads(str(z["meta"]))["section"]
+    return TokenizedPairs(seqs["prompt_ids"], seqs["chosen_ids"], seqs["rejected_ids"], source), section

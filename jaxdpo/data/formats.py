@@ -22,11 +22,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxdpo.errors import ConfigError
+
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
 # The turn markers of the Anthropic HH text format; the last one in the shared prefix ends the prompt.
 ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:")
 
 Messages = list[dict[str, str]]
+# data.prompt_key's default: a file without that column has implicit prompts. Any other name is the
+# user's statement that the column exists, so a file without it is an error, not implicit prompts.
+DEFAULT_PROMPT_KEY = "prompt"
 
 
 class BadRow(ValueError):
@@ -84,6 +89,23 @@ def _field(data: dict[str, Any], key: str) -> str | Messages:
         return _messages(value, key)
     raise BadRow("wrong_type", key, f"{key!r} must be a string or a list of messages, "
                                     f"found {type(value).__name__}")
+
+
+def check_prompt_key(rows, prompt_key: str) -> None:
+    """ConfigError naming the file when a data.prompt_key set by the user names no column of it.
+
+    `rows`: RawRow of one or more files; a column exists in a file when any of its rows has it."""
+    if prompt_key == DEFAULT_PROMPT_KEY:
+        return
+    columns: dict[str, set] = {}
+    for row in rows:
+        if row.data is not None:
+            columns.setdefault(row.file, set()).update(row.data)
+    for file, keys in columns.items():
+        if prompt_key not in keys:
+            raise ConfigError(f"{file}: data.prompt_key={prompt_key!r} names no column of this file (columns: "
+                              f"{sorted(keys)}); name the prompt column, or set data.prompt_key={DEFAULT_PROMPT_KEY!r} "
+                              "for implicit prompts (the shared start of chosen and rejected)")
 
 
 def common_prefix_length(a: list | str, b: list | str) -> int:

@@ -19,10 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 LAYOUTS = ("padded", "prefix_shared", "packed")
 ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
+# What a step reads per row: the layout's rows plus the batcher's scored positions.
+STEP_ROW_KEYS = ROW_KEYS + ("scored_index",)
+# [P] arrays (one value per pair, not per row): the batcher adds pair_ids, the cached reference ref_*.
+PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids; CHOSEN/REJECTED double as `side` values
 
 
@@ -151,12 +155,6 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
             rows.append([i])
             free.append(row_length - lengths[i])
     return rows
-
-
-def packed_rows_needed(pairs, row_length: int, row_multiple: int = 1) -> int:
-    """R of the packed layout for these pairs (at least row_multiple, even for no pairs)."""
-    needed = len(pack_rows([shared_length(*p) for p in pairs], row_length))
-    return max(_round_up(needed, row_multiple), row_multiple)
 
 
 def make_batch(pairs: Sequence[tuple], *, layout: str, row_length: int, num_pairs: int, row_multiple: int = 1,

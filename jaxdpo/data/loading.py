@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".arrow")
 
@@ -124,15 +124,36 @@ def _read_json(path: str) -> list[RawRow]:
     return rows
 
 
-def _csv_cell(value: str) -> Any:
-    # CSV cells are flat strings; a conversation stored in a cell is JSON text, so decode those.
-    stripped = value.strip()
-    if stripped[:1] in ("[", "{"):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return value
-    return value
+def _message_list(text: str) -> list | None:
+    """The JSON list of {"role", "content"} objects a CSV cell holds, or None when it holds something else."""
+    if not text.strip().startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    is_messages = isinstance(value, list) and value and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return value if is_messages else None
+
+
+def _csv_rows(path: str, records: list[dict[str, str]]) -> list[RawRow]:
+    """CSV cells are flat strings. A column holds conversations when one of its cells is a JSON list of
+    {"role", "content"} objects; those cells are decoded, and a cell there that starts with "[" but is
+    not one is a bad row. Anywhere else "[2, 3, 5]" or "{...}" is text."""
+    columns = {k for record in records for k, v in record.items() if k is not None and _message_list(v or "")}
+    rows = []
+    for index, record in enumerate(records, start=1):
+        data, problem = {}, None
+        for key, value in record.items():
+            if key is None:
+                continue
+            messages = _message_list(value or "") if key in columns else None
+            if messages is None and key in columns and (value or "").strip().startswith("[") and problem is None:
+                problem = f"column {key!r} holds conversations, but this cell is not a JSON list of messages"
+            data[key] = messages if messages is not None else value
+        rows.append(RawRow(path, index, None, "wrong_type", problem) if problem else RawRow(path, index, data))
+    return rows
 
 
 def _read_csv(path: str) -> list[RawRow]:
@@ -142,9 +163,7 @@ def _read_csv(path: str) -> list[RawRow]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: the CSV file is not UTF-8 ({e}); re-save it as UTF-8") from e
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    return [RawRow(path, index, {k: _csv_cell(v) for k, v in record.items() if k is not None})
-            for index, record in enumerate(reader, start=1)]
+    return _csv_rows(path, list(csv.DictReader(io.StringIO(text, newline=""))))
 
 
 def _rows_from_table(path: str, records: list[dict[str, Any]]) -> list[RawRow]:
@@ -288,5 +307,11 @@ def read_hub(part: str, *, split: str = "train") -> list[RawRow]:
     except Exception as e:  # not found, no network, unknown subset/split: all are the user's to fix
         raise ConfigError(f"could not load hub dataset {name!r} (subset {subset or None!r}, split {split_name!r}): "
                           f"{type(e).__name__}: {e}") from e
-    label = f"hf:{name}" + (f":{subset}" if subset else "") + f":{split_name}"
-    return _rows_from_table(label, loaded.to_list())
+    return _rows_from_table(hub_label(part, split=split), loaded.to_list())
+
+
+def hub_label(part: str, *, split: str = "train") -> str:
+    """How rows of a hub source name their file: 'hf:name[:subset]:split'."""
+    name, _, rest = part.removeprefix("hf:").partition(":")
+    subset, _, split_name = rest.partition(":")
+    return f"hf:{name}" + (f":{subset}" if subset else "") + f":{split_name or split}"

@@ -1,7 +1,10 @@
 """Normalized pairs -> token ids of prompt, chosen and rejected, truncated the same way for every layout.
 
-Standard (string) pairs: prompt ids (with the tokenizer's BOS if it adds one, never twice) +
-completion ids + EOS (exactly once, even if the text already ended with the EOS string).
+Standard (string) pairs: tokenized as TRL 1.x's DPOTrainer does, so ids and logps match it: EOS is
+appended to each completion text unless it already ends with it, prompt and prompt+completion are
+tokenized whole (BOS where the tokenizer adds one, never twice), and the completion starts where the
+prompt's ids stop being a prefix of both. A prompt whose last characters merge into the completion's
+first token (a trailing space) is counted as `prefix_mismatch`.
 
 Conversational pairs: the prompt is rendered by the chat template with `add_generation_prompt=True`;
 the completion ids are the ids of the whole conversation after the prompt ids. Templates that render
@@ -22,7 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxdpo.data.formats import BadRow, Pair
+from jaxdpo.data.formats import BadRow, Pair, common_prefix_length
+from jaxdpo.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -64,11 +68,6 @@ class TokenizedPairs:
         self.rejected_ids.append(np.asarray(rejected, np.int32))
         self.source.append(source)
 
-    def max_pair_length(self) -> int:
-        """max over pairs of P + C + R + 1: the tokens of one prefix-shared pair."""
-        return max((len(p) + len(c) + len(r) + 1 for p, c, r in zip(
-            self.prompt_ids, self.chosen_ids, self.rejected_ids)), default=0)
-
 
 @dataclasses.dataclass
 class TokenizerSpec:
@@ -93,7 +92,6 @@ def resolve_chat_template(value: str) -> str | None:
 
 
 def make_spec(tokenizer, chat_template: str = "") -> TokenizerSpec:
-    from jaxdpo.config import ConfigError
 
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json "
@@ -110,14 +108,11 @@ def _encode(spec: TokenizerSpec, text: str) -> list[int]:
 
 
 def _render(spec: TokenizerSpec, messages, *, add_generation_prompt: bool) -> str:
-    if not messages:
-        return ""
     try:
         return spec.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=spec.chat_template,
                                                   add_generation_prompt=add_generation_prompt)
     except ValueError as e:
         if spec.chat_template is None and getattr(spec.tokenizer, "chat_template", None) is None:
-            from jaxdpo.config import ConfigError
 
             raise ConfigError("the data is conversational but the tokenizer has no chat template; set "
                               "data.chat_template to a Jinja template (a file path or the template text)") from e
@@ -126,29 +121,43 @@ def _render(spec: TokenizerSpec, messages, *, add_generation_prompt: bool) -> st
         raise BadRow("template_error", None, f"the chat template failed on this conversation: {e}") from e
 
 
+def _render_prompt(spec: TokenizerSpec, messages) -> str:
+    # transformers renders no empty conversation: an empty prompt stays empty (tokenize_pair gives it BOS).
+    return _render(spec, messages, add_generation_prompt=True) if messages else ""
+
+
 def _start_token(spec: TokenizerSpec) -> int:
     # Every layout needs a last prompt token to predict the first completion token from; an empty
     # prompt gets the tokenizer's BOS, or EOS for tokenizers without one (GPT-2 uses it that way).
     return spec.bos_id if spec.bos_id is not None else spec.eos_id
 
 
-def tokenize_standard(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int]]:
-    prompt = _encode(spec, pair.prompt)
-    if spec.adds_bos and (not prompt or prompt[0] != spec.bos_id):
-        prompt = [spec.bos_id] + prompt
+def _encode_with_specials(spec: TokenizerSpec, text: str) -> list[int]:
+    """Plain text as the tokenizer encodes it by default (BOS where it adds one), never with BOS twice
+    when the text itself starts with the BOS string."""
+    ids = list(spec.tokenizer(text)["input_ids"])
+    if spec.adds_bos and ids[:2] == [spec.bos_id, spec.bos_id]:
+        ids = ids[1:]
+    return ids
 
-    def completion(text: str) -> list[int]:
-        ids = _encode(spec, text)
-        while ids and ids[-1] == spec.eos_id:  # the text already ended with the EOS string
-            ids.pop()
-        return ids + [spec.eos_id]
 
-    return prompt, completion(pair.chosen), completion(pair.rejected)
+def tokenize_standard(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int], int]:
+    """TRL 1.x's DPOTrainer rule, so that a pair's ids (and logps) are the same as there: EOS is appended
+    to each completion text unless it already ends with it; prompt and prompt+completion are tokenized
+    whole, and the completion starts where the prompt's ids stop being a prefix of either. A prompt
+    ending in a space thus gives '?' | 'ĠThe', not '?', 'Ġ' | 'The' (the space merges into the
+    completion's first token). -> prompt, chosen, rejected ids and 1 if the prompt's last ids merged so."""
+    eos = spec.tokenizer.eos_token
+    prompt = _encode_with_specials(spec, pair.prompt)
+    full = [_encode_with_specials(spec, pair.prompt + (text if text.endswith(eos) else text + eos))
+            for text in (pair.chosen, pair.rejected)]
+    shared = min(common_prefix_length(prompt, ids) for ids in full)
+    return prompt[:shared], full[0][shared:], full[1][shared:], int(shared < len(prompt))
 
 
 def tokenize_conversation(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int], int]:
     """-> prompt, chosen, rejected ids and the number of completions whose prefix check failed (0-2)."""
-    prompt_text = _render(spec, pair.prompt, add_generation_prompt=True)
+    prompt_text = _render_prompt(spec, pair.prompt)
     prompt = _encode(spec, prompt_text)
     mismatches = 0
     completions = []
@@ -181,7 +190,6 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_l
         elif truncation == "keep_start":
             prompt = prompt[:max_prompt_length]
         else:
-            from jaxdpo.config import ConfigError
 
             raise ConfigError(f"data.truncation={truncation!r}; use keep_end or keep_start")
     room = max_length - len(prompt)
@@ -195,13 +203,13 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_l
 
 def tokenize_pair(spec: TokenizerSpec, pair: Pair):
     """-> (prompt, chosen, rejected, prefix_mismatches) before truncation."""
-    if pair.conversational:
-        prompt, chosen, rejected, mismatches = tokenize_conversation(spec, pair)
-    else:
-        prompt, chosen, rejected = tokenize_standard(spec, pair)
-        mismatches = 0
+    tokenize = tokenize_conversation if pair.conversational else tokenize_standard
+    prompt, chosen, rejected, mismatches = tokenize(spec, pair)
     if not prompt:
-        prompt = [_start_token(spec)]
+        start = _start_token(spec)
+        if chosen[:1] == [start] and rejected[:1] == [start]:  # the template's BOS, now the prompt's, once
+            chosen, rejected = chosen[1:], rejected[1:]
+        prompt = [start]
     if not chosen or not rejected:
         raise BadRow("empty_completion", "chosen" if not chosen else "rejected",
                      "the completion has no tokens after the prompt")

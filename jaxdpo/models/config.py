@@ -1,13 +1,13 @@
 """ModelConfig: the switches that turn one decoder into Llama, Mistral, Qwen2/3 or Gemma 1/2/3.
 
-`ModelConfig.from_hf(config_json_dict)` reads a transformers config.json (the transformers 5 format with
-`rope_parameters`, and the older `rope_theta` + `rope_scaling` one); `.to_hf()` writes the transformers 5
-format back. The per-family translation lives in `jaxdpo/models/families.py`.
+The translation from and to a transformers config.json lives in `jaxdpo/models/families.py`
+(`config_from_hf`, `config_to_hf`), which imports this module (never the other way round).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -80,14 +80,3 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
-
-    @classmethod
-    def from_hf(cls, hf_config: dict) -> "ModelConfig":
-        from jaxdpo.models import families  # families imports this module
-
-        return families.config_from_hf(hf_config)
-
-    def to_hf(self, dtype: str = "float32") -> dict:
-        from jaxdpo.models import families
-
-        return families.config_to_hf(self, dtype)

@@ -12,6 +12,8 @@ v vocab, l layers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -24,6 +26,11 @@ from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
 from jaxdpo.sharding import logical_to_mesh_axes
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+# The linear projections of a layer -> how many leading dims (after `layers`) of its stacked weight are
+# input dims (the rest are output dims). LoRA targets them, HF import/export transposes them, and the
+# order is the order in which their LoRA dropout keys are folded from a layer's key (never reorder: a
+# resumed run must draw the same masks).
+PROJECTIONS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 _NORMS = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")
 
 
@@ -64,6 +71,50 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], t
         specs["attn_out_norm"] = ((l, d), ("layers", "norm"))
         specs["mlp_out_norm"] = ((l, d), ("layers", "norm"))
     return specs
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """Low-rank adapters on the `targets` projections: x W + (alpha / rank) (dropout(x) A) B."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0  # probability of zeroing an adapter input unit while training
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only thing that trains when LoRA is on."""
+
+
+def adapter_specs(config: ModelConfig, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """`{target}_lora_a` / `{target}_lora_b` -> (shape, logical axes); the rank axis is never sharded."""
+    base = layer_param_specs(config)
+    specs = {}
+    for target in settings.targets:
+        (layers, *dims), (layers_axis, *axes) = base[target]
+        k = PROJECTIONS[target]
+        specs[f"{target}_lora_a"] = ((layers, *dims[:k], settings.rank), (layers_axis, *axes[:k], None))
+        specs[f"{target}_lora_b"] = ((layers, settings.rank, *dims[k:]), (layers_axis, None, *axes[k:]))
+    return specs
+
+
+def adapter_values(config: ModelConfig, settings: LoRASettings, *, seed: int, param_dtype) -> dict:
+    """Fresh adapters, name -> array: A uniform in +-1/sqrt(fan_in) (PEFT's default) from `seed`, B zero
+    (so a fresh adapter leaves the model exactly as it was)."""
+    key = jax.random.key(seed)
+    values = {}
+    for name, (shape, _) in adapter_specs(config, settings).items():
+        if name.endswith("_lora_a"):
+            key, sub = jax.random.split(key)
+            bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+            values[name] = jax.random.uniform(sub, shape, jnp.float32, -bound, bound).astype(param_dtype)
+        else:
+            values[name] = jnp.zeros(shape, param_dtype)
+    return values
 
 
 def _init_value(name, shape, key, config, param_dtype):
@@ -135,11 +186,6 @@ def _softcap(x, cap):
     return jnp.tanh(x / cap) * cap
 
 
-# The order in which the LoRA targets' dropout keys are folded from a layer's key (never reorder: a
-# resumed run must draw the same masks).
-LORA_DROPOUT_STREAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def lora_dropout(x, rate: float, key):
     """PEFT's adapter dropout: each unit of x kept with probability 1 - rate and scaled by 1 / (1 - rate).
     The mask is drawn for x's whole (global) shape from `key`; with jax_threefry_partitionable (the default)
@@ -172,6 +218,64 @@ def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, drop
     return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
 
 
+def _layer_norm(p: dict, y, name: str, config: ModelConfig, dtype):
+    return rms_norm(y, p[name], eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, dtype=dtype)
+
+
+def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora_dropout_rate: float,
+             lora_dropout_key):
+    """y W for the projection `name`, plus lora_scale * (y A) B when p holds its adapter."""
+    out = jnp.einsum(spec, y, p[name].astype(dtype))
+    if f"{name}_lora_a" in p:
+        key = None
+        if lora_dropout_key is not None:
+            key = jax.random.fold_in(lora_dropout_key, list(PROJECTIONS).index(name))
+        out = out + lora_scale * lora_update(y, p[f"{name}_lora_a"].astype(dtype), p[f"{name}_lora_b"].astype(dtype),
+                                             spec, dropout_rate=lora_dropout_rate, dropout_key=key)
+    return out
+
+
+def attention_inputs(p: dict, x, *, cos, sin, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                     lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+    """The first half of a block: x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], RoPE applied.
+    A KV-cached step (jaxdpo.generate) writes k and v into its cache and attends over that."""
+    c = config
+    lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
+                lora_dropout_key=lora_dropout_key)
+    h = _layer_norm(p, x, "attn_norm", c, dtype)
+    q = _project(p, "btd,dnh->btnh", h, "q_proj", **lora)
+    k = _project(p, "btd,dkh->btkh", h, "k_proj", **lora)
+    v = _project(p, "btd,dkh->btkh", h, "v_proj", **lora)
+    if c.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
+    if c.qk_norm:
+        q, k = _layer_norm(p, q, "q_norm", c, dtype), _layer_norm(p, k, "k_norm", c, dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_scale: float = 1.0,
+                             lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+    """The second half of a block: the attention output a [B,T,N,H] -> o_proj, residual, MLP, residual."""
+    c = config
+    lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
+                lora_dropout_key=lora_dropout_key)
+    o = _project(p, "btnh,nhd->btd", a, "o_proj", **lora)
+    if c.out_bias:
+        o = o + p["o_bias"].astype(dtype)
+    if c.sandwich_norms:
+        o = _layer_norm(p, o, "attn_out_norm", c, dtype)
+    x = x + o
+
+    h = _layer_norm(p, x, "mlp_norm", c, dtype)
+    gate = _project(p, "btd,df->btf", h, "gate_proj", **lora)
+    up = _project(p, "btd,df->btf", h, "up_proj", **lora)
+    act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    m = _project(p, "btf,fd->btd", act * up, "down_proj", **lora)
+    if c.sandwich_norms:
+        m = _layer_norm(p, m, "mlp_out_norm", c, dtype)
+    return x + m
+
+
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
                   segment_ids=None, branch_ids=None, positions=None, sliding_window=None,
                   attention_backend: str = "xla", seq_lengths=None, lora_dropout_rate: float = 0.0,
@@ -180,68 +284,62 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     adapter in p (`{name}_lora_a`, `{name}_lora_b`) adds lora_scale * (x A) B to x W; given this layer's
     `lora_dropout_key`, the adapter sees dropout(x) with a mask keyed by fold_in(key, its stream index)."""
     c = config
-
-    def norm(y, name):
-        return rms_norm(y, p[name], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
-
-    def w(name):
-        return p[name].astype(dtype)
-
-    def project(spec, y, name):
-        out = jnp.einsum(spec, y, w(name))
-        if f"{name}_lora_a" in p:
-            key = None
-            if lora_dropout_key is not None:
-                key = jax.random.fold_in(lora_dropout_key, LORA_DROPOUT_STREAMS.index(name))
-            out = out + lora_scale * lora_update(y, w(f"{name}_lora_a"), w(f"{name}_lora_b"), spec,
-                                                 dropout_rate=lora_dropout_rate, dropout_key=key)
-        return out
-
-    h = norm(x, "attn_norm")
-    q = project("btd,dnh->btnh", h, "q_proj")
-    k = project("btd,dkh->btkh", h, "k_proj")
-    v = project("btd,dkh->btkh", h, "v_proj")
-    if c.qkv_bias:
-        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
-    if c.qk_norm:
-        q, k = norm(q, "q_norm"), norm(k, "k_norm")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    lora = dict(lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate, lora_dropout_key=lora_dropout_key)
+    q, k, v = attention_inputs(p, x, cos=cos, sin=sin, config=c, dtype=dtype, **lora)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
                   backend=attention_backend, seq_lengths=seq_lengths, segment_ids=segment_ids,
                   branch_ids=branch_ids, positions=positions, sliding_window=sliding_window)
-    o = project("btnh,nhd->btd", a, "o_proj")
-    if c.out_bias:
-        o = o + w("o_bias")
-    if c.sandwich_norms:
-        o = norm(o, "attn_out_norm")
-    x = x + o
+    return attention_output_and_mlp(p, x, a, config=c, dtype=dtype, **lora)
 
-    h = norm(x, "mlp_norm")
-    gate = project("btd,df->btf", h, "gate_proj")
-    up = project("btd,df->btf", h, "up_proj")
-    act = jax.nn.silu(gate) if c.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    m = project("btf,fd->btd", act * up, "down_proj")
-    if c.sandwich_norms:
-        m = norm(m, "mlp_out_norm")
-    return x + m
+
+def layer_masks(config: ModelConfig, backend: str, segment_ids, branch_ids, positions):
+    """A function of a layer's traced `sliding` flag -> (its attention mask, its sliding window).
+    The masks are built once, as bool, and each layer picks its own in the scan. Ring attention
+    ("sequence_parallel") gets no mask: a [T,T] mask would be whole-row, so it builds the mask block by
+    block from the ids, with the window as a per-layer scalar."""
+    any_sliding = bool(np.asarray(config.layer_is_sliding).any())
+    if backend == "sequence_parallel":
+        if not any_sliding:
+            return lambda sliding: (None, None)
+        no_window = jnp.iinfo(jnp.int32).max
+        return lambda sliding: (None, jnp.where(sliding, config.sliding_window, no_window))
+    full = make_attention_mask(segment_ids, branch_ids, positions)
+    if not any_sliding:
+        return lambda sliding: (full, None)
+    windowed = make_attention_mask(segment_ids, branch_ids, positions, config.sliding_window)
+    return lambda sliding: (jnp.where(sliding, windowed, full), None)
 
 
 # ---- the module -----------------------------------------------------------------------------------------
 
 class LayerStack(nnx.Module):
-    """Holds the stacked layer Params as attributes named as in `layer_param_specs`."""
+    """Holds the stacked layer Params as attributes named as in `layer_param_specs`, and with `lora` the
+    adapters named as in `adapter_specs` (LoRAParam; fresh ones from `lora_seed`)."""
 
-    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
-        self.names = tuple(layer_param_specs(config))
+    def __init__(self, config: ModelConfig, *, param_dtype, lora: LoRASettings | None, lora_seed: int,
+                 rngs: nnx.Rngs):
         for name, (shape, logical) in layer_param_specs(config).items():
             setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
+        adapters = {} if lora is None else adapter_specs(config, lora)
+        if adapters:
+            mesh_active = not jax.sharding.get_abstract_mesh().empty
+            values = adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype)
+            for name, (_, logical) in adapters.items():
+                setattr(self, name, LoRAParam(values[name], out_sharding=logical_to_mesh_axes(logical),
+                                              eager_sharding=mesh_active))
+        self.names = tuple(layer_param_specs(config)) + tuple(adapters)
 
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.names}
 
 
 class Decoder(nnx.Module):
+    """The decoder. Its switches are constructor fields, static parts of the graphdef every step is traced
+    with: `attention_backend` ("xla", or a kernel ops.attention.select_backend found to express this
+    run's mask exactly) and `lora` (adapters on the target projections, with their scale and dropout)."""
+
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 attention_backend: str = "xla", lora: LoRASettings | None = None, lora_seed: int = 0,
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"Decoder: remat must be one of {REMAT_POLICIES}, got {remat!r}")
@@ -249,9 +347,11 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.remat = remat
+        self.attention_backend = attention_backend
+        self.lora = lora
         for name, (shape, logical) in top_param_specs(config).items():
             setattr(self, name, _make_param(name, shape, logical, rngs.params(), config, param_dtype))
-        self.layers = LayerStack(config, param_dtype=param_dtype, rngs=rngs)
+        self.layers = LayerStack(config, param_dtype=param_dtype, lora=lora, lora_seed=lora_seed, rngs=rngs)
 
     def lm_head_weight(self):
         """[D,V] in the compute dtype (the embedding transposed when tied)."""
@@ -259,10 +359,30 @@ class Decoder(nnx.Module):
             return self.embed[...].T.astype(self.dtype)
         return self.lm_head[...].astype(self.dtype)
 
+    def embed_tokens(self, input_ids):
+        """[B,T] ids -> [B,T,D] input embeddings in the compute dtype."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
+        return x
+
+    def final_normed(self, x):
+        """The last layer's output [B,T,D] -> the hidden states the LM head reads."""
+        c = self.config
+        return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset,
+                        dtype=self.dtype)
+
+    def head_logits(self, hidden):
+        """[B,T,D] final-normed hidden -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
+        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            logits = _softcap(logits, self.config.final_logit_softcap)
+        return logits
+
     def hidden_states(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
                       layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,D] hidden states after the final norm. `lora_dropout_key` (training forwards
-        only) turns on the adapters' dropout (rate `layers.lora_dropout`, set by models.lora); layer l
+        only) turns on the adapters' dropout (rate `lora.dropout`); layer l
         uses fold_in(key, l). Without a key the forward is deterministic (eval, reference, export)."""
         c, dtype = self.config, self.dtype
         b, t = input_ids.shape
@@ -273,18 +393,11 @@ class Decoder(nnx.Module):
         if branch_ids is None:
             branch_ids = jnp.zeros((b, t), jnp.int32)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
-        if c.scale_embeddings:  # Gemma rounds sqrt(D) to the compute dtype first
-            x = x * jnp.asarray(c.hidden_size ** 0.5, dtype)
+        x = self.embed_tokens(input_ids)
 
         is_sliding = np.asarray(c.layer_is_sliding)
-        any_sliding = bool(is_sliding.any())
-        backend = getattr(self, "attention_backend", "xla")
-        # Ring attention builds its mask block by block from the ids; a [T,T] mask would be whole-row.
-        build_mask = backend != "sequence_parallel"
-        base_mask = make_attention_mask(segment_ids, branch_ids, positions) if build_mask else None
-        if any_sliding and build_mask:  # both masks are built once, as bool; each layer picks its own
-            sliding_mask = make_attention_mask(segment_ids, branch_ids, positions, c.sliding_window)
+        backend = self.attention_backend
+        layer_mask = layer_masks(c, backend, segment_ids, branch_ids, positions)
         cos_g, sin_g = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
         local_rope = c.sliding_rope_theta is not None
         if local_rope:
@@ -292,12 +405,11 @@ class Decoder(nnx.Module):
                 positions, rope_inv_freq(c.head_dim, c.sliding_rope_theta, c.sliding_rope_scaling))
 
         hook = layer_params_hook or (lambda params: params)
-        # "cudnn" / "splash" / "splash_branches" are set (as a static attribute) only where
-        # ops.attention.select_backend found the kernel to express the mask exactly; cuDNN then takes per-row
-        # lengths, splash the segment (and branch) ids, instead of the mask (which XLA then never builds).
+        # A kernel backend takes per-row lengths (cuDNN) or the segment (and branch) ids (splash) instead
+        # of the mask, which XLA then never builds.
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
-        lora_scale = getattr(self.layers, "lora_scale", 1.0)  # alpha / rank, set by models.lora
-        lora_dropout_rate = getattr(self.layers, "lora_dropout", 0.0)
+        lora_scale = 1.0 if self.lora is None else self.lora.scale
+        lora_dropout_rate = 0.0 if self.lora is None else self.lora.dropout
         layer_keys = None  # scanned with the layers, so a rematerialized layer redraws the same masks
         if lora_dropout_key is not None and lora_dropout_rate > 0:
             layer_keys = jax.vmap(lambda l: jax.random.fold_in(lora_dropout_key, l))(jnp.arange(c.num_layers))
@@ -305,31 +417,25 @@ class Decoder(nnx.Module):
         def body(x, per_layer):
             params, sliding, layer_key = per_layer
             params = hook(params)
-            mask, cos, sin, window = base_mask, cos_g, sin_g, None
-            if any_sliding and build_mask:
-                mask = jnp.where(sliding, sliding_mask, base_mask)
-            elif any_sliding:
-                window = jnp.where(sliding, c.sliding_window, jnp.iinfo(jnp.int32).max)
+            (mask, window), cos, sin = layer_mask(sliding), cos_g, sin_g
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
                                  segment_ids=segment_ids, branch_ids=branch_ids, positions=positions,
                                  sliding_window=window, lora_scale=lora_scale, attention_backend=backend,
-                                 seq_lengths=seq_lengths, lora_dropout_rate=lora_dropout_rate, lora_dropout_key=layer_key), None
+                                 seq_lengths=seq_lengths, lora_dropout_rate=lora_dropout_rate,
+                                 lora_dropout_key=layer_key), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)
         elif self.remat == "dots_saveable":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(is_sliding), layer_keys))
-        return rms_norm(x, self.final_norm[...], eps=c.rms_norm_eps, unit_offset=c.norm_unit_offset, dtype=dtype)
+        return self.final_normed(x)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, *,
                  layer_params_hook: Callable[[dict], dict] | None = None, lora_dropout_key=None):
         """[B,T] ids -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
         h = self.hidden_states(input_ids, positions, segment_ids, branch_ids, layer_params_hook=layer_params_hook,
                                lora_dropout_key=lora_dropout_key)
-        logits = jnp.einsum("btd,dv->btv", h, self.lm_head_weight(), preferred_element_type=jnp.float32)
-        if self.config.final_logit_softcap is not None:
-            logits = _softcap(logits, self.config.final_logit_softcap)
-        return logits
+        return self.head_logits(h)

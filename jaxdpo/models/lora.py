@@ -1,15 +1,16 @@
 """LoRA adapters on the stacked decoder: settings from config, adapter params, PEFT export, merging.
 
 A target projection W (stacked [layers, in..., out...]) gets A [layers, in..., r] and B [layers, r, out...],
-stored on the LayerStack as `{target}_lora_a` / `{target}_lora_b` with the variable type `LoRAParam`, so
-they scan with the base weights and `decoder_layer` adds (alpha / r) * (x A) B to x W. B starts at zero,
-so a fresh adapter leaves the model exactly as it was. The trainer splits the model with `LoRAParam`:
+stored on the LayerStack as `{target}_lora_a` / `{target}_lora_b` with the variable type `LoRAParam`
+(a Decoder built with `lora=LoRASettings(...)` has them: `jaxdpo.models.decoder`), so they scan with the
+base weights and `decoder_layer` adds (alpha / r) * (x A) B to x W. B starts at zero, so a fresh adapter
+leaves the model exactly as it was. The training build splits the model with `LoRAParam`:
 the adapters train (and alone get optimizer state and checkpoints), the base weights stay frozen, and the
 reference is the same forward with the adapters zeroed (reference.mode = "lora_base").
 
 Adapter dropout (lora.dropout = p) follows PEFT: only the adapter's input is dropped, x W + (alpha / r)
 (dropout(x) A) B, with kept units scaled by 1 / (1 - p), and only in the policy's training forward.
-The rate is a static attribute of the LayerStack (like the scale); the masks come from a key the train
+The rate is a static field of the Decoder's settings (like the scale); the masks come from a key the train
 step derives from (seed, step, micro-batch), so they need no RNG state and a resumed run draws the same.
 
 Export follows PEFT: `adapter_config.json` + `adapter_model.safetensors` with keys such as
@@ -18,9 +19,7 @@ Export follows PEFT: `adapter_config.json` + `adapter_model.safetensors` with ke
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 
 import jax
@@ -28,32 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo.config import ConfigError
+from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
-from jaxdpo.models.decoder import Decoder, layer_param_specs
-from jaxdpo.sharding import logical_to_mesh_axes
+from jaxdpo.models.decoder import (PROJECTIONS, Decoder, LoRAParam, LoRASettings, adapter_specs,  # noqa: F401
+                                   layer_param_specs)
+from jaxdpo.sharding import gather_to_host
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# how many leading dims (after `layers`) of each target's stacked weight are its input dims
-INPUT_DIMS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+TARGETS = tuple(PROJECTIONS)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class LoRAParam(nnx.Param):
-    """An adapter matrix: the only thing that trains when LoRA is on."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRASettings:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    dropout: float = 0.0  # probability of zeroing an adapter input unit while training
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def lora_settings(lora_cfg) -> LoRASettings | None:
@@ -82,72 +64,43 @@ def lora_settings(lora_cfg) -> LoRASettings | None:
                         dropout=float(dropout))
 
 
-def adapter_specs(config, settings: LoRASettings) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """`{target}_lora_a` / `{target}_lora_b` -> (shape, logical axes); the rank axis is never sharded."""
-    base = layer_param_specs(config)
-    specs = {}
-    for target in settings.targets:
-        (layers, *dims), (layers_axis, *axes) = base[target]
-        k = INPUT_DIMS[target]
-        specs[f"{target}_lora_a"] = ((layers, *dims[:k], settings.rank), (layers_axis, *axes[:k], None))
-        specs[f"{target}_lora_b"] = ((layers, settings.rank, *dims[k:]), (layers_axis, None, *axes[k:]))
-    return specs
-
-
-def add_adapters(model: Decoder, settings: LoRASettings, *, seed: int = 0) -> None:
-    """Give `model` fresh adapters: A uniform in +-1/sqrt(fan_in) (PEFT's default), B zero."""
-    layers = model.layers
-    mesh_active = not jax.sharding.get_abstract_mesh().empty
-    key = jax.random.key(seed)
-    for name, (shape, logical) in adapter_specs(model.config, settings).items():
-        if name.endswith("_lora_a"):
-            key, sub = jax.random.split(key)
-            bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
-            value = jax.random.uniform(sub, shape, jnp.float32, -bound, bound).astype(model.param_dtype)
-        else:
-            value = jnp.zeros(shape, model.param_dtype)
-        setattr(layers, name, LoRAParam(value, out_sharding=logical_to_mesh_axes(logical),
-                                        eager_sharding=mesh_active))
-    layers.names = tuple(layers.names) + tuple(adapter_specs(model.config, settings))
-    layers.lora_scale = settings.scale  # static: read by Decoder.hidden_states, baked into the compiled step
-    layers.lora_dropout = settings.dropout  # static too; applied only when the forward is given a dropout key
+def check_config(config) -> bool:
+    """The `lora` section (ConfigError when invalid); whether LoRA is on. A config without one: off."""
+    return "lora" in config and lora_settings(config.lora) is not None
 
 
 def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
     """W + scale * A B for one stacked target, in W's dtype (products in float32)."""
-    k = INPUT_DIMS[target]
+    k = PROJECTIONS[target]
     ins, outs = "ijk"[:k], "xyz"[:weight.ndim - 1 - k]
     delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
     return (weight.astype(jnp.float32) + scale * delta).astype(weight.dtype)
 
 
 def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
-    """A model whose target weights have the adapters folded in (its adapters are dropped, scale 1)."""
-    merged = nnx.clone(model)  # new Variables (the arrays are shared until replaced): `model` is untouched
+    """A Decoder without adapters whose target weights have them folded in (`model` is untouched)."""
+    plain = nnx.eval_shape(lambda: Decoder(model.config, dtype=model.dtype, param_dtype=model.param_dtype,
+                                           remat=model.remat, attention_backend=model.attention_backend,
+                                           rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(plain)
+    values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    layers = values["layers"]
     for target in settings.targets:
-        var = getattr(merged.layers, target)
-        var[...] = merged_weight(var[...], getattr(merged.layers, f"{target}_lora_a")[...],
-                                 getattr(merged.layers, f"{target}_lora_b")[...], settings.scale, target)
-    base_names = tuple(layer_param_specs(model.config))
-    for name in merged.layers.names:
-        if name not in base_names:
-            delattr(merged.layers, name)
-    merged.layers.names = base_names
-    merged.layers.lora_scale = 1.0
-    merged.layers.lora_dropout = 0.0
-    return merged
+        layers[target] = merged_weight(layers[target], layers[f"{target}_lora_a"], layers[f"{target}_lora_b"],
+                                       settings.scale, target)
+    values["layers"] = {name: layers[name] for name in layer_param_specs(model.config)}
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
 
 
 def peft_tensors(model: Decoder, settings: LoRASettings) -> dict[str, np.ndarray]:
     """PEFT's key -> array ([r, in] for lora_A, [out, r] for lora_B, torch Linear layout), per layer.
     Every process must call this (sharded adapters are gathered)."""
-    from jaxdpo.models.hf_io import _gather_to_host
-
     key_map = families.layer_key_map(model.config)
     out = {}
     for target in settings.targets:
-        a = _gather_to_host(getattr(model.layers, f"{target}_lora_a")[...])
-        b = _gather_to_host(getattr(model.layers, f"{target}_lora_b")[...])
+        a = gather_to_host(getattr(model.layers, f"{target}_lora_a")[...])
+        b = gather_to_host(getattr(model.layers, f"{target}_lora_b")[...])
         module = "base_model.model." + key_map[target].removesuffix(".weight")
         for i in range(model.config.num_layers):
             prefix = module.format(i=i)
@@ -162,19 +115,21 @@ def save_adapter(model: Decoder, settings: LoRASettings, out_dir: str, *, base_m
     Every process must call this; only process 0 writes."""
     from safetensors.numpy import save_file
 
+    from jaxdpo.models.hf_io import staged_dir
+
     tensors = peft_tensors(model, settings)
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-        "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None,
-    }
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with staged_dir(out_dir) as staging:  # a failed write leaves the previous adapter, never a partial one
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+            "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None,
+        }
+        with open(os.path.join(staging, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)

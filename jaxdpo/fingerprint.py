@@ -1,0 +1,104 @@
+"""The config fingerprint: what must match for a checkpoint to be resumed by this run.
+
+A checkpoint's meta holds `meta[FINGERPRINT_KEY]`, the values of the config keys that change the past
+(data order and content, objective, optimizer, model architecture); a resume compares it with the
+current run's and refuses, listing every difference, when they differ. Keys that change only the future
+(steps, cadences, mesh, remat, paths of caches) may change between a run and its resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FINGERPRINT_KEY = "fingerprint"  # meta[FINGERPRINT_KEY]: the dict that must match for a resume to be valid
+
+
+def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_dict(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# Config keys whose change makes a resumed run something other than the continuation of the saved one:
+# the data order and content (so the saved data position means the same pairs), the objective and the
+# optimizer. The data files are compared by content (`jaxdpo.data.identity`), not by path. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
+# logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
+RESUME_CRITICAL_KEYS = (
+    "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
+    "data.eval_fraction", "data.prompt_key", "data.chosen_key",
+    "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
+    "data.layout", "data.on_bad_row", "data.max_samples",
+    "loss", "optim", "train.batch_size", "reference.mode", "reference.path",
+)
+
+
+def _lookup(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def jsonable(value):
+    """JSON-ready copy: ConfigDicts and mappings -> dicts, tuples -> lists (as they come back from JSON, so
+    a fingerprint compares equal after a roundtrip), numpy scalars -> Python, anything else -> str."""
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dict to store as meta["fingerprint"] and pass back as `expected_meta_fingerprint` on resume.
+
+    `config` is the run's ConfigDict (keys missing from it are skipped); `model_config` (a dataclass or
+    dict: the architecture) and `vocab_size` catch a different model behind the same path; `overrides`
+    replaces config values by what the run resolved them to (reference.mode: the reference it built).
+    """
+    fingerprint: dict[str, Any] = {}
+    for key in RESUME_CRITICAL_KEYS:
+        try:
+            fingerprint[key] = jsonable(_lookup(config, key))
+        except (KeyError, AttributeError):
+            continue
+    for key, value in (overrides or {}).items():
+        fingerprint[key] = jsonable(value)
+    if model_config is not None:
+        if dataclasses.is_dataclass(model_config):
+            model_config = dataclasses.asdict(model_config)
+        fingerprint["model_config"] = jsonable(model_config)
+    if vocab_size is not None:
+        fingerprint["vocab_size"] = int(vocab_size)
+    return fingerprint
+
+
+def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
+    """Human-readable lines `key: checkpoint=<a> now=<b>` for every (dotted) key whose value differs."""
+    saved_flat = _flatten_dict(jsonable(saved))
+    expected_flat = _flatten_dict(jsonable(expected))
+    missing = object()
+    lines = []
+    for key in sorted(set(saved_flat) | set(expected_flat)):
+        a, b = saved_flat.get(key, missing), expected_flat.get(key, missing)
+        if a != b:
+            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{key}: checkpoint={show(a)} now={show(b)}")
+    return lines

@@ -1,0 +1,420 @@
+"""Sampling with a KV cache: a jitted prefill plus decode loop in one compiled program.
+
+`generate(graphdef, states, prompts, settings, ...)` turns token-id prompts into completions; the loop and
+samples.jsonl call `completions_with_logprobs` (texts in, texts and summed logprobs out) and
+`completion_logprobs` (score given completions under any params, e.g. the reference's).
+
+Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (a power of two, so new prompt
+lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, one cache for all
+layers ([L,B,S,K,H], written in place). Row b's prompt occupies slots P-n_b .. P-1 with RoPE positions
+0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while
+its positions stay its own, and a key slot s is visible to the query at slot q iff P-n_b <= s <= q (and, on
+sliding-window layers, q - s < window: slots and positions differ by the same per-row offset).
+
+Draws: the token of row r at step j is drawn with key fold_in(fold_in(key(seed), r), j), r being the
+prompt's index in the caller's list, so a draw is a pure function of (seed, prompt index, step): the same
+on 1 or 8 devices, in any batch composition. Settings order as transformers' warpers: temperature, top-k,
+top-p; temperature 0 is greedy (argmax, first index on ties).
+
+Stopping: a row stops after it emits any id in `eos_ids` (the EOS is kept in its ids); the loop ends when
+every row stopped or after max_new_tokens. Stop strings are applied on the host after decoding
+(`truncate_at_stop`): the text is cut before the first stop string and the ids to the shortest prefix whose
+text contains it, so the device program never decodes text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdpo.errors import ConfigError
+from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
+from jaxdpo.ops.attention import attention
+from jaxdpo.ops.logprobs import token_logprobs
+from jaxdpo.sharding import logical_spec
+
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """What to draw. `temperature` 0 = greedy; `top_k` 0 and `top_p` 1 = off."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens = {self.max_new_tokens!r} must be a positive integer")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature = {self.temperature!r} must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k = {self.top_k!r} must be a non-negative integer (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p = {self.top_p!r} must be in (0, 1] (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The compile-time switches of one sampling program (temperature, top_p and seed are traced)."""
+
+    max_new_tokens: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+# ---- drawing one token ------------------------------------------------------------------------------------
+
+def draw_key(seed, row_id, step):
+    """The key of one draw: a pure function of (seed, prompt index, step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), row_id), step)
+
+
+def candidate_logits(logits, *, temperature, top_k: int, top_p, use_top_p: bool):
+    """logits [B,V] float32 -> (candidate logits [B,C], their vocabulary ids [B,C] or None = all V), with the
+    temperature applied and the tokens top-k / top-p remove set to -inf."""
+    scaled = logits / temperature
+    if top_k == 0 and not use_top_p:
+        return scaled, None
+    # top_k keeps ties with the k-th value out (transformers keeps them); exact ties of real logits are rare
+    values, ids = jax.lax.top_k(scaled, top_k or scaled.shape[-1])  # sorted, largest first
+    if use_top_p:  # keep the smallest prefix whose probability reaches top_p (always the first token)
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    return values, ids
+
+
+def sample_tokens(logits, keys, *, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
+    """One token per row: logits [B,V] float32, keys [B] -> [B] int32."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    values, ids = candidate_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+    choice = jax.vmap(jax.random.categorical)(keys, values)
+    if ids is None:
+        return choice.astype(jnp.int32)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ---- prompts -> one padded batch ----------------------------------------------------------------------------
+
+def bucket_length(n: int) -> int:
+    """Prompt slots for a longest prompt of n tokens: a power of two (at least MIN_PROMPT_BUCKET)."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged id lists -> tokens [B,length] int32 right-aligned, lengths [B] int32."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    for row, ids in enumerate(prompts):
+        if ids:
+            tokens[row, length - len(ids):] = ids
+    return tokens, np.asarray([len(ids) for ids in prompts], np.int32)
+
+
+# ---- the compiled program ------------------------------------------------------------------------------------
+
+def _rope(positions, config):
+    """(global cos/sin, sliding-layer cos/sin or None) for positions [B,T]."""
+    global_rope = rope_tables(positions, rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
+    if config.sliding_rope_theta is None:
+        return global_rope, None
+    local = rope_inv_freq(config.head_dim, config.sliding_rope_theta, config.sliding_rope_scaling)
+    return global_rope, rope_tables(positions, local)
+
+
+def _layers_with_cache(model, x, positions, mask, sliding_mask, cache, write_slot):
+    """Run every layer on x [B,T,D] (positions [B,T]): each writes its k, v into cache slots
+    write_slot .. write_slot+T-1 and attends over the whole cache with `mask` [B,1,T,S] (`sliding_mask` on
+    sliding-window layers). cache = (k, v), each [L,B,S,K,H]. Returns (x, cache)."""
+    c, dtype = model.config, model.dtype
+    lora_scale = _lora_scale(model)
+    (cos_g, sin_g), local_rope = _rope(positions, c)
+
+    def body(carry, per_layer):
+        x, cache_k, cache_v = carry
+        params, sliding, layer = per_layer
+        cos, sin = cos_g, sin_g
+        if local_rope is not None:
+            cos, sin = jnp.where(sliding, local_rope[0], cos_g), jnp.where(sliding, local_rope[1], sin_g)
+        q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale)
+        start = (layer, 0, write_slot, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        layer_mask = mask if sliding_mask is None else jnp.where(sliding, sliding_mask, mask)
+        a = attention(q, cache_k[layer], cache_v[layer], mask=layer_mask, scale=c.attention_scale,
+                      logit_softcap=c.attn_logit_softcap)
+        x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale)
+        return (x, cache_k, cache_v), None
+
+    layer_inputs = (model.layers.arrays(), jnp.asarray(c.layer_is_sliding), jnp.arange(c.num_layers))
+    (x, cache_k, cache_v), _ = jax.lax.scan(body, (x, *cache), layer_inputs)
+    return x, (cache_k, cache_v)
+
+
+def _lora_scale(model) -> float:
+    return 1.0 if model.lora is None else model.lora.scale  # alpha / rank
+
+
+def _visible(query_slots, lengths, prompt_slots: int, num_slots: int, window):
+    """[B,1,T,S] bool: key slot s is a real token (s >= P - n_b) at or before the query's slot (and, with a
+    window, less than `window` slots back)."""
+    key_slots = jnp.arange(num_slots)[None, None, None, :]
+    first_real = (prompt_slots - lengths)[:, None, None, None]
+    q = query_slots[:, None, :, None]
+    mask = (key_slots >= first_real) & (key_slots <= q)
+    if window is not None:
+        mask = mask & (q - key_slots < window)
+    return mask
+
+
+def _masks(query_slots, lengths, prompt_slots, num_slots, config):
+    mask = _visible(query_slots, lengths, prompt_slots, num_slots, None)
+    sliding = None
+    if any(config.layer_is_sliding):
+        sliding = _visible(query_slots, lengths, prompt_slots, num_slots, config.sliding_window)
+    return mask, sliding
+
+
+def _token_logits(model, x):
+    """The last layer's output [B,1,D] -> [B,V] float32 logits."""
+    return model.head_logits(model.final_normed(x))[:, 0]
+
+
+def _batch_axis(batch: int):
+    """"batch" where the rows split evenly over the active mesh's batch axes, else None (replicated)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    ways = math.prod(mesh.shape[a] for a in logical_spec("batch")[0])
+    return "batch" if batch % ways == 0 else None
+
+
+def _new_cache(model, batch: int, num_slots: int):
+    c = model.config
+    shape = (c.num_layers, batch, num_slots, c.num_kv_heads, c.head_dim)
+    cache = jnp.zeros(shape, model.dtype)
+    if not jax.sharding.get_abstract_mesh().empty:  # rows split like the batch, kv heads like their weights
+        spec = logical_spec("layers", _batch_axis(batch), "seq", "kv_heads", "head_dim")
+        cache = jax.lax.with_sharding_constraint(cache, spec)
+    return cache, cache
+
+
+def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *, program: _Program):
+    """Prefill + decode loop. tokens [B,P] left-padded, lengths/row_ids [B] ->
+    (ids [B,N] int32, pad_id after a row stopped; logprobs [B,N] float32 under the model's own softmax)."""
+    model = nnx.merge(graphdef, *states)
+    b, p = tokens.shape
+    n = program.max_new_tokens
+    num_slots = p + n
+    offsets = p - lengths  # slot of row b's first real token
+    draw = lambda logits, step: sample_tokens(
+        logits, jax.vmap(lambda r: draw_key(seed, r, step))(row_ids), temperature=temperature, top_p=top_p,
+        greedy=program.greedy, top_k=program.top_k, use_top_p=program.use_top_p)
+    eos = jnp.asarray(program.eos_ids, jnp.int32)
+
+    prompt_slots = jnp.broadcast_to(jnp.arange(p), (b, p))
+    positions = jnp.maximum(prompt_slots - offsets[:, None], 0)
+    mask, sliding = _masks(prompt_slots, lengths, p, num_slots, model.config)
+    x, cache = _layers_with_cache(model, model.embed_tokens(tokens), positions, mask, sliding,
+                                  _new_cache(model, b, num_slots), 0)
+    logits = _token_logits(model, x[:, -1:])
+    first = draw(logits, 0)
+    out_ids = jnp.full((b, n), program.pad_id, jnp.int32).at[:, 0].set(first)
+    out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(_chosen_logprob(logits, first))
+    done = jnp.isin(first, eos)
+
+    def keep_going(state):
+        step, _, _, done, _, _ = state
+        return (step < n) & ~jnp.all(done)
+
+    def decode(state):
+        step, cache, last, done, out_ids, out_lp = state
+        slot = p + step - 1  # where `last` (token step-1) goes
+        query_slots = jnp.full((b, 1), slot)
+        mask, sliding = _masks(query_slots, lengths, p, num_slots, model.config)
+        x, cache = _layers_with_cache(model, model.embed_tokens(last[:, None]), query_slots - offsets[:, None],
+                                      mask, sliding, cache, slot)
+        logits = _token_logits(model, x)
+        token = jnp.where(done, program.pad_id, draw(logits, step))
+        logprob = jnp.where(done, 0.0, _chosen_logprob(logits, token))
+        out_ids = jax.lax.dynamic_update_slice(out_ids, token[:, None], (0, step))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, logprob[:, None], (0, step))
+        return step + 1, cache, token, done | jnp.isin(token, eos), out_ids, out_lp
+
+    state = (jnp.int32(1), cache, first, done, out_ids, out_lp)
+    _, _, _, _, out_ids, out_lp = jax.lax.while_loop(keep_going, decode, state)
+    return out_ids, out_lp
+
+
+def _chosen_logprob(logits, token):
+    """log softmax(logits)[token] per row: the model's own probability (no temperature or filtering)."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+
+
+_run_jitted = jax.jit(_run, static_argnames=("graphdef", "program"))
+
+
+# ---- host side ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Completion:
+    ids: list[int]  # the new tokens, through the EOS if one was produced
+    logprob: float  # their summed log-probability under the sampling model's own softmax
+    finished: bool  # ended with an EOS id (False: max_new_tokens reached)
+
+
+def _place_rows(array: np.ndarray):
+    """A [B,...] host array onto the active mesh, rows split where they divide evenly."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jnp.asarray(array)
+    spec = logical_spec(_batch_axis(array.shape[0]), *([None] * (array.ndim - 1)))
+    return jax.device_put(array, jax.sharding.NamedSharding(jax.sharding.get_mesh(), spec))
+
+
+def generate(graphdef, states, prompts: Sequence[Sequence[int]], settings: SamplingSettings, *,
+             eos_ids: Sequence[int], pad_id: int, batch_size: int | None = None,
+             row_ids: Sequence[int] | None = None, on_batch=None) -> list[Completion]:
+    """Complete every prompt (a list of token ids, non-empty). `states`: the model's states as
+    `nnx.merge(graphdef, *states)` takes them (params, or params and LoRA's frozen base). `row_ids` (default
+    0..n-1) key each prompt's draws. Prompts run longest first in batches of `batch_size` rows (default:
+    all; the last batch is padded with copies, so every batch has one compiled shape per bucket);
+    `on_batch(rows, new_tokens)` is called after each. Under `jax.set_mesh(mesh)` it runs sharded there."""
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} has no tokens")
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    batch_size = batch_size or len(prompts)
+    program = _Program(max_new_tokens=settings.max_new_tokens, greedy=settings.greedy, top_k=settings.top_k,
+                       use_top_p=settings.top_p < 1, eos_ids=tuple(sorted(set(eos_ids))), pad_id=pad_id)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        filled = rows + [rows[0]] * (batch_size - len(rows))
+        tokens, lengths = left_pad([prompts[i] for i in filled], bucket_length(len(prompts[rows[0]])), pad_id)
+        ids, logprobs = _run_jitted(
+            graphdef, states, _place_rows(tokens), _place_rows(lengths),
+            _place_rows(np.asarray([row_ids[i] for i in filled], np.int32)),
+            jnp.float32(settings.temperature or 1.0), jnp.float32(settings.top_p), jnp.uint32(settings.seed),
+            program=program)
+        ids, logprobs = np.asarray(jax.device_get(ids)), np.asarray(jax.device_get(logprobs))
+        new_tokens = 0
+        for slot, row in enumerate(rows):
+            results[row] = _completion(ids[slot], logprobs[slot], program.eos_ids)
+            new_tokens += len(results[row].ids)
+        if on_batch is not None:
+            on_batch(len(rows), new_tokens)
+    return results
+
+
+def _completion(ids: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...]) -> Completion:
+    stops = np.flatnonzero(np.isin(ids, eos_ids))
+    n = int(stops[0]) + 1 if len(stops) else len(ids)
+    return Completion(ids=ids[:n].tolist(), logprob=float(logprobs[:n].sum()), finished=bool(len(stops)))
+
+
+# ---- text in, text out (the CLI, samples during training) -----------------------------------------------------
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A string (tokenized with the tokenizer's special tokens, e.g. BOS) or a list of {"role", "content"}
+    messages (rendered with the chat template and the generation prompt) -> token ids."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_ids(tokenizer, model_config, generation_config: dict | None = None) -> list[int]:
+    """Every id that ends a completion: generation_config.json's eos_token_id (an id or a list), the model
+    config's, and the tokenizer's EOS."""
+    ids = set()
+    for value in ((generation_config or {}).get("eos_token_id"), model_config.eos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    if not ids:
+        raise ConfigError("neither the tokenizer nor the model's configs name an EOS token; completions could "
+                          "only stop at max_new_tokens")
+    return sorted(ids)
+
+
+def truncate_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[str, list[int], bool]:
+    """(text, ids, stopped): the text decoded without special tokens and cut before the first stop string,
+    and the shortest prefix of ids whose text contains that stop string (the ids keep the stop string, as
+    an EOS id is kept)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    if not hits:
+        return text, ids, False
+    cut = min(hits)
+    stop = next(s for s in stop_strings if s and text.find(s) == cut)
+    end = next(n for n in range(1, len(ids) + 1)
+               if stop in tokenizer.decode(ids[:n], skip_special_tokens=True)[cut:])
+    return text[:cut], ids[:end], True
+
+
+def completions_with_logprobs(graphdef, states, tokenizer, prompts: Sequence, settings: SamplingSettings, *,
+                              eos_ids: Sequence[int], stop_strings: Sequence[str] = (), batch_size: int | None = None,
+                              on_batch=None) -> list[dict]:
+    """Sample one completion per prompt (a string or a message list, see `encode_prompt`). Returns one dict
+    per prompt: `prompt_ids`, `completion` (text, cut at a stop string), `completion_ids` (through the EOS
+    or stop string), `logprob` (the summed logprob of completion_ids under these params) and `finished`
+    (ended by an EOS id or a stop string). For samples during training: call it with the policy's
+    (graphdef, states); score the result under the reference with `completion_logprobs`."""
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    raw = generate(graphdef, states, prompt_ids, settings, eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
+                   on_batch=on_batch)
+    rows = []
+    for ids, completion in zip(prompt_ids, raw):
+        text, kept, stopped = truncate_at_stop(tokenizer, completion.ids, stop_strings)
+        logprob = completion.logprob if len(kept) == len(completion.ids) else None
+        rows.append({"prompt_ids": ids, "completion": text, "completion_ids": kept,
+                     "finished": completion.finished or stopped, "logprob": logprob})
+    missing = [i for i, r in enumerate(rows) if r["logprob"] is None]  # cut at a stop string: rescore
+    if missing:
+        scores = completion_logprobs(graphdef, states, [rows[i]["prompt_ids"] for i in missing],
+                                     [rows[i]["completion_ids"] for i in missing], pad_id=pad_id)
+        for i, score in zip(missing, scores):
+            rows[i]["logprob"] = float(score)
+    return rows
+
+
+def completion_logprobs(graphdef, states, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                        *, pad_id: int = 0) -> np.ndarray:
+    """[n] float32: log p(completion | prompt) summed over the completion's tokens under these params (the
+    training forward: rows right-padded, so every attention backend the model was set up with applies)."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width = bucket_length(max(lengths) + 1)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    counted = np.zeros((len(prompts), width), bool)  # position t predicts tokens[t + 1]
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[row, :len(p) + len(c)] = list(p) + list(c)
+        counted[row, len(p) - 1:len(p) + len(c) - 1] = True
+    segment_ids = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return np.asarray(_score(graphdef, states, tokens, segment_ids, counted))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, states, tokens, segment_ids, counted):
+    model = nnx.merge(graphdef, *states)
+    hidden = model.hidden_states(tokens, segment_ids=segment_ids)
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    token_lp = token_logprobs(hidden, model.lm_head_weight(), targets, logit_softcap=model.config.final_logit_softcap)
+    return jnp.sum(jnp.where(counted, token_lp, 0.0), axis=1)

@@ -1,0 +1,234 @@
+"""The training loop, as one function: `train_and_evaluate(config)` is the program behind
+`python -m jaxdpo.train`.
+
+Build (jaxdpo/build.py), restore or start, then per step: batch -> train step -> log -> eval -> save ->
+preemption check, then export. The checkpoint directory is looked at before the policy is built, so that a
+run that will resume never builds the trainable state it is about to restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging as absl_logging
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxdpo import batches, build, checkpoint
+from jaxdpo.data import identity
+from jaxdpo.fingerprint import FINGERPRINT_KEY, config_fingerprint
+from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
+from jaxdpo.models import lora as lora_lib, save_pretrained
+from jaxdpo.preemption import install_preemption_handler, resume_message
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a finished (or preempted) run built and ended with."""
+    config: Any
+    mesh: Any
+    data: build.Data
+    policy: build.Policy
+    reference: Any  # jaxdpo.reference.Reference
+    steps: build.Steps
+    state: dict
+    eval_metrics: dict
+    preempted: bool
+
+
+def train_and_evaluate(config, *, devices=None) -> Run:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save; the console is the bar's
+    os.makedirs(config.workdir, exist_ok=True)
+    mesh = build.make_mesh(config, devices)
+    build.check_config(config, mesh)  # seconds, before any tokenizing
+    data = build.build_data(config, mesh)
+    checkpoints = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"),
+                                          keep=config.train.keep_checkpoints, save_every=config.train.save_every)
+    resuming = checkpoints.resumable_step() is not None  # a directory listing: no array is read
+    policy, reference, steps, state = build_pieces(config, mesh, data, resuming=resuming)
+    _banner(config, mesh, data, policy, reference)
+    policy, reference, steps, state, start_step, window = restore_or_start(
+        config, mesh, data, checkpoints, (policy, reference, steps, state), resuming=resuming)
+    logger = MetricsLogger(config.workdir)
+    logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
+    preempted = install_preemption_handler()
+    fingerprint = run_fingerprint(config, policy, reference, data)
+
+    eval_metrics = {}
+    if start_step == 0 and data.eval_batcher is not None:
+        eval_metrics = evaluate(steps, state, policy, reference, data)
+        logger.write(0, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    total = data.total_steps
+    bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    t_window = time.perf_counter()
+    for step in range(start_step, total):
+        batch = batches.train_batch(data.batcher, reference, step, steps.train_batch_shardings)
+        state, metrics = steps.train_step(state, policy.frozen, reference.params, batch)
+        window.add(metrics)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total:
+            log_train_window(config, logger, bar, window, state, checkpoints, done, time.perf_counter() - t_window)
+            window, t_window = MetricsWindow(), time.perf_counter()
+        bar.update(1)
+        if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
+            eval_metrics = evaluate(steps, state, policy, reference, data)
+            log_eval(logger, bar, done, eval_metrics)
+        save(config, checkpoints, done, state, window, policy, fingerprint, force=done == total)
+        if done < total and preempted(done):
+            save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
+            checkpoints.close()
+            bar.close()
+            build.log(resume_message(config.workdir))
+            preempted.restore_signal_handlers()
+            return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=True)
+    bar.close()
+    checkpoints.close()
+    preempted.restore_signal_handlers()
+    exported = export(config, policy, state, data.tokenizer)
+    logger.close()
+    _summary(eval_metrics, logger, checkpoints, exported)
+    return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=False)
+
+
+def build_pieces(config, mesh, data, *, resuming: bool):
+    """(policy, reference, steps, state): the trainable state only described when `resuming`."""
+    policy = build.build_policy(config, mesh, resuming=resuming)
+    reference = build.build_reference(config, mesh, policy, data)
+    steps = build.build_steps(config, mesh, policy, reference, data)
+    state = build.train_state(policy, steps, resuming=resuming)
+    return policy, reference, steps, state
+
+
+def restore_or_start(config, mesh, data, checkpoints, pieces, *, resuming: bool):
+    """Resume from the newest good checkpoint, if any, into the state as it is (described or built):
+    (policy, reference, steps, state, start step, logging window)."""
+    policy, reference, steps, state = pieces
+    restored = checkpoints.restore_latest(checkpoint.abstract_like(state),
+                                          expected_meta_fingerprint=run_fingerprint(config, policy, reference, data))
+    if restored is None:
+        if resuming:
+            # A step was listed but none is left to restore (removed meanwhile): build what a fresh run
+            # builds, after letting go of what was built for the resume.
+            build.log("  no checkpoint left to resume from: starting from model.path")
+            del pieces, policy, reference, steps, state
+            policy, reference, steps, state = build_pieces(config, mesh, data, resuming=False)
+        return policy, reference, steps, state, 0, MetricsWindow()
+    step, state, meta = restored
+    build.log(f"  resumed    from checkpoint step {step} (data position {meta.get('data_position', step)})")
+    # The logging window the checkpoint was saved in (steps since the last train record).
+    return policy, reference, steps, state, step, MetricsWindow.from_state(meta.get(WINDOW_META_KEY))
+
+
+def run_fingerprint(config, policy, reference, data) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed by this run (mesh, steps and intervals may change).
+    The reference is the kind the run built (LoRA with reference.mode device builds lora_base)."""
+    fingerprint = config_fingerprint(config, model_config=policy.model_config,
+                                     vocab_size=policy.model_config.vocab_size,
+                                     overrides={"reference.mode": reference.mode})
+    fingerprint["train_pairs"] = len(data.train_pairs)
+    fingerprint[identity.FINGERPRINT_KEY] = identity.data_identity(data.report)  # by content, not path
+    return fingerprint
+
+
+def evaluate(steps, state, policy, reference, data) -> dict[str, float]:
+    """Mean of every eval metric over the eval pairs."""
+    sums: dict[str, float] = {}
+    eval_batches = batches.eval_batches(data.eval_batcher, reference, steps.eval_batch_shardings)
+    for batch in tqdm(eval_batches, total=data.eval_batcher.num_eval_batches(), desc="eval", leave=False,
+                      disable=jax.process_index() != 0):
+        out = steps.eval_step(state["params"], policy.frozen, reference.params, batch)
+        for k, v in jax.device_get(out).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    pairs = max(sums.pop("pairs"), 1.0)
+    sums.pop("tokens", None)
+    return {k: v / pairs for k, v in sums.items()}
+
+
+def log_train_window(config, logger, bar, window, state, checkpoints, done: int, seconds: float) -> None:
+    """The train record of the logging window that ends at `done`; stops the run after too many bad steps."""
+    record = window.mean()
+    record.update(window.rates(seconds))
+    record.pop("pairs"), record.pop("tokens")
+    bad = int(jax.device_get(state["bad_steps"]))
+    if bad >= config.train.max_bad_steps:
+        checkpoints.close()
+        raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient (last at step {done}); "
+                           f"none of them was applied and the last good checkpoint is intact in "
+                           f"{checkpoints.directory}. Lower optim.lr or check the data.")
+    logger.write(done, {f"train/{k}": v for k, v in record.items()})
+    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                    pairs_s=f"{record['pairs_per_s']:.1f}")
+
+
+def log_eval(logger, bar, done: int, eval_metrics: dict) -> None:
+    logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} accuracy {eval_metrics['rewards/accuracies']:.3f} "
+              f"margin {eval_metrics['rewards/margins']:.3f}")
+
+
+def save(config, checkpoints, step: int, state, window, policy, fingerprint, *, force: bool = False) -> None:
+    if not force and not checkpoints.should_save(step):
+        return  # decided before the meta: the window's state fetches its metrics from the device
+    meta = {"data_position": step, FINGERPRINT_KEY: fingerprint,
+            # The logging window so far, so a resume logs what an uninterrupted run logs.
+            WINDOW_META_KEY: window.state(),
+            # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
+            "model_path": os.path.abspath(config.model.path),
+            "tokenizer_path": os.path.abspath(config.model.tokenizer or config.model.path),
+            "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
+    checkpoints.save(step, state, meta, force=force)
+
+
+def export(config, policy, state, tokenizer) -> dict[str, str]:
+    """The trained policy as a HF directory; under LoRA the PEFT adapter always, the merged model (W + scale
+    A B) only on request. Returns {"hf": dir, "adapter": dir} for what was written."""
+    if not config.train.export_hf:
+        return {}
+    dirs, written = build.export_dirs(config.workdir), {}
+    model = nnx.merge(policy.graphdef, state["params"], policy.frozen)
+    if policy.lora is not None:
+        lora_lib.save_adapter(model, policy.lora, dirs["adapter"], base_model=os.path.abspath(config.model.path),
+                              tokenizer=tokenizer)
+        written["adapter"] = dirs["adapter"]
+        if not config.lora.export_merged:
+            return written
+        model = lora_lib.merge_adapters(model, policy.lora)
+    save_pretrained(model, dirs["hf"], tokenizer=tokenizer)
+    written["hf"] = dirs["hf"]
+    return written
+
+
+def _banner(config, mesh, data, policy, reference) -> None:
+    cfg, settings = config, policy.lora
+    accumulation = cfg.train.batch_size // cfg.train.micro_batch_size
+    build.log("\n".join([
+        "jaxdpo",
+        f"  model      {cfg.model.path}  ({policy.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})"
+        + (f", LoRA r={settings.rank} alpha={settings.alpha:g} on {','.join(settings.targets)}: "
+           f"{policy.num_trainable / 1e6:.3f}M trained" if settings is not None else ""),
+        f"  devices    {jax.device_count()} x {jax.devices()[0].platform}, {jax.process_count()} process(es), "
+        f"mesh {dict(mesh.shape)}",
+        f"  data       {len(data.train_pairs)} train pairs, "
+        f"{len(data.eval_pairs) if data.eval_pairs is not None else 0} eval pairs, layout {cfg.data.layout}, "
+        f"rows of {data.row_length} tokens",
+        f"  batch      {cfg.train.batch_size} pairs/step = {accumulation} x {cfg.train.micro_batch_size}, "
+        f"{data.total_steps} steps",
+        f"  loss       {', '.join(cfg.loss.types)} (beta {cfg.loss.beta}), reference {reference.mode}",
+        f"  outputs    {os.path.abspath(cfg.workdir)}",
+    ]))
+
+
+def _summary(eval_metrics, logger, checkpoints, exported) -> None:
+    lines = ["done."]
+    if eval_metrics:
+        lines.append("  final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+    lines.append(f"  metrics    {os.path.abspath(logger.path)}")
+    lines.append(f"  checkpoint {checkpoints.directory} (rerun the same command to resume or extend)")
+    if "hf" in exported:
+        lines.append(f"  HF export  {os.path.abspath(exported['hf'])}")
+    build.log("\n".join(lines))

@@ -1,0 +1,192 @@
+"""Sample completions from a model: python -m jaxdpo.sample --model=PATH --prompts=FILE --max_new_tokens=N
+--temperature=T [--top_p= --top_k= --seed= --batch_size= --stop= --dtype= --base=] --output=OUT.jsonl
+
+PATH is a Hugging Face model directory, a jaxdpo run's WORKDIR (its newest checkpoint), WORKDIR/checkpoints
+or one step directory in it; a LoRA run's adapters are applied on the base model the run recorded
+(`--base` overrides it). FILE has one prompt a line: a JSON object with `prompt` (a string, or a list of
+{"role", "content"} messages rendered with the chat template and the generation prompt), or plain text.
+Each output line: `prompt` (as given), `completion` (text, cut before a --stop string) and `completion_ids`
+(through the EOS id, or the stop string's tokens, when one was produced). `--temperature=0` is greedy.
+Draws depend only on --seed and the prompt's line, not on --batch_size or the number of devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and \
+        "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"  # see DEVELOPING.md
+
+from jaxdpo.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_args(argv):
+    parser = _Parser(prog="python -m jaxdpo.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model dir, run WORKDIR, or checkpoint step dir")
+    parser.add_argument("--prompts", required=True, help="JSONL with `prompt`, or plain text, one per line")
+    parser.add_argument("--output", required=True, help="where to write the completions (JSONL)")
+    parser.add_argument("--max_new_tokens", type=int, required=True)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per compiled call")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    parser.add_argument("--base", default=None, help="LoRA checkpoints: the base model dir (default: the run's)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(path: str) -> list:
+    """The prompts of FILE: JSON objects with `prompt`, or plain text lines (blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--prompts: {path} is not a file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            row = _json_object(line)
+            prompts.append(line if row is None else _prompt_of(row, f"{path} line {number}"))
+    if not prompts:
+        raise ConfigError(f"--prompts: {path} has no prompts")
+    return prompts
+
+
+def _json_object(line: str):
+    if not line.lstrip().startswith("{"):
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _prompt_of(row: dict, where: str):
+    if "prompt" not in row:
+        raise ConfigError(f"{where}: a JSON row needs a 'prompt' key (keys present: {sorted(row)})")
+    prompt = row["prompt"]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise ConfigError(f"{where}: 'prompt' must be a non-empty string or a list of {{'role', 'content'}} "
+                      f"messages with string values")
+
+
+def load_model(path: str, *, dtype: str, base: str | None):
+    """(model, tokenizer, generation config dict) for an HF dir or a jaxdpo checkpoint."""
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from jaxdpo.models import from_pretrained
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"--model: {path} is not a directory (an HF model dir or a jaxdpo run's WORKDIR)")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return (from_pretrained(path, dtype=getattr(jnp, dtype)), AutoTokenizer.from_pretrained(path),
+                _generation_config(path))
+    from jaxdpo.saved_policy import build_model, find_tokenizer, locate, read_params
+
+    checkpoints_dir, step, workdir = locate(path)
+    params, meta = read_params(checkpoints_dir, step)
+    model, _ = build_model(params, meta, base=base, dtype=getattr(jnp, dtype))
+    tokenizer = find_tokenizer(workdir, meta)
+    if tokenizer is None:
+        raise ConfigError(f"--model: no tokenizer found for {path} (looked in WORKDIR/hf and the run's model path)")
+    return model, tokenizer, _generation_config(meta.get("model_path") or "")
+
+
+def _generation_config(model_dir: str) -> dict:
+    file = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def sample_file(args) -> dict:
+    """Run the CLI's work; returns {"rows", "new_tokens", "seconds"}."""
+    import jax
+    from flax import nnx
+    from tqdm.auto import tqdm
+
+    from jaxdpo import generate, sharding
+
+    settings = generate.SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size = {args.batch_size} must be positive")
+    prompts = read_prompts(args.prompts)
+    model, tokenizer, generation_config = load_model(args.model, dtype=args.dtype, base=args.base)
+    # FSDP over every local device that divides the hidden size evenly; the rest split the batch
+    fsdp = math.gcd(jax.device_count(), model.config.hidden_size)
+    mesh = sharding.make_mesh(data=jax.device_count() // fsdp, fsdp=fsdp)
+    with jax.set_mesh(mesh):
+        model = _sharded(model, mesh)
+        eos_ids = generate.stop_ids(tokenizer, model.config, generation_config)
+        graphdef, state = nnx.split(model)
+        bar = tqdm(total=len(prompts), unit="prompt", desc="sampling")
+        counted = {"tokens": 0}
+
+        def on_batch(rows, new_tokens):
+            counted["tokens"] += new_tokens
+            bar.update(rows)
+
+        start = time.perf_counter()
+        rows = generate.completions_with_logprobs(graphdef, (state,), tokenizer, prompts, settings, eos_ids=eos_ids,
+                                                  stop_strings=args.stop, batch_size=args.batch_size,
+                                                  on_batch=on_batch)
+        seconds = time.perf_counter() - start
+        bar.close()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for prompt, row in zip(prompts, rows):
+            f.write(json.dumps({"prompt": prompt, "completion": row["completion"],
+                                "completion_ids": row["completion_ids"]}, ensure_ascii=False) + "\n")
+    return {"rows": len(rows), "new_tokens": counted["tokens"], "seconds": seconds}
+
+
+def _sharded(model, mesh):
+    """The model's params placed by their logical axes on `mesh` (the same layout as training)."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
+    return model
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, as every jaxdpo user error
+        print(f"jaxdpo.sample: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = sample_file(args)
+    except (ConfigError, OSError, ValueError) as e:  # the user's files or flags; ConfigError is a ValueError
+        print(f"jaxdpo.sample: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    rate = result["new_tokens"] / max(result["seconds"], 1e-9)
+    print(f"wrote {result['rows']} completions to {args.output}: {result['new_tokens']} new tokens in "
+          f"{result['seconds']:.1f} s ({rate:.1f} tokens/s, compilation included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Assertions and file surgery several test files share (a helper module, not a test file)."""
+
+import os
+import zipfile
+
+import jax
+import numpy as np
+
+
+def assert_bit_equal(a_tree, b_tree):
+    """Same tree structure, and every leaf has the same dtype, shape and bytes."""
+    a_leaves, a_def = jax.tree.flatten(a_tree)
+    b_leaves, b_def = jax.tree.flatten(b_tree)
+    assert a_def == b_def
+    for a, b in zip(a_leaves, b_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+def truncate_files(step_dir, subdir="state"):
+    """Cut every data file of one checkpoint item in half, as a disk-full or interrupted copy would."""
+    count = 0
+    for root, _, files in os.walk(os.path.join(step_dir, subdir)):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.sep + "d" in root and os.path.getsize(path) > 0:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                count += 1
+    assert count > 0
+
+
+def train_batch(run, step: int) -> dict:
+    """The global train batch of `step` of a finished run (jaxdpo.loop.Run), as its train step takes it."""
+    from jaxdpo import batches
+
+    return batches.train_batch(run.data.batcher, run.reference, step, run.steps.train_batch_shardings)
+
+
+def series(records, key):
+    """The values of one metric over a run's records (metrics.jsonl), in step order."""
+    return [r[key] for r in records if key in r]
+
+
+# The LoRA tests' settings, tiny decoder and token ids.
+LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear", "lora.export_merged": True}
+
+
+def _tiny_model_config():
+    from jaxdpo.models import ModelConfig
+
+    return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+
+
+TINY = _tiny_model_config()
+
+
+def lora_ids():
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
+
+
+def damage(path: str, how: str) -> None:
+    data = open(path, "rb").read()
+    if how == "empty":
+        data = b""
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # bad CRC: bytes inside a member's data flipped, the zip structure intact
+        with zipfile.ZipFile(path) as z:
+            info = z.infolist()[0]
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2 + 4
+        data = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 8]) + data[at + 8:]
+    with open(path, "wb") as f:
+        f.write(data)

@@ -1,0 +1,261 @@
+"""Judges: the reward model against transformers' *ForSequenceClassification, function judges, pair
+formation and win rate."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import PartitionSpec
+
+from jaxdpo.config import ConfigError
+from jaxdpo.judges import FunctionJudge, form_pairs, make_judge, pair_rows, win_rate
+from jaxdpo.models.reward_model import RewardModel, bucket_length, last_token_index
+from jaxdpo.sharding import make_mesh
+from tests.tiny_assets import make_tokenizer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, max_position_embeddings=128, num_labels=1, pad_token_id=0)
+CLASSIFIERS = {
+    "llama": ("LlamaConfig", "LlamaForSequenceClassification", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", {}),
+    "mistral_sliding": ("MistralConfig", "MistralForSequenceClassification", {"sliding_window": 4}),
+    "gemma2": ("Gemma2Config", "Gemma2ForSequenceClassification", {
+        "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+        "query_pre_attn_scalar": 16}),
+}
+LENGTHS = (12, 9, 5, 1, 7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = ["What color is the cat?", "The cat is red. Glad to help!", "No idea, go away."] * 4
+    return make_tokenizer(str(tmp_path_factory.mktemp("tok")), corpus)
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory, tokenizer):
+    """case -> (torch model, checkpoint dir), built once per case."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            config_cls, model_cls, extra = CLASSIFIERS[case]
+            config = getattr(transformers, config_cls)(vocab_size=len(tokenizer), **{**TINY, **extra})
+            torch.manual_seed(0)
+            model = getattr(transformers, model_cls)(config).eval()
+            with torch.no_grad():  # weights big enough that a wrong convention changes the score
+                for name, param in model.named_parameters():
+                    if "norm" in name:
+                        param.add_(0.3 * torch.randn_like(param))
+                    else:
+                        param.normal_(0.0, 0.15)
+            path = str(tmp_path_factory.mktemp(case))
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            cache[case] = (model, path)
+        return cache[case]
+
+    return get
+
+
+def ragged_batch(vocab: int, side: str):
+    """Ids with real tokens in [1, vocab) (0 is the pad id), padded on `side`; the second row ends with
+    the pad id as a real token, so the read position comes from the ids (transformers' rule)."""
+    rng = np.random.default_rng(1)
+    t = max(LENGTHS)
+    ids, mask = np.zeros((len(LENGTHS), t), np.int64), np.zeros((len(LENGTHS), t), np.int64)
+    for r, n in enumerate(LENGTHS):
+        cols = slice(0, n) if side == "right" else slice(t - n, t)
+        ids[r, cols] = rng.integers(1, vocab, n)
+        mask[r, cols] = 1
+    ids[1, (LENGTHS[1] - 1) if side == "right" else t - 1] = 0
+    return ids, mask
+
+
+def torch_scores(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits[:, 0].numpy()
+
+
+@pytest.mark.parametrize("case", list(CLASSIFIERS))
+def test_reward_model_matches_transformers(case, classifiers):
+    hf_model, path = classifiers(case)
+    reward_model = RewardModel(path, batch_size=2)
+    vocab = hf_model.config.vocab_size
+    for side in ("right", "left"):
+        ids, mask = ragged_batch(vocab, side)
+        expected, got = torch_scores(hf_model, ids, mask), reward_model.score_padded(ids, mask)
+        assert np.abs(expected).max() > 0.2  # not a comparison of near-zero scores
+        diff = float(np.abs(expected - got).max())
+        print(f"{case} {side}-padded: max |score diff| = {diff:.2e}")
+        assert diff < 1e-4
+    # token lists, bucketed and batched 2 rows at a time (3 batches, rows sorted by length)
+    ids, mask = ragged_batch(vocab, "right")
+    rows = [list(ids[r, :n]) for r, n in enumerate(LENGTHS)]
+    got = reward_model.score_token_ids(rows)
+    singles = np.array([torch_scores(hf_model, np.array([row]), np.ones((1, len(row)), np.int64))[0] for row in rows])
+    assert np.abs(got - singles).max() < 1e-4
+
+
+def test_reward_model_sharded_on_mesh_and_text_scores(classifiers, tokenizer):
+    hf_model, path = classifiers("llama")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    reward_model = RewardModel(path, mesh=mesh, batch_size=3)
+    assert reward_model.batch_rows == 4  # whole rows for each of the 4 batch shards
+    q_proj = reward_model.state["layers"]["q_proj"][...]
+    assert q_proj.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    prompts = ["What color is the cat?", [{"role": "user", "content": "What color is the cat?"}],
+               "No idea"]
+    completions = [" The cat is red.", "The cat is red. Glad to help!", ", go away."]
+    got = reward_model.score(prompts, completions)
+    texts = [prompts[0] + completions[0],
+             tokenizer.apply_chat_template(prompts[1] + [{"role": "assistant", "content": completions[1]}],
+                                           tokenize=False),
+             prompts[2] + completions[2]]
+    expected = []
+    for text, special in zip(texts, (True, False, True)):
+        enc = tokenizer(text, add_special_tokens=special, return_tensors="pt")
+        expected.append(torch_scores(hf_model, enc["input_ids"], enc["attention_mask"])[0])
+    assert got.dtype == np.float64 and np.abs(got - np.array(expected)).max() < 1e-4
+
+
+def test_read_position_and_buckets():
+    ids = np.array([[5, 6, 0, 0], [0, 0, 7, 8], [5, 0, 6, 0], [0, 0, 0, 0]])
+    mask = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    assert last_token_index(ids, mask, pad_token_id=0).tolist() == [1, 3, 2, 0]
+    assert last_token_index(ids, mask, pad_token_id=None).tolist() == [1, 3, 3, 3]
+    assert [bucket_length(n, 100) for n in (1, 32, 33, 64, 65, 99)] == [32, 32, 64, 64, 100, 100]
+
+
+def test_reward_model_errors(classifiers, tmp_path):
+    with pytest.raises(ConfigError, match="not a directory"):
+        RewardModel(str(tmp_path / "missing"))
+    hf_model, path = classifiers("llama")
+    causal = transformers.LlamaForCausalLM(hf_model.config)
+    causal.save_pretrained(str(tmp_path / "causal"))
+    with pytest.raises(ConfigError, match="no 'score.weight' tensor"):
+        RewardModel(str(tmp_path / "causal"))
+
+
+# ---- function judges --------------------------------------------------------------------------------
+
+def test_function_judge_imports_once_and_scores(tmp_path, monkeypatch):
+    (tmp_path / "my_rules.py").write_text(
+        "CALLS = []\n"
+        "def length(prompt, completion):\n"
+        "    CALLS.append(prompt)\n"
+        "    return len(completion)\n"
+        "def bad(prompt, completion):\n"
+        "    return 'high'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    judge = make_judge(function="my_rules:length")
+    assert judge.name == "my_rules:length"
+    scores = judge.score(["p1", "p2"], ["abc", ""])
+    assert scores.tolist() == [3.0, 0.0] and scores.dtype == np.float64
+    import my_rules
+
+    assert my_rules.CALLS == ["p1", "p2"]
+    with pytest.raises(ConfigError, match=r"my_rules:bad returned 'high' for completion 0"):
+        FunctionJudge("my_rules:bad").score(["p"], ["c"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "expected 'module:function'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("jaxdpo.judges_rules:no_such_function", "has no function 'no_such_function'"),
+    ("jaxdpo.judges_rules:MAX_WORDS", "is not callable"),
+])
+def test_function_judge_errors(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        FunctionJudge(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_short_answer_rule():
+    from jaxdpo.judges_rules import MAX_WORDS, short_answer
+
+    assert short_answer("q", "") == 0.0
+    assert short_answer("q", "Paris.") == 1.0 and short_answer("q", " w" * MAX_WORDS) == 1.0
+    assert short_answer("q", " w" * (2 * MAX_WORDS)) == 0.5
+    assert short_answer("q", " w" * (MAX_WORDS + 1)) > short_answer("q", " w" * (MAX_WORDS + 2))
+
+
+def test_make_judge_needs_exactly_one_kind():
+    with pytest.raises(ConfigError, match="exactly one"):
+        make_judge()
+    with pytest.raises(ConfigError, match="exactly one"):
+        make_judge(function="a:b", reward_model="/x")
+
+
+def test_missing_judge_module_exits_2_in_one_line():
+    code = ("from jaxdpo.config import ConfigError\n"
+            "from jaxdpo.judges import make_judge\n"
+            "import sys\n"
+            "try:\n    make_judge(function='nowhere_module:f')\n"
+            "except ConfigError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+# ---- pairs and win rate -------------------------------------------------------------------------------
+
+def test_form_pairs_best_vs_worst_ties_dropped_and_deterministic():
+    scores = np.array([
+        [0.1, 0.9, 0.5, 0.3],  # best 1, worst 0
+        [2.0, 2.0, 2.0, 2.0],  # all equal: dropped, counted
+        [1.0, 3.0, 3.0, 0.0],  # best is a tie between 1 and 2, broken by (seed, round, prompt)
+        [5.0, 1.0, 1.0, 1.0],  # worst is a tie between 1, 2, 3
+    ])
+    pairs = form_pairs(scores, seed=7, round_index=2)
+    assert pairs.ties == 1
+    assert pairs.prompt_index.tolist() == [0, 2, 3]
+    assert pairs.chosen_index[0] == 1 and pairs.rejected_index[0] == 0
+    assert pairs.chosen_index[1] in (1, 2) and pairs.rejected_index[1] == 3
+    assert pairs.chosen_index[2] == 0 and pairs.rejected_index[2] in (1, 2, 3)
+    again = form_pairs(scores, seed=7, round_index=2)
+    for field in ("prompt_index", "chosen_index", "rejected_index"):
+        assert getattr(again, field).tolist() == getattr(pairs, field).tolist()
+    # a tie-break depends only on (seed, round, prompt index): prompt 2 alone, at index 2, picks the same
+    alone = np.array([[0.0] * 4, [0.0] * 4, scores[2]])
+    assert form_pairs(alone, seed=7, round_index=2).chosen_index.tolist() == [pairs.chosen_index[1]]
+    draws = {int(form_pairs(scores, seed=s, round_index=r).chosen_index[1]) for s in range(8) for r in range(4)}
+    assert draws == {1, 2}  # both tied completions get picked under some (seed, round)
+    with pytest.raises(ValueError, match="k >= 2"):
+        form_pairs(np.zeros((3, 1)), seed=0, round_index=0)
+    with pytest.raises(ValueError, match="not finite"):
+        form_pairs(np.array([[0.0, np.nan]]), seed=0, round_index=0)
+
+
+def test_pair_rows_for_the_round_file():
+    scores = np.array([[0.0, 1.0], [1.0, 1.0]])
+    pairs = form_pairs(scores, seed=0, round_index=0)
+    rows = pair_rows(["p0", "p1"], [["a", "b"], ["c", "d"]], scores, pairs)
+    assert rows == [{"prompt": "p0", "chosen": "b", "rejected": "a", "chosen_score": 1.0, "rejected_score": 0.0,
+                     "prompt_index": 0}]
+    json.dumps(rows)
+
+
+def test_win_rate_on_a_known_example():
+    policy = np.array([3.0, 2.0, 1.0, 5.0, 0.0, 4.0, 2.0, 2.0, 9.0, 1.0])
+    reference = np.array([1.0, 2.0, 2.0, 1.0, 0.0, 1.0, 1.0, 3.0, 1.0, 1.0])
+    result = win_rate(policy, reference)
+    # 5 wins (0, 3, 5, 6, 8), 3 ties (1, 4, 9), 2 losses (2, 7): (5 + 1.5) / 10
+    assert (result.wins, result.ties, result.losses, result.n) == (5, 3, 2, 10)
+    assert result.win_rate == pytest.approx(0.65)
+    # Wilson's bounds are the p with (0.65 - p)^2 = z^2 p (1 - p) / n: the roots of a quadratic
+    z, n = 1.959963984540054, 10
+    high, low = np.roots([1 + z * z / n, -(2 * 0.65 + z * z / n), 0.65 ** 2])
+    assert result.low == pytest.approx(low) and result.high == pytest.approx(high)
+    assert (round(result.low, 4), round(result.high, 4)) == (0.3537, 0.8631)
+    assert result.policy_score == pytest.approx(2.9) and result.reference_score == pytest.approx(1.3)
+    metrics = result.metrics("eval/")
+    assert metrics["eval/win_rate"] == pytest.approx(0.65) and set(metrics) == {
+        "eval/win_rate", "eval/win_rate_low", "eval/win_rate_high", "eval/judge_score_policy",
+        "eval/judge_score_reference"}
+    perfect = win_rate(np.ones(5), np.zeros(5))
+    assert perfect.win_rate == 1.0 and perfect.high == 1.0 and 0.5 < perfect.low < 1.0

@@ -1,0 +1,100 @@
+"""Decode speed of jaxdpo.generate against transformers' generate on the same weights, in the same process.
+
+    python tools/bench.py --generate --model ckpt/smollm2-135m-instruct --batch-sizes 1,32 --new-tokens 64
+
+Both decode greedily from the same chat prompts (SmolLM2's template) for exactly --new-tokens tokens per row
+(EOS does not stop a row: no EOS ids for jaxdpo, min_new_tokens for transformers), so both produce the same
+number of tokens. decode tokens/s = rows * (N - 1) / (time for N new tokens - time for 1 new token): the
+prompt's prefill and the first token are taken out, what is left is the per-token loop. Each time is the
+median of --repeats calls after one untimed call (jaxdpo: compilation; transformers: warm-up).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write one sentence about the sea.",
+             "How many legs does a spider have?", "What do bees make?", "Give me a synonym for happy.",
+             "Why is the sky blue?", "What is 12 times 3?"]
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _jaxdpo_runner(model_dir: str, prompts: list[list[int]], pad_id: int, dtype: str):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdpo import generate
+    from jaxdpo.models import from_pretrained
+
+    model = from_pretrained(model_dir, dtype=getattr(jnp, dtype))
+    graphdef, state = nnx.split(model)
+
+    def run(new_tokens: int):
+        settings = generate.SamplingSettings(max_new_tokens=new_tokens)
+        out = generate.generate(graphdef, (state,), prompts, settings, eos_ids=(), pad_id=pad_id)
+        assert all(len(c.ids) == new_tokens for c in out)
+        jax.effects_barrier()
+
+    return run
+
+
+def _transformers_runner(model_dir: str, prompts: list[list[int]], pad_id: int, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run(new_tokens: int):
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=pad_id)
+        assert out.shape == (len(prompts), width + new_tokens)
+
+    return run
+
+
+def decode_tokens_per_s(run, rows: int, new_tokens: int, repeats: int) -> tuple[float, float, float]:
+    """(decode tokens/s, seconds for new_tokens, seconds for 1)."""
+    full = _median_seconds(lambda: run(new_tokens), repeats)
+    first = _median_seconds(lambda: run(1), repeats)
+    return rows * (new_tokens - 1) / (full - first), full, first
+
+
+def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repeats: int = 3,
+                   dtype: str = "float32") -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from jaxdpo.generate import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    report = {"model": model_dir, "new_tokens": new_tokens, "dtype": dtype, "torch_threads": torch.get_num_threads(),
+              "batches": {}}
+    for batch in batch_sizes:
+        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+                   for i in range(batch)]
+        row = {}
+        for name, make in (("jaxdpo", _jaxdpo_runner), ("transformers", _transformers_runner)):
+            rate, full, first = decode_tokens_per_s(make(model_dir, prompts, pad_id, dtype), batch, new_tokens,
+                                                    repeats)
+            row[name] = {"decode_tokens_per_s": rate, "seconds": full, "seconds_first_token": first}
+        row["speedup"] = row["jaxdpo"]["decode_tokens_per_s"] / row["transformers"]["decode_tokens_per_s"]
+        report["batches"][batch] = row
+        print(f"batch {batch:3d}: jaxdpo {row['jaxdpo']['decode_tokens_per_s']:8.1f} tok/s  transformers "
+              f"{row['transformers']['decode_tokens_per_s']:8.1f} tok/s  -> {row['speedup']:.2f}x", flush=True)
+    return report

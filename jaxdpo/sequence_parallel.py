@@ -48,10 +48,8 @@ def inverse_order(order: np.ndarray) -> np.ndarray:
 
 
 def to_zigzag(batch: dict, sequence: int) -> dict:
-    """A micro-batch (DEVELOPING.md format) with its row arrays in zigzag order; pair arrays unchanged.
-    `scored_index` (positions along the row) is rebuilt for the new order with the same number of slots."""
-    from jaxdpo.data.layouts import scored_index
-
+    """A (micro-)batch (DEVELOPING.md format, any leading axes) with its row arrays in zigzag order; pair
+    arrays unchanged. `scored_index` becomes per shard (`shard_scored_index`)."""
     out = dict(batch)
     if sequence == 1:
         return out
@@ -59,11 +57,22 @@ def to_zigzag(batch: dict, sequence: int) -> dict:
     for key in ROW_KEYS:
         out[key] = np.take(np.asarray(batch[key]), order, axis=-1)
     if "scored_index" in batch:
-        slots = np.shape(batch["scored_index"])[-1]
-        side = out["side"]
-        out["scored_index"] = scored_index(side.reshape(-1, side.shape[-1]), slots).reshape(
-            side.shape[:-1] + (slots,))
+        out["scored_index"] = shard_scored_index(out["side"], sequence, np.shape(batch["scored_index"])[-1])
     return out
+
+
+def shard_scored_index(side: np.ndarray, sequence: int, slots: int) -> np.ndarray:
+    """[..., T] zigzag `side` -> [..., S, k] int32: the scored positions each sequence shard holds, as
+    indices into its own T/S tokens (-1 = empty slot), k = min(slots, T/S). The step gathers them where
+    they live (ops.logprobs.gather_scored), so no device sees another shard's hidden states, and each
+    shard runs the LM head on its own k positions."""
+    from jaxdpo.data.layouts import scored_index
+
+    side = np.asarray(side)
+    lead, length = side.shape[:-1], side.shape[-1]
+    per_shard = min(slots, length // sequence)
+    index = scored_index(side.reshape(-1, length // sequence), per_shard)
+    return index.reshape(lead + (sequence, per_shard))
 
 
 def check_row_length(row_length: int, sequence: int, *, key: str) -> None:

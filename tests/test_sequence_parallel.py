@@ -13,17 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from configs import dpo
 from jaxdpo import config as config_lib
+from jaxdpo.batches import batch_shardings
 from jaxdpo import sequence_parallel
 from jaxdpo.errors import ConfigError
 from jaxdpo.data import layouts
 from jaxdpo.models import Decoder, ModelConfig
 from jaxdpo.ops.attention import attention, make_attention_mask
 from jaxdpo.ops.ring_attention import ring_attention
-from jaxdpo.sharding import logical_spec, make_mesh
+from jaxdpo.sharding import make_mesh
 from jaxdpo.step import pair_logprobs
 
 T = 32  # every layout's rows; a multiple of 2 * 8
@@ -71,8 +71,14 @@ def test_zigzag_order_balances_chunks_and_inverts():
     zig = sequence_parallel.to_zigzag(batch, 4)
     for key in layouts.ROW_KEYS:
         np.testing.assert_array_equal(np.sort(zig[key], axis=1), np.sort(batch[key], axis=1))
-    np.testing.assert_array_equal(np.take_along_axis(zig["side"], np.maximum(zig["scored_index"], 0), 1)
-                                  * (zig["scored_index"] >= 0) > 0, zig["scored_index"] >= 0)
+    # scored_index [R, shard, k]: each shard's scored tokens, once each, as indices into its T/4 slice
+    width = T // 4
+    assert zig["scored_index"].shape == (len(batch["side"]), 4, min(16, width))
+    for row in range(len(batch["side"])):
+        for shard in range(4):
+            index = zig["scored_index"][row, shard]
+            scored = np.flatnonzero(zig["side"][row, shard * width:(shard + 1) * width] > 0)
+            np.testing.assert_array_equal(index[index >= 0], scored)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
@@ -127,9 +133,8 @@ def decoder_logprobs(model_config, mesh, batch, *, sequence_parallel_backend):
     fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
     if mesh is None:
         return fn(params, batch)
-    rows = NamedSharding(mesh, logical_spec("batch", "seq"))
-    placed = {key: jax.device_put(x, rows if key in layouts.ROW_KEYS + ("scored_index",) else
-                                  NamedSharding(mesh, logical_spec(None))) for key, x in batch.items()}
+    shardings = batch_shardings(mesh, list(batch), stacked=False)
+    placed = {key: jax.device_put(x, shardings[key]) for key, x in batch.items()}
     with jax.set_mesh(mesh):
         return fn(params, placed)
 
@@ -139,7 +144,7 @@ def decoder_logprobs(model_config, mesh, batch, *, sequence_parallel_backend):
 def test_decoder_pair_logprobs_and_grads_match_whole_rows(mesh_name, model_config):
     if model_config is GEMMA2_LIKE and mesh_name not in ("seq2", "fsdp2-seq2-tensor2"):
         pytest.skip("the window and softcaps are covered op-level on every mesh; two meshes suffice here")
-    batches = layout_batches(num_pairs=4, packed_rows=8)  # 8 rows: the batch splits over any mesh here
+    batches = layout_batches(num_pairs=8, packed_rows=8)  # 8 pairs, 8+ rows: split over any mesh here
     for layout in ("padded", "packed"):  # prefix_shared rows are already in the attention test
         batch = dict(batches[layout])
         batch["scored_index"] = layouts.scored_index(batch["side"], 16)

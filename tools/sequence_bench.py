@@ -63,11 +63,10 @@ def compiled_step(shape: dict, *, length: int, sequence: int, backend: str, devi
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
 
-    from jaxdpo.data.layouts import ROW_KEYS
+    from jaxdpo.batches import batch_shardings
     from jaxdpo.models import Decoder
-    from jaxdpo.sharding import logical_spec, make_mesh
+    from jaxdpo.sharding import make_mesh
     from jaxdpo.step import pair_logprobs
 
     mesh = make_mesh(1, devices // sequence, 1, sequence=sequence)
@@ -77,9 +76,8 @@ def compiled_step(shape: dict, *, length: int, sequence: int, backend: str, devi
     graphdef, params = nnx.split(model)
     batch = prefix_shared_rows(rows, length, shape["vocab"], sequence)
     num_pairs = len(batch["pair_valid"])
-    row_sharding = NamedSharding(mesh, logical_spec("batch", "seq"))
-    batch = {k: jax.device_put(v, row_sharding if k in ROW_KEYS + ("scored_index",) else
-                               NamedSharding(mesh, logical_spec(None))) for k, v in batch.items()}
+    shardings = batch_shardings(mesh, list(batch), stacked=False)  # as the train step places them
+    batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
     def objective(params, batch):
         sums = pair_logprobs(graphdef, (params,), batch, num_pairs=num_pairs, chunk_size=chunk)

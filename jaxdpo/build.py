@@ -280,9 +280,9 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     eval_step = make_eval_step(policy.graphdef, reference=reference, loss_cfg=cfg.loss,
                                num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
     return Steps(
-        train_step=jit_train_step(train_step, state_shardings=state_shardings,
+        train_step=jit_train_step(sharding.traced_in(mesh, train_step), state_shardings=state_shardings,
                                   batch_shardings=train_batch_shardings, **common),
-        eval_step=jit_eval_step(eval_step, params_shardings=state_shardings["params"],
+        eval_step=jit_eval_step(sharding.traced_in(mesh, eval_step), params_shardings=state_shardings["params"],
                                 batch_shardings=eval_batch_shardings, **common),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,
         eval_batch_shardings=eval_batch_shardings, optimizer=optimizer, schedule=schedule)

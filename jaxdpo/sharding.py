@@ -7,6 +7,7 @@ an edit to `LOGICAL_AXIS_RULES`, never a hunt through model code.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -104,6 +105,17 @@ def check_mesh_config(mesh_cfg) -> None:
             raise ConfigError(f"mesh.{axis} = {mesh_cfg[axis]} must be >= 1")
     if mesh_cfg.fsdp < 1 and mesh_cfg.fsdp != -1:
         raise ConfigError(f"mesh.fsdp = {mesh_cfg.fsdp} must be >= 1, or -1 for all remaining devices")
+
+
+def traced_in(mesh: Mesh, fn):
+    """`fn` traced with `mesh` as the context (abstract) mesh, whoever calls the jitted result: ring
+    attention (the `sequence` axis) reads the mesh from the context, and without one would treat split
+    rows as whole ones."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def batch_axis_size(mesh: Mesh) -> int:

@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1 = all remaining devices
     c.mesh.tensor = 1
+    c.mesh.sequence = 1  # split each row's tokens over this many devices (ring attention); rows: multiples of 2x
 
     c.reference = ml_collections.ConfigDict()
     c.reference.mode = "device"  # device | host | cached | lora_base | none (reference-free losses)

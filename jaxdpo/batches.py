@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxdpo import sharding
+from jaxdpo import sequence_parallel, sharding
 from jaxdpo.data.layouts import PAIR_KEYS, STEP_ROW_KEYS
 
 
@@ -21,17 +21,25 @@ def batch_keys(reference) -> list[str]:
 
 
 def batch_shardings(mesh, keys, *, stacked: bool) -> dict[str, NamedSharding]:
-    """Rows [(A,) R, T] and pair arrays [(A,) P] split over the batch axes; A (stacked micro-batches) is not."""
+    """Rows [(A,) R, T] split over the batch axes and their tokens over `sequence`; pair arrays [(A,) P]
+    over the batch axes; A (stacked micro-batches) is not split. With sequence > 1, scored_index is
+    [(A,) R, S, k] (each shard's own scored positions; jaxdpo.sequence_parallel)."""
     lead = (None,) if stacked else ()
-    rows = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", None))
+    rows = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", "seq"))
     pairs = NamedSharding(mesh, sharding.logical_spec(*lead, "batch"))
-    return {k: (pairs if k in PAIR_KEYS else rows) for k in keys}
+    out = {k: (pairs if k in PAIR_KEYS else rows) for k in keys}
+    if "scored_index" in out and sharding.sequence_axis_size(mesh) > 1:
+        out["scored_index"] = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", "seq", None))
+    return out
 
 
 def to_global(local: dict[str, np.ndarray], shardings: dict, pair_axis: int) -> dict:
     """Process-local numpy -> global jax arrays. Pair indices become global: this process's pairs
-    sit after those of the processes before it."""
-    local = dict(local)
+    sit after those of the processes before it. Rows split over the `sequence` axis go in zigzag
+    order here, on the host (jaxdpo.sequence_parallel), so every step, eval and reference pass gets them
+    that way."""
+    sequence = sharding.sequence_axis_size(shardings["input_ids"].mesh)
+    local = sequence_parallel.to_zigzag(local, sequence)
     n_pairs_local = local["pair_valid"].shape[pair_axis]
     offset = jax.process_index() * n_pairs_local
     if offset:

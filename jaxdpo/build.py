@@ -2,7 +2,7 @@
 
 The training loop (jaxdpo/loop.py) calls them in this order; tools call the same ones:
 
-  mesh = make_mesh(config)                 the (data, fsdp, tensor) device mesh
+  mesh = make_mesh(config)                 the (data, fsdp, sequence, tensor) device mesh
   check_config(config, mesh)               every check that needs only configs: seconds, before tokenizing
   data = build_data(config, mesh)          tokenized pairs, batchers, row length, total steps
   policy = build_policy(config, mesh, resuming=...)     graphdef, trainable params, frozen weights
@@ -62,7 +62,8 @@ def prepare_workdir(workdir: str) -> None:
 
 def make_mesh(config, devices=None):
     try:
-        return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+        return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices,
+                                  sequence=config.mesh.sequence)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -135,7 +136,7 @@ def build_data(config, mesh) -> Data:
     train_pairs, eval_pairs, report = load_preference_data(
         cfg.data, tokenizer, workdir=cfg.workdir if main else None, seed=cfg.seed, log=print if main else None)
     all_pairs = [train_pairs] + ([eval_pairs] if eval_pairs is not None else [])
-    length = max(row_length(p, cfg.data.layout, cfg.data) for p in all_pairs)
+    length = max(row_length(p, cfg.data.layout, cfg.data, sequence=cfg.mesh.sequence) for p in all_pairs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     common = dict(layout=cfg.data.layout, row_length=length, process_index=jax.process_index(),
                   process_count=jax.process_count(), row_multiple=row_multiple, pad_id=pad_id, seed=cfg.seed)
@@ -167,8 +168,14 @@ class Policy:
 
 
 def attention_backend(config, model_config) -> str:
-    """cuDNN's fused kernel or splash where it expresses this run's mask, else XLA (logged why)."""
+    """Ring attention when rows are split over the `sequence` axis; else cuDNN's fused kernel or splash
+    where it expresses this run's mask, else XLA (logged why). The policy and every reference forward run
+    the policy's graphdef, so this is the one place the backend is chosen."""
     requested = config.model.get("attention", "xla")
+    if config.mesh.sequence > 1:
+        log(f"  attention  sequence_parallel: zigzag ring attention over mesh.sequence = {config.mesh.sequence} "
+            f"(model.attention = {requested!r} applies to whole rows only)")
+        return "sequence_parallel"
     backend, why = select_backend(requested, platform=jax.devices()[0].platform, layout=config.data.layout,
                                   dtype=DTYPES[config.model.dtype], head_dim=model_config.head_dim,
                                   logit_softcap=model_config.attn_logit_softcap,
@@ -289,9 +296,9 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     eval_step = make_eval_step(policy.graphdef, reference=reference, num_pairs=cfg.train.eval_batch_size,
                                chunk_size=cfg.model.logprob_chunk)
     return Steps(
-        train_step=jit_train_step(train_step, state_shardings=state_shardings,
+        train_step=jit_train_step(sharding.traced_in(mesh, train_step), state_shardings=state_shardings,
                                   batch_shardings=train_batch_shardings, **common),
-        eval_step=jit_eval_step(eval_step, params_shardings=state_shardings["params"],
+        eval_step=jit_eval_step(sharding.traced_in(mesh, eval_step), params_shardings=state_shardings["params"],
                                 batch_shardings=eval_batch_shardings, **common),
         eval_metrics=make_eval_metrics(cfg.loss, group_size=cfg.train.batch_size),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,

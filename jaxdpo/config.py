@@ -201,7 +201,7 @@ def _check_schema_values(config) -> None:
 def validate(config) -> None:
     """Raise ConfigError for the first problem found, in words a user can act on."""
     # The owners of each section; imported here because they are heavy (jax) and this module is not.
-    from jaxdpo import data, losses, online, optim, reference, samples, sharding
+    from jaxdpo import data, losses, online, optim, reference, samples, sequence_parallel, sharding
     from jaxdpo.data.batcher import check_batch_sizes
     from jaxdpo.models import hf_io, lora
 
@@ -212,6 +212,7 @@ def validate(config) -> None:
     optim.check_config(config.optim)
     sharding.check_mesh_config(config.mesh)
     data.check_data_config(config.data)
+    sequence_parallel.check_config(config)
     hf_io.check_model_config(config.model)
     lora_on = lora.check_config(config)
     reference.check_config(config, lora_on=lora_on)

@@ -167,7 +167,8 @@ def load_or_compute(reference_params, *, config, mesh, policy, data, weights_pat
                             chunk_size=cfg.model.logprob_chunk)
         return out["pc"], out["pr"]
 
-    jitted = jax.jit(logprobs, in_shardings=(shardings,), out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+    jitted = jax.jit(sharding.traced_in(mesh, logprobs), in_shardings=(shardings,),
+                     out_shardings=NamedSharding(mesh, sharding.logical_spec()))
     cache = ReferenceCache()
     for split, pairs in data.splits():
         parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}

@@ -66,7 +66,7 @@ def runs(assets, tmp_path_factory):
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (1, 4, 2), (1, 8, 1)])
 def test_meshes_match_one_device(runs, mesh):
     trainer, records = runs(mesh)
-    assert dict(trainer.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh))
+    assert dict(trainer.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh), sequence=1)
     _, one = runs(None)
     assert len(_series(records, "train/loss")) == 3
     for key in STEP_KEYS:
@@ -200,8 +200,8 @@ def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(asset
 
     mesh = lambda data, fsdp, tensor: tiny_run_config(
         assets, str(tmp_path), **LEAN, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
-    assert dict(build.make_mesh(mesh(2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert dict(build.make_mesh(mesh(1, 2, -1)).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert dict(build.make_mesh(mesh(2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert dict(build.make_mesh(mesh(1, 2, -1)).shape) == {"data": 1, "fsdp": 2, "sequence": 1, "tensor": 4}
     with pytest.raises(ConfigError, match="8 devices cannot be split with fixed axes of product 3"):
         build.make_mesh(mesh(3, -1, 1))
     with pytest.raises(ConfigError, match="data\\*fsdp\\*tensor = 4 but 8 devices are available"):

@@ -3,6 +3,8 @@
     python tools/bench.py --shape llama-20m --steps 5 --layouts padded,prefix_shared,packed --vs-trl \
         --json /tmp/bench.json
     python tools/bench.py --memory-vocab 150000        # compiled memory vs sequence length, big vocab
+    # context parallelism on 8 simulated devices: per-device memory, step time, longest row in a budget
+    python tools/bench.py --shape llama-tiny --sequence 1,2,4,8 --max-length 32768 --budget-mib 1024
     python tools/bench.py --generate --model ckpt/smollm2-135m-instruct   # decode tokens/s vs transformers
     # MFU on one GPU: a Qwen2.5-0.5B-shaped model, rows of 2048 tokens, bf16 compute, cuDNN attention
     python tools/bench.py --shape qwen2.5-0.5b --max-length 2048 --max-prompt-length 1536 --prompt-len 1200 \
@@ -283,6 +285,11 @@ def main(argv=None) -> dict:
     p.add_argument("--remat", default="none")
     p.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer on the same weights/data")
     p.add_argument("--memory-vocab", type=int, default=0, help="only the compiled-memory check at this vocab")
+    p.add_argument("--sequence", default="", help="mesh.sequence settings (e.g. 1,2,4,8): per-device memory "
+                   "and step time of the policy forward+backward; see tools/sequence_bench.py")
+    p.add_argument("--devices", type=int, default=8, help="--sequence on CPU: simulated devices")
+    p.add_argument("--time-length", type=int, default=2048, help="--sequence: row length of the timed steps")
+    p.add_argument("--budget-mib", type=int, default=1024, help="--sequence: per-device memory budget")
     p.add_argument("--generate", action="store_true",
                    help="only decode tokens/s of jaxdpo.generate vs transformers' generate (tools/bench_generate.py)")
     p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
@@ -291,6 +298,15 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-threads", type=int, default=0, help="--generate: transformers' threads (0 = torch's)")
     p.add_argument("--json", default="", help="write every figure here")
     args = p.parse_args(argv)
+
+    if args.sequence:
+        from tools import sequence_bench
+
+        if "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+            sequence_bench.simulated_devices_flags(os.environ, args.devices)
+        report = {"args": vars(args), "sequence": sequence_bench.run(args, SHAPES[args.shape])}
+        _write(args, report)
+        return report
 
     import jax
 

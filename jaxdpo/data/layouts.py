@@ -15,6 +15,7 @@ are the same whichever layout carries it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,14 +40,17 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def row_length(pairs, layout: str, data_cfg) -> int:
-    """T for a dataset (TokenizedPairs or a list of (prompt, chosen, rejected)), known before training."""
+def row_length(pairs, layout: str, data_cfg, *, sequence: int = 1) -> int:
+    """T for a dataset (TokenizedPairs or a list of (prompt, chosen, rejected)), known before training.
+    With rows split over `sequence` (mesh.sequence) devices a prefix_shared T is also a multiple of
+    2 * sequence, so that it cuts into the zigzag chunks (padded and packed T are checked in the config)."""
     max_length = int(data_cfg.max_length)
     if layout == "padded":
         return max_length
     longest = max((shared_length(*pairs[i]) for i in range(len(pairs))), default=8)
     if layout == "prefix_shared":
-        return min(_round_up(longest, 8), max(2 * max_length, longest))
+        chunks = 2 * sequence
+        return min(_round_up(longest, math.lcm(8, chunks)), _round_up(max(2 * max_length, longest), chunks))
     if layout == "packed":
         pack_length = int(data_cfg.get("pack_length", 0)) or 2 * max_length
         if longest > pack_length:

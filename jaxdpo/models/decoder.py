@@ -277,7 +277,7 @@ def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_
 
 
 def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lora_scale: float = 1.0,
-                  segment_ids=None, branch_ids=None,
+                  segment_ids=None, branch_ids=None, positions=None, sliding_window=None,
                   attention_backend: str = "xla", seq_lengths=None, lora_dropout_rate: float = 0.0,
                   lora_dropout_key=None):
     """One pre-norm block. p: this layer's params (no layers axis); x [B,T,D]. A projection with a LoRA
@@ -288,8 +288,26 @@ def decoder_layer(p: dict, x, *, cos, sin, mask, config: ModelConfig, dtype, lor
     q, k, v = attention_inputs(p, x, cos=cos, sin=sin, config=c, dtype=dtype, **lora)
     a = attention(q, k, v, mask=mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
                   backend=attention_backend, seq_lengths=seq_lengths, segment_ids=segment_ids,
-                  branch_ids=branch_ids)
+                  branch_ids=branch_ids, positions=positions, sliding_window=sliding_window)
     return attention_output_and_mlp(p, x, a, config=c, dtype=dtype, **lora)
+
+
+def layer_masks(config: ModelConfig, backend: str, segment_ids, branch_ids, positions):
+    """A function of a layer's traced `sliding` flag -> (its attention mask, its sliding window).
+    The masks are built once, as bool, and each layer picks its own in the scan. Ring attention
+    ("sequence_parallel") gets no mask: a [T,T] mask would be whole-row, so it builds the mask block by
+    block from the ids, with the window as a per-layer scalar."""
+    any_sliding = bool(np.asarray(config.layer_is_sliding).any())
+    if backend == "sequence_parallel":
+        if not any_sliding:
+            return lambda sliding: (None, None)
+        no_window = jnp.iinfo(jnp.int32).max
+        return lambda sliding: (None, jnp.where(sliding, config.sliding_window, no_window))
+    full = make_attention_mask(segment_ids, branch_ids, positions)
+    if not any_sliding:
+        return lambda sliding: (full, None)
+    windowed = make_attention_mask(segment_ids, branch_ids, positions, config.sliding_window)
+    return lambda sliding: (jnp.where(sliding, windowed, full), None)
 
 
 # ---- the module -----------------------------------------------------------------------------------------
@@ -377,11 +395,9 @@ class Decoder(nnx.Module):
 
         x = self.embed_tokens(input_ids)
 
-        base_mask = make_attention_mask(segment_ids, branch_ids, positions)
         is_sliding = np.asarray(c.layer_is_sliding)
-        any_sliding = bool(is_sliding.any())
-        if any_sliding:  # both masks are built once, as bool; each layer picks its own in the scan
-            sliding_mask = make_attention_mask(segment_ids, branch_ids, positions, c.sliding_window)
+        backend = self.attention_backend
+        layer_mask = layer_masks(c, backend, segment_ids, branch_ids, positions)
         cos_g, sin_g = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
         local_rope = c.sliding_rope_theta is not None
         if local_rope:
@@ -391,7 +407,6 @@ class Decoder(nnx.Module):
         hook = layer_params_hook or (lambda params: params)
         # A kernel backend takes per-row lengths (cuDNN) or the segment (and branch) ids (splash) instead
         # of the mask, which XLA then never builds.
-        backend = self.attention_backend
         seq_lengths = padding_lengths(segment_ids) if backend == "cudnn" else None
         lora_scale = 1.0 if self.lora is None else self.lora.scale
         lora_dropout_rate = 0.0 if self.lora is None else self.lora.dropout
@@ -402,15 +417,14 @@ class Decoder(nnx.Module):
         def body(x, per_layer):
             params, sliding, layer_key = per_layer
             params = hook(params)
-            mask, cos, sin = base_mask, cos_g, sin_g
-            if any_sliding:
-                mask = jnp.where(sliding, sliding_mask, base_mask)
+            (mask, window), cos, sin = layer_mask(sliding), cos_g, sin_g
             if local_rope:
                 cos, sin = jnp.where(sliding, cos_l, cos_g), jnp.where(sliding, sin_l, sin_g)
             return decoder_layer(params, x, cos=cos, sin=sin, mask=mask, config=c, dtype=dtype,
-                                 segment_ids=segment_ids, branch_ids=branch_ids,
-                                 lora_scale=lora_scale, attention_backend=backend, seq_lengths=seq_lengths,
-                                 lora_dropout_rate=lora_dropout_rate, lora_dropout_key=layer_key), None
+                                 segment_ids=segment_ids, branch_ids=branch_ids, positions=positions,
+                                 sliding_window=window, lora_scale=lora_scale, attention_backend=backend,
+                                 seq_lengths=seq_lengths, lora_dropout_rate=lora_dropout_rate,
+                                 lora_dropout_key=layer_key), None
 
         if self.remat == "full":
             body = jax.checkpoint(body)

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.ops import splash
+from jaxdpo.ops.ring_attention import ring_attention
 
 BACKENDS = ("xla", "cudnn", "splash", "auto")  # what model.attention may request
 # What `attention(backend=...)` runs: select_backend resolves a request to one of these. "splash" is one
 # splash call masked by segment ids (the padded layout); "splash_branches" merges two calls to add the
 # prefix-sharing branch mask (prefix_shared, packed).
-KERNELS = ("xla", "cudnn", "splash", "splash_branches")
+# "sequence_parallel" is not requested by model.attention: it is what a mesh with sequence > 1 runs
+# (zigzag ring attention, jaxdpo/ops/ring_attention.py), and it also runs whole rows exactly.
+KERNELS = ("xla", "cudnn", "splash", "splash_branches", "sequence_parallel")
 # cuDNN's fused attention: half-precision inputs, head_dim a multiple of 8 up to 256 (Hopper), no
 # logit softcap, and only masks it builds itself (causal + per-row lengths + left sliding window).
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -108,14 +111,19 @@ def make_attention_mask(segment_ids, branch_ids, positions, sliding_window=None)
 
 
 def attention(q, k, v, *, mask=None, scale, logit_softcap=None, backend="xla", seq_lengths=None,
-              sliding_window=None, segment_ids=None, branch_ids=None):
+              sliding_window=None, segment_ids=None, branch_ids=None, positions=None):
     """q [B,T,N,H], k/v [B,S,K,H] (N a multiple of K), mask [B,1|N,T,S] bool -> [B,T,N,H] in q's dtype.
 
     The kernels ignore `mask` and build the mask from what `select_backend` found it to be:
     "cudnn": causal over each row's first `seq_lengths[b]` tokens (plus `sliding_window`);
     "splash": causal within equal `segment_ids` [B,T] (self-attention, S = T);
-    "splash_branches": the full rule of DEVELOPING.md from `segment_ids` and `branch_ids` [B,T].
+    "splash_branches": the full rule of DEVELOPING.md from `segment_ids` and `branch_ids` [B,T];
+    "sequence_parallel": the full rule from segment_ids, branch_ids and `positions` [B,T] in zigzag order,
+    rows split over the mesh's `sequence` axis; `sliding_window` may be a traced per-layer scalar.
     Fully masked query rows (padding) give a finite, meaningless output; callers ignore those positions."""
+    if backend == "sequence_parallel":
+        return ring_attention(q, k, v, segment_ids=segment_ids, branch_ids=branch_ids, positions=positions,
+                              scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window)
     if backend == "cudnn":
         return cudnn_attention(q, k, v, scale=scale, seq_lengths=seq_lengths, sliding_window=sliding_window)
     if backend in ("splash", "splash_branches"):

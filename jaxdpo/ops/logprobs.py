@@ -71,7 +71,17 @@ def gather_scored(scored_index, hidden, targets, pair_index, side):
     """Keep only the scored positions of each row: scored_index [R,S] (positions, -1 = empty slot) ->
     hidden [R,S,D] and targets, pair_index, side [R,S], empty slots counting for no pair. The LM head then
     runs on S positions per row instead of T (in a DPO row most positions are prompt or padding).
-    A gather along the row, so rows stay where they are sharded."""
+    A gather along the row, so rows stay where they are sharded.
+
+    Rows split over the `sequence` mesh axis come with scored_index [R,Q,k]: each of the Q shards' scored
+    positions, local to its T/Q tokens (jaxdpo.sequence_parallel.shard_scored_index). Each row is then
+    viewed as Q rows of T/Q tokens, [R*Q, T/Q, ...], split over (batch axes, sequence) exactly as the
+    tokens already are, and the gather is local: the result is [R*Q, k, ...], a shard's own positions."""
+    if scored_index.ndim == 3:
+        rows, shards, _ = scored_index.shape
+        as_shard_rows = lambda x: x.reshape(rows * shards, x.shape[1] // shards, *x.shape[2:])  # noqa: E731
+        return gather_scored(scored_index.reshape(rows * shards, -1), *map(as_shard_rows, (hidden, targets,
+                                                                                             pair_index, side)))
     valid = scored_index >= 0
     index = jnp.maximum(scored_index, 0)
     take = lambda x: jnp.take_along_axis(x, index, axis=1)

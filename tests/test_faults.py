@@ -63,7 +63,7 @@ def train_command(config_file: str, *flags: str) -> list[str]:
 
 def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
     return subprocess.run(train_command(config_file, *flags), cwd=cwd or root, env=train_env(root),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
 
 
 def one_line_error(result) -> str:
@@ -270,7 +270,7 @@ def test_preempted_run_exits_75_after_saving(root, base, signal_name):
         assert char, seen[-3000:]
         seen += char
     process.send_signal(getattr(signal, signal_name))
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 75, (process.returncode, (seen + stderr)[-3000:])
     assert "to resume, rerun the same command" in stdout
     (saved,) = checkpoint_steps(os.path.join(root, f"preempted_{signal_name}"))
@@ -331,7 +331,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(root,
         resource.setrlimit(resource.RLIMIT_FSIZE, (largest // 2, largest // 2))
 
     result = subprocess.run(train_command(config), cwd=workdir, env=train_env(root), capture_output=True, text=True,
-                            timeout=300, preexec_fn=file_size_limit)
+                            timeout=600, preexec_fn=file_size_limit)
     line = one_line_error(result)
     assert "Exception ignored" not in result.stderr
     assert os.path.join(workdir, "checkpoints") in line and "checkpoint step 2 is intact" in line

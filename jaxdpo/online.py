@@ -24,10 +24,12 @@ training from its checkpoint, so a run killed anywhere ends bit-identical to an 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -297,26 +299,37 @@ def run_online(config):
         logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path))
     last_run = None
     for r in range(len(done), config.online.rounds):
-        start_policy = policy_after(config, done)
-        if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
-            sample_round(config, r, prompts, judge, *loader.load(start_policy))
+        start_policy, seconds = policy_after(config, done), {}
+        with timed(seconds, "sample"):
+            if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
+                sample_round(config, r, prompts, judge, *loader.load(start_policy))
         summary = round_summary(config, r)
         trained = summary["online/pairs"] >= config.train.batch_size
-        if trained:
-            loader.release()  # the round's training loads its own copy
-            last_run = train_and_evaluate(round_config(config, r, start_policy))
-            if last_run.preempted:
-                break
-        else:
-            build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = {config.train.batch_size}: "
-                      f"the policy is kept as it was")
+        with timed(seconds, "train"):
+            if trained:
+                loader.release()  # the round's training loads its own copy
+                last_run = train_and_evaluate(round_config(config, r, start_policy))
+            else:
+                build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = "
+                          f"{config.train.batch_size}: the policy is kept as it was")
+        if last_run is not None and last_run.preempted:
+            break
         done.append({"trained": trained, **summary})
-        record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done))
+        with timed(seconds, "judge"):
+            record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done))
         logger.write(r + 1, record)
         write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
-        build.log(round_line(r, record))
+        build.log(round_line(r, record) + " (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     logger.close()
     return last_run
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, phase: str):
+    """Adds the wall time of the block to seconds[phase] (the round's log line reports them)."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def round_line(round_index: int, record: dict) -> str:

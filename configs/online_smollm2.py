@@ -45,7 +45,10 @@ def get_config():
     c.sampling.batch_size = 64
     c.judge.function = "jaxdpo.judges_rules:short_answer"
     c.judge.prompts = 32
-    c.online.rounds = 4
+    # Two rounds reach the goal (win rate 0.94 against the initial model, 27 min on a shared 2-core CPU, see
+    # README). More rounds at this learning rate reward-hack the rule: a length-only judge scores one-word
+    # and emoji answers 1.0, and by round 3 most samples are such.
+    c.online.rounds = 2
     c.online.prompts = "assets/online_smollm2/prompts.jsonl"
     c.online.eval_prompts = "assets/online_smollm2/eval_prompts.jsonl"
     c.online.prompts_per_round = 16

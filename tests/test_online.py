@@ -174,6 +174,8 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
             assert pair["chosen_score"] == max(scores) > pair["rejected_score"] == min(scores)
             assert pair["chosen_score"] == -len(pair["chosen"]) and pair["rejected_score"] == -len(pair["rejected"])
         assert json.loads(open(os.path.join(rounds, f"{r}.done")).read())["trained"]
+        judged = online.read_jsonl(os.path.join(rounds, f"{r}.eval.jsonl"))
+        assert len(judged) == 4 and all(row["policy_score"] == -len(row["policy"]) for row in judged)
         assert os.path.isdir(os.path.join(rounds, str(r), "checkpoints"))
     records = online.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(ROUNDS + 1))

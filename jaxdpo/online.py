@@ -14,7 +14,8 @@
      reference is its starting policy (the run's reference.mode on it); initial: model.path.
   4. The round's policy against the initial policy on `online.eval_prompts` (`judge.prompts` of them,
      sampled with `sampling.*`): eval/win_rate and its interval in WORKDIR/metrics.jsonl (step = rounds
-     done; step 0 is the initial policy against itself), with the round's pair counts and mean score.
+     done; step 0 is the initial policy against itself), with the round's pair counts and mean score;
+     both sides' completions and scores in r.eval.jsonl (initial.eval.jsonl for step 0).
 
 Exact resume: every draw is a pure function of (seed, round, index): the round's prompts, the sampling
 keys (seed derived from (seed, round), keyed by the row's index) and tie-breaking in form_pairs. A rerun
@@ -24,10 +25,12 @@ training from its checkpoint, so a run killed anywhere ends bit-identical to an 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -249,9 +252,11 @@ def policy_after(config, done: list[dict]) -> str:
 
 # ----- win rate against the initial policy ---------------------------------------------------------------
 
-def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_path: str) -> dict[str, float]:
+def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_path: str,
+                             name: str) -> dict[str, float]:
     """eval/* win rate of `policy_path` against model.path on the held-out prompts (sampling.* settings;
-    the initial policy's completions drawn once and stored in rounds/eval_reference.jsonl)."""
+    the initial policy's completions drawn once and stored in rounds/eval_reference.jsonl). Both sides'
+    completions and scores go to rounds/<name>.eval.jsonl."""
     if not eval_prompts:
         return {}
     settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "reference"))
@@ -265,9 +270,13 @@ def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_p
     sampler, states = loader.load(policy_path)
     policy_settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "policy"))
     policy = sampler.complete(states, eval_prompts, policy_settings)
-    result = judges.win_rate(judge.score(eval_prompts, [r["completion"] for r in policy]),
-                             judge.score(eval_prompts, [r["completion"] for r in reference]))
-    return result.metrics(prefix="eval/")
+    policy_scores = judge.score(eval_prompts, [r["completion"] for r in policy])
+    reference_scores = judge.score(eval_prompts, [r["completion"] for r in reference])
+    write_jsonl(os.path.join(rounds_dir(config), f"{name}.eval.jsonl"), [
+        {"prompt": p, "policy": a["completion"], "policy_score": float(x), "reference": b["completion"],
+         "reference_score": float(y)} for p, a, b, x, y in zip(eval_prompts, policy, reference, policy_scores,
+                                                                reference_scores)])
+    return judges.win_rate(policy_scores, reference_scores).metrics(prefix="eval/")
 
 
 # ----- the rounds ----------------------------------------------------------------------------------------
@@ -294,29 +303,41 @@ def run_online(config):
               f"{len(eval_prompts)} held-out prompts; {len(done)} round(s) already done")
     logger.truncate_after(len(done) if done else -1)  # a rerun rewrites what came after its last round
     if not done and eval_prompts:
-        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path))
+        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path, "initial"))
     last_run = None
     for r in range(len(done), config.online.rounds):
-        start_policy = policy_after(config, done)
-        if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
-            sample_round(config, r, prompts, judge, *loader.load(start_policy))
+        start_policy, seconds = policy_after(config, done), {}
+        with timed(seconds, "sample"):
+            if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
+                sample_round(config, r, prompts, judge, *loader.load(start_policy))
         summary = round_summary(config, r)
         trained = summary["online/pairs"] >= config.train.batch_size
-        if trained:
-            loader.release()  # the round's training loads its own copy
-            last_run = train_and_evaluate(round_config(config, r, start_policy))
-            if last_run.preempted:
-                break
-        else:
-            build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = {config.train.batch_size}: "
-                      f"the policy is kept as it was")
+        with timed(seconds, "train"):
+            if trained:
+                loader.release()  # the round's training loads its own copy
+                last_run = train_and_evaluate(round_config(config, r, start_policy))
+            else:
+                build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = "
+                          f"{config.train.batch_size}: the policy is kept as it was")
+        if last_run is not None and last_run.preempted:
+            break
         done.append({"trained": trained, **summary})
-        record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done))
+        with timed(seconds, "judge"):
+            record = summary | win_rate_against_initial(config, loader, judge, eval_prompts,
+                                                        policy_after(config, done), str(r))
         logger.write(r + 1, record)
         write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
-        build.log(round_line(r, record))
+        build.log(round_line(r, record) + " (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     logger.close()
     return last_run
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, phase: str):
+    """Adds the wall time of the block to seconds[phase] (the round's log line reports them)."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def round_line(round_index: int, record: dict) -> str:

@@ -109,9 +109,10 @@ class Sampler:
 
     def complete(self, states, prompts, settings) -> list[dict]:
         """One completion per prompt: dicts with prompt_ids, completion, completion_ids, finished."""
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh):  # fewer prompts than a batch: one batch of them, not padded to batch_size
             rows = generate.completions_with_logprobs(self.graphdef, states, self.tokenizer, prompts, settings,
-                                                      eos_ids=self.eos_ids, batch_size=self.batch_size)
+                                                      eos_ids=self.eos_ids,
+                                                      batch_size=min(self.batch_size, len(prompts)))
         return [{k: row[k] for k in ("prompt_ids", "completion", "completion_ids", "finished")} for row in rows]
 
     def logprobs(self, states, rows) -> np.ndarray:

@@ -88,6 +88,18 @@ def test_pairs_are_reproducible_under_the_seed_and_ties_are_counted():
     assert len(draws) > 1  # ties among the best are broken by the seed, not always the same way
 
 
+def test_a_round_trains_its_pairs_from_its_starting_policy(tiny_config, tmp_path):
+    config = tiny_config(tmp_path / "run", **{"online.rounds": 2, "lora.rank": 4})
+    round_1 = online.round_config(config, 1, "/prev/hf")
+    assert round_1.workdir == str(tmp_path / "run" / "rounds" / "1")
+    assert round_1.data.train_files == str(tmp_path / "run" / "rounds" / "1.jsonl") and not round_1.data.eval_files
+    assert round_1.model.path == "/prev/hf" and round_1.model.tokenizer == config.model.path
+    assert round_1.lora.export_merged and round_1.online.rounds == 0 and not round_1.reference.path
+    initial = online.round_config(tiny_config(tmp_path / "full", **{"online.reference": "initial"}), 1, "/prev/hf")
+    assert initial.reference.path == config.model.path and initial.model.path == "/prev/hf"
+    assert config.workdir == str(tmp_path / "run") and config.online.rounds == 2  # the run's config is unchanged
+
+
 def test_bad_online_settings_are_one_line_errors(tiny_config, tmp_path, assets):
     from jaxdpo import config as config_lib
     from jaxdpo.errors import ConfigError
@@ -162,6 +174,8 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
             assert pair["chosen_score"] == max(scores) > pair["rejected_score"] == min(scores)
             assert pair["chosen_score"] == -len(pair["chosen"]) and pair["rejected_score"] == -len(pair["rejected"])
         assert json.loads(open(os.path.join(rounds, f"{r}.done")).read())["trained"]
+        judged = online.read_jsonl(os.path.join(rounds, f"{r}.eval.jsonl"))
+        assert len(judged) == 4 and all(row["policy_score"] == -len(row["policy"]) for row in judged)
         assert os.path.isdir(os.path.join(rounds, str(r), "checkpoints"))
     records = online.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(ROUNDS + 1))

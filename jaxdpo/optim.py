@@ -84,8 +84,9 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     return optax.chain(*parts), schedule
 
 
-def applied_updates(opt_state):
-    """The optimizer's count of applied updates (the schedule's position), from `make_optimizer`'s state."""
-    (schedule_state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-                         if isinstance(s, optax.ScaleByScheduleState)]
-    return schedule_state.count
+def applied_updates(opt_state, default):
+    """The optimizer's count of applied updates (the schedule's position), from `make_optimizer`'s state;
+    `default` for an optimizer that keeps no schedule state (a plain optax transformation in tests)."""
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+    return counts[0] if counts else default

@@ -228,7 +228,8 @@ def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientT
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new_state, finite = apply_gradients(state, grads, optimizer, finite)
         # The rate this step applies: the schedule counts applied updates, not batches (optim.py).
-        metrics.update(grad_norm=grad_norm, lr=schedule(applied_updates(state["opt_state"])), finite=finite * 1.0,
+        position = applied_updates(state["opt_state"], default=state["step"])  # bad steps take no place
+        metrics.update(grad_norm=grad_norm, lr=schedule(position), finite=finite * 1.0,
                        pairs=total_valid, tokens=tokens, bad_steps=new_state["bad_steps"])
         return new_state, metrics
 

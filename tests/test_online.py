@@ -133,7 +133,8 @@ def _run(assets, workdir, compile_cache, plan=None):
         """))
     command = [sys.executable, "-c", DRIVER, REPO, config_file] + ([plan] if plan else [])
     env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false",
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

@@ -43,16 +43,27 @@ def _leaf_sums(x) -> jax.Array:
                       jnp.sum(words * _odd_position_weights(words.shape), dtype=jnp.uint32)])
 
 
-# Leaf by leaf: the leaves of a state may live on different device sets (a scalar count on one device).
-_jitted_leaf_sums = jax.jit(_leaf_sums)
+@jax.jit
+def _all_sums(leaves: list) -> list:
+    return [_leaf_sums(x) for x in leaves]
 
 
 def state_checksums(state, path_name) -> dict[str, str]:
     """{leaf path: "xxxxxxxx-xxxxxxxx"} of a pytree of jax arrays; `path_name` turns a tree path into the
-    key (the checkpoint's container-independent path, so a restored tree of dicts matches the live one)."""
-    sums = jax.device_get(jax.tree.map(_jitted_leaf_sums, state))
-    return {path_name(path): "-".join(f"{int(v):08x}" for v in np.asarray(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]}
+    key (the checkpoint's container-independent path, so a restored tree of dicts matches the live one).
+    One compiled program per set of devices the leaves live on (usually one): a program per leaf would
+    dispatch hundreds of small collectives per save."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    groups: dict = {}
+    for index, (_, leaf) in enumerate(flat):
+        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(index)
+    sums: list = [None] * len(flat)
+    for indices in groups.values():
+        for index, leaf_sums in zip(indices, _all_sums([flat[i][1] for i in indices])):
+            sums[index] = leaf_sums
+    sums = jax.device_get(sums)
+    return {path_name(path): "-".join(f"{int(v):08x}" for v in np.asarray(leaf_sums))
+            for (path, _), leaf_sums in zip(flat, sums)}
 
 
 def checksum_differences(saved: dict[str, str], now: dict[str, str]) -> list[str]:

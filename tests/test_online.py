@@ -17,6 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from jaxdpo import errors
 from jaxdpo import judges, online
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +188,7 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
 def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, compile_cache, tmp_path):
     workdir = str(tmp_path / "stopped")
     stops = [("train:0:1:SIGKILL", -signal.SIGKILL),  # in round 0's training, a checkpoint at step 1
-             ("train:1:1:SIGTERM", 0),  # preempted in round 1's training: saves, exits cleanly
+             ("train:1:1:SIGTERM", errors.EXIT_PREEMPTED),  # preempted in round 1's training: saves, exits 75
              ("pairs:2:SIGKILL", -signal.SIGKILL)]  # round 2's samples written, its pairs not yet
     for plan, status in stops:
         result = _run(assets, workdir, compile_cache, plan)

@@ -130,6 +130,22 @@ def _one_line_notices() -> None:
 
     warnings.formatwarning = formatwarning
     logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+    sys.unraisablehook = _drop_late_tensorstore_callbacks(sys.unraisablehook)
+
+
+def _drop_late_tensorstore_callbacks(default):
+    """When one write of a save fails (a full disk), orbax closes its event loop while tensorstore's other
+    writes are still in flight; each one that finishes later tries to wake the closed loop, and Python
+    prints that RuntimeError with a traceback. The save's failure itself is reported in one line
+    (Checkpointer._write_error); every other unraisable error still goes to the default hook."""
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    return hook
 
 
 def run():

@@ -242,7 +242,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
             pytest.fail(f"two-process training still running after 240 s; output:\n{proc.communicate()[0][-3000:]}")
         assert proc.returncode == 0, out[-3000:]
         outputs.append(out)
-    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0] and "2 process(es)" in outputs[0]
+    assert "mesh {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}" in outputs[0] and "2 process(es)" in outputs[0]
     assert "2 process(es)" not in outputs[1]  # only process 0 prints the banner
     for out in outputs:  # each process loaded only its half of the 8 pairs (one padded row per side)
         assert "LOCAL pairs=4 rows=8" in out, out[-2000:]

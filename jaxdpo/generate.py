@@ -5,9 +5,9 @@ samples.jsonl call `completions_with_logprobs` (texts in, texts and summed logpr
 `completion_logprobs` (score given completions under any params, e.g. the reference's).
 
 Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (a power of two, so new prompt
-lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, one cache for all
-layers ([L,B,S,K,H], written in place). Row b's prompt occupies slots P-n_b .. P-1 with RoPE positions
-0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while
+lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, a (k, v) pair per
+layer (k [B,K,S,H], v [B,K,H,S]: the layouts the attention einsums read as stored; written in place). Row b's
+prompt occupies slots P-n_b .. P-1 with RoPE positions 0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while
 its positions stay its own, and a key slot s is visible to the query at slot q iff P-n_b <= s <= q (and, on
 sliding-window layers, q - s < window: slots and positions differ by the same per-row offset).
 
@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
-from jaxdpo.ops.attention import attention
+from jaxdpo.ops.attention import grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
 from jaxdpo.sharding import logical_spec
 
@@ -140,33 +140,35 @@ def _rope(positions, config):
     return global_rope, rope_tables(positions, local)
 
 
-def _layers_with_cache(model, x, positions, mask, sliding_mask, cache, write_slot):
-    """Run every layer on x [B,T,D] (positions [B,T]): each writes its k, v into cache slots
-    write_slot .. write_slot+T-1 and attends over the whole cache with `mask` [B,1,T,S] (`sliding_mask` on
-    sliding-window layers). cache = (k, v), each [L,B,S,K,H]. Returns (x, cache)."""
+def _per_layer(model) -> list[dict]:
+    """The stacked [L,...] layer params as L separate trees, split once per call: a decode step that sliced
+    layer l out of the stack would copy all of that layer's weights every token (XLA:CPU materialises the
+    slice feeding each dot), doubling the memory traffic of a memory-bound loop."""
+    stacked = model.layers.arrays()
+    return [jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(model.config.num_layers)]
+
+
+def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, write_slot):
+    """Run every layer (`layers`: _per_layer's trees) on x [B,T,D] (positions [B,T]): layer l writes its k, v
+    into cache[l]'s slots write_slot .. write_slot+T-1 and attends over that whole cache with `mask`
+    [B,1,T,S] (`sliding_mask` on sliding-window layers). cache: per layer (k [B,K,S,H], v [B,K,H,S]), updated
+    in place. Returns (x, cache). The layers are unrolled, so each reads its own weights in place."""
     c, dtype = model.config, model.dtype
     lora_scale = _lora_scale(model)
-    (cos_g, sin_g), local_rope = _rope(positions, c)
-
-    def body(carry, per_layer):
-        x, cache_k, cache_v = carry
-        params, sliding, layer = per_layer
-        cos, sin = cos_g, sin_g
-        if local_rope is not None:
-            cos, sin = jnp.where(sliding, local_rope[0], cos_g), jnp.where(sliding, local_rope[1], sin_g)
+    global_rope, local_rope = _rope(positions, c)
+    new_cache = []
+    for params, sliding, (cache_k, cache_v) in zip(layers, c.layer_is_sliding, cache):
+        cos, sin = local_rope if sliding and local_rope is not None else global_rope
         q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale)
-        start = (layer, 0, write_slot, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-        layer_mask = mask if sliding_mask is None else jnp.where(sliding, sliding_mask, mask)
-        a = attention(q, cache_k[layer], cache_v[layer], mask=layer_mask, scale=c.attention_scale,
-                      logit_softcap=c.attn_logit_softcap)
+        k = jnp.einsum("btkh->bkth", k).astype(cache_k.dtype)
+        v = jnp.einsum("btkh->bkht", v).astype(cache_v.dtype)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, write_slot, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, 0, write_slot))
+        a = grouped_attention(q, cache_k, cache_v, mask=sliding_mask if sliding else mask, scale=c.attention_scale,
+                              logit_softcap=c.attn_logit_softcap, cache_layout=True)
         x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale)
-        return (x, cache_k, cache_v), None
-
-    layer_inputs = (model.layers.arrays(), jnp.asarray(c.layer_is_sliding), jnp.arange(c.num_layers))
-    (x, cache_k, cache_v), _ = jax.lax.scan(body, (x, *cache), layer_inputs)
-    return x, (cache_k, cache_v)
+        new_cache.append((cache_k, cache_v))
+    return x, tuple(new_cache)
 
 
 def _lora_scale(model) -> float:
@@ -209,12 +211,13 @@ def _batch_axis(batch: int):
 
 def _new_cache(model, batch: int, num_slots: int):
     c = model.config
-    shape = (c.num_layers, batch, num_slots, c.num_kv_heads, c.head_dim)
-    cache = jnp.zeros(shape, model.dtype)
+    k = jnp.zeros((batch, c.num_kv_heads, num_slots, c.head_dim), model.dtype)
+    v = jnp.zeros((batch, c.num_kv_heads, c.head_dim, num_slots), model.dtype)
     if not jax.sharding.get_abstract_mesh().empty:  # rows split like the batch, kv heads like their weights
-        spec = logical_spec("layers", _batch_axis(batch), "seq", "kv_heads", "head_dim")
-        cache = jax.lax.with_sharding_constraint(cache, spec)
-    return cache, cache
+        rows = _batch_axis(batch)
+        k = jax.lax.with_sharding_constraint(k, logical_spec(rows, "kv_heads", "seq", "head_dim"))
+        v = jax.lax.with_sharding_constraint(v, logical_spec(rows, "kv_heads", "head_dim", "seq"))
+    return tuple((k, v) for _ in range(c.num_layers))
 
 
 def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *, program: _Program):
@@ -233,7 +236,8 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
     prompt_slots = jnp.broadcast_to(jnp.arange(p), (b, p))
     positions = jnp.maximum(prompt_slots - offsets[:, None], 0)
     mask, sliding = _masks(prompt_slots, lengths, p, num_slots, model.config)
-    x, cache = _layers_with_cache(model, model.embed_tokens(tokens), positions, mask, sliding,
+    layers = _per_layer(model)
+    x, cache = _layers_with_cache(model, layers, model.embed_tokens(tokens), positions, mask, sliding,
                                   _new_cache(model, b, num_slots), 0)
     logits = _token_logits(model, x[:, -1:])
     first = draw(logits, 0)
@@ -250,8 +254,8 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
         slot = p + step - 1  # where `last` (token step-1) goes
         query_slots = jnp.full((b, 1), slot)
         mask, sliding = _masks(query_slots, lengths, p, num_slots, model.config)
-        x, cache = _layers_with_cache(model, model.embed_tokens(last[:, None]), query_slots - offsets[:, None],
-                                      mask, sliding, cache, slot)
+        x, cache = _layers_with_cache(model, layers, model.embed_tokens(last[:, None]),
+                                      query_slots - offsets[:, None], mask, sliding, cache, slot)
         logits = _token_logits(model, x)
         token = jnp.where(done, program.pad_id, draw(logits, step))
         logprob = jnp.where(done, 0.0, _chosen_logprob(logits, token))

@@ -259,7 +259,13 @@ def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_
     c = config
     lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
                 lora_dropout_key=lora_dropout_key)
-    o = _project(p, "btnh,nhd->btd", a, "o_proj", **lora)
+    # (n, h) merged into one contracted dim: the activation is laid out to suit the stored [N*H, D] weight,
+    # never the other way round (XLA:CPU otherwise may transpose the weight, a copy per layer per call)
+    b, t, n, h = a.shape
+    o_params = {name: p[name].reshape(n * h, *p[name].shape[2:]) for name in ("o_proj", "o_proj_lora_a") if name in p}
+    if "o_proj_lora_b" in p:
+        o_params["o_proj_lora_b"] = p["o_proj_lora_b"]
+    o = _project(o_params, "bti,id->btd", a.reshape(b, t, n * h), "o_proj", **lora)
     if c.out_bias:
         o = o + p["o_bias"].astype(dtype)
     if c.sandwich_norms:
@@ -374,7 +380,12 @@ class Decoder(nnx.Module):
 
     def head_logits(self, hidden):
         """[B,T,D] final-normed hidden -> [B,T,V] float32 logits (final softcap applied when the family has one)."""
-        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+        if self.config.tie_word_embeddings:  # contract with the [V,D] embedding as stored: no transposed copy
+            logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap is not None:
             logits = _softcap(logits, self.config.final_logit_softcap)
         return logits

@@ -136,14 +136,23 @@ def attention(q, k, v, *, mask=None, scale, logit_softcap=None, backend="xla", s
                                        branch_ids=branch_ids if backend == "splash_branches" else None)
     if backend != "xla":
         raise ValueError(f"attention backend {backend!r} is not available; choose one of {KERNELS}")
+    return grouped_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap)
+
+
+def grouped_attention(q, k, v, *, mask=None, scale, logit_softcap=None, cache_layout: bool = False):
+    """The XLA reference path: einsums with an fp32 softmax; grouped-query attention without repeating k, v.
+    k/v are [B,S,K,H]; with `cache_layout` k is [B,K,S,H] and v [B,K,H,S]: batch dims first, contracted dim
+    last, the operand layouts XLA:CPU's batched dots read as stored, so a KV cache kept that way is not
+    copied into them at every decode step."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    k_dims, v_dims = ("bksh", "bkhs") if cache_layout else ("bskh", "bskh")
+    kv_heads = k.shape[1 if cache_layout else 2]
     if n % kv_heads:
         raise ValueError(f"attention: {n} query heads are not a multiple of {kv_heads} key/value heads")
     groups = n // kv_heads
     # query head n = kv_head * groups + g, the order transformers' repeat_kv uses
     q_grouped = q.reshape(b, t, kv_heads, groups, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_grouped, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgh,{k_dims}->bkgts", q_grouped, k, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         scores = jnp.tanh(scores / logit_softcap) * logit_softcap
     if mask is not None:
@@ -151,7 +160,7 @@ def attention(q, k, v, *, mask=None, scale, logit_softcap=None, backend="xla", s
         mask = mask.reshape(b, 1, 1, t, -1) if mask_heads == 1 else mask.reshape(b, kv_heads, groups, t, -1)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum(f"bkgts,{v_dims}->btkgh", probs, v)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 

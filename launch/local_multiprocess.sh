@@ -70,12 +70,26 @@ stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for ((waited = 0; waited < ${STOP_GRACE_S:-10}; waited++)); do
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=""; done
-    [[ -z "$pid" ]] && return
+    [[ -z "$pid" ]] && return 0  # a bare return in a trap handler would return the signal's status
     sleep 1
   done
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+# A signal to the script (a scheduler's preemption, Ctrl-C) is passed on to every process: the trainer saves
+# and exits 75. The script then exits 75 if every process still running did, else with the first other
+# status, so a requeue-on-75 rule sees the preemption.
+on_signal() {
+  stop_all
+  local pid rc final=75
+  for pid in "${running[@]}"; do
+    if wait "$pid"; then rc=0; else rc=$?; fi
+    if [[ $rc -ne 75 && $final -eq 75 ]]; then final=$rc; fi
+  done
+  echo "local_multiprocess: stopped by a signal; exit status $final" >&2
+  exit "$final"
+}
+running=()
+trap on_signal INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
   (
@@ -86,12 +100,12 @@ for ((i = 0; i < num_processes; i++)); do
     exec "${command[@]}" > >(tee "$log_dir/process_$i.log" | sed -u "s/^/[p$i] /") 2>&1
   ) &
   pids+=($!)
+  running+=($!)
 done
 
 # Wait for all; the first failure stops the rest (they would block in collectives until the
 # heartbeat timeout otherwise).
 status=0
-running=("${pids[@]}")
 while [[ ${#running[@]} -gt 0 ]]; do
   finished=""
   if wait -n -p finished "${running[@]}"; then rc=0; else rc=$?; fi

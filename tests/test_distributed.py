@@ -6,6 +6,7 @@ process per simulated host with 2 CPU devices each, so the global mesh has 4 dev
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -236,6 +237,24 @@ def test_local_multiprocess_script_stops_everyone_when_one_fails():
     assert "process 1 (pid" in done.stderr and "exited with status 3; stopping the others" in done.stderr
     assert "survivor finished" not in done.stdout
     assert seconds < 45, f"took {seconds:.0f}s"
+
+
+def test_local_multiprocess_script_exits_75_when_a_signal_preempts_every_process(tmp_path):
+    """A scheduler's SIGTERM to the script reaches every process; they exit 75 (saved) and so does the script."""
+    script = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")
+    preemptible = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(75)); "
+                   "print('READY', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([script, "-n", "2", sys.executable, "-c", preemptible], cwd=REPO_ROOT,
+                            env=_clean_env(LOG_DIR=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    deadline = time.monotonic() + 30
+    while not all(log.exists() and "READY" in log.read_text() for log in logs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out[-2000:] + err[-2000:]
+    assert "stopped by a signal; exit status 75" in err
 
 
 def test_tpu_pod_dry_run_prints_every_command():

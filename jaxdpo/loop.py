@@ -80,7 +80,7 @@ def train_and_evaluate(config, *, devices=None) -> Run:
             stop_diverged(config, checkpoints, done, state, window, policy, fingerprint, bad_steps)
         window.add(metrics)
         if done % config.train.log_every == 0 or done == total:
-            log_train_window(logger, bar, window, done, time.perf_counter() - t_window)
+            log_train_window(logger, bar, window, done, t_window)
             window, t_window = MetricsWindow(), time.perf_counter()
         bar.update(1)
         if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
@@ -169,10 +169,12 @@ def evaluate(steps, state, policy, reference, data) -> dict[str, float]:
     return steps.eval_metrics(outputs)
 
 
-def log_train_window(logger, bar, window, done: int, seconds: float) -> None:
-    """The train record of the logging window that ends at `done`."""
+def log_train_window(logger, bar, window, done: int, started: float) -> None:
+    """The train record of the logging window that began at perf_counter() `started` and ends at `done`.
+    The rates' clock stops after the window's values are fetched, i.e. after its steps really ran
+    (dispatch is asynchronous: stopping it earlier would count only the time to enqueue them)."""
     record = window.mean()
-    record.update(window.rates(seconds))
+    record.update(window.rates(time.perf_counter() - started))
     record.pop("pairs"), record.pop("tokens")
     logger.write(done, {f"train/{k}": v for k, v in record.items()})
     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from jaxdpo.data.formats import BadRow, _field, normalize_row
+from jaxdpo.data.formats import BadRow, text_or_messages, normalize_row
 from jaxdpo.data.loading import RawRow, load_rows, parse_sources
 from jaxdpo.errors import ConfigError
 
@@ -23,7 +23,7 @@ def prompt_of(row: RawRow, data_cfg) -> Prompt:
         raise ConfigError(f"bad prompt row ({row.where}): {row.error}: {row.detail}")
     try:
         if data_cfg.prompt_key in row.data and row.data[data_cfg.prompt_key] is not None:
-            return _field(row.data, data_cfg.prompt_key)
+            return text_or_messages(row.data, data_cfg.prompt_key)
         return normalize_row(row.data, prompt_key=data_cfg.prompt_key, chosen_key=data_cfg.chosen_key,
                              rejected_key=data_cfg.rejected_key).prompt
     except BadRow as e:

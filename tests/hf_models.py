@@ -32,8 +32,12 @@ def build_hf_model(case: str, seed: int = 0):
     config_cls, model_cls, extra = CASES[case]
     config = getattr(transformers, config_cls)(**{**TINY, **extra})
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # big enough weights that a wrong convention changes the logits
+    return randomized(getattr(transformers, model_cls)(config).eval())
+
+
+def randomized(model):
+    """`model` with weights big enough that a wrong convention changes its outputs (from torch's RNG)."""
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.3 * torch.randn_like(param))

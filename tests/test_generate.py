@@ -163,8 +163,9 @@ def test_stop_strings_cut_text_and_ids(tmp_path):
 
 
 @pytest.mark.parametrize("flags,row,message", [
-    ([], '{"question": "hi"}', "prompts.jsonl line 2: a JSON row needs a 'prompt' key"),
-    ([], '{"prompt": [{"role": "user"}]}', "prompts.jsonl line 2: 'prompt' must be a non-empty string"),
+    ([], '{"question": "hi"}', "prompts.jsonl line 2: the row has no 'prompt' (keys present: ['question'])"),
+    ([], '{"prompt": [{"role": "user"}]}', "prompts.jsonl line 2: message 0 must be an object with 'role' and"),
+    ([], '{"prompt": ""}', "prompts.jsonl line 2: 'prompt' is empty"),
     (["--temperature=-1"], "hi", "temperature = -1.0 must be >= 0"),
     (["--top_p=0"], "hi", "top_p = 0.0 must be in (0, 1]"),
     (["--max_new_tokens=x"], "hi", "argument --max_new_tokens: invalid int value"),

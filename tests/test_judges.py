@@ -16,6 +16,7 @@ from jaxdpo.config import ConfigError
 from jaxdpo.judges import FunctionJudge, form_pairs, make_judge, pair_rows, win_rate
 from jaxdpo.models.reward_model import RewardModel, bucket_length, last_token_index
 from jaxdpo.sharding import make_mesh
+from tests.hf_models import randomized
 from tests.tiny_assets import make_tokenizer
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -47,13 +48,7 @@ def classifiers(tmp_path_factory, tokenizer):
             config_cls, model_cls, extra = CLASSIFIERS[case]
             config = getattr(transformers, config_cls)(vocab_size=len(tokenizer), **{**TINY, **extra})
             torch.manual_seed(0)
-            model = getattr(transformers, model_cls)(config).eval()
-            with torch.no_grad():  # weights big enough that a wrong convention changes the score
-                for name, param in model.named_parameters():
-                    if "norm" in name:
-                        param.add_(0.3 * torch.randn_like(param))
-                    else:
-                        param.normal_(0.0, 0.15)
+            model = randomized(getattr(transformers, model_cls)(config).eval())
             path = str(tmp_path_factory.mktemp(case))
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)

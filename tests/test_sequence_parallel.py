@@ -139,11 +139,25 @@ def decoder_logprobs(model_config, mesh, batch, *, sequence_parallel_backend):
         return fn(params, placed)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("model_config", [CONFIG, GEMMA2_LIKE], ids=["llama", "gemma2"])
+def outside_ci_unless_slow(*values, in_ci: bool, id=None):
+    """A parameter set that CI skips (it runs a covering subset); JAXDPO_SLOW_TESTS=1 runs every one."""
+    marks = [pytest.mark.skipif(not in_ci and os.environ.get("JAXDPO_SLOW_TESTS") != "1",
+                                reason="outside CI's covering subset; run with JAXDPO_SLOW_TESTS=1")]
+    return pytest.param(*values, marks=marks, id=id)
+
+
+# The window and softcaps are covered op-level on every mesh, so the Gemma-2-like model runs on two meshes.
+# CI runs the deepest ring (seq8) and the mixed mesh, every case with JAXDPO_SLOW_TESTS=1.
+DECODER_CI_CASES = {("llama", "seq8"), ("llama", "fsdp2-seq2-tensor2"), ("gemma2", "fsdp2-seq2-tensor2")}
+DECODER_CASES = [outside_ci_unless_slow(mesh_name, config, in_ci=(family, mesh_name) in DECODER_CI_CASES,
+                                        id=f"{family}-{mesh_name}")
+                 for family, config, meshes in (("llama", CONFIG, list(MESHES)),
+                                                ("gemma2", GEMMA2_LIKE, ["seq2", "fsdp2-seq2-tensor2"]))
+                 for mesh_name in meshes]
+
+
+@pytest.mark.parametrize("mesh_name,model_config", DECODER_CASES)
 def test_decoder_pair_logprobs_and_grads_match_whole_rows(mesh_name, model_config):
-    if model_config is GEMMA2_LIKE and mesh_name not in ("seq2", "fsdp2-seq2-tensor2"):
-        pytest.skip("the window and softcaps are covered op-level on every mesh; two meshes suffice here")
     batches = layout_batches(num_pairs=8, packed_rows=8)  # 8 pairs, 8+ rows: split over any mesh here
     for layout in ("padded", "packed"):  # prefix_shared rows are already in the attention test
         batch = dict(batches[layout])
@@ -235,20 +249,14 @@ def trainings(run_assets, tmp_path_factory):
 
 
 # Every (mesh, layout, reference) case is two short training runs (~15-30 s of compiling each on 2 cores):
-# CI runs a covering subset (every mesh, every layout, both references), JAXDPO_SLOW_TESTS=1 all of them.
-CI_CASES = {("seq2", "padded", "device"), ("seq4", "prefix_shared", "cached"), ("seq8", "packed", "device"),
-            ("fsdp2-seq2-tensor2", "packed", "cached"), ("fsdp2-seq2-tensor2", "prefix_shared", "device")}
-
-
-def _case(mesh_name, layout, mode):
-    slow = (mesh_name, layout, mode) not in CI_CASES
-    marks = [pytest.mark.skipif(slow and os.environ.get("JAXDPO_SLOW_TESTS") != "1",
-                                reason="outside CI's covering subset; run with JAXDPO_SLOW_TESTS=1")]
-    return pytest.param(mesh_name, layout, mode, marks=marks)
+# CI runs a covering subset (every layout, both references, a 2- and 4-way ring and the mixed mesh; the
+# 8-way ring is in the decoder test above), JAXDPO_SLOW_TESTS=1 all of them.
+CI_CASES = {("seq2", "padded", "device"), ("seq4", "prefix_shared", "cached"), ("fsdp2-seq2-tensor2", "packed", "cached")}
 
 
 @pytest.mark.parametrize("mesh_name,layout,mode", [
-    _case(m, layout, mode) for m in MESHES if m != "seq1" for layout in layouts.LAYOUTS for mode in ("device", "cached")])
+    outside_ci_unless_slow(m, layout, mode, in_ci=(m, layout, mode) in CI_CASES)
+    for m in MESHES if m != "seq1" for layout in layouts.LAYOUTS for mode in ("device", "cached")])
 def test_training_steps_match_on_every_sequence_mesh(trainings, mesh_name, layout, mode):
     """Two steps (the second after an update) give the same loss, gradient norm and rewards, and the same
     params, whether rows are whole (sequence = 1) or split 2, 4, 8 ways or over a mixed mesh."""

@@ -83,8 +83,9 @@ def _write_hf_dir(gguf_path: str, out_dir: str, *, dtype: str) -> None:
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    partial = out_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".partial", dir=parent)  # renamed into place
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     config_file = os.path.join(partial, "config.json")

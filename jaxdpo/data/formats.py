@@ -79,7 +79,8 @@ def _messages(value: Any, key: str) -> Messages:
     return out
 
 
-def _field(data: dict[str, Any], key: str) -> str | Messages:
+def text_or_messages(data: dict[str, Any], key: str) -> str | Messages:
+    """data[key] checked as a prompt or completion: non-empty text, or a list of role/content messages."""
     if key not in data or data[key] is None:
         raise BadRow("missing_key", key, f"the row has no {key!r} (keys present: {sorted(data)})")
     value = data[key]
@@ -152,8 +153,8 @@ def _as_messages(value: str | Messages, role: str) -> Messages:
 def normalize_row(data: dict[str, Any], *, prompt_key: str = "prompt", chosen_key: str = "chosen",
                   rejected_key: str = "rejected") -> Pair:
     """One raw row -> Pair, or BadRow naming the key and the reason."""
-    chosen = _field(data, chosen_key)
-    rejected = _field(data, rejected_key)
+    chosen = text_or_messages(data, chosen_key)
+    rejected = text_or_messages(data, rejected_key)
     has_prompt = prompt_key in data and data[prompt_key] is not None
 
     if not has_prompt:
@@ -165,7 +166,7 @@ def normalize_row(data: dict[str, Any], *, prompt_key: str = "prompt", chosen_ke
         else:
             prompt, chosen, rejected = split_message_prompt(chosen, rejected)
     else:
-        prompt = _field(data, prompt_key)
+        prompt = text_or_messages(data, prompt_key)
         if isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
             prompt = _as_messages(prompt, "user")
             chosen = _as_messages(chosen, "assistant")

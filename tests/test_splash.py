@@ -112,7 +112,8 @@ def test_mesh_runs_the_kernel_per_shard_with_the_same_numbers():
         jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
         got_loss, got_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert "shard_map" in jaxpr and "P(('data', 'fsdp'), None, 'tensor', None)" in jaxpr
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    # a sum of ~1e3 fp32 terms added in another order across shards: a few ulps apart
+    np.testing.assert_allclose(got_loss, want_loss, rtol=4e-6)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
 

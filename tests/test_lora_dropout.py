@@ -1,6 +1,7 @@
 """LoRA adapter dropout (lora.dropout): PEFT's adapter-input dropout, keyed by (seed, step, micro-batch)."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -28,11 +29,20 @@ DROPOUT_STREAMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def adapter_grads(model, ids, weights, key):
     """d sum(weights * logits) / d adapters, with LoRA dropout keyed by `key` (None = no dropout)."""
     graphdef, adapters, frozen = nnx.split(model, LoRAParam, ...)
+    return dict(nnx.to_flat_state(_adapter_grads(graphdef, adapters, frozen, ids, weights, key)))
 
+
+@functools.partial(jax.jit, static_argnums=0)  # weights and keys as arguments: one compile per model shape
+def _adapter_grads(graphdef, adapters, frozen, ids, weights, key):
     def loss(adapters):
         return jnp.sum(weights * nnx.merge(graphdef, adapters, frozen)(ids, lora_dropout_key=key))
 
-    return dict(nnx.to_flat_state(jax.jit(jax.grad(loss))(adapters)))
+    return jax.grad(loss)(adapters)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, key):
+    return nnx.merge(graphdef, state)(IDS, lora_dropout_key=key)
 
 
 def test_dropout_drops_each_adapters_input_with_its_own_mask():
@@ -87,7 +97,7 @@ def adapted_tiny(rate: float, remat: str = "none"):
 
 def test_dropout_needs_a_key_and_a_rate_and_remat_redraws_the_same_masks():
     key = jax.random.key(3)
-    forward = lambda model, key: np.asarray(jax.jit(lambda k: model(IDS, lora_dropout_key=k))(key))
+    forward = lambda model, key: np.asarray(_logits(*nnx.split(model), key))
     off, on = adapted_tiny(0.0), adapted_tiny(0.3)
     no_dropout = forward(off, None)
     np.testing.assert_array_equal(forward(off, key), no_dropout)  # rate 0: the key changes nothing

@@ -171,6 +171,36 @@ def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, w
     return x, tuple(new_cache)
 
 
+def _prefill(model, x, positions, mask, sliding_mask, num_slots: int):
+    """The prompt x [B,P,D] through every layer as one `lax.scan` over the stacked weights (compiled once,
+    not once per layer: the prompt is read once, so slicing each layer's weights out of the stack costs
+    nothing that matters). mask/sliding_mask [B,1,P,P]. Returns (x, cache): the per-layer caches of
+    `num_slots` slots, the prompt's k and v in slots 0..P-1."""
+    c, dtype = model.config, model.dtype
+    lora_scale = _lora_scale(model)
+    global_rope, local_rope = _rope(positions, c)
+    b, p = positions.shape
+
+    def layer(x, per_layer):
+        params, sliding = per_layer
+        cos, sin = global_rope
+        if local_rope is not None:
+            cos, sin = jnp.where(sliding, local_rope[0], cos), jnp.where(sliding, local_rope[1], sin)
+        q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale)
+        k, v = jnp.einsum("btkh->bkth", k), jnp.einsum("btkh->bkht", v)
+        layer_mask = mask if sliding_mask is None else jnp.where(sliding, sliding_mask, mask)
+        a = grouped_attention(q, k, v, mask=layer_mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
+                              cache_layout=True)
+        return attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale), (k, v)
+
+    x, (ks, vs) = jax.lax.scan(layer, x, (model.layers.arrays(), jnp.asarray(c.layer_is_sliding)))
+    empty_k, empty_v = _new_cache(model, b, num_slots)[0]
+    cache = tuple((jax.lax.dynamic_update_slice(empty_k, ks[l].astype(empty_k.dtype), (0, 0, 0, 0)),
+                   jax.lax.dynamic_update_slice(empty_v, vs[l].astype(empty_v.dtype), (0, 0, 0, 0)))
+                  for l in range(c.num_layers))
+    return x, cache
+
+
 def _lora_scale(model) -> float:
     return 1.0 if model.lora is None else model.lora.scale  # alpha / rank
 
@@ -235,10 +265,9 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
 
     prompt_slots = jnp.broadcast_to(jnp.arange(p), (b, p))
     positions = jnp.maximum(prompt_slots - offsets[:, None], 0)
-    mask, sliding = _masks(prompt_slots, lengths, p, num_slots, model.config)
+    mask, sliding = _masks(prompt_slots, lengths, p, p, model.config)
+    x, cache = _prefill(model, model.embed_tokens(tokens), positions, mask, sliding, num_slots)
     layers = _per_layer(model)
-    x, cache = _layers_with_cache(model, layers, model.embed_tokens(tokens), positions, mask, sliding,
-                                  _new_cache(model, b, num_slots), 0)
     logits = _token_logits(model, x[:, -1:])
     first = draw(logits, 0)
     out_ids = jnp.full((b, n), program.pad_id, jnp.int32).at[:, 0].set(first)

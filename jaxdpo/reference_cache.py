@@ -10,6 +10,7 @@ no reference parameters: each batch carries `ref_chosen` / `ref_rejected` looked
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -162,13 +163,17 @@ def load_or_compute(reference_params, *, config, mesh, policy, data, weights_pat
         "layout": cfg.data.layout, "row_length": data.row_length, "chunk": cfg.model.logprob_chunk,
     }
 
-    def logprobs(batch):
-        out = pair_logprobs(policy.graphdef, (reference_params, policy.frozen), batch, num_pairs=num_pairs,
-                            chunk_size=cfg.model.logprob_chunk)
+    def logprobs(weights, batch):
+        out = pair_logprobs(policy.graphdef, weights, batch, num_pairs=num_pairs, chunk_size=cfg.model.logprob_chunk)
         return out["pc"], out["pr"]
 
-    jitted = jax.jit(sharding.traced_in(mesh, logprobs), in_shardings=(shardings,),
-                     out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+    # the weights are an argument, never closed over: a closure would embed them in the program as constants
+    # (a compile that grows with the model, minutes for 135M parameters)
+    weights = (reference_params, policy.frozen)
+    compiled = jax.jit(sharding.traced_in(mesh, logprobs),
+                       in_shardings=(jax.tree.map(lambda a: a.sharding, weights), shardings),
+                       out_shardings=NamedSharding(mesh, sharding.logical_spec()))
+    jitted = functools.partial(compiled, weights)
     cache = ReferenceCache()
     for split, pairs in data.splits():
         parts = {**common_parts, "pairs": pairs_digest(pairs), "num_pairs": len(pairs)}

@@ -57,6 +57,17 @@ def _tiny_model_config():
 TINY = _tiny_model_config()
 
 
+def gemma2_like(config, sliding_window: int):
+    """`config` with every Gemma 2 feature the mask and norm rules have: softcaps, sandwich norms, and a
+    sliding-window layer before a global one."""
+    import dataclasses
+
+    return dataclasses.replace(
+        config, model_type="gemma2", norm_unit_offset=True, scale_embeddings=True, mlp_activation="gelu_tanh",
+        sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=5.0, query_pre_attn_scalar=16,
+        sliding_window=sliding_window, layer_types=("sliding_attention", "full_attention"), tie_word_embeddings=True)
+
+
 def lora_ids():
     import jax.numpy as jnp
 
@@ -76,3 +87,22 @@ def damage(path: str, how: str) -> None:
         data = data[:at] + bytes(b ^ 0xFF for b in data[at:at + 8]) + data[at + 8:]
     with open(path, "wb") as f:
         f.write(data)
+
+
+def memoized_trainings(assets: dict, tmp_path_factory):
+    """`train(key, overrides, devices=None) -> (run, metric records)`: `train_and_evaluate` on the tiny
+    assets with `overrides`, once per key, so the tests of a module share their trainings."""
+    done = {}
+
+    def train(key, overrides: dict, devices=None):
+        if key not in done:
+            from jaxdpo.loop import train_and_evaluate
+            from jaxdpo.metrics import read_metrics
+            from tests.tiny_assets import tiny_run_config
+
+            workdir = str(tmp_path_factory.mktemp("run"))
+            done[key] = (train_and_evaluate(tiny_run_config(assets, workdir, **overrides), devices=devices),
+                         read_metrics(workdir))
+        return done[key]
+
+    return train

@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdpo.models import Decoder, ModelConfig, families
+from jaxdpo.models import Decoder, families
 from jaxdpo.sharding import make_mesh
+from tests.helpers import TINY, gemma2_like
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8)
-GEMMA2_LIKE = dataclasses.replace(
-    CONFIG, model_type="gemma2", norm_unit_offset=True, scale_embeddings=True, mlp_activation="gelu_tanh",
-    sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=5.0, query_pre_attn_scalar=16,
-    sliding_window=3, layer_types=("sliding_attention", "full_attention"), tie_word_embeddings=True)
+CONFIG = TINY
+GEMMA2_LIKE = gemma2_like(CONFIG, sliding_window=3)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
 
 

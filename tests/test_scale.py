@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from tests.helpers import memoized_trainings
 from tests.processes import child_env, free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,29 +37,15 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """run(mesh, mode) -> (trainer, metrics records), memoized so tests share trainings."""
+    """run(mesh, mode) -> (run, metrics records), memoized so tests share trainings."""
     import jax
 
-    from jaxdpo.metrics import read_metrics
-    from jaxdpo.loop import train_and_evaluate
-    from tests.tiny_assets import tiny_run_config
-
-    done = {}
+    train = memoized_trainings(assets, tmp_path_factory)
 
     def run(mesh=None, mode="device"):
-        if (mesh, mode) not in done:
-            workdir = str(tmp_path_factory.mktemp(f"run_{mode}"))
-            overrides = dict(LEAN, **{"reference.mode": mode})
-            devices = None
-            if mesh is None:  # one device
-                devices, mesh_overrides = jax.devices()[:1], (1, 1, 1)
-            else:
-                mesh_overrides = mesh
-            overrides.update({"mesh.data": mesh_overrides[0], "mesh.fsdp": mesh_overrides[1],
-                              "mesh.tensor": mesh_overrides[2]})
-            trainer = train_and_evaluate(tiny_run_config(assets, workdir, **overrides), devices=devices)
-            done[(mesh, mode)] = trainer, read_metrics(workdir)
-        return done[(mesh, mode)]
+        data, fsdp, tensor = mesh or (1, 1, 1)
+        overrides = dict(LEAN, **{"reference.mode": mode, "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+        return train((mesh, mode), overrides, devices=None if mesh else jax.devices()[:1])
 
     return run
 

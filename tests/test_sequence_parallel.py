@@ -20,11 +20,12 @@ from jaxdpo.batches import batch_shardings
 from jaxdpo import sequence_parallel
 from jaxdpo.errors import ConfigError
 from jaxdpo.data import layouts
-from jaxdpo.models import Decoder, ModelConfig
+from jaxdpo.models import Decoder
 from jaxdpo.ops.attention import attention, make_attention_mask
 from jaxdpo.ops.ring_attention import ring_attention
 from jaxdpo.sharding import make_mesh
 from jaxdpo.step import pair_logprobs
+from tests.helpers import TINY, gemma2_like, memoized_trainings
 
 T = 32  # every layout's rows; a multiple of 2 * 8
 PAIRS = [([5, 9, 2, 7, 1], [11, 3, 8, 6], [4, 6, 2]),
@@ -33,13 +34,8 @@ PAIRS = [([5, 9, 2, 7, 1], [11, 3, 8, 6], [4, 6, 2]),
 # (data, fsdp, sequence, tensor): sequence 1, 2, 4, 8 and the mixed mesh of the issue
 MESHES = {"seq1": (1, 8, 1, 1), "seq2": (1, 4, 2, 1), "seq4": (2, 1, 4, 1), "seq8": (1, 1, 8, 1),
           "fsdp2-seq2-tensor2": (1, 2, 2, 2)}
-CONFIG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8)
-# softcaps, a sliding-window layer and a global one: every part of the mask rule
-GEMMA2_LIKE = dataclasses.replace(
-    CONFIG, model_type="gemma2", norm_unit_offset=True, scale_embeddings=True, mlp_activation="gelu_tanh",
-    sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=5.0, query_pre_attn_scalar=16,
-    sliding_window=4, layer_types=("sliding_attention", "full_attention"), tie_word_embeddings=True)
+CONFIG = dataclasses.replace(TINY, vocab_size=32)
+GEMMA2_LIKE = gemma2_like(CONFIG, sliding_window=4)  # softcaps, a sliding and a global layer: every mask rule
 
 
 def mesh_of(name):
@@ -228,24 +224,16 @@ def run_assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trainings(run_assets, tmp_path_factory):
     """train(mesh_name, layout, mode) -> (run, metric records) of 2 steps, memoized."""
-    from jaxdpo.loop import train_and_evaluate
-    from jaxdpo.metrics import read_metrics
-    from tests.tiny_assets import tiny_run_config
+    train = memoized_trainings(run_assets, tmp_path_factory)
 
-    done = {}
+    def train_on(mesh_name, layout, mode):
+        data, fsdp, sequence, tensor = MESHES[mesh_name]
+        return train((mesh_name, layout, mode), {
+            "data.eval_files": "", "train.export_hf": False, "train.steps": 2, "data.layout": layout,
+            "reference.mode": mode, "mesh.data": data, "mesh.fsdp": fsdp, "mesh.sequence": sequence,
+            "mesh.tensor": tensor})
 
-    def train(mesh_name, layout, mode):
-        if (mesh_name, layout, mode) not in done:
-            workdir = str(tmp_path_factory.mktemp(f"{mesh_name}_{layout}_{mode}"))
-            data, fsdp, sequence, tensor = MESHES[mesh_name]
-            config = tiny_run_config(run_assets, workdir, **{
-                "data.eval_files": "", "train.export_hf": False, "train.steps": 2, "data.layout": layout,
-                "reference.mode": mode, "mesh.data": data, "mesh.fsdp": fsdp, "mesh.sequence": sequence,
-                "mesh.tensor": tensor})
-            done[(mesh_name, layout, mode)] = train_and_evaluate(config), read_metrics(workdir)
-        return done[(mesh_name, layout, mode)]
-
-    return train
+    return train_on
 
 
 # Every (mesh, layout, reference) case is two short training runs (~15-30 s of compiling each on 2 cores):

@@ -156,17 +156,21 @@ def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, w
     c, dtype = model.config, model.dtype
     lora_scale = _lora_scale(model)
     global_rope, local_rope = _rope(positions, c)
+    # a few rows: matrix-vector products, which XLA:CPU runs on one core unless cut (decoder._contract)
+    ways = 2 if jax.default_backend() == "cpu" and x.shape[0] * x.shape[1] <= 8 else 1
     new_cache = []
     for params, sliding, (cache_k, cache_v) in zip(layers, c.layer_is_sliding, cache):
         cos, sin = local_rope if sliding and local_rope is not None else global_rope
-        q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale)
+        q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale,
+                                   contraction_ways=ways)
         k = jnp.einsum("btkh->bkth", k).astype(cache_k.dtype)
         v = jnp.einsum("btkh->bkht", v).astype(cache_v.dtype)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, write_slot, 0))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, 0, write_slot))
         a = grouped_attention(q, cache_k, cache_v, mask=sliding_mask if sliding else mask, scale=c.attention_scale,
                               logit_softcap=c.attn_logit_softcap, cache_layout=True)
-        x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale)
+        x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale,
+                                     contraction_ways=ways)
         new_cache.append((cache_k, cache_v))
     return x, tuple(new_cache)
 

@@ -222,10 +222,24 @@ def _layer_norm(p: dict, y, name: str, config: ModelConfig, dtype):
     return rms_norm(y, p[name], eps=config.rms_norm_eps, unit_offset=config.norm_unit_offset, dtype=dtype)
 
 
+def _contract(spec: str, y, w, ways: int):
+    """einsum(spec, y, w) for a spec whose contracted letter ends y's and starts w's ("btd,df->btf"). With
+    ways > 1 the contracted dim is cut into `ways` equal parts on both sides (a free reshape of the stored
+    weight), contracted as one batched dot over the parts, and summed: XLA:CPU runs a plain matrix-vector
+    product on one core and this one on several (SmolLM2 batch-1 decode on 2 cores: ~16% faster)."""
+    if ways == 1 or y.shape[-1] % ways:
+        return jnp.einsum(spec, y, w)
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    parts_y = y.reshape(*y.shape[:-1], ways, y.shape[-1] // ways)
+    parts_w = w.reshape(ways, w.shape[0] // ways, *w.shape[1:])
+    return jnp.einsum(f"{lhs[:-1]}s{rhs[0]},s{rhs}->s{out}", parts_y, parts_w).sum(0)
+
+
 def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora_dropout_rate: float,
-             lora_dropout_key):
+             lora_dropout_key, contraction_ways: int = 1):
     """y W for the projection `name`, plus lora_scale * (y A) B when p holds its adapter."""
-    out = jnp.einsum(spec, y, p[name].astype(dtype))
+    out = _contract(spec, y, p[name].astype(dtype), contraction_ways)
     if f"{name}_lora_a" in p:
         key = None
         if lora_dropout_key is not None:
@@ -236,12 +250,13 @@ def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora
 
 
 def attention_inputs(p: dict, x, *, cos, sin, config: ModelConfig, dtype, lora_scale: float = 1.0,
-                     lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+                     lora_dropout_rate: float = 0.0, lora_dropout_key=None, contraction_ways: int = 1):
     """The first half of a block: x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], RoPE applied.
-    A KV-cached step (jaxdpo.generate) writes k and v into its cache and attends over that."""
+    A KV-cached step (jaxdpo.generate) writes k and v into its cache and attends over that; it sets
+    `contraction_ways` (see _contract)."""
     c = config
     lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
-                lora_dropout_key=lora_dropout_key)
+                lora_dropout_key=lora_dropout_key, contraction_ways=contraction_ways)
     h = _layer_norm(p, x, "attn_norm", c, dtype)
     q = _project(p, "btd,dnh->btnh", h, "q_proj", **lora)
     k = _project(p, "btd,dkh->btkh", h, "k_proj", **lora)
@@ -254,11 +269,11 @@ def attention_inputs(p: dict, x, *, cos, sin, config: ModelConfig, dtype, lora_s
 
 
 def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_scale: float = 1.0,
-                             lora_dropout_rate: float = 0.0, lora_dropout_key=None):
+                             lora_dropout_rate: float = 0.0, lora_dropout_key=None, contraction_ways: int = 1):
     """The second half of a block: the attention output a [B,T,N,H] -> o_proj, residual, MLP, residual."""
     c = config
     lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,
-                lora_dropout_key=lora_dropout_key)
+                lora_dropout_key=lora_dropout_key, contraction_ways=contraction_ways)
     # (n, h) merged into one contracted dim: the activation is laid out to suit the stored [N*H, D] weight,
     # never the other way round (XLA:CPU otherwise may transpose the weight, a copy per layer per call)
     b, t, n, h = a.shape

@@ -18,6 +18,8 @@ resumed run saves that step again), then the next older one is tried.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import time
 import warnings
@@ -89,6 +91,13 @@ def _short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
+def _run_coroutine(coroutine):
+    """Run an orbax coroutine to completion from synchronous code, even under a running event loop
+    (a notebook): in a thread of its own, with a loop of its own."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 # ----- the manager ------------------------------------------------------------------------------------
 
 class Checkpointer:
@@ -105,15 +114,19 @@ class Checkpointer:
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            # A SIGKILLed async save leaves `<step>.orbax-checkpoint-tmp-*`; never listed as a step, and
-            # removed here so it cannot fill the disk over many preemptions.
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done below, synchronously
             enable_async_checkpointing=async_save,
             create=True,
         )
         # Handlers named up front: a fresh process (a resume) must read metadata before its first save.
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler(),
                     _LAYOUT: ocp.JsonCheckpointHandler()}
+        # A SIGKILLed async save leaves `<step>.orbax-checkpoint-tmp-*`: never listed as a step, and removed
+        # here so it cannot fill the disk over many preemptions. Orbax's own cleanup runs in a thread that
+        # nothing waits for, so a run that stops early (a one-line error) exited under it and printed a
+        # traceback from that thread; this one is done before the constructor returns.
+        _run_coroutine(ocp.path.step.temporary_paths.cleanup_temporary_paths(
+            self.directory, multiprocessing_options=options.multiprocessing_options))
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- saving --

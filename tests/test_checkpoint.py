@@ -248,9 +248,21 @@ def test_uncommitted_tmp_directory_is_ignored(tmp_path, mesh8):
     for name in ("5.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1700000000000000"):
         shutil.copytree(tmp_path / "2", tmp_path / name)
     ckpt = Checkpointer(tmp_path, keep=3, save_every=1)
+    assert sorted(os.listdir(tmp_path)) == ["2"]  # leftovers are gone before the constructor returns
     assert ckpt.all_steps() == [2]
     assert ckpt.restore_latest(abstract_on(mesh8, toy_state(mesh8)))[0] == 2
-    assert sorted(os.listdir(tmp_path)) == ["2"]  # leftovers are cleaned when a manager opens
+
+
+def test_a_process_that_exits_right_after_opening_checkpoints_prints_nothing(tmp_path):
+    """A run that stops with a one-line error just after opening its checkpoint directory (a truncated
+    weights file) must not exit under a cleanup still running in orbax's threads."""
+    (tmp_path / "3.orbax-checkpoint-tmp-1700000000000000").mkdir()
+    script = f"import sys; from jaxdpo.checkpoint import Checkpointer; " \
+             f"Checkpointer({str(tmp_path)!r}, keep=2, save_every=1); sys.exit(2)"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == "", result.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
 
 
 def test_process_killed_during_async_save_keeps_previous(tmp_path):

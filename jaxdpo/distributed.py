@@ -112,6 +112,63 @@ def _slurm_one_task_per_node_gpus(environ: Mapping[str, str]) -> tuple[int, ...]
     return tuple(range(count)) if count > 1 else None
 
 
+def _timeouts(dist_cfg: Mapping) -> dict[str, int]:
+    """The three timeouts in seconds: the config's where set, the defaults otherwise."""
+    timeouts = dict(
+        initialization_timeout=int(dist_cfg.get("initialization_timeout") or DEFAULT_INITIALIZATION_TIMEOUT_S),
+        heartbeat_timeout=int(dist_cfg.get("heartbeat_timeout") or DEFAULT_HEARTBEAT_TIMEOUT_S),
+        shutdown_timeout=int(dist_cfg.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT_S),
+    )
+    for name, seconds in timeouts.items():
+        if seconds <= 0:
+            raise ValueError(f"config.distributed.{name} must be a positive number of seconds, got {seconds}")
+    return timeouts
+
+
+def _given_layout(dist_cfg: Mapping, environ: Mapping[str, str]):
+    """(coordinator address, process count, process id, where they came from): each field from the
+    config if set there, else from its JAXDPO_* environment variable, else None."""
+    sources = set()
+
+    def field(value, env_name: str, parse):
+        if value is not None:
+            sources.add("config")
+            return value
+        if environ.get(env_name):
+            sources.add("env")
+            return parse(environ[env_name], env_name)
+        return None
+
+    num_processes, process_id = dist_cfg.get("num_processes"), dist_cfg.get("process_id")
+    address = field(dist_cfg.get("coordinator_address") or None, ENV_COORDINATOR_ADDRESS, lambda v, _: v)
+    num_processes = field(int(num_processes) if num_processes and int(num_processes) > 0 else None,
+                          ENV_NUM_PROCESSES, _int_or_error)
+    process_id = field(int(process_id) if process_id is not None and int(process_id) >= 0 else None,
+                       ENV_PROCESS_ID, _int_or_error)
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"distributed.num_processes must be >= 1, got {num_processes}")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"distributed.process_id={process_id} is outside 0..{num_processes - 1} "
+            f"(num_processes={num_processes}); give each process a distinct id in that range")
+    return address, num_processes, process_id, "+".join(sorted(sources))
+
+
+def _require_complete(address: str, num_processes, process_id, cluster: str | None) -> None:
+    """A coordinator address needs a process count and id, from us or from a detected cluster."""
+    missing = [name for name, value in (("num_processes", num_processes), ("process_id", process_id))
+               if value is None]
+    if not missing or cluster is not None:
+        return
+    hints = {"num_processes": f"--config.distributed.num_processes or {ENV_NUM_PROCESSES}",
+             "process_id": f"--config.distributed.process_id or {ENV_PROCESS_ID}"}
+    raise ValueError(
+        f"distributed: coordinator_address={address!r} is set but {' and '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not, and no cluster (SLURM, TPU, Open MPI) was "
+        f"detected to fill {'it' if len(missing) == 1 else 'them'} in; set "
+        + " and ".join(hints[m] for m in missing))
+
+
 def plan(dist_cfg: Mapping | None, environ: Mapping[str, str] | None = None,
          tpu_present: bool | None = None) -> Plan:
     """Decide how this process joins the run, without touching JAX. Pure apart from the TPU probe.
@@ -122,60 +179,12 @@ def plan(dist_cfg: Mapping | None, environ: Mapping[str, str] | None = None,
     """
     dist_cfg = {} if dist_cfg is None else dist_cfg
     environ = os.environ if environ is None else environ
-    timeouts = dict(
-        initialization_timeout=int(dist_cfg.get("initialization_timeout") or DEFAULT_INITIALIZATION_TIMEOUT_S),
-        heartbeat_timeout=int(dist_cfg.get("heartbeat_timeout") or DEFAULT_HEARTBEAT_TIMEOUT_S),
-        shutdown_timeout=int(dist_cfg.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT_S),
-    )
-    for name, seconds in timeouts.items():
-        if seconds <= 0:
-            raise ValueError(f"config.distributed.{name} must be a positive number of seconds, got {seconds}")
-
-    # Each field: the config value if set, else the environment variable, else unset (None).
-    sources = set()
-    address = dist_cfg.get("coordinator_address") or None
-    if address:
-        sources.add("config")
-    elif environ.get(ENV_COORDINATOR_ADDRESS):
-        address = environ[ENV_COORDINATOR_ADDRESS]
-        sources.add("env")
-    num_processes = dist_cfg.get("num_processes")
-    num_processes = int(num_processes) if num_processes and int(num_processes) > 0 else None
-    if num_processes is not None:
-        sources.add("config")
-    elif environ.get(ENV_NUM_PROCESSES):
-        num_processes = _int_or_error(environ[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES)
-        sources.add("env")
-    process_id = dist_cfg.get("process_id")
-    process_id = int(process_id) if process_id is not None and int(process_id) >= 0 else None
-    if process_id is not None:
-        sources.add("config")
-    elif environ.get(ENV_PROCESS_ID):
-        process_id = _int_or_error(environ[ENV_PROCESS_ID], ENV_PROCESS_ID)
-        sources.add("env")
-
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"distributed.num_processes must be >= 1, got {num_processes}")
-    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"distributed.process_id={process_id} is outside 0..{num_processes - 1} "
-            f"(num_processes={num_processes}); give each process a distinct id in that range")
-
-    if address is not None:
-        missing = [name for name, value in (("num_processes", num_processes), ("process_id", process_id))
-                   if value is None]
-        cluster = _detect_cluster(environ, _tpu_present(environ) if tpu_present is None else tpu_present)
-        if missing and cluster is None:
-            hints = {"num_processes": f"--config.distributed.num_processes or {ENV_NUM_PROCESSES}",
-                     "process_id": f"--config.distributed.process_id or {ENV_PROCESS_ID}"}
-            raise ValueError(
-                f"distributed: coordinator_address={address!r} is set but {' and '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not, and no cluster (SLURM, TPU, Open MPI) was "
-                f"detected to fill {'it' if len(missing) == 1 else 'them'} in; set "
-                + " and ".join(hints[m] for m in missing))
-        return Plan("+".join(sorted(sources)), address, num_processes, process_id, **timeouts)
-
+    timeouts = _timeouts(dist_cfg)
+    address, num_processes, process_id, source = _given_layout(dist_cfg, environ)
     cluster = _detect_cluster(environ, _tpu_present(environ) if tpu_present is None else tpu_present)
+    if address is not None:
+        _require_complete(address, num_processes, process_id, cluster)
+        return Plan(source, address, num_processes, process_id, **timeouts)
     if cluster == "slurm":
         return Plan(cluster, None, num_processes, process_id, **timeouts,
                     local_device_ids=_slurm_one_task_per_node_gpus(environ))

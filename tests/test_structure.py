@@ -14,7 +14,6 @@ LONG_ALLOWED: dict[tuple[str, str], str] = {
     ("jaxdpo.losses", "preference_loss"): "the weighted sum of the losses and every metric TRL logs, in one place",
     ("jaxdpo.models.families", "config_from_hf"): "a translation table: one line per config.json key",
     ("jaxdpo.models.families", "config_to_hf"): "the same table backwards",
-    ("jaxdpo.distributed", "plan"): "the precedence config > environment > cluster, one field after another",
     ("jaxdpo.models.hf_io", "save_pretrained"): "plan, then stream: splitting it passes the plan around",
 }
 

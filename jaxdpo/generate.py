@@ -78,6 +78,9 @@ class _Program:
     use_top_p: bool
     eos_ids: tuple[int, ...]
     pad_id: int
+    # decode cuts each projection's contracted dim this many ways (decoder._contract): XLA:CPU runs a
+    # matrix-vector product on one core, a batched dot of two halves on two
+    decode_contraction_ways: int = 1
 
 
 # ---- drawing one token ------------------------------------------------------------------------------------
@@ -148,16 +151,15 @@ def _per_layer(model) -> list[dict]:
     return [jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(model.config.num_layers)]
 
 
-def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, write_slot):
+def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, write_slot, ways: int = 1):
     """Run every layer (`layers`: _per_layer's trees) on x [B,T,D] (positions [B,T]): layer l writes its k, v
     into cache[l]'s slots write_slot .. write_slot+T-1 and attends over that whole cache with `mask`
     [B,1,T,S] (`sliding_mask` on sliding-window layers). cache: per layer (k [B,K,S,H], v [B,K,H,S]), updated
-    in place. Returns (x, cache). The layers are unrolled, so each reads its own weights in place."""
+    in place; `ways`: decoder._contract's. Returns (x, cache). The layers are unrolled, so each reads its own
+    weights in place."""
     c, dtype = model.config, model.dtype
     lora_scale = _lora_scale(model)
     global_rope, local_rope = _rope(positions, c)
-    # a few rows: matrix-vector products, which XLA:CPU runs on one core unless cut (decoder._contract)
-    ways = 2 if jax.default_backend() == "cpu" and x.shape[0] * x.shape[1] <= 8 else 1
     new_cache = []
     for params, sliding, (cache_k, cache_v) in zip(layers, c.layer_is_sliding, cache):
         cos, sin = local_rope if sliding and local_rope is not None else global_rope
@@ -288,7 +290,8 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
         query_slots = jnp.full((b, 1), slot)
         mask, sliding = _masks(query_slots, lengths, p, num_slots, model.config)
         x, cache = _layers_with_cache(model, layers, model.embed_tokens(last[:, None]),
-                                      query_slots - offsets[:, None], mask, sliding, cache, slot)
+                                      query_slots - offsets[:, None], mask, sliding, cache, slot,
+                                      program.decode_contraction_ways)
         logits = _token_logits(model, x)
         token = jnp.where(done, program.pad_id, draw(logits, step))
         logprob = jnp.where(done, 0.0, _chosen_logprob(logits, token))
@@ -318,6 +321,14 @@ class Completion:
     finished: bool  # ended with an EOS id (False: max_new_tokens reached)
 
 
+def _decode_contraction_ways(batch: int) -> int:
+    """2 for a decode step of at most 8 rows on CPU devices (those of the active mesh, else the default
+    ones): a few rows make matrix-vector products, which XLA:CPU runs on one core unless cut in two."""
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = jax.devices() if mesh.empty else jax.sharding.get_mesh().devices.flat
+    return 2 if batch <= 8 and next(iter(devices)).platform == "cpu" else 1
+
+
 def _place_rows(array: np.ndarray):
     """A [B,...] host array onto the active mesh, rows split where they divide evenly."""
     if jax.sharding.get_abstract_mesh().empty:
@@ -339,7 +350,8 @@ def generate(graphdef, states, prompts: Sequence[Sequence[int]], settings: Sampl
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     batch_size = batch_size or len(prompts)
     program = _Program(max_new_tokens=settings.max_new_tokens, greedy=settings.greedy, top_k=settings.top_k,
-                       use_top_p=settings.top_p < 1, eos_ids=tuple(sorted(set(eos_ids))), pad_id=pad_id)
+                       use_top_p=settings.top_p < 1, eos_ids=tuple(sorted(set(eos_ids))), pad_id=pad_id,
+                       decode_contraction_ways=_decode_contraction_ways(batch_size))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):

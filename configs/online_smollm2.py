@@ -12,13 +12,13 @@ on 32 held-out questions.
     python -m jaxdpo.train --config=configs/online_smollm2.py
 """
 
-from configs import dpo
+from configs import smollm2
 
 
 def get_config():
-    c = dpo.get_config()
+    # The model, LoRA, layout, beta and batch sizes of the offline SmolLM2 run; what follows differs.
+    c = smollm2.get_config()
     c.workdir = "runs/online_smollm2"
-    c.model.path = "ckpt/smollm2-135m-instruct"
     # Online rounds train on WORKDIR/rounds/N.jsonl; data.* keeps the lengths, layout and the checks.
     c.data.train_files = "assets/online_smollm2/prompts.jsonl"
     c.data.eval_files = ""
@@ -26,16 +26,10 @@ def get_config():
     # prompt): a short chosen answer fits whole with its end token; the long rejected one is cut.
     c.data.max_length = 112
     c.data.max_prompt_length = 56
-    c.data.layout = "prefix_shared"
     c.reference.mode = "device"  # with LoRA: the round's base model with the adapters off (no copy)
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.loss.beta = 0.1
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 0  # a round is a few steps: every one at the full rate
     c.optim.min_lr_ratio = 1.0
-    c.train.batch_size = 8
-    c.train.micro_batch_size = 8
     c.train.steps = 0
     c.train.epochs = 1.0  # per round, over its pairs
     c.train.log_every = 1

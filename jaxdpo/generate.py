@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdpo import sequence_parallel
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
 from jaxdpo.ops.attention import grouped_attention
@@ -448,22 +449,36 @@ def completions_with_logprobs(graphdef, states, tokenizer, prompts: Sequence, se
 def completion_logprobs(graphdef, states, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                         *, pad_id: int = 0) -> np.ndarray:
     """[n] float32: log p(completion | prompt) summed over the completion's tokens under these params (the
-    training forward: rows right-padded, so every attention backend the model was set up with applies)."""
+    training forward: rows right-padded, so every attention backend the model was set up with applies).
+    When the active mesh splits rows over `sequence`, the rows go in zigzag order, as ring attention reads
+    them (its causal mask comes from that layout, not from the positions)."""
+    sequence = _sequence_ways()
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    width = bucket_length(max(lengths) + 1)
+    multiple = sequence_parallel.row_multiple(sequence)
+    width = -(-bucket_length(max(lengths) + 1) // multiple) * multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
-    counted = np.zeros((len(prompts), width), bool)  # position t predicts tokens[t + 1]
+    counted = np.zeros((len(prompts), width), bool)  # position t predicts targets[t] = tokens[t + 1]
     for row, (p, c) in enumerate(zip(prompts, completions)):
         tokens[row, :len(p) + len(c)] = list(p) + list(c)
         counted[row, len(p) - 1:len(p) + len(c) - 1] = True
-    segment_ids = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-    return np.asarray(_score(graphdef, states, tokens, segment_ids, counted))
+    rows = dict(tokens=tokens, targets=np.roll(tokens, -1, axis=1), counted=counted,
+                positions=np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape),
+                segment_ids=(np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32))
+    if sequence > 1:  # a permutation of each row's slots: the sum over counted slots is unchanged
+        order = sequence_parallel.zigzag_order(width, sequence)
+        rows = {key: value[:, order] for key, value in rows.items()}
+    return np.asarray(_score(graphdef, states, **rows))
+
+
+def _sequence_ways() -> int:
+    """How many ways the active mesh splits each row's tokens (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("sequence", 1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, states, tokens, segment_ids, counted):
+def _score(graphdef, states, tokens, targets, counted, positions, segment_ids):
     model = nnx.merge(graphdef, *states)
-    hidden = model.hidden_states(tokens, segment_ids=segment_ids)
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    hidden = model.hidden_states(tokens, positions, segment_ids=segment_ids)
     token_lp = token_logprobs(hidden, model.lm_head_weight(), targets, logit_softcap=model.config.final_logit_softcap)
     return jnp.sum(jnp.where(counted, token_lp, 0.0), axis=1)

@@ -151,6 +151,24 @@ def test_same_seed_same_tokens_on_one_and_eight_devices(tiny):
     assert [c.ids for c in other_seed] != results[0]
 
 
+def test_scores_under_a_mesh_that_splits_rows_equal_one_device(tiny):
+    """completion_logprobs with ring attention (mesh.sequence = 2), whose causal mask comes from the zigzag
+    layout: the rows must reach it in that order (samples.jsonl scores completions this way in training)."""
+    _, model = tiny("mistral_sliding")  # a sliding window: the mask also reads the positions
+    batch = prompts(lengths=(5, 11, 3, 9))
+    completions = [[7, 8, 9], [10, 11], [12] * 6, [13]]
+    graphdef, state = nnx.split(model)
+    expected = gen.completion_logprobs(graphdef, (state,), batch, completions, pad_id=PAD)
+    mesh = make_mesh(1, 4, 1, sequence=2)
+    with jax.set_mesh(mesh):
+        ring = Decoder(model.config, attention_backend="sequence_parallel", rngs=nnx.Rngs(0))
+        nnx.update(ring, state)
+        ring_graphdef, ring_state = nnx.split(ring)
+        placed = jax.device_put(ring_state, nnx.get_named_sharding(ring_state, mesh))
+        scored = gen.completion_logprobs(ring_graphdef, (placed,), batch, completions, pad_id=PAD)
+    np.testing.assert_allclose(scored, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_stop_strings_cut_text_and_ids(tmp_path):
     from tests.tiny_assets import make_tokenizer
 

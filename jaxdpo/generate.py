@@ -39,7 +39,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
 from jaxdpo.ops.attention import grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
-from jaxdpo.sharding import logical_spec
+from jaxdpo.sharding import gather_to_host, logical_spec
 
 MIN_PROMPT_BUCKET = 16
 
@@ -367,7 +367,7 @@ def generate(graphdef, states, prompts: Sequence[Sequence[int]], settings: Sampl
             _place_rows(np.asarray([row_ids[i] for i in filled], np.int32)),
             jnp.float32(settings.temperature or 1.0), jnp.float32(settings.top_p), jnp.uint32(settings.seed),
             program=program)
-        ids, logprobs = np.asarray(jax.device_get(ids)), np.asarray(jax.device_get(logprobs))
+        ids, logprobs = gather_to_host(ids), gather_to_host(logprobs)  # rows may lie on other hosts
         new_tokens = 0
         for slot, row in enumerate(rows):
             results[row] = _completion(ids[slot], logprobs[slot], program.eos_ids)
@@ -470,7 +470,7 @@ def completion_logprobs(graphdef, states, prompts: Sequence[Sequence[int]], comp
     if sequence > 1:  # a permutation of each row's slots: the sum over counted slots is unchanged
         order = sequence_parallel.zigzag_order(width, sequence)
         rows = {key: value[:, order] for key, value in rows.items()}
-    return np.asarray(_score(graphdef, states, **rows))
+    return gather_to_host(_score(graphdef, states, **rows))
 
 
 def _sequence_ways() -> int:

@@ -207,7 +207,9 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
     from jaxdpo.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
-    overrides = dict(LEAN, **{"train.steps": 2})
+    # samples at steps 0 and 2: 4 prompts split over both processes' devices, gathered on every host
+    overrides = dict(LEAN, **{"train.steps": 2, "data.eval_files": assets["eval"], "train.eval_every": 100,
+                              "train.sample_every": 2, "train.sample_prompts": 4, "sampling.max_new_tokens": 4})
     (tmp_path / "assets.json").write_text(json.dumps(assets))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(tmp_path / "assets.json"),
@@ -240,6 +242,17 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
         got, want = _series(two, key), _series(one, key)
         assert len(got) == len(want) == 2
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+    samples_one, samples_two = (_jsonl(tmp_path / run / "samples.jsonl") for run in ("one", "two"))
+    assert len(samples_two) == len(samples_one) == 8  # steps 0 and 2, 4 prompts each, written by process 0 only
+    for got, want in zip(samples_two, samples_one):
+        for side in ("policy", "reference"):
+            assert got[side]["completion"] == want[side]["completion"]
+            np.testing.assert_allclose(got[side]["logp_policy"], want[side]["logp_policy"], rtol=1e-5)
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:

@@ -117,6 +117,9 @@ def _generation_config(model_dir: str) -> dict:
 
 def sample_file(args) -> dict:
     """Run the CLI's work; returns {"rows", "new_tokens", "seconds"}."""
+    from jaxdpo import distributed
+
+    distributed.initialize()  # several hosts (a pod, srun, JAXDPO_* variables) sample as one; else nothing
     import jax
     from flax import nnx
     from tqdm.auto import tqdm
@@ -136,7 +139,7 @@ def sample_file(args) -> dict:
         model = _sharded(model, mesh)
         eos_ids = generate.stop_ids(tokenizer, model.config, generation_config)
         graphdef, state = nnx.split(model)
-        bar = tqdm(total=len(prompts), unit="prompt", desc="sampling")
+        bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not distributed.is_main_process())
         counted = {"tokens": 0}
 
         def on_batch(rows, new_tokens):
@@ -149,12 +152,14 @@ def sample_file(args) -> dict:
                                                   on_batch=on_batch)
         seconds = time.perf_counter() - start
         bar.close()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        for prompt, row in zip(prompts, rows):
-            f.write(json.dumps({"prompt": prompt, "completion": row["completion"],
-                                "completion_ids": row["completion_ids"]}, ensure_ascii=False) + "\n")
-    return {"rows": len(rows), "new_tokens": counted["tokens"], "seconds": seconds}
+    if distributed.is_main_process():  # every process holds every row
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            for prompt, row in zip(prompts, rows):
+                f.write(json.dumps({"prompt": prompt, "completion": row["completion"],
+                                    "completion_ids": row["completion_ids"]}, ensure_ascii=False) + "\n")
+    return {"rows": len(rows), "new_tokens": counted["tokens"], "seconds": seconds,
+            "main_process": distributed.is_main_process()}
 
 
 def _sharded(model, mesh):
@@ -181,8 +186,9 @@ def main(argv=None) -> int:
         print(f"jaxdpo.sample: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     rate = result["new_tokens"] / max(result["seconds"], 1e-9)
-    print(f"wrote {result['rows']} completions to {args.output}: {result['new_tokens']} new tokens in "
-          f"{result['seconds']:.1f} s ({rate:.1f} tokens/s, compilation included)")
+    if result["main_process"]:
+        print(f"wrote {result['rows']} completions to {args.output}: {result['new_tokens']} new tokens in "
+              f"{result['seconds']:.1f} s ({rate:.1f} tokens/s, compilation included)")
     return 0
 
 

@@ -250,6 +250,28 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
             np.testing.assert_allclose(got[side]["logp_policy"], want[side]["logp_policy"], rtol=1e-5)
 
 
+def test_sample_cli_on_two_processes_writes_what_one_process_writes(assets, tmp_path):
+    """`python -m jaxdpo.sample` started on every host (here 2 processes x 2 devices, 4 prompts split over
+    them) samples as one program; process 0 alone writes the file, the same as one process's."""
+    from jaxdpo import sample
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What color is the {a}?"}]}) + "\n"
+                               for a in ("cat", "dog", "owl", "fox", "bee")))
+    flags = [f"--model={assets['model']}", f"--prompts={prompts}", "--max_new_tokens=6", "--temperature=1",
+             "--seed=3", "--batch_size=4"]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdpo.sample", *flags, f"--output={tmp_path / 'two.jsonl'}"],
+                              env=child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    assert sample.main([*flags, f"--output={tmp_path / 'one.jsonl'}"]) == 0
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "wrote 5 completions" in outputs[0] and "wrote" not in outputs[1]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

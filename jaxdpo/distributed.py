@@ -250,6 +250,15 @@ def all_processes_agree(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others: what process 0 wrote before it is there for all to read
+    (files are written by process 0 alone and read by every process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     """True on process 0: the one that logs, writes metrics and exports."""
     return jax.process_index() == 0

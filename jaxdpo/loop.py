@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo import batches, build, checkpoint, samples
 from jaxdpo.data import identity
+from jaxdpo.distributed import barrier
 from jaxdpo.divergence import BadStepWatch
 from jaxdpo.fingerprint import FINGERPRINT_KEY, SETTINGS_KEY, adjustable_settings, config_fingerprint, setting_changes
 from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
@@ -220,9 +221,16 @@ def save(config, checkpoints, step: int, state, window, policy, fingerprint, *, 
 
 def export(config, policy, state, tokenizer) -> dict[str, str]:
     """The trained policy as a HF directory; under LoRA the PEFT adapter always, the merged model (W + scale
-    A B) only on request. Returns {"hf": dir, "adapter": dir} for what was written."""
+    A B) only on request. Returns {"hf": dir, "adapter": dir} for what was written, once every process may
+    read it (process 0 writes; an on-policy round loads it next on every host)."""
     if not config.train.export_hf:
         return {}
+    written = _write_exports(config, policy, state, tokenizer)
+    barrier("export")
+    return written
+
+
+def _write_exports(config, policy, state, tokenizer) -> dict[str, str]:
     dirs, written = build.export_dirs(config.workdir), {}
     model = nnx.merge(policy.graphdef, state["params"], policy.frozen)
     if policy.lora is not None:

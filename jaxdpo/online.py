@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdpo import build, judges, prompts as prompts_lib, samples
+from jaxdpo import build, distributed, judges, prompts as prompts_lib, samples
 from jaxdpo.data.identity import files_identity
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
@@ -121,12 +121,18 @@ def round_config(config, round_index: int, start_policy: str):
 # ----- files ---------------------------------------------------------------------------------------------
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Rows written whole, then renamed into place (a killed write leaves no partial file)."""
-    if jax.process_index() != 0:
-        return
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+    """Rows written whole by process 0, then renamed into place (a killed write leaves no partial file);
+    every process calls it and returns once the file is there to read."""
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(path + ".tmp", path)
+    distributed.barrier(f"online {os.path.basename(path)}")
+
+
+def everywhere(path: str) -> bool:
+    """Whether every process sees `path`: a decision that starts collective work must be the same on all."""
+    return distributed.all_processes_agree(os.path.exists(path))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -151,17 +157,16 @@ def check_rounds_fingerprint(config, num_prompts: int) -> None:
     cadences and the eval settings may change)."""
     path = os.path.join(rounds_dir(config), "online.json")
     now = rounds_fingerprint(config, num_prompts)
-    if os.path.exists(path):
+    if everywhere(path):
         with open(path) as f:
             saved = json.load(f)
         differences = fingerprint_differences(saved, now)
         if differences:
             raise ConfigError(f"{path} was written by a run with other settings ({'; '.join(differences)}); use "
                               f"a new workdir or the same settings")
-    elif jax.process_index() == 0:
+    else:
         os.makedirs(rounds_dir(config), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(now, f, indent=2)
+        write_jsonl(path, [now])
 
 
 # ----- a policy from a HF directory, for sampling ------------------------------------------------------
@@ -238,7 +243,7 @@ def done_path(config, round_index: int) -> str:
 def finished_rounds(config) -> list[dict]:
     """The done markers of rounds 0, 1, ... up to the first unfinished one."""
     done = []
-    while os.path.exists(done_path(config, len(done))):
+    while everywhere(done_path(config, len(done))):
         with open(done_path(config, len(done))) as f:
             done.append(json.load(f))
     return done
@@ -308,7 +313,7 @@ def run_online(config):
     for r in range(len(done), config.online.rounds):
         start_policy, seconds = policy_after(config, done), {}
         with timed(seconds, "sample"):
-            if not os.path.exists(os.path.join(rounds_dir(config), f"{r}.jsonl")):
+            if not everywhere(os.path.join(rounds_dir(config), f"{r}.jsonl")):
                 sample_round(config, r, prompts, judge, *loader.load(start_policy))
         summary = round_summary(config, r)
         trained = summary["online/pairs"] >= config.train.batch_size

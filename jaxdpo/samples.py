@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdpo import generate, judges, prompts as prompts_lib
+from jaxdpo import distributed, generate, judges, prompts as prompts_lib
 from jaxdpo.errors import ConfigError
 
 SAMPLES_FILE = "samples.jsonl"
@@ -254,7 +254,13 @@ def samples_markdown(records: list[dict]) -> str:
 
 
 def read_reference_rows(path: str, key: dict) -> list[dict] | None:
-    """The stored reference completions, or None when absent, unreadable or drawn for another key."""
+    """The stored reference completions, or None when absent, unreadable or drawn for another key on any
+    process (every process calls it; on None all of them draw the completions again, together)."""
+    rows = _stored_rows(path, key)
+    return rows if distributed.all_processes_agree(rows is not None) else None
+
+
+def _stored_rows(path: str, key: dict) -> list[dict] | None:
     if not os.path.exists(path):
         return None
     try:
@@ -266,14 +272,15 @@ def read_reference_rows(path: str, key: dict) -> list[dict] | None:
 
 
 def write_reference_rows(path: str, key: dict, rows: list[dict]) -> None:
-    """Header line (the key) then one row per prompt; written whole, then renamed into place."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for record in [key] + rows:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    """Header line (the key) then one row per prompt; written whole by process 0, then renamed into place.
+    Every process calls it and returns once the file is there to read."""
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for record in [key] + rows:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+    distributed.barrier(f"reference rows {os.path.basename(path)}")
 
 
 def truncate_samples(workdir: str, step: int) -> None:

@@ -272,6 +272,31 @@ def test_sample_cli_on_two_processes_writes_what_one_process_writes(assets, tmp_
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
 
 
+def test_two_processes_run_online_rounds_as_one(assets, tmp_path):
+    """Two on-policy rounds on 2 processes x 2 devices: process 0 writes each round's files and export and
+    every process reads them back (a barrier after each write), so round 0's pairs equal one process's."""
+    from jaxdpo.online import run_online
+    from tests.tiny_assets import tiny_run_config
+
+    overrides = {"train.steps": 2, "train.save_every": 1, "data.eval_files": "", "sampling.max_new_tokens": 8,
+                 "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4, "online.rounds": 2,
+                 "online.prompts_per_round": 16, "online.samples_per_prompt": 2, "online.max_new_tokens": 8,
+                 "online.prompts": assets["train"], "online.eval_prompts": assets["eval"]}
+    (tmp_path / "assets.json").write_text(json.dumps(assets))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "online", str(tmp_path / "assets.json"),
+                               str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    run_online(tiny_run_config(assets, str(tmp_path / "one"), **{**overrides, "online.rounds": 1}))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    two, one = tmp_path / "two" / "rounds", tmp_path / "one" / "rounds"
+    assert (two / "0.jsonl").read_text() == (one / "0.jsonl").read_text()
+    assert (two / "1.done").exists() and (two / "1" / "hf" / "config.json").exists()
+    assert [r["step"] for r in _jsonl(tmp_path / "two" / "metrics.jsonl")] == [0, 1, 2]
+
+
 def _jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -294,5 +319,18 @@ def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
     print("TRAINED", distributed.describe(), flush=True)
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
-    _train_worker(*sys.argv[2:])
+def _online_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
+    sys.path.insert(0, REPO_ROOT)
+    from jaxdpo import distributed
+
+    distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
+    from jaxdpo.online import run_online
+    from tests.tiny_assets import tiny_run_config
+
+    with open(assets_json) as f:
+        assets = json.load(f)
+    run_online(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] in ("worker", "online"):
+    {"worker": _train_worker, "online": _online_worker}[sys.argv[1]](*sys.argv[2:])

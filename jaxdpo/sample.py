@@ -168,6 +168,8 @@ def _sharded(model, mesh):
     from flax import nnx
 
     state = nnx.state(model)
+    if jax.process_count() > 1:  # an array restored onto a local device cannot be put onto other hosts'
+        state = jax.device_get(state)  # devices; its host copy can, each host taking its own shards
     nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
     return model
 

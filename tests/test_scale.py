@@ -248,18 +248,20 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
         for side in ("policy", "reference"):
             assert got[side]["completion"] == want[side]["completion"]
             np.testing.assert_allclose(got[side]["logp_policy"], want[side]["logp_policy"], rtol=1e-5)
+    _sample_cli_on_two_processes_writes_what_one_process_writes(str(tmp_path / "two"), tmp_path)
 
 
-def test_sample_cli_on_two_processes_writes_what_one_process_writes(assets, tmp_path):
-    """`python -m jaxdpo.sample` started on every host (here 2 processes x 2 devices, 4 prompts split over
-    them) samples as one program; process 0 alone writes the file, the same as one process's."""
+def _sample_cli_on_two_processes_writes_what_one_process_writes(model: str, tmp_path):
+    """`python -m jaxdpo.sample` started on every host (2 processes x 2 devices, from the run's checkpoint:
+    its arrays are restored onto one local device) samples as one program; process 0 alone writes the
+    file, the same as one process's."""
     from jaxdpo import sample
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What color is the {a}?"}]}) + "\n"
                                for a in ("cat", "dog", "owl", "fox", "bee")))
-    flags = [f"--model={assets['model']}", f"--prompts={prompts}", "--max_new_tokens=6", "--temperature=1",
-             "--seed=3", "--batch_size=4"]
+    flags = [f"--model={model}", f"--prompts={prompts}", "--max_new_tokens=6", "--temperature=1", "--seed=3",
+             "--batch_size=4"]
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "jaxdpo.sample", *flags, f"--output={tmp_path / 'two.jsonl'}"],
                               env=child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
@@ -270,6 +272,8 @@ def test_sample_cli_on_two_processes_writes_what_one_process_writes(assets, tmp_
     assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "wrote 5 completions" in outputs[0] and "wrote" not in outputs[1]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
 
 
 def test_two_processes_run_online_rounds_as_one(assets, tmp_path):

@@ -210,12 +210,7 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
     # samples at steps 0 and 2: 4 prompts split over both processes' devices, gathered on every host
     overrides = dict(LEAN, **{"train.steps": 2, "data.eval_files": assets["eval"], "train.eval_every": 100,
                               "train.sample_every": 2, "train.sample_prompts": 4, "sampling.max_new_tokens": 4})
-    (tmp_path / "assets.json").write_text(json.dumps(assets))
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(tmp_path / "assets.json"),
-                               str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in range(2)]
+    procs = _start_two_processes("worker", assets, tmp_path, overrides)
 
     # the one-process run goes while the two processes start up
     train_and_evaluate(tiny_run_config(assets, str(tmp_path / "one"), **overrides), devices=jax.devices()[:4])
@@ -286,12 +281,7 @@ def test_two_processes_run_online_rounds_as_one(assets, tmp_path):
                  "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4, "online.rounds": 2,
                  "online.prompts_per_round": 16, "online.samples_per_prompt": 2, "online.max_new_tokens": 8,
                  "online.prompts": assets["train"], "online.eval_prompts": assets["eval"]}
-    (tmp_path / "assets.json").write_text(json.dumps(assets))
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "online", str(tmp_path / "assets.json"),
-                               str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in range(2)]
+    procs = _start_two_processes("online", assets, tmp_path, overrides)
     run_online(tiny_run_config(assets, str(tmp_path / "one"), **{**overrides, "online.rounds": 1}))
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -299,6 +289,17 @@ def test_two_processes_run_online_rounds_as_one(assets, tmp_path):
     assert (two / "0.jsonl").read_text() == (one / "0.jsonl").read_text()
     assert (two / "1.done").exists() and (two / "1" / "hf" / "config.json").exists()
     assert [r["step"] for r in _jsonl(tmp_path / "two" / "metrics.jsonl")] == [0, 1, 2]
+
+
+def _start_two_processes(mode: str, assets, tmp_path, overrides: dict) -> list:
+    """This file run as a script in `mode` ("worker": training, "online": rounds) by 2 processes of 2
+    devices each, on the tiny assets, into tmp_path/two."""
+    (tmp_path / "assets.json").write_text(json.dumps(assets))
+    port = free_port()
+    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(tmp_path / "assets.json"),
+                              str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
+                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for pid in range(2)]
 
 
 def _jsonl(path):

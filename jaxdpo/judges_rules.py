@@ -1,6 +1,9 @@
 """Rule judges: verifiable rewards as plain functions `function(prompt, completion) -> float`, for
 `judge.function = "jaxdpo.judges_rules:<name>"`.
 
+`correct_sum` checks the content of an answer: for prompts that ask for a sum "a + b" (the addition data
+of configs/smollm2.py, assets/smollm2), the answer's last integer must be that sum.
+
 `short_answer` is the judge of the on-policy demo (configs/online_smollm2.py): it rewards answers of at
 most MAX_WORDS words, a behaviour the prompts do not ask for and SmolLM2-135M-Instruct shows in under a
 third of its samples at the start, and one a small model can learn by LoRA DPO in a few rounds:
@@ -16,7 +19,13 @@ word x MAX_WORDS (64 or more) so that an answer within the limit is one that end
 
 from __future__ import annotations
 
+import re
+
+from jaxdpo.errors import ConfigError
+
 MAX_WORDS = 40
+_SUM = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
+_INTEGER = re.compile(r"-?\d+")
 
 
 def word_count(text: str) -> int:
@@ -32,3 +41,25 @@ def short_answer(prompt, completion: str) -> float:
     if words == 0:
         return 0.0
     return 1.0 if words <= MAX_WORDS else MAX_WORDS / words
+
+
+def prompt_text(prompt) -> str:
+    """The text a judge reads from a prompt: the string itself, or the last user message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def correct_sum(prompt, completion: str) -> float:
+    """1.0 when the completion's last integer is the sum a + b that the prompt asks for, else 0.0; plus
+    a tenth of `short_answer`, so that among right (or among wrong) answers the shorter one wins and a
+    round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a wrong
+    answer. A prompt without "a + b" is a config error (this judge is for other data)."""
+    asked = _SUM.search(prompt_text(prompt))
+    if asked is None:
+        raise ConfigError(f"judge correct_sum: the prompt {prompt_text(prompt)[:80]!r} asks for no sum "
+                          f"'a + b'; use it with addition prompts such as assets/smollm2")
+    answers = _INTEGER.findall(completion)
+    right = bool(answers) and int(answers[-1]) == int(asked.group(1)) + int(asked.group(2))
+    return float(right) + 0.1 * short_answer(prompt, completion)

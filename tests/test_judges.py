@@ -254,3 +254,17 @@ def test_win_rate_on_a_known_example():
         "eval/judge_score_reference"}
     perfect = win_rate(np.ones(5), np.zeros(5))
     assert perfect.win_rate == 1.0 and perfect.high == 1.0 and 0.5 < perfect.low < 1.0
+
+
+def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
+    from jaxdpo.judges_rules import correct_sum
+
+    chat = [{"role": "system", "content": "Be brief. 1 + 1 = 2."}, {"role": "user", "content": "What is 59 + 63?"}]
+    right, wrong = correct_sum(chat, "59 + 63 = 122."), correct_sum(chat, "59 + 63 = 111.")
+    assert right == pytest.approx(1.1) and wrong == pytest.approx(0.1)
+    long_right = correct_sum(chat, "To add 59 and 63 we " + "carefully " * 80 + "get 122")
+    assert wrong < long_right < right  # correctness first, then brevity
+    assert correct_sum("What is -4+10?", "It is 6") == pytest.approx(1.1)
+    assert correct_sum("What is 2 + 2?", "") == 0.0 and correct_sum("What is 2 + 2?", "four") == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="asks for no sum"):
+        correct_sum("Why is the sky blue?", "Rayleigh scattering.")

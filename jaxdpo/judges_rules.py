@@ -2,7 +2,8 @@
 `judge.function = "jaxdpo.judges_rules:<name>"`.
 
 `correct_sum` checks the content of an answer: for prompts that ask for a sum "a + b" (the addition data
-of configs/smollm2.py, assets/smollm2), the answer's last integer must be that sum.
+of configs/smollm2.py, assets/smollm2), the answer must be that sum: the first integer after the first
+"=" ("59 + 63 = 122. That's 3 more than 119" answers 122), else the last integer.
 
 `short_answer` is the judge of the on-policy demo (configs/online_smollm2.py): it rewards answers of at
 most MAX_WORDS words, a behaviour the prompts do not ask for and SmolLM2-135M-Instruct shows in under a
@@ -26,6 +27,7 @@ from jaxdpo.errors import ConfigError
 MAX_WORDS = 40
 _SUM = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
 _INTEGER = re.compile(r"-?\d+")
+_EQUALS_INTEGER = re.compile(r"=\s*(-?\d+)")
 
 
 def word_count(text: str) -> int:
@@ -52,7 +54,8 @@ def prompt_text(prompt) -> str:
 
 
 def correct_sum(prompt, completion: str) -> float:
-    """1.0 when the completion's last integer is the sum a + b that the prompt asks for, else 0.0; plus
+    """1.0 when the completion's answer (see the module docstring) is the sum a + b that the prompt asks
+    for, else 0.0; plus
     a tenth of `short_answer`, so that among right (or among wrong) answers the shorter one wins and a
     round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a wrong
     answer. A prompt without "a + b" is a config error (this judge is for other data)."""
@@ -60,6 +63,14 @@ def correct_sum(prompt, completion: str) -> float:
     if asked is None:
         raise ConfigError(f"judge correct_sum: the prompt {prompt_text(prompt)[:80]!r} asks for no sum "
                           f"'a + b'; use it with addition prompts such as assets/smollm2")
-    answers = _INTEGER.findall(completion)
-    right = bool(answers) and int(answers[-1]) == int(asked.group(1)) + int(asked.group(2))
+    right = _answer(completion) == int(asked.group(1)) + int(asked.group(2))
     return float(right) + 0.1 * short_answer(prompt, completion)
+
+
+def _answer(completion: str) -> int | None:
+    """The integer an arithmetic answer gives: the first after the first "=", else the last one."""
+    if "=" in completion:
+        after = _EQUALS_INTEGER.search(completion[completion.index("="):])
+        return int(after.group(1)) if after else None
+    integers = _INTEGER.findall(completion)
+    return int(integers[-1]) if integers else None

@@ -264,6 +264,8 @@ def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
     assert right == pytest.approx(1.1) and wrong == pytest.approx(0.1)
     long_right = correct_sum(chat, "To add 59 and 63 we " + "carefully " * 80 + "get 122")
     assert wrong < long_right < right  # correctness first, then brevity
+    assert correct_sum(chat, "59 + 63 = 122. That's a total of 17.") == pytest.approx(1.1)  # the "=" answer
+    assert correct_sum(chat, "59 + 63 = 78\n\nSo 122 is wrong.") == pytest.approx(0.1)
     assert correct_sum("What is -4+10?", "It is 6") == pytest.approx(1.1)
     assert correct_sum("What is 2 + 2?", "") == 0.0 and correct_sum("What is 2 + 2?", "four") == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="asks for no sum"):

@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import importlib.util
 import inspect
+import json
 import os
 from collections.abc import Mapping
 
@@ -257,6 +258,18 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def write_jsonl(path: str, records: list) -> None:
+    """The one way a file that every process reads is written: process 0 writes the records whole, one JSON
+    line each, and renames the file into place (a killed write leaves no partial file); every process calls
+    it and returns once the file is there to read."""
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        os.replace(path + ".tmp", path)
+    barrier(f"write {os.path.basename(path)}")
 
 
 def is_main_process() -> bool:

@@ -39,7 +39,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
 from jaxdpo.ops.attention import grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
-from jaxdpo.sharding import gather_to_host, logical_spec
+from jaxdpo.sharding import gather_to_host, logical_spec, sequence_axis_size
 
 MIN_PROMPT_BUCKET = 16
 
@@ -455,7 +455,7 @@ def completion_logprobs(graphdef, states, prompts: Sequence[Sequence[int]], comp
     training forward: rows right-padded, so every attention backend the model was set up with applies).
     When the active mesh splits rows over `sequence`, the rows go in zigzag order, as ring attention reads
     them (its causal mask comes from that layout, not from the positions)."""
-    sequence = _sequence_ways()
+    sequence = sequence_axis_size(jax.sharding.get_abstract_mesh())  # 1 without a mesh
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     multiple = sequence_parallel.row_multiple(sequence)
     width = -(-bucket_length(max(lengths) + 1) // multiple) * multiple
@@ -471,12 +471,6 @@ def completion_logprobs(graphdef, states, prompts: Sequence[Sequence[int]], comp
         order = sequence_parallel.zigzag_order(width, sequence)
         rows = {key: value[:, order] for key, value in rows.items()}
     return gather_to_host(_score(graphdef, states, **rows))
-
-
-def _sequence_ways() -> int:
-    """How many ways the active mesh splits each row's tokens (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get("sequence", 1)
 
 
 @functools.partial(jax.jit, static_argnums=0)

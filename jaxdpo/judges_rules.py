@@ -55,9 +55,8 @@ def prompt_text(prompt) -> str:
 
 def correct_sum(prompt, completion: str) -> float:
     """1.0 when the completion's answer (see the module docstring) is the sum a + b that the prompt asks
-    for, else 0.0; plus
-    a tenth of `short_answer`, so that among right (or among wrong) answers the shorter one wins and a
-    round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a wrong
+    for, else 0.0; plus a tenth of `short_answer`, so that among right (or among wrong) answers the shorter
+    one wins and a round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a wrong
     answer. A prompt without "a + b" is a config error (this judge is for other data)."""
     asked = _SUM.search(prompt_text(prompt))
     if asked is None:

@@ -38,6 +38,7 @@ from flax import nnx
 
 from jaxdpo import build, distributed, judges, prompts as prompts_lib, samples
 from jaxdpo.data.identity import files_identity
+from jaxdpo.distributed import write_jsonl  # process 0 writes, every host reads
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
 from jaxdpo.fingerprint import fingerprint_differences, jsonable
@@ -119,16 +120,6 @@ def round_config(config, round_index: int, start_policy: str):
 
 
 # ----- files ---------------------------------------------------------------------------------------------
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Rows written whole by process 0, then renamed into place (a killed write leaves no partial file);
-    every process calls it and returns once the file is there to read."""
-    if jax.process_index() == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(path + ".tmp", path)
-    distributed.barrier(f"online {os.path.basename(path)}")
-
 
 def everywhere(path: str) -> bool:
     """Whether every process sees `path`: a decision that starts collective work must be the same on all."""

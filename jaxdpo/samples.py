@@ -261,6 +261,7 @@ def read_reference_rows(path: str, key: dict) -> list[dict] | None:
 
 
 def _stored_rows(path: str, key: dict) -> list[dict] | None:
+    """What this process reads from `path`, or None."""
     if not os.path.exists(path):
         return None
     try:
@@ -272,15 +273,8 @@ def _stored_rows(path: str, key: dict) -> list[dict] | None:
 
 
 def write_reference_rows(path: str, key: dict, rows: list[dict]) -> None:
-    """Header line (the key) then one row per prompt; written whole by process 0, then renamed into place.
-    Every process calls it and returns once the file is there to read."""
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for record in [key] + rows:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-    distributed.barrier(f"reference rows {os.path.basename(path)}")
+    """Header line (the key) then one row per prompt (every process calls it: distributed.write_jsonl)."""
+    distributed.write_jsonl(path, [key] + rows)
 
 
 def truncate_samples(workdir: str, step: int) -> None:

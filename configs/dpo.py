@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_prompts = 4  # held-out eval prompts sampled (the first distinct ones)
 
     # Sampling for train.sample_every and the judge's win rate (policy and reference draw with seeds
-    # derived from sampling.seed, see jaxdpo/samples.py).
+    # derived from sampling.seed, see jaxdpo/sampling/samples.py).
     c.sampling = ml_collections.ConfigDict()
     c.sampling.max_new_tokens = 64
     c.sampling.temperature = 0.7  # 0 = greedy
@@ -87,13 +87,13 @@ def get_config() -> ml_collections.ConfigDict:
     # A judge ranks completions: eval/win_rate of the policy against the reference at every eval, and
     # the pairs of on-policy rounds. Set one of function and reward_model; both empty = no judge.
     c.judge = ml_collections.ConfigDict()
-    c.judge.function = ""  # "module:function(prompt, completion) -> float", e.g. "jaxdpo.judges_rules:short_answer"
+    c.judge.function = ""  # "module:function(prompt, completion) -> float", e.g. "jaxdpo.judging.rules:short_answer"
     c.judge.reward_model = ""  # an HF *ForSequenceClassification checkpoint directory
     c.judge.prompts = 32  # held-out prompts judged for the win rate (the first distinct ones)
     c.judge.batch_size = 8  # reward model: rows per forward
     c.judge.max_length = 0  # reward model: tokens read per row; 0 = its max_position_embeddings
 
-    # On-policy DPO (jaxdpo/online.py): rounds of sample (k per prompt) -> judge -> best vs worst pairs ->
+    # On-policy DPO (jaxdpo/online/rounds.py): rounds of sample (k per prompt) -> judge -> best vs worst pairs ->
     # train (train.* per round) on WORKDIR/rounds/N.jsonl. 0 rounds = offline DPO on data.train_files.
     c.online = ml_collections.ConfigDict()
     c.online.rounds = 0

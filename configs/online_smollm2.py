@@ -1,7 +1,7 @@
 """On-policy DPO on a real pretrained model on a laptop CPU: SmolLM2-135M-Instruct learns to answer briefly.
 
 Each round the policy answers 16 everyday questions (assets/online_smollm2/prompts.jsonl) 4 times each,
-the rule judge jaxdpo.judges_rules:short_answer scores each answer (1.0 for at most 40 words, else 40/words:
+the rule judge jaxdpo.judging.rules:short_answer scores each answer (1.0 for at most 40 words, else 40/words:
 the prompts do not ask for brevity, and the model answers that briefly in ~8% of its samples at the start),
 the shortest answer of each question is paired against the longest, and LoRA DPO trains on those pairs; the
 next round samples the trained policy. After each round its win rate against the initial model is judged
@@ -37,7 +37,7 @@ def get_config():
     c.sampling.max_new_tokens = 128  # the win rate's samples (both sides)
     c.sampling.temperature = 0.7
     c.sampling.batch_size = 64
-    c.judge.function = "jaxdpo.judges_rules:short_answer"
+    c.judge.function = "jaxdpo.judging.rules:short_answer"
     c.judge.prompts = 32
     # Two rounds reach the goal (win rate 0.94 against the initial model, 27 min on a shared 2-core CPU, see
     # README). More rounds at this learning rate reward-hack the rule: a length-only judge scores one-word

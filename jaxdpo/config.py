@@ -201,9 +201,14 @@ def _check_schema_values(config) -> None:
 def validate(config) -> None:
     """Raise ConfigError for the first problem found, in words a user can act on."""
     # The owners of each section; imported here because they are heavy (jax) and this module is not.
-    from jaxdpo import data, losses, online, optim, reference, samples, sequence_parallel, sharding
+    from jaxdpo import data
     from jaxdpo.data.batcher import check_batch_sizes
     from jaxdpo.models import hf_io, lora
+    from jaxdpo.online import rounds as online
+    from jaxdpo.parallel import sequence_parallel, sharding
+    from jaxdpo.preference import losses, reference
+    from jaxdpo.sampling import samples
+    from jaxdpo.training import optim
 
     _check_schema_values(config)
     if config.train.steps <= 0 and config.train.epochs <= 0:

@@ -96,7 +96,12 @@ def load_model(path: str, *, dtype: str, base: str | None):
     if os.path.exists(os.path.join(path, "config.json")):
         return (from_pretrained(path, dtype=getattr(jnp, dtype)), AutoTokenizer.from_pretrained(path),
                 _generation_config(path))
-    from jaxdpo.saved_policy import build_model, find_tokenizer, locate, read_params
+    from jaxdpo.checkpoint.saved_policy import (
+        build_model,
+        find_tokenizer,
+        locate,
+        read_params,
+    )
 
     checkpoints_dir, step, workdir = locate(path)
     params, meta = read_params(checkpoints_dir, step)
@@ -117,14 +122,15 @@ def _generation_config(model_dir: str) -> dict:
 
 def sample_file(args) -> dict:
     """Run the CLI's work; returns {"rows", "new_tokens", "seconds"}."""
-    from jaxdpo import distributed
+    from jaxdpo.parallel import distributed
 
     distributed.initialize()  # several hosts (a pod, srun, JAXDPO_* variables) sample as one; else nothing
     import jax
     from flax import nnx
     from tqdm.auto import tqdm
 
-    from jaxdpo import generate, sharding
+    from jaxdpo.parallel import sharding
+    from jaxdpo.sampling import generate
 
     settings = generate.SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -24,7 +24,8 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdpo import config as config_lib, errors
+from jaxdpo import config as config_lib
+from jaxdpo import errors
 
 DEFAULT_CONFIG = "configs/dpo.py"
 # Every key a run reads, with its default: other config files must have exactly these keys.
@@ -94,13 +95,13 @@ def main(argv):
     _one_line_notices()
     try:
         config_lib.validate(config)
-        from jaxdpo import distributed
+        from jaxdpo.parallel import distributed
         distributed.initialize(config.distributed)
         if config.online.rounds:
-            from jaxdpo.online import run_online
+            from jaxdpo.online.rounds import run_online
             run = run_online(config)  # the last round's run; None when every round was already done
         else:
-            from jaxdpo.loop import train_and_evaluate
+            from jaxdpo.training.loop import train_and_evaluate
             run = train_and_evaluate(config)
     except config_lib.ConfigError as e:
         print(f"jaxdpo: {e}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@
 #       ARGS starting with anything else are the whole command, run once per process
 #
 # Every process gets JAXDPO_COORDINATOR_ADDRESS, JAXDPO_NUM_PROCESSES and JAXDPO_PROCESS_ID (which
-# jaxdpo.distributed.initialize reads), XLA_FLAGS=--xla_force_host_platform_device_count=D and
+# jaxdpo.parallel.distributed.initialize reads), XLA_FLAGS=--xla_force_host_platform_device_count=D and
 # JAX_PLATFORMS=cpu. Output lines are prefixed with [pK]; each process's output is also kept in
 # LOG_DIR/process_K.log (LOG_DIR defaults to a fresh temp dir, printed at the start).
 # If one process fails, the others are stopped (SIGTERM, SIGKILL after STOP_GRACE_S=10 seconds) and

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM or pod slice: create (or reuse) the TPU VM, ship this checkout to every
 # worker, install it, and run the same `python -m jaxdpo.train` on all workers at once. JAX finds the
-# other workers by itself (jaxdpo.distributed detects the TPU VM), so no addresses are needed.
+# other workers by itself (jaxdpo.parallel.distributed detects the TPU VM), so no addresses are needed.
 #
 #   launch/tpu_pod.sh [options] [-- --config.key=value ...]
 #

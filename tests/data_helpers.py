@@ -16,7 +16,14 @@ CORPUS = ["What color is the sky? The sky is blue.", "Human: hello there Assista
 
 def make_tokenizer(add_bos: bool = True, corpus: list[str] = CORPUS):
     """A byte-level BPE of ~300 ids; ids 0..6 are SPECIALS in order; BOS is added to plain text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -32,8 +32,8 @@ def truncate_files(step_dir, subdir="state"):
 
 
 def train_batch(run, step: int) -> dict:
-    """The global train batch of `step` of a finished run (jaxdpo.loop.Run), as its train step takes it."""
-    from jaxdpo import batches
+    """The global train batch of `step` of a finished run (jaxdpo.training.loop.Run), as its train step takes it."""
+    from jaxdpo.training import batches
 
     return batches.train_batch(run.data.batcher, run.reference, step, run.steps.train_batch_shardings)
 
@@ -96,8 +96,8 @@ def memoized_trainings(assets: dict, tmp_path_factory):
 
     def train(key, overrides: dict, devices=None):
         if key not in done:
-            from jaxdpo.loop import train_and_evaluate
-            from jaxdpo.metrics import read_metrics
+            from jaxdpo.training.loop import train_and_evaluate
+            from jaxdpo.training.metrics import read_metrics
             from tests.tiny_assets import tiny_run_config
 
             workdir = str(tmp_path_factory.mktemp("run"))

@@ -14,7 +14,7 @@ def free_port() -> int:
 
 def child_env(port: int, process_id: int, *, num_processes: int = 2, local_devices: int = 2) -> dict:
     """The environment of one process of a local multi-process run, free of cluster variables that
-    would make jaxdpo.distributed auto-detect SLURM/MPI/TPU."""
+    would make jaxdpo.parallel.distributed auto-detect SLURM/MPI/TPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "PMI_"))}
     # the scheduler flag: see DEVELOPING.md "CPU collectives"
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "

@@ -12,13 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxdpo.checkpoint import Checkpointer, CorruptCheckpointWarning, abstract_like
+from jaxdpo.checkpoint.fingerprint import config_fingerprint, fingerprint_differences
+from jaxdpo.checkpoint.manager import (
+    Checkpointer,
+    CorruptCheckpointWarning,
+    abstract_like,
+)
 from jaxdpo.errors import ConfigError
-from jaxdpo.fingerprint import config_fingerprint, fingerprint_differences
-from jaxdpo.preemption import install_preemption_handler
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
+from jaxdpo.training.preemption import install_preemption_handler
 from tests.helpers import assert_bit_equal, truncate_files
 
 FINGERPRINT = {"model": {"hidden_size": 32, "num_layers": 2}, "vocab_size": 300, "layout": "padded"}
@@ -130,7 +135,7 @@ def test_changed_values_fail_the_checksums_and_the_step_is_moved_aside_then_save
 
 
 def test_checksums_do_not_depend_on_the_mesh():
-    from jaxdpo.checksums import state_checksums
+    from jaxdpo.checkpoint.checksums import state_checksums
 
     state = toy_state(make_mesh(1, 8, 1))
     on_one = jax.device_put(jax.device_get(state), jax.devices()[0])
@@ -213,11 +218,11 @@ def test_config_fingerprint_flags_what_breaks_an_exact_resume():
 
 
 def test_flax_nnx_state_with_the_real_optimizer_roundtrips_onto_one_device(tmp_path, mesh8):
-    """The trainer's state: nnx.State params (Param variables, int layer keys) + jaxdpo.optim's chain."""
+    """The trainer's state: nnx.State params (Param variables, int layer keys) + jaxdpo.training.optim's chain."""
     from flax import nnx
     from ml_collections import ConfigDict
 
-    from jaxdpo.optim import make_optimizer
+    from jaxdpo.training.optim import make_optimizer
 
     class Tiny(nnx.Module):
         def __init__(self, rngs):
@@ -257,7 +262,7 @@ def test_a_process_that_exits_right_after_opening_checkpoints_prints_nothing(tmp
     """A run that stops with a one-line error just after opening its checkpoint directory (a truncated
     weights file) must not exit under a cleanup still running in orbax's threads."""
     (tmp_path / "3.orbax-checkpoint-tmp-1700000000000000").mkdir()
-    script = f"import sys; from jaxdpo.checkpoint import Checkpointer; " \
+    script = f"import sys; from jaxdpo.checkpoint.manager import Checkpointer; " \
              f"Checkpointer({str(tmp_path)!r}, keep=2, save_every=1); sys.exit(2)"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -270,7 +275,7 @@ def test_process_killed_during_async_save_keeps_previous(tmp_path):
     script = textwrap.dedent(f"""
         import os
         import jax, jax.numpy as jnp
-        from jaxdpo.checkpoint import Checkpointer
+        from jaxdpo.checkpoint.manager import Checkpointer
         ckpt = Checkpointer({str(tmp_path)!r}, keep=3, save_every=1)
         ckpt.save(1, {{"w": jnp.ones((4, 4))}}, {{}}); ckpt.wait()
         ckpt.save(2, {{"w": jnp.ones((4096, 4096))}}, {{}})  # 64 MiB: still being written when we die

@@ -187,8 +187,9 @@ def test_mesh_that_does_not_fit_fails_before_any_tokenizing(assets, tmp_path, mo
     on a large dataset a bad mesh fails in seconds, not after tokenizing everything."""
     import jax
 
-    from jaxdpo import build, data
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo import data
+    from jaxdpo.training import build
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     def must_not_tokenize(*args, **kwargs):

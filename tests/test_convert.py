@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo.loop import train_and_evaluate
+from jaxdpo.training.loop import train_and_evaluate
 from tests.tiny_assets import make_run_assets, tiny_run_config
 from tools import convert_to_hf
 

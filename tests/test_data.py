@@ -15,6 +15,7 @@ from jaxdpo.data.loading import load_rows
 from jaxdpo.data.tokenize import make_spec, tokenize_pair, truncate
 from tests.data_helpers import data_config, make_tokenizer, visible_contexts
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()

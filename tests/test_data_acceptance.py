@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from jaxdpo.config import ConfigError
-from jaxdpo.data import format_report, load_preference_data, make_batch, mix_sources, row_length
+from jaxdpo.data import (
+    format_report,
+    load_preference_data,
+    make_batch,
+    mix_sources,
+    row_length,
+)
 from jaxdpo.data.tokenize import TokenizedPairs
 from tests.data_helpers import data_config, make_tokenizer, visible_contexts
 

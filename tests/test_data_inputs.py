@@ -11,12 +11,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from jaxdpo import reference_cache
 from jaxdpo.config import ConfigError
 from jaxdpo.data import PairBatcher, cache, load_preference_data
 from jaxdpo.data.formats import common_prefix_length, normalize_row
 from jaxdpo.data.loading import load_rows
 from jaxdpo.data.tokenize import make_spec, tokenize_pair
+from jaxdpo.preference import reference_cache
 from tests.data_helpers import data_config, make_tokenizer
 from tests.helpers import damage
 

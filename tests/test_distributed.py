@@ -14,12 +14,13 @@ import time
 import numpy as np
 import pytest
 
-from jaxdpo import distributed
+from jaxdpo.parallel import distributed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # this file also runs as a worker script (launch/local_multiprocess.sh)
     sys.path.insert(0, REPO_ROOT)
 from tests.processes import child_env, free_port  # noqa: E402
+
 # The end-to-end run: short, eval at the start and the end, no HF export (not what is tested here).
 E2E_OVERRIDES = {"train.steps": 2, "train.eval_every": 2, "train.export_hf": False}
 
@@ -177,8 +178,8 @@ def test_two_process_training_matches_one_process(tmp_path):
 
     import jax
 
-    from jaxdpo.metrics import read_metrics
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
+    from jaxdpo.training.metrics import read_metrics
     from tests.tiny_assets import make_run_assets, tiny_run_config
 
     assets = make_run_assets(str(tmp_path / "assets"), n_train=32, n_eval=8)
@@ -303,7 +304,7 @@ def _train_worker(heartbeat_timeout: int, assets_json: str, workdir: str) -> Non
 
     distributed.initialize({"heartbeat_timeout": heartbeat_timeout, "shutdown_timeout": 60})
     sys.path.insert(0, REPO_ROOT)  # for configs/ and tests.tiny_assets
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     with open(assets_json) as f:
@@ -319,9 +320,10 @@ def _worker(mode: str, heartbeat_timeout: int) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from jaxdpo.sharding import make_mesh
+    from jaxdpo.parallel.sharding import make_mesh
 
     print(distributed.describe(), flush=True)
     mesh = make_mesh(data=2, fsdp=2, tensor=1)  # 4 devices over 2 processes

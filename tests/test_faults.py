@@ -245,7 +245,7 @@ def test_divergence_stops_at_the_limit_between_logs_saves_and_exits_3(root, base
 
 
 def test_learning_rate_and_steps_may_change_on_resume(root, base):
-    from jaxdpo.metrics import read_metrics
+    from jaxdpo.training.metrics import read_metrics
 
     config = copy_run(root, base, "new_lr")
     workdir = os.path.join(root, "new_lr")
@@ -279,7 +279,7 @@ def test_preempted_run_exits_75_after_saving(root, base, signal_name):
 
 # ------------------------------------------------------------------------------ 15: partial metrics line
 def test_partial_last_metrics_line_does_not_block_resume(root, base):
-    from jaxdpo.metrics import read_metrics
+    from jaxdpo.training.metrics import read_metrics
 
     config = copy_run(root, base, "partial_metrics")
     workdir = os.path.join(root, "partial_metrics")
@@ -342,8 +342,8 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(root,
 
 
 def test_damaged_checkpoint_never_reaches_an_export(root, base):
+    from jaxdpo.checkpoint.saved_policy import read_params
     from jaxdpo.errors import ConfigError
-    from jaxdpo.saved_policy import read_params
 
     checkpoints = os.path.join(root, "export_damaged")
     shutil.copytree(os.path.join(base, "checkpoints"), checkpoints)

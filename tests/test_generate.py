@@ -1,4 +1,4 @@
-"""jaxdpo.generate on tiny random models: greedy tokens equal transformers' generate for every family, ragged
+"""jaxdpo.sampling.generate on tiny random models: greedy tokens equal transformers' generate for every family, ragged
 prompts are exact, LoRA adapters apply, draws follow the filtered softmax and depend only on the seed."""
 
 import jax
@@ -7,11 +7,11 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxdpo import generate as gen
 from jaxdpo.models import from_pretrained
 from jaxdpo.models.decoder import Decoder, LoRASettings
 from jaxdpo.models.lora import merge_adapters
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
+from jaxdpo.sampling import generate as gen
 from tests.hf_models import CASES, build_hf_model
 
 EOS = 2
@@ -99,8 +99,11 @@ def test_prompt_buckets_and_left_padding():
 
 def filtered_softmax(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """transformers' warpers (temperature, top-k, top-p) -> the distribution a draw should follow."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = torch.tensor(logits)[None]
     for warper in (TemperatureLogitsWarper(temperature), top_k and TopKLogitsWarper(top_k),

@@ -13,9 +13,15 @@ import transformers
 from jax.sharding import PartitionSpec
 
 from jaxdpo.config import ConfigError
-from jaxdpo.judges import FunctionJudge, form_pairs, make_judge, pair_rows, win_rate
+from jaxdpo.judging.judges import (
+    FunctionJudge,
+    form_pairs,
+    make_judge,
+    pair_rows,
+    win_rate,
+)
 from jaxdpo.models.reward_model import RewardModel, bucket_length, last_token_index
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
 from tests.hf_models import randomized
 from tests.tiny_assets import make_tokenizer
 
@@ -162,8 +168,8 @@ def test_function_judge_imports_once_and_scores(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ("no_colon", "expected 'module:function'"),
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("jaxdpo.judges_rules:no_such_function", "has no function 'no_such_function'"),
-    ("jaxdpo.judges_rules:MAX_WORDS", "is not callable"),
+    ("jaxdpo.judging.rules:no_such_function", "has no function 'no_such_function'"),
+    ("jaxdpo.judging.rules:MAX_WORDS", "is not callable"),
 ])
 def test_function_judge_errors(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -172,7 +178,7 @@ def test_function_judge_errors(spec, message):
 
 
 def test_short_answer_rule():
-    from jaxdpo.judges_rules import MAX_WORDS, short_answer
+    from jaxdpo.judging.rules import MAX_WORDS, short_answer
 
     assert short_answer("q", "") == 0.0
     assert short_answer("q", "Paris.") == 1.0 and short_answer("q", " w" * MAX_WORDS) == 1.0
@@ -189,7 +195,7 @@ def test_make_judge_needs_exactly_one_kind():
 
 def test_missing_judge_module_exits_2_in_one_line():
     code = ("from jaxdpo.config import ConfigError\n"
-            "from jaxdpo.judges import make_judge\n"
+            "from jaxdpo.judging.judges import make_judge\n"
             "import sys\n"
             "try:\n    make_judge(function='nowhere_module:f')\n"
             "except ConfigError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
@@ -257,7 +263,7 @@ def test_win_rate_on_a_known_example():
 
 
 def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
-    from jaxdpo.judges_rules import correct_sum
+    from jaxdpo.judging.rules import correct_sum
 
     chat = [{"role": "system", "content": "Be brief. 1 + 1 = 2."}, {"role": "user", "content": "What is 59 + 63?"}]
     right, wrong = correct_sum(chat, "59 + 63 = 122."), correct_sum(chat, "59 + 63 = 111.")

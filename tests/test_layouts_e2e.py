@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo.metrics import read_metrics
-from jaxdpo.loop import train_and_evaluate
+from jaxdpo.training.loop import train_and_evaluate
+from jaxdpo.training.metrics import read_metrics
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
 
@@ -38,9 +38,9 @@ def _pairs():
 
 
 def test_flops_count_real_tokens_and_mask_density():
-    from jaxdpo import flops
     from jaxdpo.data.layouts import make_batch
     from jaxdpo.models import ModelConfig
+    from jaxdpo.training import flops
 
     cfg = ModelConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=4)

@@ -146,9 +146,10 @@ def test_compiled_backward_memory_does_not_grow_with_full_logits():
 
 
 def test_sharded_batch_and_vocab_match_naive():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from jaxdpo.sharding import make_mesh
+    from jaxdpo.parallel.sharding import make_mesh
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     hidden, head, targets = make_inputs(batch=4, time=12, dim=16, vocab=64)
@@ -226,7 +227,7 @@ def test_lm_head_on_scored_positions_only_gives_the_same_logprobs_and_gradients(
     from jaxdpo.data.layouts import row_length, scored_index
     from jaxdpo.models.config import ModelConfig
     from jaxdpo.models.decoder import Decoder
-    from jaxdpo.step import pair_logprobs
+    from jaxdpo.training.step import pair_logprobs
 
     config = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)

@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from jaxdpo.config import ConfigError
-from jaxdpo.metrics import read_metrics
 from jaxdpo.models import Decoder, ModelConfig, from_pretrained
 from jaxdpo.models.lora import LoRAParam, LoRASettings, lora_settings, merge_adapters
-from jaxdpo.optim import make_optimizer
-from jaxdpo import build
-from jaxdpo.loop import train_and_evaluate
-from jaxdpo.step import init_state
+from jaxdpo.training import build
+from jaxdpo.training.loop import train_and_evaluate
+from jaxdpo.training.metrics import read_metrics
+from jaxdpo.training.optim import make_optimizer
+from jaxdpo.training.step import init_state
 from tests.helpers import LORA, TINY, lora_ids, series, train_batch
 from tests.tiny_assets import tiny_run_config
 
@@ -69,7 +69,7 @@ def test_lora_base_reference_is_the_base_model_after_training(assets, lora_run):
     ref_c, ref_r = trainer.reference.logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
                                               None, batch, num_pairs=trainer.config.train.micro_batch_size,
                                               chunk_size=trainer.config.model.logprob_chunk)
-    from jaxdpo.step import pair_logprobs
+    from jaxdpo.training.step import pair_logprobs
     base = from_pretrained(assets["model"])
     graphdef, state = nnx.split(base)
     expected = pair_logprobs(graphdef, (state,), batch, num_pairs=trainer.config.train.micro_batch_size,

@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxdpo.loop import train_and_evaluate
-from jaxdpo.metrics import read_metrics
 from jaxdpo.models import Decoder
 from jaxdpo.models.lora import LoRAParam, LoRASettings
+from jaxdpo.training.loop import train_and_evaluate
+from jaxdpo.training.metrics import read_metrics
 from tests.helpers import LORA, TINY, lora_ids, series, train_batch
 from tests.tiny_assets import tiny_run_config
 
@@ -156,7 +156,7 @@ def test_dropout_run_learns_and_exports_a_peft_adapter_with_its_dropout(assets, 
 
 def micro_loss_of(run):
     """The run's micro-batch loss (its train step scans it over the micro-batches)."""
-    from jaxdpo.step import make_micro_loss
+    from jaxdpo.training.step import make_micro_loss
 
     cfg = run.config
     return make_micro_loss(run.policy.graphdef, reference=run.reference, loss_cfg=cfg.loss,
@@ -169,8 +169,8 @@ def with_b_zeroed(params):
 
 
 def test_dropout_only_in_the_policys_training_forward(dropout_run):
-    from jaxdpo import batches
-    from jaxdpo.step import dropout_key, make_eval_step, make_micro_loss
+    from jaxdpo.training import batches
+    from jaxdpo.training.step import dropout_key, make_eval_step, make_micro_loss
 
     trainer, _, _ = dropout_run
     frozen = trainer.policy.frozen
@@ -221,10 +221,11 @@ def test_dropout_keys_come_from_seed_step_and_micro_batch(dropout_run):
     """train_step accumulates micro-batch i of step s with dropout_key(seed, s, i): its grad_norm is the
     norm of that sum computed here; one key for both micro-batches, or another seed, gives other numbers.
     The masks are drawn for the global batch, so 8 devices splitting the rows see the same ones."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from jaxdpo.sharding import make_mesh
-    from jaxdpo.step import dropout_key
+    from jaxdpo.parallel.sharding import make_mesh
+    from jaxdpo.training.step import dropout_key
 
     trainer, _, _ = dropout_run
     seed = trainer.config.seed

@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdpo import batches, build, loop
 from jaxdpo.data.batcher import PairBatcher
-from jaxdpo.reference import CachedReference, DeviceReference, NoReference
-from jaxdpo.step import init_state, make_train_step, pair_logprobs
+from jaxdpo.preference.reference import CachedReference, DeviceReference, NoReference
+from jaxdpo.training import batches, build, loop
+from jaxdpo.training.step import init_state, make_train_step, pair_logprobs
 
 BATCH = 8
 
@@ -153,7 +153,7 @@ def test_issue15_item11_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch
 
 
 def test_issue15_item11_only_batch_level_losses_take_the_two_pass_step():
-    from jaxdpo.step import make_gradients
+    from jaxdpo.training.step import make_gradients
 
     common = dict(reference=NoReference(), num_pairs=2, chunk_size=8, dropout_seed=None)
     assert "batch_level" in make_gradients(None, loss_cfg={"types": ("sigmoid", "aot")}, **common).__qualname__

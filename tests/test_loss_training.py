@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpo import losses
-from jaxdpo.optim import make_optimizer
-from jaxdpo import build
-from jaxdpo.batches import stack_micro_batches
-from jaxdpo.reference import DeviceReference, NoReference, Reference
-from jaxdpo.step import init_state, make_train_step
+from jaxdpo.preference import losses
+from jaxdpo.preference.reference import DeviceReference, NoReference, Reference
+from jaxdpo.training import build
+from jaxdpo.training.batches import stack_micro_batches
+from jaxdpo.training.optim import make_optimizer
+from jaxdpo.training.step import init_state, make_train_step
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
 STEPS = 3

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import cdpo, dpo, ipo
-from jaxdpo import losses
 from jaxdpo.config import ConfigError
+from jaxdpo.preference import losses
 
 
 # ---- numpy reference, written from LOSSES.md (float64) -------------------------------------------

@@ -15,11 +15,19 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxdpo.models import Decoder, ModelConfig, families, from_pretrained, load_config, save_pretrained
+from jaxdpo.models import (
+    Decoder,
+    ModelConfig,
+    families,
+    from_pretrained,
+    load_config,
+    save_pretrained,
+)
 from jaxdpo.models.hf_io import INDEX_FILE, ModelFileError, _SafetensorsReader
 from jaxdpo.ops.attention import make_attention_mask
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
 from tests.hf_models import CASES, LENGTHS, TINY, build_hf_model
+
 
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory):

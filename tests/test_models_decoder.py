@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxdpo.models import Decoder, families
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
 from tests.helpers import TINY, gemma2_like
 
 CONFIG = TINY

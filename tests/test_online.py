@@ -1,10 +1,10 @@
-"""On-policy DPO rounds (jaxdpo/online.py): draws as pure functions of (seed, round, index), the rounds'
+"""On-policy DPO rounds (jaxdpo/online/rounds.py): draws as pure functions of (seed, round, index), the rounds'
 files, and a run stopped mid-round (SIGKILL in training, SIGTERM in training, SIGKILL between a round's
 samples and its pairs) that ends bit-identical to an uninterrupted run.
 
 The end-to-end runs are `python -m jaxdpo.train` processes on 8 simulated devices with a tiny Llama and a
 function judge (shorter completions win: tiny random models give distinct scores). A driver patches
-jaxdpo.loop.save or jaxdpo.online.write_jsonl so the process signals itself at an exact point.
+jaxdpo.training.loop.save or jaxdpo.online.rounds.write_jsonl so the process signals itself at an exact point.
 """
 
 import json
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from jaxdpo import errors
-from jaxdpo import judges, online
+from jaxdpo.judging import judges
+from jaxdpo.online import rounds as online
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 3
@@ -34,7 +35,8 @@ DRIVER = """
 import os, signal, sys
 repo, config_file = sys.argv[1], sys.argv[2]
 sys.path.insert(0, repo)
-from jaxdpo import loop, online
+from jaxdpo.training import loop
+from jaxdpo.online import rounds as online
 
 if len(sys.argv) > 3:
     kind, round_index, *rest = sys.argv[3].split(":")

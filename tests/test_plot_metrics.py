@@ -31,7 +31,7 @@ def _write_run(workdir, *, with_lr=True, nan_at=None, partial_tail=False):
         if with_lr:
             record["train/lr"] = 1e-6 * min(1.0, step / 5)
         if step == nan_at:
-            record["train/loss"] = "nan"  # how jaxdpo.metrics writes a non-finite value
+            record["train/loss"] = "nan"  # how jaxdpo.training.metrics writes a non-finite value
         lines.append(json.dumps(record))
         if step % 10 == 0:
             lines.append(json.dumps({"step": step, "eval/loss": 0.6 - 0.01 * step,

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo import reference_cache
-from jaxdpo.metrics import read_metrics
-from jaxdpo.loop import train_and_evaluate
+from jaxdpo.preference import reference_cache
+from jaxdpo.training.loop import train_and_evaluate
+from jaxdpo.training.metrics import read_metrics
 from tests.tiny_assets import make_llama, make_run_assets, tiny_run_config
 
 

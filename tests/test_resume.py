@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdpo.checkpoint import Checkpointer, abstract_like
+from jaxdpo.checkpoint.manager import Checkpointer, abstract_like
 from tests.helpers import assert_bit_equal, truncate_files
-
 
 # ----- end to end: a real run killed or preempted, then resumed (issue 5's acceptance) ----------------
 # Every run is `jaxdpo.train`'s real entry point in its own process on 8 simulated devices. A run dies at an
-# exact point: a driver patches jaxdpo.loop.save (called after every step) so the process SIGKILLs (or SIGTERMs)
+# exact point: a driver patches jaxdpo.training.loop.save (called after every step) so the process SIGKILLs (or SIGTERMs)
 # itself there, so nothing depends on timing. The processes share a compile cache of their own (the first one
 # compiles, the others load: about half of each later process's time): the cached 8-device step no longer
 # deadlocks in XLA:CPU's all-reduce now that train.py turns off the concurrency-optimized CPU scheduler
@@ -39,7 +38,7 @@ repo, config_file = sys.argv[1], sys.argv[2]
 sys.path.insert(0, repo)
 if len(sys.argv) > 3:
     at_step, signal_name = int(sys.argv[3]), sys.argv[4]
-    from jaxdpo import loop
+    from jaxdpo.training import loop
 
     original_save, signalled = loop.save, []
 
@@ -94,7 +93,7 @@ def _train(assets, workdir, compile_cache, *, signal_at: tuple[int, str] | None 
 
 def _outcome(workdir):
     """Final params (from the end-of-run checkpoint) and metrics records without wall-clock fields."""
-    from jaxdpo.metrics import read_metrics
+    from jaxdpo.training.metrics import read_metrics
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, save_every=2)
     final_step = ckpt.latest_step()
@@ -176,7 +175,7 @@ def test_metrics_window_continued_from_its_saved_state_gives_the_same_means():
     """A window cut by a checkpoint and continued from the checkpoint's JSON meta logs bit-identical means."""
     import json
 
-    from jaxdpo.metrics import MetricsWindow
+    from jaxdpo.training.metrics import MetricsWindow
 
     values = np.random.default_rng(0).normal(size=(5, 2)) * [1e-3, 1e4]  # magnitudes where order matters
     steps = [{"loss": jnp.float32(a), "grad_norm": jnp.float32(b), "pairs": jnp.float32(8),
@@ -200,7 +199,7 @@ def test_metrics_window_continued_from_its_saved_state_gives_the_same_means():
 
 
 def _records_without_timing(workdir):
-    from jaxdpo.metrics import read_metrics
+    from jaxdpo.training.metrics import read_metrics
 
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
 
@@ -218,8 +217,8 @@ def _spy_build(monkeypatch):
     alive right after its fresh state is built and right after a checkpoint is restored (the two moments
     a run holds the most: weights, optimizer state, reference). `held_after_fresh_state(run)`: what the
     run holds then: that state, its frozen weights and its reference (which a run never replaces)."""
-    from jaxdpo import build
     from jaxdpo.models import hf_io
+    from jaxdpo.training import build
 
     seen = {"fresh_states": 0, "weight_loads": 0}
     # Held until the spy goes away, so no id of these can be reused by a new array meanwhile.
@@ -257,7 +256,7 @@ def _held_after_fresh_state(spy, run) -> int:
 def finished_runs(run_assets, tmp_path_factory):
     """name -> (workdir, final params, metrics records, what its build held) of an uninterrupted in-process
     run per MODES entry."""
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     runs = {}
@@ -279,7 +278,7 @@ def test_described_state_is_the_fresh_state_without_values(run_assets, tmp_path,
     fsdp and tensor), and allocates nothing; LoRA's frozen base is real and equal to a fresh run's."""
     import types
 
-    from jaxdpo import build
+    from jaxdpo.training import build
     from tests.tiny_assets import tiny_run_config
 
     def built(resuming):
@@ -315,7 +314,7 @@ def _copy_stopped_at_2(finished_runs, name, tmp_path):
 @pytest.mark.parametrize("name", list(MODES))
 def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_assets, tmp_path, monkeypatch,
                                                              capsys, name):
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     workdir = _copy_stopped_at_2(finished_runs, name, tmp_path)
@@ -339,7 +338,7 @@ def test_resume_builds_no_second_state_and_continues_exactly(finished_runs, run_
 def test_resume_that_finds_no_restorable_step_builds_the_fresh_state(finished_runs, run_assets, tmp_path,
                                                                      monkeypatch):
     """A step was listed when the build started but restore found nothing (it went away): start fresh."""
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     workdir = _copy_stopped_at_2(finished_runs, "device", tmp_path)

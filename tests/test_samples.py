@@ -7,8 +7,9 @@ import types
 
 import pytest
 
-from jaxdpo import config as config_lib, samples
+from jaxdpo import config as config_lib
 from jaxdpo.errors import ConfigError
+from jaxdpo.sampling import samples
 
 WATCHED = {"train.steps": 2, "train.eval_every": 2, "train.sample_every": 2, "train.sample_prompts": 2,
            "sampling.max_new_tokens": 8, "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4}
@@ -21,7 +22,7 @@ def _read(path):
 
 @pytest.fixture(scope="module")
 def watched_run(assets, tmp_path_factory):
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     workdir = str(tmp_path_factory.mktemp("watched") / "run")
@@ -62,7 +63,7 @@ def test_win_rate_at_each_eval_with_interval_and_judge_scores(watched_run):
 
 
 def test_resume_reads_the_stored_reference_completions_and_rewrites_later_samples(watched_run, monkeypatch):
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
 
     before = _read(os.path.join(watched_run.workdir, samples.SAMPLES_FILE))
     with open(os.path.join(watched_run.workdir, samples.SAMPLES_FILE), "a") as f:

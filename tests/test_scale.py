@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+
 from tests.helpers import memoized_trainings
 from tests.processes import child_env, free_port
 
@@ -153,9 +154,9 @@ def test_host_reference_on_gpu_copies_each_layer_inside_the_scan(runs):
 def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(assets, tmp_path):
     import jax
 
-    from jaxdpo import build
     from jaxdpo.config import ConfigError
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training import build
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     # tiny Llama: hidden 32, 4 heads, 2 kv heads, intermediate 64, vocab 300
@@ -180,9 +181,9 @@ def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(as
 
 
 def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(assets, tmp_path):
-    from jaxdpo import build
     from jaxdpo.config import ConfigError
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training import build
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     mesh = lambda data, fsdp, tensor: tiny_run_config(
@@ -203,8 +204,8 @@ def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(asset
 def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path):
     import jax
 
-    from jaxdpo.metrics import read_metrics
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
+    from jaxdpo.training.metrics import read_metrics
     from tests.tiny_assets import tiny_run_config
 
     # samples at steps 0 and 2: 4 prompts split over both processes' devices, gathered on every host
@@ -274,7 +275,7 @@ def _sample_cli_on_two_processes_writes_what_one_process_writes(model: str, tmp_
 def test_two_processes_run_online_rounds_as_one(assets, tmp_path):
     """Two on-policy rounds on 2 processes x 2 devices: process 0 writes each round's files and export and
     every process reads them back (a barrier after each write), so round 0's pairs equal one process's."""
-    from jaxdpo.online import run_online
+    from jaxdpo.online.rounds import run_online
     from tests.tiny_assets import tiny_run_config
 
     overrides = {"train.steps": 2, "train.save_every": 1, "data.eval_files": "", "sampling.max_new_tokens": 8,
@@ -309,10 +310,10 @@ def _jsonl(path):
 
 def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
     sys.path.insert(0, REPO_ROOT)  # for configs/ and tests.tiny_assets
-    from jaxdpo import distributed
+    from jaxdpo.parallel import distributed
 
     distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     with open(assets_json) as f:
@@ -326,10 +327,10 @@ def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
 
 def _online_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
     sys.path.insert(0, REPO_ROOT)
-    from jaxdpo import distributed
+    from jaxdpo.parallel import distributed
 
     distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
-    from jaxdpo.online import run_online
+    from jaxdpo.online.rounds import run_online
     from tests.tiny_assets import tiny_run_config
 
     with open(assets_json) as f:

@@ -16,15 +16,15 @@ from flax import nnx
 
 from configs import dpo
 from jaxdpo import config as config_lib
-from jaxdpo.batches import batch_shardings
-from jaxdpo import sequence_parallel
-from jaxdpo.errors import ConfigError
 from jaxdpo.data import layouts
+from jaxdpo.errors import ConfigError
 from jaxdpo.models import Decoder
 from jaxdpo.ops.attention import attention, make_attention_mask
 from jaxdpo.ops.ring_attention import ring_attention
-from jaxdpo.sharding import make_mesh
-from jaxdpo.step import pair_logprobs
+from jaxdpo.parallel import sequence_parallel
+from jaxdpo.parallel.sharding import make_mesh
+from jaxdpo.training.batches import batch_shardings
+from jaxdpo.training.step import pair_logprobs
 from tests.helpers import TINY, gemma2_like, memoized_trainings
 
 T = 32  # every layout's rows; a multiple of 2 * 8
@@ -210,7 +210,7 @@ def test_bad_sequence_axis_is_one_line_and_exit_2():
 
 
 # ---------------------------------------------------------------------------------------------
-# the real training run (jaxdpo.loop.train_and_evaluate) on every sequence mesh: exactly the same steps
+# the real training run (jaxdpo.training.loop.train_and_evaluate) on every sequence mesh: exactly the same steps
 
 TRAIN_KEYS = ("train/loss", "train/grad_norm", "train/rewards/chosen", "train/rewards/margins")
 

@@ -13,8 +13,8 @@ import torch
 
 from jaxdpo.data.formats import normalize_row
 from jaxdpo.data.tokenize import make_spec, tokenize_pair
-from jaxdpo.generate import encode_prompt
 from jaxdpo.models import from_pretrained
+from jaxdpo.sampling.generate import encode_prompt
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 3?",
              "Write one sentence about the sea.", "How many legs does a spider have?",
@@ -117,7 +117,7 @@ def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_pat
     import subprocess
     import sys
 
-    from jaxdpo.metrics import read_metrics
+    from jaxdpo.training.metrics import read_metrics
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tmp_path / "run"

@@ -18,7 +18,7 @@ from jaxdpo.models import Decoder, ModelConfig
 from jaxdpo.ops import splash
 from jaxdpo.ops.attention import attention, make_attention_mask, select_backend
 from jaxdpo.ops.logprobs import pair_sums, token_logprobs
-from jaxdpo.sharding import make_mesh
+from jaxdpo.parallel.sharding import make_mesh
 
 # (prompt, chosen, rejected) lengths; the last pair has a one-token prompt, so its completions see no
 # shared tokens: the merged path's cross call is fully masked on those rows.

@@ -10,8 +10,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 60
 # (module, qualified name) -> why it may be longer. Keep it empty unless splitting would hide the logic.
 LONG_ALLOWED: dict[tuple[str, str], str] = {
-    ("jaxdpo.losses", "pair_losses"): "one short branch per loss formula, read side by side with LOSSES.md",
-    ("jaxdpo.losses", "preference_loss"): "the weighted sum of the losses and every metric TRL logs, in one place",
+    ("jaxdpo.preference.losses", "pair_losses"): "one short branch per loss formula, read side by side with LOSSES.md",
+    ("jaxdpo.preference.losses", "preference_loss"): "the weighted sum of the losses and every metric TRL logs, in one place",
     ("jaxdpo.models.families", "config_from_hf"): "a translation table: one line per config.json key",
     ("jaxdpo.models.families", "config_to_hf"): "the same table backwards",
     ("jaxdpo.models.hf_io", "save_pretrained"): "plan, then stream: splitting it passes the plan around",
@@ -119,7 +119,7 @@ def test_classes_and_functions_are_short(module):
 
 REFERENCE_MODES = {"device", "host", "cached", "lora_base", "none"}
 # Where a reference mode name may be compared: the factory that picks the reference's class.
-MODE_COMPARISONS_ALLOWED = {("jaxdpo.reference", "choose_reference")}
+MODE_COMPARISONS_ALLOWED = {("jaxdpo.preference.reference", "choose_reference")}
 
 
 def _mentions_mode(node: ast.AST) -> bool:

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdpo.metrics import read_metrics
-from jaxdpo.loop import train_and_evaluate
+from jaxdpo.training.loop import train_and_evaluate
+from jaxdpo.training.metrics import read_metrics
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
 
@@ -101,8 +101,8 @@ def with_nan_reference(batch: dict) -> dict:
 
 
 def test_skipped_step_takes_no_place_in_the_schedule(cached_run):
-    from jaxdpo.build import fresh_state
-    from jaxdpo.optim import applied_updates
+    from jaxdpo.training.build import fresh_state
+    from jaxdpo.training.optim import applied_updates
     from tests.helpers import train_batch
 
     run = cached_run

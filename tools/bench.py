@@ -18,7 +18,7 @@ prompt/chosen/rejected strings. Every layout and TRL run the same pairs in the s
 
 Figures: compile = lowering + compiling the train step; step = median wall time after --warmup steps;
 pairs/s = batch / step; tokens/s counts each pair's prompt once plus both completions (the same for
-every layout and TRL); FLOPs per pair are jaxdpo.flops' DPO-aware count on the layout's real tokens
+every layout and TRL); FLOPs per pair are jaxdpo.training.flops' DPO-aware count on the layout's real tokens
 (policy forward+backward, reference forward when it runs); MFU divides achieved FLOP/s by the
 matmul peak measured in this run (CPU) or the device's published peak (GPU/TPU).
 """
@@ -66,7 +66,12 @@ def make_tokenizer(out_dir: str, vocab: int):
 
 def make_model(out_dir: str, tokenizer, shape: dict, seed: int = 0) -> int:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
@@ -101,8 +106,9 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     import jax
     import numpy as np
 
-    from jaxdpo import batches as batches_lib, build, flops
     from configs import dpo
+    from jaxdpo.training import batches as batches_lib
+    from jaxdpo.training import build, flops
 
     c = dpo.get_config()
     c.workdir = workdir
@@ -230,8 +236,8 @@ def memory_vs_length(args) -> dict:
 
     from configs import dpo
     from jaxdpo.models import Decoder, ModelConfig
-    from jaxdpo.reference import DeviceReference
-    from jaxdpo.step import init_state, make_train_step
+    from jaxdpo.preference.reference import DeviceReference
+    from jaxdpo.training.step import init_state, make_train_step
 
     shape = SHAPES[args.shape]
     cfg = ModelConfig(vocab_size=args.memory_vocab, hidden_size=shape["hidden"],
@@ -291,7 +297,7 @@ def main(argv=None) -> dict:
     p.add_argument("--time-length", type=int, default=2048, help="--sequence: row length of the timed steps")
     p.add_argument("--budget-mib", type=int, default=1024, help="--sequence: per-device memory budget")
     p.add_argument("--generate", action="store_true",
-                   help="only decode tokens/s of jaxdpo.generate vs transformers' generate (tools/bench_generate.py)")
+                   help="only decode tokens/s of jaxdpo.sampling.generate vs transformers' generate (tools/bench_generate.py)")
     p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
     p.add_argument("--batch-sizes", default="1,32", help="--generate: comma-separated rows per call")
     p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens decoded per row")
@@ -310,7 +316,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from jaxdpo import flops
+    from jaxdpo.training import flops
 
     report: dict = {"args": vars(args), "backend": jax.default_backend(), "devices": jax.device_count(),
                     "device_kind": jax.devices()[0].device_kind}

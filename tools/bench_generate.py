@@ -1,4 +1,4 @@
-"""Decode speed of jaxdpo.generate against transformers' generate on the same weights, in the same process.
+"""Decode speed of jaxdpo.sampling.generate against transformers' generate on the same weights, in the same process.
 
     python tools/bench.py --generate --model ckpt/smollm2-135m-instruct --batch-sizes 1,32 --new-tokens 64
 
@@ -34,8 +34,8 @@ def _jaxdpo_runner(model_dir: str, prompts: list[list[int]], pad_id: int, dtype:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdpo import generate
     from jaxdpo.models import from_pretrained
+    from jaxdpo.sampling import generate
 
     model = from_pretrained(model_dir, dtype=getattr(jnp, dtype))
     graphdef, state = nnx.split(model)
@@ -79,7 +79,7 @@ def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repe
     import torch
     from transformers import AutoTokenizer
 
-    from jaxdpo.generate import encode_prompt
+    from jaxdpo.sampling.generate import encode_prompt
 
     if torch_threads:
         torch.set_num_threads(torch_threads)

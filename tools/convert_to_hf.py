@@ -22,10 +22,16 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `jaxdpo` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxdpo.checkpoint.saved_policy import (
+    DTYPES,
+    build_model,
+    find_tokenizer,
+    locate,
+    read_params,
+)
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import save_pretrained
 from jaxdpo.models.lora import merge_adapters
-from jaxdpo.saved_policy import DTYPES, build_model, find_tokenizer, locate, read_params
 
 __all__ = ["ConfigError", "convert", "locate", "main"]
 

@@ -37,7 +37,7 @@ def main(argv=None) -> list[dict]:
                                    "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
-    from jaxdpo import batches, build
+    from jaxdpo.training import batches, build
     from tools.memory_report import reference_memory_report
 
     if args.tiny:

@@ -1,7 +1,7 @@
 """Context parallelism figures (issue 18), run by `tools/bench.py --sequence 1,2,4,8`.
 
 What is measured: the policy's forward + backward as the train step runs it (per-pair logprob sums from
-`jaxdpo.step.pair_logprobs`, gradient of sum(pc - pr) w.r.t. every param) on one row per batch shard:
+`jaxdpo.training.step.pair_logprobs`, gradient of sum(pc - pr) w.r.t. every param) on one row per batch shard:
 mesh (data=1, fsdp=D/S, sequence=S, tensor=1) over D devices, D/S prefix_shared rows of T tokens (half
 prompt, a quarter each for chosen and rejected), in zigzag order. Each device holds T/S tokens of one row.
 The optimizer update and the reference forward are left out (neither depends on S per device).
@@ -47,7 +47,7 @@ def prefix_shared_rows(rows: int, length: int, vocab: int, sequence: int) -> dic
     import numpy as np
 
     from jaxdpo.data.layouts import make_batch, scored_index
-    from jaxdpo.sequence_parallel import to_zigzag
+    from jaxdpo.parallel.sequence_parallel import to_zigzag
 
     rng = np.random.default_rng(0)
     quarter = length // 4
@@ -64,10 +64,10 @@ def compiled_step(shape: dict, *, length: int, sequence: int, backend: str, devi
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdpo.batches import batch_shardings
     from jaxdpo.models import Decoder
-    from jaxdpo.sharding import make_mesh
-    from jaxdpo.step import pair_logprobs
+    from jaxdpo.parallel.sharding import make_mesh
+    from jaxdpo.training.batches import batch_shardings
+    from jaxdpo.training.step import pair_logprobs
 
     mesh = make_mesh(1, devices // sequence, 1, sequence=sequence)
     rows = devices // sequence  # one row per batch shard

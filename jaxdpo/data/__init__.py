@@ -16,13 +16,27 @@ import os
 
 import numpy as np
 
-from jaxdpo.errors import ConfigError
 from jaxdpo.data import cache, identity
 from jaxdpo.data.batcher import PairBatcher
 from jaxdpo.data.formats import BadRow, Pair, check_prompt_key, normalize_row
 from jaxdpo.data.layouts import LAYOUTS, make_batch, row_length
-from jaxdpo.data.loading import RawRow, Source, hub_label, is_hub_name, load_rows, parse_sources, resolve_paths
-from jaxdpo.data.tokenize import TokenizedPairs, TokenizerSpec, make_spec, tokenize_pair, truncate
+from jaxdpo.data.loading import (
+    RawRow,
+    Source,
+    hub_label,
+    is_hub_name,
+    load_rows,
+    parse_sources,
+    resolve_paths,
+)
+from jaxdpo.data.tokenize import (
+    TokenizedPairs,
+    TokenizerSpec,
+    make_spec,
+    tokenize_pair,
+    truncate,
+)
+from jaxdpo.errors import ConfigError
 
 __all__ = ["load_preference_data", "tokenize_rows", "mix_sources", "format_report", "TokenizedPairs",
            "PairBatcher", "make_batch", "row_length", "LAYOUTS", "require_full_batch"]

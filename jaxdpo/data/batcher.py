@@ -13,8 +13,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxdpo.data.layouts import (
+    make_batch,
+    pack_rows,
+    scored_index,
+    scored_slots,
+    shared_length,
+)
 from jaxdpo.errors import ConfigError
-from jaxdpo.data.layouts import make_batch, pack_rows, scored_index, scored_slots, shared_length
 
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int) -> None:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxdpo.models.config import ModelConfig
 from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
-from jaxdpo.sharding import logical_to_mesh_axes
+from jaxdpo.parallel.sharding import logical_to_mesh_axes
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 # The linear projections of a layer -> how many leading dims (after `layers`) of its stacked weight are
@@ -252,7 +252,7 @@ def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora
 def attention_inputs(p: dict, x, *, cos, sin, config: ModelConfig, dtype, lora_scale: float = 1.0,
                      lora_dropout_rate: float = 0.0, lora_dropout_key=None, contraction_ways: int = 1):
     """The first half of a block: x [B,T,D] -> q [B,T,N,H], k and v [B,T,K,H], RoPE applied.
-    A KV-cached step (jaxdpo.generate) writes k and v into its cache and attends over that; it sets
+    A KV-cached step (jaxdpo.sampling.generate) writes k and v into its cache and attends over that; it sets
     `contraction_ways` (see _contract)."""
     c = config
     lora = dict(dtype=dtype, lora_scale=lora_scale, lora_dropout_rate=lora_dropout_rate,

@@ -28,9 +28,16 @@ from jax.sharding import NamedSharding
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
 from jaxdpo.models.config import ModelConfig
-from jaxdpo.models.decoder import (PROJECTIONS, Decoder, LoRASettings, adapter_specs, adapter_values,
-                                   layer_param_specs, top_param_specs)
-from jaxdpo.sharding import gather_to_host, logical_spec
+from jaxdpo.models.decoder import (
+    PROJECTIONS,
+    Decoder,
+    LoRASettings,
+    adapter_specs,
+    adapter_values,
+    layer_param_specs,
+    top_param_specs,
+)
+from jaxdpo.parallel.sharding import gather_to_host, logical_spec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

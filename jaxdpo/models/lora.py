@@ -29,9 +29,15 @@ from flax import nnx
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import families
-from jaxdpo.models.decoder import (PROJECTIONS, Decoder, LoRAParam, LoRASettings, adapter_specs,  # noqa: F401
-                                   layer_param_specs)
-from jaxdpo.sharding import gather_to_host
+from jaxdpo.models.decoder import (  # noqa: F401
+    PROJECTIONS,
+    Decoder,
+    LoRAParam,
+    LoRASettings,
+    adapter_specs,
+    layer_param_specs,
+)
+from jaxdpo.parallel.sharding import gather_to_host
 
 TARGETS = tuple(PROJECTIONS)
 ADAPTER_CONFIG = "adapter_config.json"

@@ -29,8 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdpo.errors import ConfigError
-from jaxdpo.models.hf_io import place_on_mesh, from_pretrained_classifier
-from jaxdpo.sharding import batch_axis_size
+from jaxdpo.models.hf_io import from_pretrained_classifier, place_on_mesh
+from jaxdpo.parallel.sharding import batch_axis_size
 
 MIN_BUCKET = 32
 
@@ -84,7 +84,7 @@ def right_padded(rows: Sequence[Sequence[int]], num_rows: int, length: int, pad_
 class RewardModel:
     """A `*ForSequenceClassification` checkpoint loaded on `mesh` (sharded like the policy), in `dtype`.
 
-    `score(prompts, completions)` is the Judge interface (jaxdpo.judges). On several hosts every process
+    `score(prompts, completions)` is the Judge interface (jaxdpo.judging.judges). On several hosts every process
     calls it with the same inputs (each places its own shards of the global batch) and gets every score. A prompt is a string (scored
     text: prompt + completion, tokenized with the tokenizer's special tokens) or a message list (scored
     text: the checkpoint's chat template over the messages plus an assistant turn with the completion).

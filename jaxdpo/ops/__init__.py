@@ -1,0 +1,1 @@
+"""Kernels and numerics: attention backends (XLA, cuDNN, splash, ring) and chunked logprobs."""

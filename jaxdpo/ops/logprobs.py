@@ -74,7 +74,7 @@ def gather_scored(scored_index, hidden, targets, pair_index, side):
     A gather along the row, so rows stay where they are sharded.
 
     Rows split over the `sequence` mesh axis come with scored_index [R,Q,k]: each of the Q shards' scored
-    positions, local to its T/Q tokens (jaxdpo.sequence_parallel.shard_scored_index). Each row is then
+    positions, local to its T/Q tokens (jaxdpo.parallel.sequence_parallel.shard_scored_index). Each row is then
     viewed as Q rows of T/Q tokens, [R*Q, T/Q, ...], split over (batch axes, sequence) exactly as the
     tokens already are, and the gather is local: the result is [R*Q, k, ...], a shard's own positions."""
     if scored_index.ndim == 3:

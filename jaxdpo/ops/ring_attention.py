@@ -1,6 +1,6 @@
 """Exact attention over rows split along their tokens (the `sequence` mesh axis): zigzag ring attention.
 
-Layout (jaxdpo/sequence_parallel.py): with S shards a row is cut into 2S chunks of C tokens and shard i
+Layout (jaxdpo/parallel/sequence_parallel.py): with S shards a row is cut into 2S chunks of C tokens and shard i
 holds chunks i and 2S-1-i, in increasing original order. Shard i keeps its queries and passes its keys
 and values round the ring with `ppermute`, together with their segment ids, branch ids and positions; at
 ring step j it holds the block of shard (i - j) mod S. Causality needs no index array because the layout
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxdpo.sharding import shard_axes
+from jaxdpo.parallel.sharding import shard_axes
 
 AXIS = "sequence"
 # A finite "minus infinity": a masked score contributes exp(NEG_INF - m) = 0 exactly, and a row masked
@@ -300,7 +300,7 @@ def ring_attention(q, k, v, *, segment_ids, branch_ids, positions, scale, logit_
     size = 1 if mesh.empty or AXIS not in mesh.axis_names else mesh.shape[AXIS]
     if t % (2 * size):
         raise ValueError(f"ring attention: rows of {t} tokens do not split into 2 * mesh.sequence = "
-                         f"{2 * size} chunks (jaxdpo.sequence_parallel.check_row_length should have said)")
+                         f"{2 * size} chunks (jaxdpo.parallel.sequence_parallel.check_row_length should have said)")
     if mesh.empty:
         return make_ring_attention(1, scale, softcap, kernel)(q, k, v, ids, window).reshape(b, t, n, h)
     rows, heads = shard_axes(mesh, "batch", b), shard_axes(mesh, "kv_heads", kv_heads)

@@ -36,11 +36,15 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash_kernel,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+)
 from jax.sharding import PartitionSpec as P
 
-from jaxdpo.sharding import LOGICAL_AXIS_RULES
+from jaxdpo.parallel.sharding import LOGICAL_AXIS_RULES
 
 LANES = 128  # TPU vector lanes: the kernel's sequence blocks are multiples of this; head_dim is padded to it
 BLOCK_CHOICES = (512, 256, 128)  # largest that divides the padded T (bigger blocks: fewer grid steps)

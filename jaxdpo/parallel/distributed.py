@@ -232,7 +232,7 @@ def initialize(dist_cfg: Mapping | None = None) -> None:
     except RuntimeError as e:
         if "must be called before" in str(e):
             raise RuntimeError(
-                "jaxdpo.distributed.initialize() ran after JAX had already created its devices; call it "
+                "jaxdpo.parallel.distributed.initialize() ran after JAX had already created its devices; call it "
                 "at the very start of the program, before jax.devices(), any array, mesh or model") from e
         raise RuntimeError(
             f"joining the multi-process run failed (layout from {p.source}: coordinator="

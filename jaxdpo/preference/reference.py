@@ -5,7 +5,7 @@ its `params` (a params pytree, or None) is what the jitted step takes as its `re
 
   device     a frozen copy of the initial (or reference.path's) weights, sharded like the policy
   host       the same copy in pinned host memory, streamed to the device one layer at a time
-  cached     logprobs computed once per dataset and joined to each batch (jaxdpo/reference_cache.py)
+  cached     logprobs computed once per dataset and joined to each batch (jaxdpo/preference/reference_cache.py)
   lora_base  the policy with its adapters zeroed: the base model, with no copy of anything
   none       no reference (reference-free losses; chosen whatever the mode when every loss is one)
 
@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from jaxdpo import losses
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.hf_io import check_checkpoint_dir
-from jaxdpo.step import pair_logprobs
+from jaxdpo.preference import losses
+from jaxdpo.training.step import pair_logprobs
 
 HOST_MEMORY_KIND = "pinned_host"
 
@@ -143,7 +143,7 @@ class CachedReference(Reference):
 
     def __init__(self, cache):
         super().__init__(None)
-        self.cache = cache  # a jaxdpo.reference_cache.ReferenceCache
+        self.cache = cache  # a jaxdpo.preference.reference_cache.ReferenceCache
 
     def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
         return micro["ref_chosen"], micro["ref_rejected"]

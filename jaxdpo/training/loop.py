@@ -1,7 +1,7 @@
 """The training loop, as one function: `train_and_evaluate(config)` is the program behind
 `python -m jaxdpo.train`.
 
-Build (jaxdpo/build.py), restore or start, then per step: batch -> train step -> log -> eval -> save ->
+Build (jaxdpo/training/build.py), restore or start, then per step: batch -> train step -> log -> eval -> save ->
 preemption check, then export. The checkpoint directory is looked at before the policy is built, so that a
 run that will resume never builds the trainable state it is about to restore.
 """
@@ -18,14 +18,23 @@ from absl import logging as absl_logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdpo import batches, build, checkpoint, samples
+from jaxdpo.checkpoint import manager as checkpoint
+from jaxdpo.checkpoint.fingerprint import (
+    FINGERPRINT_KEY,
+    SETTINGS_KEY,
+    adjustable_settings,
+    config_fingerprint,
+    setting_changes,
+)
 from jaxdpo.data import identity
-from jaxdpo.distributed import barrier
-from jaxdpo.divergence import BadStepWatch
-from jaxdpo.fingerprint import FINGERPRINT_KEY, SETTINGS_KEY, adjustable_settings, config_fingerprint, setting_changes
-from jaxdpo.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
-from jaxdpo.models import lora as lora_lib, save_pretrained
-from jaxdpo.preemption import install_preemption_handler, resume_message
+from jaxdpo.models import lora as lora_lib
+from jaxdpo.models import save_pretrained
+from jaxdpo.parallel.distributed import barrier
+from jaxdpo.sampling import samples
+from jaxdpo.training import batches, build
+from jaxdpo.training.divergence import BadStepWatch
+from jaxdpo.training.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
+from jaxdpo.training.preemption import install_preemption_handler, resume_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +44,7 @@ class Run:
     mesh: Any
     data: build.Data
     policy: build.Policy
-    reference: Any  # jaxdpo.reference.Reference
+    reference: Any  # jaxdpo.preference.reference.Reference
     steps: build.Steps
     state: dict
     eval_metrics: dict

@@ -1,5 +1,5 @@
 """Rule judges: verifiable rewards as plain functions `function(prompt, completion) -> float`, for
-`judge.function = "jaxdpo.judges_rules:<name>"`.
+`judge.function = "jaxdpo.judging.rules:<name>"`.
 
 `correct_sum` checks the content of an answer: for prompts that ask for a sum "a + b" (the addition data
 of configs/smollm2.py, assets/smollm2), the answer must be that sum: the first integer after the first

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxdpo import sequence_parallel, sharding
 from jaxdpo.data.layouts import PAIR_KEYS, STEP_ROW_KEYS
+from jaxdpo.parallel import sequence_parallel, sharding
 
 
 def batch_keys(reference) -> list[str]:
@@ -23,7 +23,7 @@ def batch_keys(reference) -> list[str]:
 def batch_shardings(mesh, keys, *, stacked: bool) -> dict[str, NamedSharding]:
     """Rows [(A,) R, T] split over the batch axes and their tokens over `sequence`; pair arrays [(A,) P]
     over the batch axes; A (stacked micro-batches) is not split. With sequence > 1, scored_index is
-    [(A,) R, S, k] (each shard's own scored positions; jaxdpo.sequence_parallel)."""
+    [(A,) R, S, k] (each shard's own scored positions; jaxdpo.parallel.sequence_parallel)."""
     lead = (None,) if stacked else ()
     rows = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", "seq"))
     pairs = NamedSharding(mesh, sharding.logical_spec(*lead, "batch"))
@@ -36,7 +36,7 @@ def batch_shardings(mesh, keys, *, stacked: bool) -> dict[str, NamedSharding]:
 def to_global(local: dict[str, np.ndarray], shardings: dict, pair_axis: int) -> dict:
     """Process-local numpy -> global jax arrays. Pair indices become global: this process's pairs
     sit after those of the processes before it. Rows split over the `sequence` axis go in zigzag
-    order here, on the host (jaxdpo.sequence_parallel), so every step, eval and reference pass gets them
+    order here, on the host (jaxdpo.parallel.sequence_parallel), so every step, eval and reference pass gets them
     that way."""
     sequence = sharding.sequence_axis_size(shardings["input_ids"].mesh)
     local = sequence_parallel.to_zigzag(local, sequence)

@@ -1,12 +1,12 @@
 """Builders: each takes the config (and what it needs that was built before) and returns plain values.
 
-The training loop (jaxdpo/loop.py) calls them in this order; tools call the same ones:
+The training loop (jaxdpo/training/loop.py) calls them in this order; tools call the same ones:
 
   mesh = make_mesh(config)                 the (data, fsdp, sequence, tensor) device mesh
   check_config(config, mesh)               every check that needs only configs: seconds, before tokenizing
   data = build_data(config, mesh)          tokenized pairs, batchers, row length, total steps
   policy = build_policy(config, mesh, resuming=...)     graphdef, trainable params, frozen weights
-  reference = build_reference(config, mesh, policy, data)   one jaxdpo.reference.Reference
+  reference = build_reference(config, mesh, policy, data)   one jaxdpo.preference.reference.Reference
   steps = build_steps(config, mesh, policy, reference, data)  jitted train/eval steps and their shardings
   state = train_state(policy, steps, resuming=...)      the step-0 state, or its description to restore into
 
@@ -25,17 +25,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxdpo import batches, distributed, reference as reference_lib, reference_cache, sharding
 from jaxdpo.errors import ConfigError
-from jaxdpo.models import hf_io, lora as lora_lib
+from jaxdpo.models import hf_io
+from jaxdpo.models import lora as lora_lib
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
-from jaxdpo.optim import make_optimizer
-from jaxdpo.reference import Reference
-from jaxdpo.step import (init_state, jit_eval_step, jit_train_step, make_eval_metrics, make_eval_step,
-                         make_train_step)
+from jaxdpo.parallel import distributed, sharding
+from jaxdpo.preference import reference as reference_lib
+from jaxdpo.preference import reference_cache
+from jaxdpo.preference.reference import Reference
+from jaxdpo.training import batches
+from jaxdpo.training.optim import make_optimizer
+from jaxdpo.training.step import (
+    init_state,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_metrics,
+    make_eval_step,
+    make_train_step,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -236,7 +247,7 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
 # ----- the reference -------------------------------------------------------------------------------
 
 def build_reference(config, mesh, policy: Policy, data: Data) -> Reference:
-    """The run's reference (jaxdpo.reference): the factory picks the kind, built here from the weights
+    """The run's reference (jaxdpo.preference.reference): the factory picks the kind, built here from the weights
     it needs: reference.path's, else the initial policy (on a resume the weights build_policy loaded for
     it alone, taken over without a copy; on a fresh run a copy of the live params)."""
     kind, note = reference_lib.reference_kind(config, lora_on=policy.lora is not None)

@@ -34,12 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdpo import sequence_parallel
 from jaxdpo.errors import ConfigError
-from jaxdpo.models.decoder import (attention_inputs, attention_output_and_mlp, rope_inv_freq, rope_tables)
+from jaxdpo.models.decoder import (
+    attention_inputs,
+    attention_output_and_mlp,
+    rope_inv_freq,
+    rope_tables,
+)
 from jaxdpo.ops.attention import grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
-from jaxdpo.sharding import gather_to_host, logical_spec, sequence_axis_size
+from jaxdpo.parallel import sequence_parallel
+from jaxdpo.parallel.sharding import gather_to_host, logical_spec, sequence_axis_size
 
 MIN_PROMPT_BUCKET = 16
 

@@ -95,7 +95,7 @@ def pair_losses(name, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0, ipo_
 
     rc, rr may be None for the reference-free losses (simpo, orpo). The batch-level losses (aot,
     aot_unpaired) sort over the pairs given; the training step gives them the whole global batch
-    however it is split into micro-batches, eval groups of train.batch_size pairs (jaxdpo/step.py).
+    however it is split into micro-batches, eval groups of train.batch_size pairs (jaxdpo/training/step.py).
     `valid` ([P] 0/1, default all valid) keeps padding pairs out of that sort, and their entries then
     sit at the end (the caller masks them).
     """
@@ -262,7 +262,7 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
 
 def is_batch_level(loss_cfg) -> bool:
     """True when some loss in loss.types couples the pairs of a batch (aot sorts over it): the train step
-    then computes the whole global batch's logprobs before any gradient (jaxdpo/step.py)."""
+    then computes the whole global batch's logprobs before any gradient (jaxdpo/training/step.py)."""
     return any(name in BATCH_LEVEL for name in loss_types(loss_cfg))
 
 

@@ -38,7 +38,7 @@ def load_function(spec: str) -> Callable[[Prompt, str], float]:
     that exists but fails on import raises its own error: that is a bug in the user's code, not the config."""
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
-        raise ConfigError(f"judge {spec!r}: expected 'module:function' (e.g. 'jaxdpo.judges_rules:short_answer')")
+        raise ConfigError(f"judge {spec!r}: expected 'module:function' (e.g. 'jaxdpo.judging.rules:short_answer')")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -1,6 +1,6 @@
 """What the policy writes during training, next to the reference, and how a judge ranks the two.
 
-Two things the training loop asks of a `Watch` (jaxdpo/loop.py calls it at two points):
+Two things the training loop asks of a `Watch` (jaxdpo/training/loop.py calls it at two points):
 - `write_samples(step, params, logger)`: at every `train.sample_every`-th step (0 = off, and then nothing
   is built, loaded or compiled), completions of the first `train.sample_prompts` distinct held-out eval
   prompts by the policy and by the reference, side by side, to WORKDIR/samples.jsonl and tensorboard
@@ -30,8 +30,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdpo import distributed, generate, judges, prompts as prompts_lib
 from jaxdpo.errors import ConfigError
+from jaxdpo.judging import judges
+from jaxdpo.parallel import distributed
+from jaxdpo.sampling import generate
+from jaxdpo.sampling import prompts as prompts_lib
 
 SAMPLES_FILE = "samples.jsonl"
 REFERENCE_FILE = "samples_reference.jsonl"
@@ -54,10 +57,10 @@ def judge_configured(config) -> bool:
 
 
 def make_judge(config, mesh):
-    """The run's judge (jaxdpo.judges.make_judge from the `judge` section), or None when none is set."""
+    """The run's judge (jaxdpo.judging.judges.make_judge from the `judge` section), or None when none is set."""
     if not judge_configured(config):
         return None
-    from jaxdpo.build import DTYPES
+    from jaxdpo.training.build import DTYPES
 
     return judges.make_judge(function=config.judge.function, reward_model=config.judge.reward_model, mesh=mesh,
                              dtype=DTYPES[config.model.dtype], batch_size=int(config.judge.batch_size),
@@ -132,7 +135,7 @@ def reference_states(config, mesh, policy, reference, params):
         return (jax.tree.map(jnp.zeros_like, params), policy.frozen)
     if reference.runs_forward and not reference.streams_layers and reference.params is not None:
         return (reference.params, policy.frozen)
-    from jaxdpo.build import load_weights
+    from jaxdpo.training.build import load_weights
 
     with jax.set_mesh(mesh):
         model = load_weights(config, config.reference.path or config.model.path, mesh)

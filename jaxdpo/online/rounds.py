@@ -36,13 +36,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdpo import build, distributed, judges, prompts as prompts_lib, samples
+from jaxdpo.checkpoint.fingerprint import fingerprint_differences, jsonable
 from jaxdpo.data.identity import files_identity
-from jaxdpo.distributed import write_jsonl  # process 0 writes, every host reads
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
-from jaxdpo.fingerprint import fingerprint_differences, jsonable
-from jaxdpo.metrics import MetricsLogger
+from jaxdpo.judging import judges
+from jaxdpo.parallel import distributed
+from jaxdpo.parallel.distributed import (
+    write_jsonl,  # process 0 writes, every host reads
+)
+from jaxdpo.sampling import prompts as prompts_lib
+from jaxdpo.sampling import samples
+from jaxdpo.training import build
+from jaxdpo.training.metrics import MetricsLogger
 
 REFERENCES = ("previous", "initial")
 # What shapes the rounds already written: a rerun with any of these changed would mix two runs' rounds.
@@ -282,7 +288,7 @@ def run_online(config):
     round was already finished or none trained). Stops after a round's training was preempted."""
     from transformers import AutoTokenizer
 
-    from jaxdpo.loop import train_and_evaluate
+    from jaxdpo.training.loop import train_and_evaluate
 
     mesh = build.make_mesh(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)

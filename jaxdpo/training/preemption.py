@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import jax
 
-from jaxdpo.distributed import all_processes_agree
+from jaxdpo.parallel.distributed import all_processes_agree
 
 
 def install_preemption_handler() -> Callable[..., bool]:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdpo.errors import ConfigError
 
@@ -44,7 +45,7 @@ def logical_to_mesh_axes(names: Sequence[str | None]) -> tuple:
         if name is None:
             out.append(None)
         elif name not in LOGICAL_AXIS_RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in jaxdpo.sharding.LOGICAL_AXIS_RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in jaxdpo.parallel.sharding.LOGICAL_AXIS_RULES")
         else:
             out.append(LOGICAL_AXIS_RULES[name])
     return tuple(out)

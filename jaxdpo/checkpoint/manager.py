@@ -10,7 +10,7 @@ A checkpoint step directory holds three orbax items:
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when every file is on disk,
 so a save interrupted by SIGKILL is never listed as a step; leftovers are removed when a manager opens.
 A committed step can still be damaged later (a disk filled up, a file truncated by a copy, flipped bytes):
-`layout` also holds a checksum of every state leaf (jaxdpo/checksums.py), compared with what a restore
+`layout` also holds a checksum of every state leaf (jaxdpo/checkpoint/checksums.py), compared with what a restore
 read. Restoring tries the newest step first; a damaged one is reported in one warning line and moved
 aside to `damaged/<step>-<time>` (no longer a step: never kept by rotation, never restored, and the
 resumed run saves that step again), then the next older one is tried.
@@ -30,11 +30,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdpo.distributed import all_processes_agree
-from jaxdpo.checksums import checksum_differences, state_checksums
-from jaxdpo.errors import ConfigError, DamagedFileWarning
-from jaxdpo.fingerprint import FINGERPRINT_KEY, fingerprint_differences, jsonable
+from jaxdpo.checkpoint.checksums import checksum_differences, state_checksums
+from jaxdpo.checkpoint.fingerprint import (
+    FINGERPRINT_KEY,
+    fingerprint_differences,
+    jsonable,
+)
 from jaxdpo.data import identity
+from jaxdpo.errors import ConfigError, DamagedFileWarning
+from jaxdpo.parallel.distributed import all_processes_agree
 
 _STATE, _META, _LAYOUT = "state", "meta", "layout"
 

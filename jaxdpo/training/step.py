@@ -13,7 +13,7 @@ non-trained variables (all base weights under LoRA, nothing otherwise); `referen
 reference object's `params` (a params pytree for device/host modes, None when logprobs come cached in
 the batch, from the LoRA base, or the loss is reference-free). The step functions are made once per run
 by `make_train_step` / `make_eval_step`, closing over the graphdef, the loss config and the reference
-object (jaxdpo.reference), which says how its logprobs are computed.
+object (jaxdpo.preference.reference), which says how its logprobs are computed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxdpo import losses
-from jaxdpo.optim import applied_updates
 from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
-
+from jaxdpo.preference import losses
+from jaxdpo.training.optim import applied_updates
 
 
 def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
@@ -101,7 +100,7 @@ def scored_tokens(micro) -> jax.Array:
 def make_micro_loss(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int) -> Callable:
     """`micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None)` ->
     (loss of the micro-batch's pairs / total_valid, metric sums). `reference` is the run's
-    jaxdpo.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
+    jaxdpo.preference.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
     pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
 
     def micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None):

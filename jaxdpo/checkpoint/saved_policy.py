@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxdpo.checkpoint import check_restored
+from jaxdpo.checkpoint.fingerprint import FINGERPRINT_KEY
+from jaxdpo.checkpoint.manager import check_restored
 from jaxdpo.errors import ConfigError
-from jaxdpo.fingerprint import FINGERPRINT_KEY
 from jaxdpo.models import Decoder, ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -21,13 +21,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from jaxdpo import sharding
-from jaxdpo.batches import batch_shardings, to_global
 from jaxdpo.data.batcher import PairBatcher
 from jaxdpo.data.cache import default_cache_dir
 from jaxdpo.data.layouts import STEP_ROW_KEYS
-from jaxdpo.distributed import all_processes_agree
-from jaxdpo.step import pair_logprobs
+from jaxdpo.parallel import sharding
+from jaxdpo.parallel.distributed import all_processes_agree
+from jaxdpo.training.batches import batch_shardings, to_global
+from jaxdpo.training.step import pair_logprobs
 
 CACHE_VERSION = 2  # 2: weight files keyed by content
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".json", ".bin")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from jaxdpo.data.formats import BadRow, text_or_messages, normalize_row
+from jaxdpo.data.formats import BadRow, normalize_row, text_or_messages
 from jaxdpo.data.loading import RawRow, load_rows, parse_sources
 from jaxdpo.errors import ConfigError
 

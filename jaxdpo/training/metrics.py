@@ -81,7 +81,9 @@ class MetricsLogger:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+            from tensorboardX import (
+                SummaryWriter,  # imported here: only process 0 needs it
+            )
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:

@@ -1,0 +1,1 @@
+"""Checkpoints: the orbax manager, per-leaf checksums, the resume fingerprint, policies read back."""

@@ -1,0 +1,1 @@
+"""Sampling: the jitted KV-cache engine, prompt files, samples written during training."""

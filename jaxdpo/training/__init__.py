@@ -1,0 +1,1 @@
+"""The training loop and its pieces: builders, the jitted step, batches, optimizer, metrics, stop rules."""

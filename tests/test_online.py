@@ -3,8 +3,9 @@ files, and a run stopped mid-round (SIGKILL in training, SIGTERM in training, SI
 samples and its pairs) that ends bit-identical to an uninterrupted run.
 
 The end-to-end runs are `python -m jaxdpo.train` processes on 8 simulated devices with a tiny Llama and a
-function judge (shorter completions win: tiny random models give distinct scores). A driver patches
-jaxdpo.training.loop.save or jaxdpo.online.rounds.write_jsonl so the process signals itself at an exact point.
+function judge (shorter completions win: tiny random models give distinct scores). JAXDPO_FAULT
+(jaxdpo/training/faults.py) makes a process signal itself at an exact point: after a round's checkpoint
+save, or before a round's pairs file is written.
 """
 
 import json
@@ -28,44 +29,6 @@ ONLINE = {"train.steps": 2, "train.save_every": 1, "train.log_every": 1, "train.
           "online.rounds": ROUNDS, "online.prompts_per_round": 16, "online.samples_per_prompt": 2,
           "online.max_new_tokens": 8}
 TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s")
-
-# argv: repo, config file, then a plan "train:<round>:<step>:<signal>" (signal at that round's save of that
-# step) or "pairs:<round>:<signal>" (signal instead of writing that round's pairs file), or nothing.
-DRIVER = """
-import os, signal, sys
-repo, config_file = sys.argv[1], sys.argv[2]
-sys.path.insert(0, repo)
-from jaxdpo.training import loop
-from jaxdpo.online import rounds as online
-
-if len(sys.argv) > 3:
-    kind, round_index, *rest = sys.argv[3].split(":")
-    signal_number = getattr(signal, rest[-1])
-    if kind == "train":
-        original_save = loop.save
-
-        def save(config, checkpoints, step, *args, **kwargs):
-            original_save(config, checkpoints, step, *args, **kwargs)
-            if config.workdir.endswith(os.path.join("rounds", round_index)) and step == int(rest[0]):
-                if signal_number == signal.SIGKILL:
-                    checkpoints.wait()  # this step's checkpoint is committed; die hard
-                os.kill(os.getpid(), signal_number)
-
-        loop.save = save
-    else:
-        original_write = online.write_jsonl
-
-        def write_jsonl(path, rows):
-            if path.endswith(os.path.join("rounds", round_index + ".jsonl")):
-                os.kill(os.getpid(), signal_number)
-            original_write(path, rows)
-
-        online.write_jsonl = write_jsonl
-sys.argv = ["jaxdpo.train", "--config=" + config_file]
-from jaxdpo.train import run
-run()
-"""
-
 
 def test_round_prompts_are_a_pure_function_of_seed_and_round():
     rounds = [online.round_prompt_indices(10, 4, seed=3, round_index=r) for r in range(5)]
@@ -121,7 +84,7 @@ def compile_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("online_compile_cache"))
 
 
-def _run(assets, workdir, compile_cache, plan=None):
+def _run(assets, workdir, compile_cache, fault=None):
     os.makedirs(workdir, exist_ok=True)
     overrides = {**ONLINE, "online.prompts": assets["train"], "online.eval_prompts": assets["eval"]}
     config_file = str(workdir) + "_config.py"
@@ -134,8 +97,8 @@ def _run(assets, workdir, compile_cache, plan=None):
             def get_config():
                 return tiny_run_config({assets!r}, {str(workdir)!r}, **{overrides!r})
         """))
-    command = [sys.executable, "-c", DRIVER, REPO, config_file] + ([plan] if plan else [])
-    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
+    command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
+    env = dict(os.environ, **({"JAXDPO_FAULT": fault} if fault else {}), JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
                XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false",
                JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
@@ -189,13 +152,13 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
 
 def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, compile_cache, tmp_path):
     workdir = str(tmp_path / "stopped")
-    stops = [("train:0:1:SIGKILL", -signal.SIGKILL),  # in round 0's training, a checkpoint at step 1
-             ("train:1:1:SIGTERM", errors.EXIT_PREEMPTED),  # preempted in round 1's training: saves, exits 75
-             ("pairs:2:SIGKILL", -signal.SIGKILL)]  # round 2's samples written, its pairs not yet
-    for plan, status in stops:
-        result = _run(assets, workdir, compile_cache, plan)
-        assert result.returncode == status, (plan, result.stderr[-3000:])
-        assert ("SIGTERM received" in result.stderr) == plan.endswith("SIGTERM")
+    stops = [("SIGKILL@rounds/0/checkpoints/1", -signal.SIGKILL),  # in round 0's training, after step 1's save
+             ("SIGTERM@rounds/1/checkpoints/1", errors.EXIT_PREEMPTED),  # preempted in round 1: saves, exits 75
+             ("SIGKILL@rounds/2.jsonl", -signal.SIGKILL)]  # round 2's samples written, its pairs not yet
+    for fault, status in stops:
+        result = _run(assets, workdir, compile_cache, fault)
+        assert result.returncode == status, (fault, result.stderr[-3000:])
+        assert ("SIGTERM received" in result.stderr) == fault.startswith("SIGTERM")
     assert not os.path.exists(os.path.join(workdir, "rounds", "2.jsonl"))
     assert os.path.exists(os.path.join(workdir, "rounds", "2.samples.jsonl"))
     result = _run(assets, workdir, compile_cache)

@@ -16,10 +16,10 @@ from jax.sharding import PartitionSpec as P
 from jaxdpo.checkpoint.manager import Checkpointer, abstract_like
 from tests.helpers import assert_bit_equal, truncate_files
 
-# ----- end to end: a real run killed or preempted, then resumed (issue 5's acceptance) ----------------
-# Every run is `jaxdpo.train`'s real entry point in its own process on 8 simulated devices. A run dies at an
-# exact point: a driver patches jaxdpo.training.loop.save (called after every step) so the process SIGKILLs (or SIGTERMs)
-# itself there, so nothing depends on timing. The processes share a compile cache of their own (the first one
+# ----- end to end: a real run killed or preempted, then resumed --------------------------------------------
+# Every run is `python -m jaxdpo.train` in its own process on 8 simulated devices. A run dies at an exact
+# point: JAXDPO_FAULT (jaxdpo/training/faults.py) makes it SIGKILL (or SIGTERM) itself right after a given
+# step's save call, so nothing depends on timing. The processes share a compile cache of their own (the first one
 # compiles, the others load: about half of each later process's time): the cached 8-device step no longer
 # deadlocks in XLA:CPU's all-reduce now that train.py turns off the concurrency-optimized CPU scheduler
 # (DEVELOPING.md, CPU collectives), and a cache private to this module holds only executables compiled so.
@@ -30,32 +30,6 @@ TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s")
 # window (records at 3 and 6), which a resume must continue, not restart.
 E2E_OVERRIDES = {"train.steps": 6, "train.save_every": 2, "train.keep_checkpoints": 2, "train.log_every": 3,
                  "train.eval_every": 3, "train.export_hf": False}
-
-# argv: repo, config file, then optionally a step and a signal name to send at that step's save call.
-RUN_DRIVER = """
-import os, signal, sys
-repo, config_file = sys.argv[1], sys.argv[2]
-sys.path.insert(0, repo)
-if len(sys.argv) > 3:
-    at_step, signal_name = int(sys.argv[3]), sys.argv[4]
-    from jaxdpo.training import loop
-
-    original_save, signalled = loop.save, []
-
-    def save(config, checkpoints, step, *args, **kwargs):
-        original_save(config, checkpoints, step, *args, **kwargs)
-        if step == at_step and not signalled:
-            signalled.append(step)
-            if signal_name == "SIGKILL":
-                checkpoints.wait()  # this step's scheduled checkpoint, if any, is committed; die hard
-            os.kill(os.getpid(), getattr(signal, signal_name))
-
-    loop.save = save
-sys.argv = ["jaxdpo.train", "--config=" + config_file]
-from jaxdpo.train import run
-run()
-"""
-
 
 @pytest.fixture(scope="module")
 def run_assets(tmp_path_factory):
@@ -83,10 +57,9 @@ def _train(assets, workdir, compile_cache, *, signal_at: tuple[int, str] | None 
             def get_config():
                 return tiny_run_config({assets!r}, {str(workdir)!r}, **{E2E_OVERRIDES!r})
         """))
-    command = [sys.executable, "-c", RUN_DRIVER, REPO, config_file]
-    if signal_at is not None:
-        command += [str(signal_at[0]), signal_at[1]]
-    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
+    command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
+    fault = {} if signal_at is None else {"JAXDPO_FAULT": f"{signal_at[1]}@checkpoints/{signal_at[0]}"}
+    env = dict(os.environ, **fault, JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
                XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -1,8 +1,9 @@
 """The training loop, as one function: `train_and_evaluate(config)` is the program behind
 `python -m jaxdpo.train`.
 
-Build (jaxdpo/training/build.py), restore or start, then per step: batch -> train step -> log -> eval -> save ->
-preemption check, then export. The checkpoint directory is looked at before the policy is built, so that a
+`start_run` builds everything once into a `RunContext` (jaxdpo/training/build.py holds the builders) and
+restores or starts the state; then per step: batch -> train step -> log -> eval -> samples -> save ->
+preemption check; then export. The checkpoint directory is looked at before the policy is built, so that a
 run that will resume never builds the trainable state it is about to restore.
 """
 
@@ -31,10 +32,27 @@ from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import save_pretrained
 from jaxdpo.parallel.distributed import barrier
 from jaxdpo.sampling import samples
-from jaxdpo.training import batches, build
+from jaxdpo.training import batches, build, faults
 from jaxdpo.training.divergence import BadStepWatch
 from jaxdpo.training.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
-from jaxdpo.training.preemption import install_preemption_handler, resume_message
+from jaxdpo.training.preemption import PreemptionFlag, install_preemption_handler, resume_message
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a run builds once and every step reads; the loop passes it to its helpers."""
+    config: Any
+    mesh: Any
+    data: build.Data
+    policy: build.Policy
+    reference: Any  # jaxdpo.preference.reference.Reference
+    steps: build.Steps
+    checkpoints: checkpoint.Checkpointer
+    logger: MetricsLogger
+    fingerprint: dict[str, Any]
+    sample_watch: samples.Watch
+    bad_steps: BadStepWatch
+    preempted: PreemptionFlag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +62,7 @@ class Run:
     mesh: Any
     data: build.Data
     policy: build.Policy
-    reference: Any  # jaxdpo.preference.reference.Reference
+    reference: Any
     steps: build.Steps
     state: dict
     eval_metrics: dict
@@ -52,6 +70,44 @@ class Run:
 
 
 def train_and_evaluate(config, *, devices=None) -> Run:
+    ctx, state, start_step, window = start_run(config, devices)
+    eval_metrics = evaluate_and_sample(ctx, state, 0) if start_step == 0 else {}
+    total = ctx.data.total_steps
+    bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    t_window = time.perf_counter()
+    for step in range(start_step, total):
+        batch = batches.train_batch(ctx.data.batcher, ctx.reference, step, ctx.steps.train_batch_shardings)
+        state, metrics = ctx.steps.train_step(state, ctx.policy.frozen, ctx.reference.params, batch)
+        done = step + 1
+        if ctx.bad_steps.limit_reached(done, metrics.pop("bad_steps"), last=done == total):
+            bar.close()
+            stop_diverged(ctx, done, state, window)
+        window.add(metrics)
+        if done % config.train.log_every == 0 or done == total:
+            log_train_window(ctx, bar, window, done, t_window)
+            window, t_window = MetricsWindow(), time.perf_counter()
+        bar.update(1)
+        if ctx.data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
+            eval_metrics = evaluate_with_win_rate(ctx, state)
+            log_eval(ctx, bar, done, eval_metrics)
+        ctx.sample_watch.write_samples(done, state["params"], ctx.logger)
+        save(ctx, done, state, window, force=done == total)
+        if done < total and ctx.preempted(done):
+            bar.close()
+            stop_preempted(ctx, done, state, window)
+            return ended(ctx, state, eval_metrics, preempted=True)
+    bar.close()
+    ctx.checkpoints.close()
+    ctx.preempted.restore_signal_handlers()
+    exported = export(config, ctx.policy, state, ctx.data.tokenizer)
+    ctx.logger.close()
+    _summary(ctx, eval_metrics, exported)
+    return ended(ctx, state, eval_metrics, preempted=False)
+
+
+def start_run(config, devices=None):
+    """(context, state, start step, logging window): everything built once, the state restored or fresh."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save; the console is the bar's
     build.prepare_workdir(config.workdir)  # a file or a read-only path: one line before anything is built
     mesh = build.make_mesh(config, devices)
@@ -68,65 +124,49 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
     if start_step:
         log_setting_changes(config, logger, start_step, checkpoints.read_meta(start_step))
-    bad_steps = BadStepWatch(config.train.max_bad_steps)
-    preempted = install_preemption_handler()
-    fingerprint = run_fingerprint(config, policy, reference, data)
-    sample_watch = samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step)
+    ctx = RunContext(
+        config=config, mesh=mesh, data=data, policy=policy, reference=reference, steps=steps,
+        checkpoints=checkpoints, logger=logger, fingerprint=run_fingerprint(config, policy, reference, data),
+        sample_watch=samples.Watch.build(config, mesh, data, policy, reference, start_step=start_step),
+        bad_steps=BadStepWatch(config.train.max_bad_steps), preempted=install_preemption_handler())
+    return ctx, state, start_step, window
 
+
+def ended(ctx: RunContext, state, eval_metrics: dict, *, preempted: bool) -> Run:
+    return Run(ctx.config, ctx.mesh, ctx.data, ctx.policy, ctx.reference, ctx.steps, state, eval_metrics,
+               preempted=preempted)
+
+
+def evaluate_with_win_rate(ctx: RunContext, state) -> dict[str, float]:
+    """The eval metrics, plus the judged win rate when a judge is configured."""
+    return evaluate(ctx.steps, state, ctx.policy, ctx.reference, ctx.data) | ctx.sample_watch.win_rate(state["params"])
+
+
+def evaluate_and_sample(ctx: RunContext, state, step: int) -> dict:
+    """The step-0 eval (with the judged win rate) and samples, logged."""
     eval_metrics = {}
-    if start_step == 0:
-        eval_metrics = evaluate_and_sample(steps, state, policy, reference, data, sample_watch, logger, 0)
-    total = data.total_steps
-    bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
-               disable=jax.process_index() != 0)
-    t_window = time.perf_counter()
-    for step in range(start_step, total):
-        batch = batches.train_batch(data.batcher, reference, step, steps.train_batch_shardings)
-        state, metrics = steps.train_step(state, policy.frozen, reference.params, batch)
-        done = step + 1
-        if bad_steps.limit_reached(done, metrics.pop("bad_steps"), last=done == total):
-            bar.close()
-            preempted.restore_signal_handlers()
-            stop_diverged(config, checkpoints, done, state, window, policy, fingerprint, bad_steps)
-        window.add(metrics)
-        if done % config.train.log_every == 0 or done == total:
-            log_train_window(logger, bar, window, done, t_window)
-            window, t_window = MetricsWindow(), time.perf_counter()
-        bar.update(1)
-        if data.eval_batcher is not None and (done % config.train.eval_every == 0 or done == total):
-            eval_metrics = evaluate(steps, state, policy, reference, data) | sample_watch.win_rate(state["params"])
-            log_eval(logger, bar, done, eval_metrics)
-        sample_watch.write_samples(done, state["params"], logger)
-        save(config, checkpoints, done, state, window, policy, fingerprint, force=done == total)
-        if done < total and preempted(done):
-            stop_preempted(config, checkpoints, done, state, window, policy, fingerprint, bar, preempted)
-            return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=True)
-    bar.close()
-    checkpoints.close()
-    preempted.restore_signal_handlers()
-    exported = export(config, policy, state, data.tokenizer)
-    logger.close()
-    _summary(eval_metrics, logger, checkpoints, exported)
-    return Run(config, mesh, data, policy, reference, steps, state, eval_metrics, preempted=False)
-
-
-def evaluate_and_sample(steps, state, policy, reference, data, sample_watch, logger, step: int) -> dict:
-    """The step-0 eval (with the judged win rate when a judge is configured) and samples, logged."""
-    eval_metrics = {}
-    if data.eval_batcher is not None:
-        eval_metrics = evaluate(steps, state, policy, reference, data) | sample_watch.win_rate(state["params"])
-        logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-    sample_watch.write_samples(step, state["params"], logger)
+    if ctx.data.eval_batcher is not None:
+        eval_metrics = evaluate_with_win_rate(ctx, state)
+        ctx.logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    ctx.sample_watch.write_samples(step, state["params"], ctx.logger)
     return eval_metrics
 
 
-def stop_preempted(config, checkpoints, done: int, state, window, policy, fingerprint, bar, preempted) -> None:
+def stop_preempted(ctx: RunContext, done: int, state, window) -> None:
     """Save the state at `done` (off schedule), wait for it to commit, and say how to resume."""
-    save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
-    checkpoints.close()
-    bar.close()
-    build.log(resume_message(config.workdir))
-    preempted.restore_signal_handlers()
+    save(ctx, done, state, window, force=True)
+    ctx.checkpoints.close()
+    build.log(resume_message(ctx.config.workdir))
+    ctx.preempted.restore_signal_handlers()
+
+
+def stop_diverged(ctx: RunContext, done: int, state, window) -> None:
+    """Save the newest state (bad steps were never applied to it, so it is the newest good one) unless that
+    step is on disk already, then stop the run with the watch's one-line message."""
+    ctx.preempted.restore_signal_handlers()
+    save(ctx, done, state, window, force=True)
+    ctx.checkpoints.close()
+    raise ctx.bad_steps.stop(ctx.checkpoints.latest_step(), ctx.checkpoints.directory)
 
 
 def build_pieces(config, mesh, data, *, resuming: bool):
@@ -179,30 +219,22 @@ def evaluate(steps, state, policy, reference, data) -> dict[str, float]:
     return steps.eval_metrics(outputs)
 
 
-def log_train_window(logger, bar, window, done: int, started: float) -> None:
+def log_train_window(ctx: RunContext, bar, window, done: int, started: float) -> None:
     """The train record of the logging window that began at perf_counter() `started` and ends at `done`.
     The rates' clock stops after the window's values are fetched, i.e. after its steps really ran
     (dispatch is asynchronous: stopping it earlier would count only the time to enqueue them)."""
     record = window.mean()
     record.update(window.rates(time.perf_counter() - started))
     record.pop("pairs"), record.pop("tokens")
-    logger.write(done, {f"train/{k}": v for k, v in record.items()})
+    ctx.logger.write(done, {f"train/{k}": v for k, v in record.items()})
     bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                     pairs_s=f"{record['pairs_per_s']:.1f}")
 
 
-def log_eval(logger, bar, done: int, eval_metrics: dict) -> None:
-    logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+def log_eval(ctx: RunContext, bar, done: int, eval_metrics: dict) -> None:
+    ctx.logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
     bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} accuracy {eval_metrics['rewards/accuracies']:.3f} "
               f"margin {eval_metrics['rewards/margins']:.3f}")
-
-
-def stop_diverged(config, checkpoints, done: int, state, window, policy, fingerprint, watch) -> None:
-    """Save the newest state (bad steps were never applied to it, so it is the newest good one) unless that
-    step is on disk already, then stop the run with the watch's one-line message."""
-    save(config, checkpoints, done, state, window, policy, fingerprint, force=True)
-    checkpoints.close()
-    raise watch.stop(checkpoints.latest_step(), checkpoints.directory)
 
 
 def log_setting_changes(config, logger, step: int, meta: dict) -> None:
@@ -215,17 +247,19 @@ def log_setting_changes(config, logger, step: int, meta: dict) -> None:
         logger.write(step, {f"resume/{key}": now for key, (_, now) in changes.items()})
 
 
-def save(config, checkpoints, step: int, state, window, policy, fingerprint, *, force: bool = False) -> None:
+def save(ctx: RunContext, step: int, state, window, *, force: bool = False) -> None:
+    config, checkpoints = ctx.config, ctx.checkpoints
     if not force and not checkpoints.should_save(step):
         return  # decided before the meta: the window's state fetches its metrics from the device
-    meta = {"data_position": step, FINGERPRINT_KEY: fingerprint, SETTINGS_KEY: adjustable_settings(config),
+    meta = {"data_position": step, FINGERPRINT_KEY: ctx.fingerprint, SETTINGS_KEY: adjustable_settings(config),
             # The logging window so far, so a resume logs what an uninterrupted run logs.
             WINDOW_META_KEY: window.state(),
             # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
             "model_path": os.path.abspath(config.model.path),
             "tokenizer_path": os.path.abspath(config.model.tokenizer or config.model.path),
-            "lora": dataclasses.asdict(policy.lora) if policy.lora is not None else None}
+            "lora": dataclasses.asdict(ctx.policy.lora) if ctx.policy.lora is not None else None}
     checkpoints.save(step, state, meta, force=force)
+    faults.reached(os.path.join(checkpoints.directory, str(step)), before_kill=checkpoints.wait)
 
 
 def export(config, policy, state, tokenizer) -> dict[str, str]:
@@ -274,7 +308,8 @@ def _banner(config, mesh, data, policy, reference) -> None:
     ]))
 
 
-def _summary(eval_metrics, logger, checkpoints, exported) -> None:
+def _summary(ctx: RunContext, eval_metrics, exported) -> None:
+    logger, checkpoints = ctx.logger, ctx.checkpoints
     lines = ["done."]
     if eval_metrics:
         lines.append("  final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))

@@ -160,3 +160,22 @@ def test_the_mode_comparison_finder_finds_them():
     source = "def f(cfg):\n    if cfg.reference.mode in ('device', 'host'):\n        return mode == 'none'\n"
     assert len(mode_comparisons(ast.parse(source), "jaxdpo.x")) == 2
     assert mode_comparisons(ast.parse("remat == 'none'"), "jaxdpo.x") == []
+
+
+TOP_LEVEL_MODULES = {"__init__.py", "__main__.py", "train.py", "sample.py", "config.py", "errors.py"}
+
+
+def test_the_top_level_holds_only_the_clis_the_config_and_the_errors():
+    files = {name for name in os.listdir(PACKAGE) if name.endswith(".py")}
+    assert files <= TOP_LEVEL_MODULES and len(files) <= 6, sorted(files - TOP_LEVEL_MODULES)
+
+
+def test_every_subpackage_says_what_it_holds():
+    undocumented = [module for module, tree in MODULES.items()
+                    if _is_package(module) and module != "jaxdpo" and not ast.get_docstring(tree)]
+    assert undocumented == []
+
+
+def test_at_most_one_long_function_is_allowed():
+    functions = [key for key in LONG_ALLOWED if key[0] in MODULES]
+    assert len(functions) <= 1, functions

@@ -10,10 +10,6 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 60
 # (module, qualified name) -> why it may be longer. Keep it empty unless splitting would hide the logic.
 LONG_ALLOWED: dict[tuple[str, str], str] = {
-    ("jaxdpo.preference.losses", "pair_losses"): "one short branch per loss formula, read side by side with LOSSES.md",
-    ("jaxdpo.preference.losses", "preference_loss"): "the weighted sum of the losses and every metric TRL logs, in one place",
-    ("jaxdpo.models.families", "config_from_hf"): "a translation table: one line per config.json key",
-    ("jaxdpo.models.families", "config_to_hf"): "the same table backwards",
     ("jaxdpo.models.hf_io", "save_pretrained"): "plan, then stream: splitting it passes the plan around",
 }
 

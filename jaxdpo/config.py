@@ -203,6 +203,7 @@ def validate(config) -> None:
     # The owners of each section; imported here because they are heavy (jax) and this module is not.
     from jaxdpo import data
     from jaxdpo.data.batcher import check_batch_sizes
+    from jaxdpo.judging import judges
     from jaxdpo.models import hf_io, lora
     from jaxdpo.online import rounds as online
     from jaxdpo.parallel import sequence_parallel, sharding
@@ -223,4 +224,5 @@ def validate(config) -> None:
     reference.check_config(config, lora_on=lora_on)
     losses.validate_loss_config(config.loss, has_reference=reference.gives_logprobs(config, lora_on=lora_on))
     samples.check_config(config)
+    judges.check_config(config)
     online.check_config(config, lora_on=lora_on)

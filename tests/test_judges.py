@@ -1,8 +1,9 @@
-"""Judges: the reward model against transformers' *ForSequenceClassification, function judges, pair
-formation and win rate."""
+"""Judges: the registry of judge kinds, the reward model against transformers' *ForSequenceClassification,
+function judges, pair formation and win rate."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,15 +13,15 @@ import torch
 import transformers
 from jax.sharding import PartitionSpec
 
+from configs import dpo
 from jaxdpo.config import ConfigError
-from jaxdpo.judging.judges import (
-    FunctionJudge,
-    form_pairs,
-    make_judge,
-    pair_rows,
-    win_rate,
-)
+from jaxdpo.judging import judges
+from jaxdpo.judging.function_judge import FunctionJudge
+from jaxdpo.judging.pairs import form_pairs, pair_rows
+from jaxdpo.judging.reward_model_judge import RewardModelJudge
+from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.models.reward_model import RewardModel, bucket_length, last_token_index
+from jaxdpo.online.rounds import ROUND_KEYS
 from jaxdpo.parallel.sharding import make_mesh
 from tests.hf_models import randomized
 from tests.tiny_assets import make_tokenizer
@@ -36,6 +37,15 @@ CLASSIFIERS = {
         "query_pre_attn_scalar": 16}),
 }
 LENGTHS = (12, 9, 5, 1, 7)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def judge_config(**judge_keys):
+    """configs/dpo.py's config with the given `judge.*` keys set."""
+    config = dpo.get_config()
+    for key, value in judge_keys.items():
+        config.judge[key] = value
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +164,8 @@ def test_function_judge_imports_once_and_scores(tmp_path, monkeypatch):
         "def bad(prompt, completion):\n"
         "    return 'high'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    judge = make_judge(function="my_rules:length")
+    judge = judges.make_judge(judge_config(function="my_rules:length"), mesh=None)
+    assert isinstance(judge, FunctionJudge)
     assert judge.name == "my_rules:length"
     scores = judge.score(["p1", "p2"], ["abc", ""])
     assert scores.tolist() == [3.0, 0.0] and scores.dtype == np.float64
@@ -186,21 +197,59 @@ def test_short_answer_rule():
     assert short_answer("q", " w" * (MAX_WORDS + 1)) > short_answer("q", " w" * (MAX_WORDS + 2))
 
 
-def test_make_judge_needs_exactly_one_kind():
-    with pytest.raises(ConfigError, match="exactly one"):
-        make_judge()
-    with pytest.raises(ConfigError, match="exactly one"):
-        make_judge(function="a:b", reward_model="/x")
+# ---- the registry of judge kinds ---------------------------------------------------------------------
+
+def test_the_config_selects_one_kind_or_none():
+    assert judges.judge_kind(judge_config()) is None and judges.make_judge(judge_config(), mesh=None) is None
+    assert not judges.is_configured(judge_config())
+    assert judges.judge_kind(judge_config(function="a:b")) is FunctionJudge
+    assert judges.judge_kind(judge_config(reward_model="/x")) is RewardModelJudge
+    with pytest.raises(ConfigError, match=r"judge.function = 'a:b' and judge.reward_model = '/x' are both set; "
+                                          r"set exactly one of them") as info:
+        judges.judge_kind(judge_config(function="a:b", reward_model="/x"))
+    assert "\n" not in str(info.value)
+    config = judge_config(function="a:b")
+    judges.clear_judge(config)
+    assert not judges.is_configured(config)
 
 
-def test_missing_judge_module_exits_2_in_one_line():
-    code = ("from jaxdpo.config import ConfigError\n"
-            "from jaxdpo.judging.judges import make_judge\n"
-            "import sys\n"
-            "try:\n    make_judge(function='nowhere_module:f')\n"
-            "except ConfigError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+def test_every_kind_declares_config_keys_that_exist_and_is_fingerprinted_by_the_rounds():
+    defaults = dpo.get_config().judge
+    for kind in judges.KINDS:
+        assert kind.keys[0] == kind.selector and all(key in defaults for key in kind.keys), kind
+        assert defaults[kind.selector] == "", kind  # no judge unless the user selects one
+        assert f"judge.{kind.selector}" in ROUND_KEYS and f"judge.{kind.selector}" in judges.usage()
+
+
+def test_reward_model_kind_checks_its_keys_and_builds_the_model(classifiers, tmp_path):
+    _, path = classifiers("llama")
+    with pytest.raises(ConfigError, match="judge.reward_model = .* is not a directory"):
+        judges.check_config(judge_config(reward_model=str(tmp_path / "missing")))
+    for key, value, message in [("batch_size", 0, "judge.batch_size = 0 must be a positive integer"),
+                                ("max_length", -1, "judge.max_length = -1 must be an integer >= 0"),
+                                ("prompts", 0, "judge.prompts = 0 must be positive")]:
+        with pytest.raises(ConfigError, match=message):
+            judges.check_config(judge_config(reward_model=path, **{key: value}))
+    config = judge_config(reward_model=path, batch_size=3, max_length=64)
+    judges.check_config(config)
+    judge = judges.make_judge(config, mesh=None)
+    assert isinstance(judge, RewardModel) and judge.name == f"reward_model:{path}"
+    assert judge.max_length == 64 and judge.batch_rows == 3
+
+
+def test_missing_judge_module_exits_2_in_one_line(assets, tmp_path):
+    """The real CLI on the tiny assets: the config check imports the judge before anything is built."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "jaxdpo.train", "--config=configs/dpo.py",
+                           f"--config.workdir={tmp_path / 'run'}", f"--config.model.path={assets['model']}",
+                           f"--config.data.train_files={assets['train']}", f"--config.data.eval_files={assets['eval']}",
+                           "--config.judge.function=no_such_module:f"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "jaxdpo: judge 'no_such_module:f': cannot import module 'no_such_module' (No module named "
+        "'no_such_module'); is it on PYTHONPATH (the directory you run from is)?"]
+    assert not os.path.exists(tmp_path / "run")  # nothing was built
 
 
 # ---- pairs and win rate -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jaxdpo import errors
-from jaxdpo.judging import judges
+from jaxdpo.judging.pairs import form_pairs
 from jaxdpo.online import rounds as online
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,15 +42,15 @@ def test_round_prompts_are_a_pure_function_of_seed_and_round():
 
 def test_pairs_are_reproducible_under_the_seed_and_ties_are_counted():
     scores = np.array([[1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.5, 1.0, 1.0, 0.0], [3.0, 1.0, 3.0, 1.0]])
-    first = judges.form_pairs(scores, seed=7, round_index=2)
+    first = form_pairs(scores, seed=7, round_index=2)
     for _ in range(3):
-        again = judges.form_pairs(scores, seed=7, round_index=2)
+        again = form_pairs(scores, seed=7, round_index=2)
         assert all(np.array_equal(getattr(first, f), getattr(again, f)) for f in ("prompt_index", "chosen_index",
                                                                                    "rejected_index"))
     assert first.ties == 1 and list(first.prompt_index) == [0, 2, 3]
     assert all(scores[p, c] == scores[p].max() and scores[p, r] == scores[p].min()
                for p, c, r in zip(first.prompt_index, first.chosen_index, first.rejected_index))
-    draws = {tuple(judges.form_pairs(scores, seed=s, round_index=2).chosen_index) for s in range(16)}
+    draws = {tuple(form_pairs(scores, seed=s, round_index=2).chosen_index) for s in range(16)}
     assert len(draws) > 1  # ties among the best are broken by the seed, not always the same way
 
 

@@ -4,7 +4,7 @@
   1. `r.jsonl` (the round's pairs, a data file) is the round's source of truth. When it is missing:
      `online.prompts_per_round` prompts of `online.prompts` (`round_prompt_indices`), each completed
      `online.samples_per_prompt` (k) times by the round's starting policy, judged, and the best completion
-     paired with the worst (`judges.form_pairs`; ties give no pair and are counted). Every completion and
+     paired with the worst (`pairs.form_pairs`; ties give no pair and are counted). Every completion and
      score goes to `r.samples.jsonl`, the pairs to `r.jsonl`; each file is written whole, then renamed.
   2. Training: `loop.train_and_evaluate` (the same builders and loop as offline DPO) on `round_config`:
      workdir `rounds/r/`, data.train_files `rounds/r.jsonl`, model.path the round's starting policy, train.*
@@ -41,6 +41,8 @@ from jaxdpo.data.identity import files_identity
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
 from jaxdpo.judging import judges
+from jaxdpo.judging.pairs import form_pairs, pair_rows
+from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel.distributed import (
     write_jsonl,  # process 0 writes, every host reads
@@ -54,8 +56,7 @@ REFERENCES = ("previous", "initial")
 # What shapes the rounds already written: a rerun with any of these changed would mix two runs' rounds.
 ROUND_KEYS = ("seed", "model.path", "online.prompts", "online.prompts_per_round", "online.samples_per_prompt",
               "online.max_new_tokens", "online.temperature", "online.top_k", "online.top_p", "online.reference",
-              "judge.function", "judge.reward_model", "lora", "loss", "optim", "train.batch_size", "train.steps",
-              "train.epochs")
+              *judges.SELECTOR_KEYS, "lora", "loss", "optim", "train.batch_size", "train.steps", "train.epochs")
 
 
 def check_config(config, *, lora_on: bool) -> None:
@@ -65,9 +66,8 @@ def check_config(config, *, lora_on: bool) -> None:
         raise ConfigError(f"online.rounds = {o.rounds!r} must be an integer >= 0 (0 = offline DPO)")
     if not o.rounds:
         return
-    if not samples.judge_configured(config):
-        raise ConfigError("online.rounds > 0 needs a judge to rank the samples: set judge.function "
-                          "('module:function') or judge.reward_model")
+    if not judges.is_configured(config):
+        raise ConfigError(f"online.rounds > 0 needs a judge to rank the samples: set {judges.usage()}")
     if not o.prompts:
         raise ConfigError("online.rounds > 0 needs online.prompts: files of prompts, as data.train_files")
     if not isinstance(o.samples_per_prompt, int) or o.samples_per_prompt < 2:
@@ -116,7 +116,7 @@ def round_config(config, round_index: int, start_policy: str):
     c.data.eval_files, c.data.eval_fraction = "", 0.0
     c.train.export_hf = True
     c.train.sample_every = 0  # the rounds' files show every sample; the win rate is measured per round
-    c.judge.function = c.judge.reward_model = ""
+    judges.clear_judge(c)  # the rounds do the judging; a round's training computes no win rate
     c.online.rounds = 0
     if config.online.reference == "initial":
         c.reference.path = config.model.path
@@ -209,17 +209,17 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
     texts = [r["completion"] for r in rows]
     scores = judge.score(expanded, texts).reshape(len(chosen), k)
     completions = [texts[i * k:(i + 1) * k] for i in range(len(chosen))]
-    pairs = judges.form_pairs(scores, seed=config.seed, round_index=round_index)
-    pair_rows = [row for row in judges.pair_rows(chosen, completions, scores, pairs)
-                 if nonblank(row["chosen"]) and nonblank(row["rejected"])]
-    for row in pair_rows:
+    pairs = form_pairs(scores, seed=config.seed, round_index=round_index)
+    kept = [row for row in pair_rows(chosen, completions, scores, pairs)
+            if nonblank(row["chosen"]) and nonblank(row["rejected"])]
+    for row in kept:
         row["prompt_index"] = int(indices[row["prompt_index"]])  # the prompt's row in online.prompts
     audit = [{"prompt_index": int(i), "prompt": p, "completions": c, "scores": s.tolist(),
               "finished": [r["finished"] for r in rows[j * k:(j + 1) * k]]}
              for j, (i, p, c, s) in enumerate(zip(indices, chosen, completions, scores))]
     os.makedirs(rounds_dir(config), exist_ok=True)
     write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"), audit)
-    write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl"), pair_rows)
+    write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl"), kept)
 
 
 def round_summary(config, round_index: int) -> dict[str, float]:
@@ -278,7 +278,7 @@ def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_p
         {"prompt": p, "policy": a["completion"], "policy_score": float(x), "reference": b["completion"],
          "reference_score": float(y)} for p, a, b, x, y in zip(eval_prompts, policy, reference, policy_scores,
                                                                 reference_scores)])
-    return judges.win_rate(policy_scores, reference_scores).metrics(prefix="eval/")
+    return win_rate(policy_scores, reference_scores).metrics(prefix="eval/")
 
 
 # ----- the rounds ----------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def run_online(config):
     eval_prompts = prompts_lib.read_prompts(config.online.eval_prompts, config.data, config_key="online.eval_prompts",
                                             distinct=True)[:config.judge.prompts] if config.online.eval_prompts else []
     check_rounds_fingerprint(config, len(prompts))
-    judge = samples.make_judge(config, mesh)
+    judge = judges.make_judge(config, mesh)
     loader = PolicyLoader(config, mesh, tokenizer)
     logger = MetricsLogger(config.workdir)
     done = finished_rounds(config)

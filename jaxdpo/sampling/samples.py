@@ -6,8 +6,8 @@ Two things the training loop asks of a `Watch` (jaxdpo/training/loop.py calls it
   prompts by the policy and by the reference, side by side, to WORKDIR/samples.jsonl and tensorboard
   text. Each completion carries its summed logprob under both models and its implicit DPO reward
   beta * (logp_policy - logp_reference).
-- `win_rate(params)`: when a judge is configured (`judge.function` or `judge.reward_model`), at every
-  eval, the first `judge.prompts` distinct held-out prompts are completed by the policy and judged
+- `win_rate(params)`: when a judge is configured (jaxdpo.judging.judges picks it from the `judge` section),
+  at every eval, the first `judge.prompts` distinct held-out prompts are completed by the policy and judged
   against the reference's completions: `win_rate` (ties count a half), its 95% Wilson interval and each
   side's mean judge score (the loop logs them as eval/...).
 
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.judging import judges
+from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.parallel import distributed
 from jaxdpo.sampling import generate
 from jaxdpo.sampling import prompts as prompts_lib
@@ -52,38 +53,15 @@ def sampling_settings(section, *, seed: int) -> generate.SamplingSettings:
                                      top_k=int(section.top_k), top_p=float(section.top_p), seed=seed)
 
 
-def judge_configured(config) -> bool:
-    return bool(config.judge.function or config.judge.reward_model)
-
-
-def make_judge(config, mesh):
-    """The run's judge (jaxdpo.judging.judges.make_judge from the `judge` section), or None when none is set."""
-    if not judge_configured(config):
-        return None
-    from jaxdpo.training.build import DTYPES
-
-    return judges.make_judge(function=config.judge.function, reward_model=config.judge.reward_model, mesh=mesh,
-                             dtype=DTYPES[config.model.dtype], batch_size=int(config.judge.batch_size),
-                             max_length=int(config.judge.max_length) or None)
-
-
 def check_config(config) -> None:
-    """The `sampling` and `judge` sections and train.sample_*: ConfigError in one line."""
+    """The `sampling` section and train.sample_*: ConfigError in one line (the `judge` section is
+    jaxdpo.judging.judges.check_config's)."""
     sampling_settings(config.sampling, seed=int(config.sampling.seed))  # ranges of every setting
-    for key in ("train.sample_every", "train.sample_prompts", "judge.prompts", "sampling.batch_size"):
+    for key in ("train.sample_every", "train.sample_prompts", "sampling.batch_size"):
         section, name = key.split(".")
         value = config[section][name]
         if not isinstance(value, int) or value < (0 if key == "train.sample_every" else 1):
             raise ConfigError(f"{key} = {value!r} must be {'>= 0' if key == 'train.sample_every' else 'positive'}")
-    if config.judge.function and config.judge.reward_model:
-        raise ConfigError(f"judge.function = {config.judge.function!r} and judge.reward_model = "
-                          f"{config.judge.reward_model!r} are both set; set one of them")
-    if config.judge.function:
-        judges.load_function(config.judge.function)
-    elif config.judge.reward_model:
-        from jaxdpo.models.hf_io import check_checkpoint_dir
-
-        check_checkpoint_dir(config.judge.reward_model, "judge.reward_model")
 
 
 def eos_ids_of(tokenizer, model_config, model_dir: str) -> list[int]:
@@ -162,7 +140,7 @@ class Watch:
     def build(cls, config, mesh, data, policy, reference, *, start_step: int) -> "Watch":
         """The run's watch; reads the held-out prompts only when sampling or a judge is on. A resumed run
         drops the samples.jsonl records written after its checkpoint."""
-        judge = make_judge(config, mesh)
+        judge = judges.make_judge(config, mesh)
         counts = ([config.train.sample_prompts] if config.train.sample_every else []) + (
             [config.judge.prompts] if judge is not None else [])
         if not counts:
@@ -211,7 +189,7 @@ class Watch:
         policy = [r["completion"] for r in self.policy_rows(params, n)]
         reference = [r["completion"] for r in self.reference_rows(params)[:n]]
         prompts = self.heldout[:n]
-        result = judges.win_rate(self.judge.score(prompts, policy), self.judge.score(prompts, reference))
+        result = win_rate(self.judge.score(prompts, policy), self.judge.score(prompts, reference))
         if jax.process_index() == 0:
             tqdm.write(f"  win rate {result.win_rate:.3f} [{result.low:.3f}, {result.high:.3f}] over {n} held-out "
                        f"prompts (judge score: policy {result.policy_score:.3f}, reference {result.reference_score:.3f})")

@@ -129,6 +129,7 @@ def sample_file(args) -> dict:
     from flax import nnx
     from tqdm.auto import tqdm
 
+    from jaxdpo.models import hub
     from jaxdpo.parallel import sharding
     from jaxdpo.sampling import generate
 
@@ -137,7 +138,9 @@ def sample_file(args) -> dict:
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size = {args.batch_size} must be positive")
     prompts = read_prompts(args.prompts)
-    model, tokenizer, generation_config = load_model(args.model, dtype=args.dtype, base=args.base)
+    model_path = hub.resolve(args.model, "--model")
+    base = hub.resolve(args.base, "--base") if args.base else None
+    model, tokenizer, generation_config = load_model(model_path, dtype=args.dtype, base=base)
     # FSDP over every local device that divides the hidden size evenly; the rest split the batch
     fsdp = math.gcd(jax.device_count(), model.config.hidden_size)
     mesh = sharding.make_mesh(data=jax.device_count() // fsdp, fsdp=fsdp)

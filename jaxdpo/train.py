@@ -92,8 +92,10 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; options look like --config.train.steps=100")
     config = _CONFIG.value
+    _quiet_third_party_logs()
     _one_line_notices()
     try:
+        config = resolve_hub_names(config)
         config_lib.validate(config)
         from jaxdpo.parallel import distributed
         distributed.initialize(config.distributed)
@@ -113,6 +115,16 @@ def main(argv):
     sys.exit(errors.EXIT_PREEMPTED if run is not None and run.preempted else errors.EXIT_FINISHED)
 
 
+def resolve_hub_names(config):
+    """`config` with hub names (org/name[@revision]) replaced by their snapshots in the HF cache; a run that
+    will resume trains from the commits its newest checkpoint recorded."""
+    from jaxdpo.checkpoint.manager import newest_meta_on_disk
+    from jaxdpo.models import hub
+
+    meta = newest_meta_on_disk(os.path.join(config.workdir, "checkpoints")) or {}
+    return hub.resolve_config(config, pins=meta.get(hub.META_KEY))
+
+
 class _DropFailedWriteLogs(logging.Filter):
     """A save that fails in the OS (disk full, read-only, quota) makes orbax, and asyncio for orbax's
     futures, log that OS error with tracebacks from several threads before it reaches the loop, which
@@ -130,6 +142,15 @@ class _DropFailedWriteLogs(logging.Filter):
             frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
         from_orbax = any(f"{os.sep}orbax{os.sep}" in path for path in [record.pathname, *frames])
         return not (from_orbax and "os_error_code" in text)
+
+
+def _quiet_third_party_logs() -> None:
+    """The console starts with jaxdpo's banner: absl's INFO records (the HTTP client's requests, orbax's
+    saves, jax's backend notes) are kept out unless --verbosity asks for them."""
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _one_line_notices() -> None:

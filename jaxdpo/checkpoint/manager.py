@@ -349,3 +349,22 @@ def check_restored(layout, restored: dict, where: str) -> None:
     damaged = _checksum_mismatch(layout, restored, partial=True)
     if damaged:
         raise ConfigError(f"{where} is damaged ({damaged}); use another step or rerun training to replace it")
+
+
+def newest_meta_on_disk(directory: str) -> dict | None:
+    """The `meta` item of the newest committed step under `directory`, read as the plain JSON file orbax
+    writes, without opening a manager (which would clean the directory, and may need jax.distributed): what
+    a run reads before anything starts, e.g. the hub commits to pin. None when there is no readable one."""
+    import json
+
+    try:
+        steps = sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+    except OSError:
+        return None
+    for step in steps:
+        try:
+            with open(os.path.join(directory, str(step), _META, "metadata")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None

@@ -155,7 +155,7 @@ def check_checkpoint_dir(path: str, key: str) -> None:
     """ConfigError unless `path` (the value of config key `key`) is a Hugging Face checkpoint directory."""
     if not os.path.isdir(path):
         raise ConfigError(f"{key} = {path!r} is not a directory (a Hugging Face checkpoint directory with "
-                          f"config.json and *.safetensors)")
+                          f"config.json and *.safetensors, or a hub name org/name[@revision])")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"{key} = {path!r} has no config.json (is it a Hugging Face checkpoint directory?)")
 
@@ -164,8 +164,8 @@ def check_model_config(model_cfg) -> None:
     """The `model` section: its checkpoint and tokenizer directories exist."""
     check_checkpoint_dir(model_cfg.path, "model.path")
     if model_cfg.tokenizer and not os.path.isdir(model_cfg.tokenizer):
-        raise ConfigError(f"model.tokenizer = {model_cfg.tokenizer!r} is not a directory "
-                          f"(leave it empty to use model.path's tokenizer)")
+        raise ConfigError(f"model.tokenizer = {model_cfg.tokenizer!r} is not a directory or a hub name "
+                          f"org/name[@revision] (leave it empty to use model.path's tokenizer)")
 
 
 def load_config(path: str) -> ModelConfig:

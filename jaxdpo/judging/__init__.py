@@ -1,1 +1,1 @@
-"""Judges: the judge protocol and its kinds (rule functions, reward models), pair formation, win rate."""
+"""Judges: the judge protocol and the registry of judge kinds (rule functions, reward models), pair formation, win rate."""

@@ -126,6 +126,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     c.lora.export_merged = False  # also write the merged model to WORKDIR/hf (the adapter goes to hf_adapter/)
 
+    # Experiment trackers besides metrics.jsonl and tensorboard (optional extras: pip install 'jaxdpo[wandb]',
+    # 'jaxdpo[mlflow]'). Empty values defer to the library's environment variables (WANDB_*, MLFLOW_*).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb = ml_collections.ConfigDict()
+    c.logging.wandb.enabled = False
+    c.logging.wandb.project = ""  # empty = WANDB_PROJECT, else "jaxdpo"
+    c.logging.wandb.name = ""  # the run's name; empty = WANDB_NAME, else the workdir's name
+    c.logging.wandb.entity = ""  # empty = WANDB_ENTITY, else your default entity
+    c.logging.wandb.mode = ""  # online | offline | disabled; empty = WANDB_MODE, else online
+    c.logging.mlflow = ml_collections.ConfigDict()
+    c.logging.mlflow.enabled = False
+    c.logging.mlflow.tracking_uri = ""  # empty = MLFLOW_TRACKING_URI, else MLflow's default
+    c.logging.mlflow.experiment = ""  # empty = MLFLOW_EXPERIMENT_NAME, else "jaxdpo"
+    c.logging.mlflow.run_name = ""  # empty = the workdir's name
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # empty = auto-detect (TPU pod, SLURM) or single process
     c.distributed.num_processes = 0

@@ -209,7 +209,7 @@ def validate(config) -> None:
     from jaxdpo.parallel import sequence_parallel, sharding
     from jaxdpo.preference import losses, reference
     from jaxdpo.sampling import samples
-    from jaxdpo.training import optim
+    from jaxdpo.training import optim, trackers
 
     _check_schema_values(config)
     if config.train.steps <= 0 and config.train.epochs <= 0:
@@ -226,3 +226,4 @@ def validate(config) -> None:
     samples.check_config(config)
     judges.check_config(config)
     online.check_config(config, lora_on=lora_on)
+    trackers.check_config(config.logging)

@@ -214,6 +214,7 @@ class Watch:
             with open(os.path.join(self.config.workdir, SAMPLES_FILE), "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             logger.write_text(step, "samples", samples_markdown(records))
+            logger.write_table(step, "samples", records)
 
 
 def sample_record(step: int, index: int, prompt, policy: dict, reference: dict) -> dict:

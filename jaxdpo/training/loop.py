@@ -10,6 +10,7 @@ run that will resume never builds the trainable state it is about to restore.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -28,11 +29,12 @@ from jaxdpo.checkpoint.fingerprint import (
     setting_changes,
 )
 from jaxdpo.data import identity
+from jaxdpo.models import hub
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import save_pretrained
 from jaxdpo.parallel.distributed import barrier
 from jaxdpo.sampling import samples
-from jaxdpo.training import batches, build, faults
+from jaxdpo.training import batches, build, faults, trackers
 from jaxdpo.training.divergence import BadStepWatch
 from jaxdpo.training.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.training.preemption import PreemptionFlag, install_preemption_handler, resume_message
@@ -101,8 +103,10 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     ctx.checkpoints.close()
     ctx.preempted.restore_signal_handlers()
     exported = export(config, ctx.policy, state, ctx.data.tokenizer)
-    ctx.logger.close()
+    for name, path in exported.items():
+        ctx.logger.write_output(name, path)
     _summary(ctx, eval_metrics, exported)
+    ctx.logger.close()
     return ended(ctx, state, eval_metrics, preempted=False)
 
 
@@ -120,7 +124,7 @@ def start_run(config, devices=None):
     _banner(config, mesh, data, policy, reference)
     policy, reference, steps, state, start_step, window = restore_or_start(
         config, mesh, data, checkpoints, (policy, reference, steps, state), resuming=resuming)
-    logger = MetricsLogger(config.workdir)
+    logger = MetricsLogger(config.workdir, trackers=functools.partial(trackers.from_config, config))
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
     if start_step:
         log_setting_changes(config, logger, start_step, checkpoints.read_meta(start_step))
@@ -257,7 +261,9 @@ def save(ctx: RunContext, step: int, state, window, *, force: bool = False) -> N
             # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
             "model_path": os.path.abspath(config.model.path),
             "tokenizer_path": os.path.abspath(config.model.tokenizer or config.model.path),
-            "lora": dataclasses.asdict(ctx.policy.lora) if ctx.policy.lora is not None else None}
+            "lora": dataclasses.asdict(ctx.policy.lora) if ctx.policy.lora is not None else None,
+            # The hub repos and commits the paths came from, with their files: a resume trains from them.
+            hub.META_KEY: hub.sources(config)}
     checkpoints.save(step, state, meta, force=force)
     faults.reached(os.path.join(checkpoints.directory, str(step)), before_kill=checkpoints.wait)
 
@@ -293,7 +299,7 @@ def _banner(config, mesh, data, policy, reference) -> None:
     accumulation = cfg.train.batch_size // cfg.train.micro_batch_size
     build.log("\n".join([
         "jaxdpo",
-        f"  model      {cfg.model.path}  ({policy.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})"
+        f"  model      {hub.describe(cfg.model.path)}  ({policy.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})"
         + (f", LoRA r={settings.rank} alpha={settings.alpha:g} on {','.join(settings.targets)}: "
            f"{policy.num_trainable / 1e6:.3f}M trained" if settings is not None else ""),
         f"  devices    {jax.device_count()} x {jax.devices()[0].platform}, {jax.process_count()} process(es), "
@@ -314,7 +320,14 @@ def _summary(ctx: RunContext, eval_metrics, exported) -> None:
     if eval_metrics:
         lines.append("  final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
     lines.append(f"  metrics    {os.path.abspath(logger.path)}")
+    lines.append(f"  tensorboard {os.path.join(os.path.dirname(os.path.abspath(logger.path)), 'tensorboard')}")
     lines.append(f"  checkpoint {checkpoints.directory} (rerun the same command to resume or extend)")
+    samples_file = os.path.join(ctx.config.workdir, samples.SAMPLES_FILE)
+    if os.path.exists(samples_file):
+        lines.append(f"  samples    {os.path.abspath(samples_file)}")
+    if "adapter" in exported:
+        lines.append(f"  adapter    {os.path.abspath(exported['adapter'])} (PEFT LoRA adapter)")
     if "hf" in exported:
         lines.append(f"  HF export  {os.path.abspath(exported['hf'])}")
+    lines.extend(f"  {where}" for where in logger.tracker_runs())
     build.log("\n".join(lines))

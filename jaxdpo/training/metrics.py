@@ -1,4 +1,6 @@
-"""Where metrics go: WORKDIR/metrics.jsonl (one JSON object per record) and tensorboard scalars.
+"""Where metrics go: WORKDIR/metrics.jsonl (one JSON object per record), tensorboard scalars, and the
+experiment trackers the config enables (jaxdpo/training/trackers.py: W&B, MLflow), which receive every
+record at its step, the samples as tables and the paths of the outputs.
 
 Only process 0 writes. A resumed run first drops records past the step it resumes from, and continues
 the logging window its checkpoint was saved in (`MetricsWindow.state` travels in the checkpoint meta),
@@ -75,16 +77,21 @@ class MetricsWindow:
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    """`trackers`: a callable returning the trackers to open (`trackers.from_config` bound to the config),
+    called on process 0 only, so no other process imports or starts a tracker."""
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None, trackers=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._trackers = []
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import (
                 SummaryWriter,  # imported here: only process 0 needs it
             )
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._trackers = list(trackers()) if trackers is not None else []
 
     def truncate_after(self, step: int) -> None:
         """Keep records with step <= `step` (a resumed run rewrites what came after its checkpoint)."""
@@ -108,6 +115,8 @@ class MetricsLogger:
         for key, value in record.items():
             self._tb.add_scalar(key, float(value), int(step))
         self._tb.flush()
+        for tracker in self._trackers:
+            tracker.metrics(int(step), {k: float(v) for k, v in record.items()})
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """A markdown text record in tensorboard's text tab (samples during training)."""
@@ -115,9 +124,26 @@ class MetricsLogger:
             self._tb.add_text(tag, text, int(step))
             self._tb.flush()
 
+    def write_table(self, step: int, name: str, rows: list[dict]) -> None:
+        """Rows (e.g. the samples of one step) as a table in each tracker."""
+        for tracker in self._trackers:
+            tracker.table(int(step), name, rows)
+
+    def write_output(self, name: str, path: str) -> None:
+        """Where an output of the run was written (the HF export, the adapter), recorded by each tracker."""
+        for tracker in self._trackers:
+            tracker.output(name, path)
+
+    def tracker_runs(self) -> list[str]:
+        """One line per open tracker saying where its run is (for the run's summary)."""
+        return [tracker.where() for tracker in self._trackers]
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def read_metrics(workdir: str) -> list[dict]:

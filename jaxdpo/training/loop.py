@@ -252,10 +252,16 @@ def log_setting_changes(config, logger, step: int, meta: dict) -> None:
 
 
 def save(ctx: RunContext, step: int, state, window, *, force: bool = False) -> None:
-    config, checkpoints = ctx.config, ctx.checkpoints
-    if not force and not checkpoints.should_save(step):
-        return  # decided before the meta: the window's state fetches its metrics from the device
-    meta = {"data_position": step, FINGERPRINT_KEY: ctx.fingerprint, SETTINGS_KEY: adjustable_settings(config),
+    """Checkpoint `step` when it is on the save schedule or `force`d (decided before the meta is built: the
+    window's state fetches its metrics from the device)."""
+    if force or ctx.checkpoints.should_save(step):
+        ctx.checkpoints.save(step, state, checkpoint_meta(ctx, step, window), force=force)
+    faults.reached(os.path.join(ctx.checkpoints.directory, str(step)), before_kill=ctx.checkpoints.wait)
+
+
+def checkpoint_meta(ctx: RunContext, step: int, window) -> dict[str, Any]:
+    config = ctx.config
+    return {"data_position": step, FINGERPRINT_KEY: ctx.fingerprint, SETTINGS_KEY: adjustable_settings(config),
             # The logging window so far, so a resume logs what an uninterrupted run logs.
             WINDOW_META_KEY: window.state(),
             # Where tools/convert_to_hf.py finds the tokenizer (and a LoRA run's base weights).
@@ -264,8 +270,6 @@ def save(ctx: RunContext, step: int, state, window, *, force: bool = False) -> N
             "lora": dataclasses.asdict(ctx.policy.lora) if ctx.policy.lora is not None else None,
             # The hub repos and commits the paths came from, with their files: a resume trains from them.
             hub.META_KEY: hub.sources(config)}
-    checkpoints.save(step, state, meta, force=force)
-    faults.reached(os.path.join(checkpoints.directory, str(step)), before_kill=checkpoints.wait)
 
 
 def export(config, policy, state, tokenizer) -> dict[str, str]:

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +263,17 @@ def _new_cache(model, batch: int, num_slots: int):
     return tuple((k, v) for _ in range(c.num_layers))
 
 
+class _DecodeState(NamedTuple):
+    """What one decode step reads and writes (a pytree: the while_loop's carry)."""
+
+    step: jax.Array  # int32: the index of the token this step draws
+    cache: tuple  # per layer (k [B,K,S,H], v [B,K,H,S])
+    last: jax.Array  # [B] int32: the token drawn at step - 1, written to the cache this step
+    done: jax.Array  # [B] bool: the row emitted an EOS id
+    ids: jax.Array  # [B,N] int32: the tokens drawn so far, pad_id after a row stopped
+    logprobs: jax.Array  # [B,N] float32: their logprobs under the model's own softmax, 0 after a row stopped
+
+
 def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *, program: _Program):
     """Prefill + decode loop. tokens [B,P] left-padded, lengths/row_ids [B] ->
     (ids [B,N] int32, pad_id after a row stopped; logprobs [B,N] float32 under the model's own softmax)."""
@@ -282,32 +294,29 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
     layers = _per_layer(model)
     logits = _token_logits(model, x[:, -1:])
     first = draw(logits, 0)
-    out_ids = jnp.full((b, n), program.pad_id, jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(_chosen_logprob(logits, first))
-    done = jnp.isin(first, eos)
+    start = _DecodeState(step=jnp.int32(1), cache=cache, last=first, done=jnp.isin(first, eos),
+                         ids=jnp.full((b, n), program.pad_id, jnp.int32).at[:, 0].set(first),
+                         logprobs=jnp.zeros((b, n), jnp.float32).at[:, 0].set(_chosen_logprob(logits, first)))
 
-    def keep_going(state):
-        step, _, _, done, _, _ = state
-        return (step < n) & ~jnp.all(done)
+    def keep_going(state: _DecodeState):
+        return (state.step < n) & ~jnp.all(state.done)
 
-    def decode(state):
-        step, cache, last, done, out_ids, out_lp = state
-        slot = p + step - 1  # where `last` (token step-1) goes
+    def decode(state: _DecodeState):
+        slot = p + state.step - 1  # where `last` (token step-1) goes
         query_slots = jnp.full((b, 1), slot)
         mask, sliding = _masks(query_slots, lengths, p, num_slots, model.config)
-        x, cache = _layers_with_cache(model, layers, model.embed_tokens(last[:, None]),
-                                      query_slots - offsets[:, None], mask, sliding, cache, slot,
+        x, cache = _layers_with_cache(model, layers, model.embed_tokens(state.last[:, None]),
+                                      query_slots - offsets[:, None], mask, sliding, state.cache, slot,
                                       program.decode_contraction_ways)
         logits = _token_logits(model, x)
-        token = jnp.where(done, program.pad_id, draw(logits, step))
-        logprob = jnp.where(done, 0.0, _chosen_logprob(logits, token))
-        out_ids = jax.lax.dynamic_update_slice(out_ids, token[:, None], (0, step))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, logprob[:, None], (0, step))
-        return step + 1, cache, token, done | jnp.isin(token, eos), out_ids, out_lp
+        token = jnp.where(state.done, program.pad_id, draw(logits, state.step))
+        logprob = jnp.where(state.done, 0.0, _chosen_logprob(logits, token))
+        return _DecodeState(step=state.step + 1, cache=cache, last=token, done=state.done | jnp.isin(token, eos),
+                            ids=jax.lax.dynamic_update_slice(state.ids, token[:, None], (0, state.step)),
+                            logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step)))
 
-    state = (jnp.int32(1), cache, first, done, out_ids, out_lp)
-    _, _, _, _, out_ids, out_lp = jax.lax.while_loop(keep_going, decode, state)
-    return out_ids, out_lp
+    end = jax.lax.while_loop(keep_going, decode, start)
+    return end.ids, end.logprobs
 
 
 def _chosen_logprob(logits, token):

@@ -1,14 +1,17 @@
 """Sample completions from a model: python -m jaxdpo.sample --model=PATH --prompts=FILE --max_new_tokens=N
---temperature=T [--top_p= --top_k= --seed= --batch_size= --stop= --dtype= --base=] --output=OUT.jsonl
+--temperature=T [--top_p= --top_k= --seed= --batch_size= --stop= --dtype= --base= --truncate_prompt=]
+--output=OUT.jsonl
 
 PATH is a Hugging Face model directory, a jaxdpo run's WORKDIR (its newest checkpoint), WORKDIR/checkpoints
 or one step directory in it; a LoRA run's adapters are applied on the base model the run recorded
-(`--base` overrides it). FILE has one prompt a line: a JSON object with `prompt` (a string, or a list of
-{"role", "content"} messages rendered with the chat template and the generation prompt), or plain text.
+(`--base` overrides it). FILE holds the prompts (jaxdpo/sampling/prompts.py reads it, as online.prompts):
+a .jsonl file has one JSON object a line with `prompt` (a string, or a list of {"role", "content"} messages
+rendered with the chat template and the generation prompt); a .txt file has one plain-text prompt a line.
+A prompt whose tokens and max_new_tokens exceed the model's positions is an error unless
+--truncate_prompt (keep_end | keep_start, as data.truncation) says how to cut it.
 Each output line: `prompt` (as given), `completion` (text, cut before a --stop string) and `completion_ids`
 (through the EOS id, or the stop string's tokens, when one was produced). `--temperature=0` is greedy.
-Draws depend only on --seed and the prompt's line, not on --batch_size or the number of devices.
-"""
+Draws depend only on --seed and the prompt's line, not on --batch_size or the number of devices."""
 
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
         "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"  # see DEVELOPING.md
 
-from jaxdpo.data.formats import BadRow, text_or_messages
 from jaxdpo.errors import ConfigError
+from jaxdpo.sampling import prompts as prompts_lib
 
 DTYPES = ("float32", "bfloat16")
 
@@ -32,7 +35,8 @@ DTYPES = ("float32", "bfloat16")
 def parse_args(argv):
     parser = _Parser(prog="python -m jaxdpo.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model dir, run WORKDIR, or checkpoint step dir")
-    parser.add_argument("--prompts", required=True, help="JSONL with `prompt`, or plain text, one per line")
+    parser.add_argument("--prompts", required=True, help="a .jsonl file of {\"prompt\": ...} lines, or .txt: "
+                        "one plain-text prompt a line")
     parser.add_argument("--output", required=True, help="where to write the completions (JSONL)")
     parser.add_argument("--max_new_tokens", type=int, required=True)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -43,49 +47,14 @@ def parse_args(argv):
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     parser.add_argument("--base", default=None, help="LoRA checkpoints: the base model dir (default: the run's)")
+    parser.add_argument("--truncate_prompt", choices=prompts_lib.TRUNCATIONS, default=None,
+                        help="cut prompts too long for the model's positions (default: refuse them)")
     return parser.parse_args(argv)
 
 
-def read_prompts(path: str) -> list:
-    """The prompts of FILE: JSON objects with `prompt`, or plain text lines (blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--prompts: {path} is not a file")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            row = _json_object(line)
-            prompts.append(line if row is None else _prompt_of(row, f"{path} line {number}"))
-    if not prompts:
-        raise ConfigError(f"--prompts: {path} has no prompts")
-    return prompts
-
-
-def _json_object(line: str):
-    if not line.lstrip().startswith("{"):
-        return None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _prompt_of(row: dict, where: str):
-    """The row's `prompt`, checked as training data's prompts are (data/formats.py), and not empty."""
-    try:
-        prompt = text_or_messages(row, "prompt")
-    except BadRow as e:
-        raise ConfigError(f"{where}: {e.detail}") from None
-    if not prompt:
-        raise ConfigError(f"{where}: 'prompt' is empty")
-    return prompt
-
-
 def load_model(path: str, *, dtype: str, base: str | None):
-    """(model, tokenizer, generation config dict) for an HF dir or a jaxdpo checkpoint."""
+    """(model, tokenizer, the model's HF dir: its generation_config.json names EOS ids) for an HF dir or a
+    jaxdpo checkpoint."""
     import jax.numpy as jnp
     from transformers import AutoTokenizer
 
@@ -94,8 +63,7 @@ def load_model(path: str, *, dtype: str, base: str | None):
     if not os.path.isdir(path):
         raise ConfigError(f"--model: {path} is not a directory (an HF model dir or a jaxdpo run's WORKDIR)")
     if os.path.exists(os.path.join(path, "config.json")):
-        return (from_pretrained(path, dtype=getattr(jnp, dtype)), AutoTokenizer.from_pretrained(path),
-                _generation_config(path))
+        return from_pretrained(path, dtype=getattr(jnp, dtype)), AutoTokenizer.from_pretrained(path), path
     from jaxdpo.checkpoint.saved_policy import (
         build_model,
         find_tokenizer,
@@ -109,15 +77,7 @@ def load_model(path: str, *, dtype: str, base: str | None):
     tokenizer = find_tokenizer(workdir, meta)
     if tokenizer is None:
         raise ConfigError(f"--model: no tokenizer found for {path} (looked in WORKDIR/hf and the run's model path)")
-    return model, tokenizer, _generation_config(meta.get("model_path") or "")
-
-
-def _generation_config(model_dir: str) -> dict:
-    file = os.path.join(model_dir, "generation_config.json")
-    if not os.path.exists(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
+    return model, tokenizer, meta.get("model_path") or ""
 
 
 def sample_file(args) -> dict:
@@ -137,17 +97,20 @@ def sample_file(args) -> dict:
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size = {args.batch_size} must be positive")
-    prompts = read_prompts(args.prompts)
+    prompts = prompts_lib.read_prompts(args.prompts, prompts_lib.PromptKeys(), config_key="--prompts")
+    prompts_lib.check_output_path(args.output, args.prompts, config_key="--prompts", output_key="--output")
     model_path = hub.resolve(args.model, "--model")
     base = hub.resolve(args.base, "--base") if args.base else None
-    model, tokenizer, generation_config = load_model(model_path, dtype=args.dtype, base=base)
+    model, tokenizer, model_dir = load_model(model_path, dtype=args.dtype, base=base)
     # FSDP over every local device that divides the hidden size evenly; the rest split the batch
     fsdp = math.gcd(jax.device_count(), model.config.hidden_size)
     mesh = sharding.make_mesh(data=jax.device_count() // fsdp, fsdp=fsdp)
     with jax.set_mesh(mesh):
         model = _sharded(model, mesh)
-        eos_ids = generate.stop_ids(tokenizer, model.config, generation_config)
+        eos_ids = generate.stop_ids(tokenizer, model.config, model_dir)
         graphdef, state = nnx.split(model)
+        encoded = generate.encode_prompts(tokenizer, prompts, prompts_lib.PromptRoom(
+            model.config.max_position, args.truncate_prompt), settings.max_new_tokens)
         bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not distributed.is_main_process())
         counted = {"tokens": 0}
 
@@ -156,8 +119,8 @@ def sample_file(args) -> dict:
             bar.update(rows)
 
         start = time.perf_counter()
-        rows = generate.completions_with_logprobs(graphdef, (state,), tokenizer, prompts, settings, eos_ids=eos_ids,
-                                                  stop_strings=args.stop, batch_size=args.batch_size,
+        rows = generate.completions_with_logprobs(graphdef, (state,), tokenizer, encoded.ids, settings,
+                                                  eos_ids=eos_ids, stop_strings=args.stop, batch_size=args.batch_size,
                                                   on_batch=on_batch)
         seconds = time.perf_counter() - start
         bar.close()
@@ -168,7 +131,7 @@ def sample_file(args) -> dict:
                 f.write(json.dumps({"prompt": prompt, "completion": row["completion"],
                                     "completion_ids": row["completion_ids"]}, ensure_ascii=False) + "\n")
     return {"rows": len(rows), "new_tokens": counted["tokens"], "seconds": seconds,
-            "main_process": distributed.is_main_process()}
+            "cut": encoded.cut, "main_process": distributed.is_main_process()}
 
 
 def _sharded(model, mesh):
@@ -198,6 +161,9 @@ def main(argv=None) -> int:
         return 2
     rate = result["new_tokens"] / max(result["seconds"], 1e-9)
     if result["main_process"]:
+        if result["cut"]:
+            print(f"cut {result['cut']} of {result['rows']} prompts ({args.truncate_prompt}) to fit the model's "
+                  f"positions with --max_new_tokens={args.max_new_tokens}")
         print(f"wrote {result['rows']} completions to {args.output}: {result['new_tokens']} new tokens in "
               f"{result['seconds']:.1f} s ({rate:.1f} tokens/s, compilation included)")
     return 0

@@ -184,13 +184,14 @@ def test_stop_strings_cut_text_and_ids(tmp_path):
 
 
 @pytest.mark.parametrize("flags,row,message", [
-    ([], '{"question": "hi"}', "prompts.jsonl line 2: the row has no 'prompt' (keys present: ['question'])"),
-    ([], '{"prompt": [{"role": "user"}]}', "prompts.jsonl line 2: message 0 must be an object with 'role' and"),
-    ([], '{"prompt": ""}', "prompts.jsonl line 2: 'prompt' is empty"),
-    (["--temperature=-1"], "hi", "temperature = -1.0 must be >= 0"),
-    (["--top_p=0"], "hi", "top_p = 0.0 must be in (0, 1]"),
-    (["--max_new_tokens=x"], "hi", "argument --max_new_tokens: invalid int value"),
-    (["--model=/no/such/dir"], "hi", "--model: /no/such/dir is not a directory"),
+    ([], '{"question": "hi"}', "prompts.jsonl line 2): no 'prompt' and no preference pair to take an implicit"),
+    ([], '{"prompt": [{"role": "user"}]}', "prompts.jsonl line 2): message 0 must be an object with 'role' and"),
+    ([], '{"prompt": ""}', "prompts.jsonl line 2): the prompt is empty"),
+    ([], "hi", "prompts.jsonl line 2): invalid_json: Expecting value"),
+    (["--temperature=-1"], '{"prompt": "hi"}', "temperature = -1.0 must be >= 0"),
+    (["--top_p=0"], '{"prompt": "hi"}', "top_p = 0.0 must be in (0, 1]"),
+    (["--max_new_tokens=x"], '{"prompt": "hi"}', "argument --max_new_tokens: invalid int value"),
+    (["--model=/no/such/dir"], '{"prompt": "hi"}', "--model: /no/such/dir is not a directory"),
 ])
 def test_sample_cli_bad_input_is_one_line_and_status_2(flags, row, message, tmp_path, capsys):
     from jaxdpo import sample

@@ -136,7 +136,7 @@ def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_pat
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(losses[1])
     assert os.path.exists(workdir / "hf_adapter" / "adapter_model.safetensors")
 
-    prompts_file, output = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts_file, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     prompts_file.write_text('{"prompt": [{"role": "user", "content": "What is 23 + 48?"}]}\n')
     result = subprocess.run(
         [sys.executable, "-m", "jaxdpo.sample", f"--model={workdir}", f"--prompts={prompts_file}",

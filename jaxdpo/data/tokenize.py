@@ -177,21 +177,24 @@ def tokenize_conversation(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], l
     return prompt, completions[0], completions[1], mismatches
 
 
+def cut_prompt(prompt: list[int], limit: int, truncation: str, bos_id: int | None) -> list[int]:
+    """The prompt cut to `limit` tokens: keep_end keeps its end (the question nearest the answer) and its
+    BOS first (models were trained with it there and behave badly without it); keep_start keeps its start."""
+    if len(prompt) <= limit:
+        return prompt
+    if truncation == "keep_end":
+        keep_bos = bos_id is not None and prompt[0] == bos_id and limit > 1
+        return ([bos_id] if keep_bos else []) + prompt[len(prompt) - (limit - keep_bos):]
+    if truncation == "keep_start":
+        return prompt[:limit]
+    raise ConfigError(f"data.truncation={truncation!r}; use keep_end or keep_start")
+
+
 def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: int,
              max_prompt_length: int, truncation: str, bos_id: int | None):
     """Apply the length limits; None when a completion would be left empty."""
-    if max_prompt_length and len(prompt) > max_prompt_length:
-        if truncation == "keep_end":
-            # Keep the prompt's end (the question nearest the answer). BOS stays first: models were
-            # trained with it there and behave badly without it.
-            keep_bos = bos_id is not None and prompt[0] == bos_id and max_prompt_length > 1
-            tail = prompt[len(prompt) - (max_prompt_length - keep_bos):]
-            prompt = ([bos_id] if keep_bos else []) + tail
-        elif truncation == "keep_start":
-            prompt = prompt[:max_prompt_length]
-        else:
-
-            raise ConfigError(f"data.truncation={truncation!r}; use keep_end or keep_start")
+    if max_prompt_length:
+        prompt = cut_prompt(prompt, max_prompt_length, truncation, bos_id)
     room = max_length - len(prompt)
     if room <= 0:
         return None

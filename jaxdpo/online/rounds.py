@@ -182,9 +182,9 @@ class PolicyLoader:
             with jax.set_mesh(self.mesh):
                 model = build.load_weights(self.config, path, self.mesh)
             graphdef, state = nnx.split(model)
-            eos_ids = samples.eos_ids_of(self.tokenizer, model.config, self.config.model.path)
-            sampler = samples.Sampler(graphdef, self.tokenizer, self.mesh, tuple(eos_ids),
-                                      int(self.config.sampling.batch_size))
+            sampler = samples.Sampler.for_model(graphdef, model.config, tokenizer=self.tokenizer, mesh=self.mesh,
+                                                model_dir=self.config.model.path, data_cfg=self.config.data,
+                                                batch_size=int(self.config.sampling.batch_size))
             self._last = (path, (sampler, (state,)))
         return self._last[1]
 

@@ -1,8 +1,9 @@
 """Sampling with a KV cache: a jitted prefill plus decode loop in one compiled program.
 
-`generate(graphdef, states, prompts, settings, ...)` turns token-id prompts into completions; the loop and
-samples.jsonl call `completions_with_logprobs` (texts in, texts and summed logprobs out) and
-`completion_logprobs` (score given completions under any params, e.g. the reference's).
+`generate(graphdef, states, prompts, settings, ...)` turns token-id prompts into completions; the CLI and
+samples during training call `encode_prompts` (texts in, ids fitted to the model's positions out),
+`completions_with_logprobs` (ids in, texts and summed logprobs out) and `completion_logprobs` (score given
+completions under any params, e.g. the reference's).
 
 Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (a power of two, so new prompt
 lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, a (k, v) pair per
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -46,6 +49,7 @@ from jaxdpo.ops.attention import grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
 from jaxdpo.parallel import sequence_parallel
 from jaxdpo.parallel.sharding import gather_to_host, logical_spec, sequence_axis_size
+from jaxdpo.sampling.prompts import PromptRoom
 
 MIN_PROMPT_BUCKET = 16
 
@@ -400,24 +404,48 @@ def _completion(ids: np.ndarray, logprobs: np.ndarray, eos_ids: tuple[int, ...])
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     """A string (tokenized with the tokenizer's special tokens, e.g. BOS) or a list of {"role", "content"}
-    messages (rendered with the chat template and the generation prompt) -> token ids."""
+    messages (rendered with the chat template and the generation prompt) -> token ids. Quiet about lengths
+    over the tokenizer's maximum: `encode_prompts` checks them against the model's positions."""
     if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return list(tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"])
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def stop_ids(tokenizer, model_config, generation_config: dict | None = None) -> list[int]:
-    """Every id that ends a completion: generation_config.json's eos_token_id (an id or a list), the model
-    config's, and the tokenizer's EOS."""
+class EncodedPrompts(NamedTuple):
+    ids: list[list[int]]  # each prompt's tokens, as they will be sampled
+    cut: int  # how many prompts were cut to fit the model's positions
+
+
+def encode_prompts(tokenizer, prompts: Sequence, room: PromptRoom, max_new_tokens: int) -> EncodedPrompts:
+    """Each prompt's ids (`encode_prompt`), cut or refused by `room` where they and max_new_tokens exceed
+    the model's positions."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    fitted = room.fit(encoded, max_new_tokens, tokenizer.bos_token_id)
+    return EncodedPrompts(fitted, sum(len(a) < len(b) for a, b in zip(fitted, encoded)))
+
+
+def stop_ids(tokenizer, model_config, model_dir: str = "") -> list[int]:
+    """Every id that ends a completion: the eos_token_id (an id or a list) of `model_dir`'s
+    generation_config.json when it has one, the model config's, and the tokenizer's EOS."""
     ids = set()
-    for value in ((generation_config or {}).get("eos_token_id"), model_config.eos_token_id, tokenizer.eos_token_id):
+    for value in (generation_config(model_dir).get("eos_token_id"), model_config.eos_token_id,
+                  tokenizer.eos_token_id):
         if value is not None:
             ids.update([value] if isinstance(value, int) else value)
     if not ids:
         raise ConfigError("neither the tokenizer nor the model's configs name an EOS token; completions could "
                           "only stop at max_new_tokens")
     return sorted(ids)
+
+
+def generation_config(model_dir: str) -> dict:
+    """A model directory's generation_config.json ({} when it has none, or no directory is given)."""
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def truncate_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[str, list[int], bool]:
@@ -435,15 +463,14 @@ def truncate_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> 
     return text[:cut], ids[:end], True
 
 
-def completions_with_logprobs(graphdef, states, tokenizer, prompts: Sequence, settings: SamplingSettings, *,
-                              eos_ids: Sequence[int], stop_strings: Sequence[str] = (), batch_size: int | None = None,
-                              on_batch=None) -> list[dict]:
-    """Sample one completion per prompt (a string or a message list, see `encode_prompt`). Returns one dict
-    per prompt: `prompt_ids`, `completion` (text, cut at a stop string), `completion_ids` (through the EOS
-    or stop string), `logprob` (the summed logprob of completion_ids under these params) and `finished`
-    (ended by an EOS id or a stop string). For samples during training: call it with the policy's
-    (graphdef, states); score the result under the reference with `completion_logprobs`."""
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+def completions_with_logprobs(graphdef, states, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                              settings: SamplingSettings, *, eos_ids: Sequence[int], stop_strings: Sequence[str] = (),
+                              batch_size: int | None = None, on_batch=None) -> list[dict]:
+    """Sample one completion per prompt (its ids from `encode_prompts`). Returns one dict per prompt:
+    `prompt_ids`, `completion` (text, cut at a stop string), `completion_ids` (through the EOS or stop
+    string), `logprob` (the summed logprob of completion_ids under these params) and `finished` (ended by
+    an EOS id or a stop string). For samples during training: call it with the policy's (graphdef,
+    states); score the result under the reference with `completion_logprobs`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     raw = generate(graphdef, states, prompt_ids, settings, eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
                    on_batch=on_batch)
@@ -451,7 +478,7 @@ def completions_with_logprobs(graphdef, states, tokenizer, prompts: Sequence, se
     for ids, completion in zip(prompt_ids, raw):
         text, kept, stopped = truncate_at_stop(tokenizer, completion.ids, stop_strings)
         logprob = completion.logprob if len(kept) == len(completion.ids) else None
-        rows.append({"prompt_ids": ids, "completion": text, "completion_ids": kept,
+        rows.append({"prompt_ids": list(ids), "completion": text, "completion_ids": kept,
                      "finished": completion.finished or stopped, "logprob": logprob})
     missing = [i for i, r in enumerate(rows) if r["logprob"] is None]  # cut at a stop string: rescore
     if missing:

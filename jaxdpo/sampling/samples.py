@@ -64,25 +64,24 @@ def check_config(config) -> None:
             raise ConfigError(f"{key} = {value!r} must be {'>= 0' if key == 'train.sample_every' else 'positive'}")
 
 
-def eos_ids_of(tokenizer, model_config, model_dir: str) -> list[int]:
-    """Every id that ends a completion (generation_config.json's, the model config's, the tokenizer's)."""
-    path = os.path.join(model_dir, "generation_config.json")
-    generation_config = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            generation_config = json.load(f)
-    return generate.stop_ids(tokenizer, model_config, generation_config)
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Draws and scores completions with one graphdef under any params, on the run's mesh."""
+    """Draws and scores completions with one graphdef under any params, on the run's mesh. Prompts too long
+    for the model's positions are cut as data.truncation says, in one line saying how many."""
 
     graphdef: object
     tokenizer: object
     mesh: object
     eos_ids: tuple[int, ...]
     batch_size: int
+    room: prompts_lib.PromptRoom
+    _told: set = dataclasses.field(default_factory=set, compare=False, repr=False)  # cut counts reported
+
+    @classmethod
+    def for_model(cls, graphdef, model_config, *, tokenizer, mesh, model_dir: str, data_cfg, batch_size: int):
+        """The sampler of one model: its EOS ids (model_dir's configs and the tokenizer's), its positions."""
+        return cls(graphdef, tokenizer, mesh, tuple(generate.stop_ids(tokenizer, model_config, model_dir)),
+                   batch_size, prompts_lib.PromptRoom(model_config.max_position, data_cfg.truncation))
 
     @property
     def pad_id(self) -> int:
@@ -90,11 +89,21 @@ class Sampler:
 
     def complete(self, states, prompts, settings) -> list[dict]:
         """One completion per prompt: dicts with prompt_ids, completion, completion_ids, finished."""
+        encoded = generate.encode_prompts(self.tokenizer, prompts, self.room, settings.max_new_tokens)
+        self._tell_cut(encoded.cut, len(prompts), settings.max_new_tokens)
         with jax.set_mesh(self.mesh):  # fewer prompts than a batch: one batch of them, not padded to batch_size
-            rows = generate.completions_with_logprobs(self.graphdef, states, self.tokenizer, prompts, settings,
+            rows = generate.completions_with_logprobs(self.graphdef, states, self.tokenizer, encoded.ids, settings,
                                                       eos_ids=self.eos_ids,
                                                       batch_size=min(self.batch_size, len(prompts)))
         return [{k: row[k] for k in ("prompt_ids", "completion", "completion_ids", "finished")} for row in rows]
+
+    def _tell_cut(self, cut: int, total: int, max_new_tokens: int) -> None:
+        """One line when prompts were cut (once per count: held-out prompts are sampled at every eval)."""
+        if cut and (cut, total) not in self._told:
+            self._told.add((cut, total))
+            if jax.process_index() == 0:
+                tqdm.write(f"  {cut} of {total} prompts cut ({self.room.truncation}) to leave max_new_tokens = "
+                           f"{max_new_tokens} of the model's {self.room.positions} positions")
 
     def logprobs(self, states, rows) -> np.ndarray:
         """[n] summed logprob of each row's completion_ids after its prompt_ids, under `states` (the
@@ -130,9 +139,9 @@ class Watch:
         self.every = int(config.train.sample_every)
         self.judge = judge
         self.heldout = heldout  # the held-out prompts, as the data holds them
-        self.sampler = None if not heldout else Sampler(
-            policy.graphdef, tokenizer, mesh, tuple(eos_ids_of(tokenizer, policy.model_config, config.model.path)),
-            int(config.sampling.batch_size))
+        self.sampler = None if not heldout else Sampler.for_model(
+            policy.graphdef, policy.model_config, tokenizer=tokenizer, mesh=mesh, model_dir=config.model.path,
+            data_cfg=config.data, batch_size=int(config.sampling.batch_size))
         self._reference_states = None
         self._reference_rows = None
 

@@ -1,6 +1,8 @@
 """Each loss against an independent numpy transcription of ../shared/LOSSES.md, plus the masking,
-gradient-scale and config-validation behaviour of preference_loss / validate_loss_config."""
+gradient-scale and config-validation behaviour of preference_loss / validate_loss_config, and what the
+loss registry (loss_specs.LOSSES) decides: the config section and the resume fingerprint's loss keys."""
 
+import inspect
 import math
 
 import jax
@@ -10,7 +12,7 @@ import pytest
 
 from configs import cdpo, dpo, ipo
 from jaxdpo.config import ConfigError
-from jaxdpo.preference import losses
+from jaxdpo.preference import loss_specs, losses
 
 
 # ---- numpy reference, written from LOSSES.md (float64) -------------------------------------------
@@ -190,7 +192,7 @@ def test_extreme_inputs_stay_finite():
     # The stable log odds equal the textbook form where that is accurate (float64).
     with jax.enable_x64(True):
         m = np.array([-1e-4, -0.1, -0.69, -0.7, -5.0, -30.0])
-        np.testing.assert_allclose(np.asarray(losses._log_odds(jnp.asarray(m))), np_log_odds(m), rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(loss_specs.log_odds(jnp.asarray(m))), np_log_odds(m), rtol=1e-9)
 
 
 # ---- preference_loss: combination, masking, sums -------------------------------------------------
@@ -347,3 +349,48 @@ def test_shipped_configs_validate():
 def test_validation_errors(overrides, reference_mode, message):
     with pytest.raises(ConfigError, match=message):
         losses.validate_loss_config(loss_config(**overrides), has_reference=reference_mode != "none")
+
+
+def test_orpo_lambda_must_not_be_negative():
+    with pytest.raises(ConfigError, match=r"^loss.lambda_=-1.0 must be >= 0 \(ORPO's odds-ratio weight; default 0.1\)$"):
+        losses.validate_loss_config(loss_config(types=("orpo",), lambda_=-1.0), has_reference=False)
+    losses.validate_loss_config(loss_config(types=("sigmoid",), lambda_=-1.0))  # only ORPO reads it
+
+
+# ---- the registry: one LossSpec per loss ---------------------------------------------------------
+def test_config_section_and_fingerprint_loss_keys_come_from_the_specs():
+    from jaxdpo.checkpoint.fingerprint import RESUME_CRITICAL_KEYS, config_fingerprint, fingerprint_differences
+
+    section = dpo.get_config().loss
+    assert section.to_dict() == {  # the keys and defaults runs were written with
+        "types": ("sigmoid",), "weights": (1.0,), "beta": 0.1, "label_smoothing": 0.0,
+        "ipo_length_normalize": True, "gamma": 0.5, "lambda_": 0.1, "discopop_tau": 0.05, "nll_coef": 0.0}
+    assert {k for k in RESUME_CRITICAL_KEYS if k.startswith("loss")} == {f"loss.{k}" for k in section}
+    now = config_fingerprint(dpo.get_config())
+    # A checkpoint whose fingerprint holds the section as one nested dict compares key by key.
+    nested = {**{k: v for k, v in now.items() if not k.startswith("loss.")}, "loss": section.to_dict()}
+    assert fingerprint_differences(nested, now) == []
+    changed = dpo.get_config()
+    changed.loss.gamma = 1.0
+    assert fingerprint_differences(nested, config_fingerprint(changed)) == ["loss.gamma: checkpoint=0.5 now=1.0"]
+
+
+def test_each_formula_takes_beta_and_exactly_the_settings_its_spec_names():
+    keys = set(dpo.get_config().loss)
+    for spec in loss_specs.LOSS_SPECS:
+        _, *options = inspect.signature(spec.formula).parameters
+        assert set(options) == {"beta"} | {s.key for s in spec.settings} <= keys | {"beta"}, spec.name
+    assert [spec.name for spec in loss_specs.LOSS_SPECS] == list(losses.LOSS_NAMES)
+
+
+def test_a_spec_reads_label_smoothing_exactly_when_its_range_allows_some():
+    with pytest.raises(ValueError, match="reads loss.label_smoothing exactly when"):
+        loss_specs.LossSpec("smoothed", lambda v, *, beta: v.margin, label_smoothing=loss_specs.UP_TO_HALF)
+    with pytest.raises(ValueError, match="reads loss.label_smoothing exactly when"):
+        loss_specs.LossSpec("plain", lambda v, *, beta, label_smoothing: v.margin,
+                            settings=(loss_specs.LABEL_SMOOTHING,))
+
+
+def test_pair_losses_refuses_a_setting_no_loss_reads():
+    with pytest.raises(TypeError, match=r"\['gama'\], which no loss reads"):
+        losses.pair_losses("simpo", *random_pairs(), beta=0.1, gama=1.0)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxdpo.preference import loss_specs
+
 FINGERPRINT_KEY = "fingerprint"  # meta[FINGERPRINT_KEY]: the dict that must match for a resume to be valid
 
 
@@ -31,7 +33,8 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 # Config keys whose change makes a resumed run something other than the continuation of the saved one:
 # the data order and content (so the saved data position means the same pairs), the objective and the
-# optimizer. The data files are compared by content (`jaxdpo.data.identity`), not by path. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
+# optimizer (every `loss` key: `loss_specs.CONFIG_KEYS`, from the loss registry; flattened like a saved
+# nested "loss" section, so older checkpoints still compare key by key). The data files are compared by content (`jaxdpo.data.identity`), not by path. Left out on purpose: mesh/devices (restore reshards), train.steps/epochs (extending a run),
 # logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
 RESUME_CRITICAL_KEYS = (
     "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
@@ -39,7 +42,7 @@ RESUME_CRITICAL_KEYS = (
     "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples",
-    "loss", "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
+    *loss_specs.CONFIG_KEYS, "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "train.batch_size", "reference.mode", "reference.path",
 )
 

@@ -1,0 +1,324 @@
+"""One `LossSpec` per preference loss: its formula and everything the trainer asks about it.
+
+Formulas: ../shared/LOSSES.md. Per pair i: policy sums `pc, pr` (chosen, rejected), reference sums
+`rc, rr`, completion lengths `nc, nr`. Log-ratios lc = pc - rc, lr = pr - rr, D = lc - lr.
+
+`LOSSES` (name -> spec) is the one list of losses. The valid names, which losses need a reference or
+see the whole batch, the label-smoothing ranges, the `loss` section of configs/dpo.py
+(`config_defaults`) and the resume fingerprint's loss keys (`CONFIG_KEYS`) all come from it. Adding a
+loss means writing its formula and its spec here (DEVELOPING.md, "Adding a loss").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class ExampleKind(enum.Enum):
+    """What one example of a loss is, and so which values its formula receives. Every loss so far takes
+    preference pairs (`PairValues`). An unpaired loss such as KTO would take rows marked desirable or
+    undesirable, plus a batch KL term: a new kind, with its own values type and data path."""
+
+    PAIR = "pair"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A condition on a setting's value, and its words in the error message ("must be <words>")."""
+
+    holds: Callable[[Any], bool]
+    words: str
+
+
+POSITIVE = Check(lambda value: _finite_number(value) and value > 0, "> 0")
+NON_NEGATIVE = Check(lambda value: _finite_number(value) and value >= 0, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One `loss.<key>` config key: its default (whose type every value is converted to), what it means,
+    and an optional check of its value."""
+
+    key: str
+    default: Any
+    doc: str
+    check: Check | None = None
+
+    def problem(self, value) -> str | None:
+        """One sentence naming the key when `value` fails the check, else None."""
+        if self.check is None or self.check.holds(value):
+            return None
+        return f"loss.{self.key}={value!r} must be {self.check.words} ({self.doc}; default {self.default!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingRange:
+    """The label smoothing (eps) a loss allows; the point [0, 0] means smoothing is not defined for it."""
+
+    low: float
+    high: float
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    hint: str = ""  # appended to the out-of-range message
+
+    def contains(self, eps: float) -> bool:
+        above = eps >= self.low if self.low_inclusive else eps > self.low
+        below = eps <= self.high if self.high_inclusive else eps < self.high
+        return above and below
+
+    def problem(self, eps: float, loss_name: str) -> str | None:
+        """One sentence when `eps` is outside the range, else None."""
+        if self.contains(eps):
+            return None
+        if self.high == 0.0:
+            return f"loss.label_smoothing={eps} is not defined for loss {loss_name!r}; set it to 0"
+        interval = (f"{'[' if self.low_inclusive else '('}{self.low}, {self.high}"
+                    f"{']' if self.high_inclusive else ')'}")
+        return (f"loss.label_smoothing={eps} is outside {interval}, the range allowed for loss "
+                f"{loss_name!r}{self.hint}")
+
+
+# ----- config keys ---------------------------------------------------------------------------------
+TYPES = Setting("types", ("sigmoid",), "the losses to combine, see LOSSES.md / README for the family")
+WEIGHTS = Setting("weights", (1.0,), "one weight per loss type")
+BETA = Setting("beta", 0.1, "the KL weight, typical: 0.01 to 0.5",
+               Check(POSITIVE.holds, "a finite number > 0"))
+NLL_COEF = Setting("nll_coef", 0.0, "RPO: adds nll_coef * NLL of the chosen completion; 0 turns it off",
+                   NON_NEGATIVE)
+COMMON_SETTINGS = (TYPES, WEIGHTS, BETA, NLL_COEF)  # read whatever the loss types are
+
+LABEL_SMOOTHING = Setting("label_smoothing", 0.0, "cDPO / robust / exo_pair / aot epsilon")
+IPO_LENGTH_NORMALIZE = Setting("ipo_length_normalize", True, "IPO on length-averaged log-ratios")
+GAMMA = Setting("gamma", 0.5, "SimPO target margin, already multiplied into the logit: -s(beta*d - gamma)")
+LAMBDA = Setting("lambda_", 0.1, "ORPO's odds-ratio weight", NON_NEGATIVE)
+DISCOPOP_TAU = Setting("discopop_tau", 0.05, "DiscoPOP's modulation temperature", POSITIVE)
+
+UP_TO_HALF = SmoothingRange(0.0, 0.5)
+NO_SMOOTHING = SmoothingRange(0.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairValues:
+    """The per-pair values [P] of a (micro-)batch that a pair loss reads. Without a reference `rc, rr` and
+    the log-ratios `lc, lr, margin` (D) are None; `valid` (bool) marks the real pairs, for the losses that
+    sort over the batch. Build one per formula call (`of`): log-ratios shared by several losses would
+    change the order of the gradient's sums, and so its last bits."""
+
+    pc: jax.Array
+    pr: jax.Array
+    rc: jax.Array | None
+    rr: jax.Array | None
+    nc: jax.Array
+    nr: jax.Array
+    valid: jax.Array
+    lc: jax.Array | None
+    lr: jax.Array | None
+    margin: jax.Array | None
+
+    @classmethod
+    def of(cls, pc, pr, rc, rr, nc, nr, valid) -> PairValues:
+        if rc is None or rr is None:
+            return cls(pc, pr, rc, rr, nc, nr, valid, None, None, None)
+        lc, lr = pc - rc, pr - rr
+        return cls(pc, pr, rc, rr, nc, nr, valid, lc, lr, lc - lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A preference loss. `formula(values, *, beta, **settings)` -> per-example loss [P], given the
+    values of `settings` (the `loss.<key>` config keys it reads besides beta). `batch_level`: the formula
+    couples the examples of a batch, so the training step hands it the whole global batch.
+    `label_smoothing`: the eps range it allows; None = it ignores loss.label_smoothing."""
+
+    name: str
+    formula: Callable[..., jax.Array]
+    needs_reference: bool = True
+    batch_level: bool = False
+    label_smoothing: SmoothingRange | None = None
+    settings: tuple[Setting, ...] = ()
+    includes_nll: bool = False  # the formula holds the chosen NLL, so the "nll" metric is reported
+    example_kind: ExampleKind = ExampleKind.PAIR
+
+    def __post_init__(self):
+        allows_eps = self.label_smoothing is not None and self.label_smoothing.high > 0
+        if self.reads_label_smoothing != allows_eps:
+            raise ValueError(f"loss {self.name!r}: a loss reads loss.label_smoothing exactly when its "
+                             f"label_smoothing range allows a value above 0")
+
+    @property
+    def reads_label_smoothing(self) -> bool:
+        return LABEL_SMOOTHING in self.settings
+
+
+# ----- numerics shared by the formulas --------------------------------------------------------------
+# ORPO's log odds need a mean logprob m < 0; fp32 log-softmax can round to exactly 0 (and padding
+# pairs have m = 0/1 = 0), where log(1 - e^m) = -inf. Clamp just below 0.
+_MAX_MEAN_LOGPROB = -1e-6
+
+
+def mean(total, count):
+    """total / count with count clamped to >= 1: padding pairs (count 0, total 0) give 0, not NaN."""
+    return total / jnp.maximum(count, 1.0)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate everywhere (Maechler 2012): expm1 near 0, log1p far."""
+    # Both branches are finite for x < 0, so the unselected one cannot poison the gradient.
+    near_zero = x > -math.log(2.0)
+    x_near = jnp.where(near_zero, x, -1.0)
+    x_far = jnp.where(near_zero, -1.0, x)
+    return jnp.where(near_zero, jnp.log(-jnp.expm1(x_near)), jnp.log1p(-jnp.exp(x_far)))
+
+
+def log_odds(mean_logprob):
+    """log(p / (1-p)) with p = exp(m), computed as m - log(1 - exp(m))."""
+    m = jnp.minimum(mean_logprob, _MAX_MEAN_LOGPROB)
+    return m - _log1mexp(m)
+
+
+def _smoothed_sigmoid(logits, eps):
+    """-(1-eps)·s(z) - eps·s(-z): DPO's loss with label smoothing (cDPO)."""
+    return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+
+
+def _sorted_valid_first(values, valid):
+    """Sort `values` ascending with invalid entries moved to the end (their values zeroed first,
+    so garbage on padding pairs can neither reorder the valid ones nor produce NaN)."""
+    clean = jnp.where(valid, values, 0.0)
+    # Sort key: invalid entries get +inf so they land at the end; the permutation carries no
+    # gradient, the gather below does.
+    order = jnp.argsort(jax.lax.stop_gradient(jnp.where(valid, clean, jnp.inf)))
+    return clean[order]
+
+
+# ----- the formulas (LOSSES.md), one per loss -------------------------------------------------------
+def _sigmoid(v: PairValues, *, beta, label_smoothing):
+    return _smoothed_sigmoid(beta * v.margin, label_smoothing)
+
+
+def _ipo(v: PairValues, *, beta, ipo_length_normalize):
+    # The IPO paper's D uses length-averaged logprobs; the sum form is OpenRLHF's / ROLL's.
+    margin = mean(v.lc, v.nc) - mean(v.lr, v.nr) if ipo_length_normalize else v.margin
+    return (margin - 1.0 / (2.0 * beta)) ** 2
+
+
+def _hinge(v: PairValues, *, beta):
+    return jax.nn.relu(1.0 - beta * v.margin)
+
+
+def _robust(v: PairValues, *, beta, label_smoothing):
+    z, eps = beta * v.margin, label_smoothing
+    return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def _exo_pair(v: PairValues, *, beta, label_smoothing):
+    z, eps = beta * v.margin, label_smoothing
+    return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log(1.0 - eps))
+            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+
+
+def _nca_pair(v: PairValues, *, beta):
+    return (-jax.nn.log_sigmoid(beta * v.lc) - 0.5 * jax.nn.log_sigmoid(-beta * v.lc)
+            - 0.5 * jax.nn.log_sigmoid(-beta * v.lr))
+
+
+def _bco_pair(v: PairValues, *, beta):
+    return -jax.nn.log_sigmoid(beta * v.lc) - jax.nn.log_sigmoid(-beta * v.lr)
+
+
+def _sppo_hard(v: PairValues, *, beta):
+    return (v.lc - 1.0 / (2.0 * beta)) ** 2 + (v.lr + 1.0 / (2.0 * beta)) ** 2
+
+
+def _aot(v: PairValues, *, beta, label_smoothing):
+    aligned = _sorted_valid_first(v.pc - v.pr, v.valid) - _sorted_valid_first(v.rc - v.rr, v.valid)
+    return _smoothed_sigmoid(beta * aligned, label_smoothing)
+
+
+def _aot_unpaired(v: PairValues, *, beta, label_smoothing):
+    aligned = _sorted_valid_first(v.lc, v.valid) - _sorted_valid_first(v.lr, v.valid)
+    return _smoothed_sigmoid(beta * aligned, label_smoothing)
+
+
+def _apo_zero(v: PairValues, *, beta):
+    return (1.0 - jax.nn.sigmoid(beta * v.lc)) + jax.nn.sigmoid(beta * v.lr)
+
+
+def _apo_down(v: PairValues, *, beta):
+    return jax.nn.sigmoid(beta * v.lc) + (1.0 - jax.nn.sigmoid(beta * v.margin))
+
+
+def _discopop(v: PairValues, *, beta, discopop_tau):
+    z = beta * v.margin
+    log_modulation = jax.nn.log_sigmoid(z / discopop_tau)  # log m
+    # m·exp(-z) as exp(log m - z): the naive product is inf·0 = NaN for very negative z.
+    return -(1.0 - jax.nn.sigmoid(z / discopop_tau)) * jax.nn.log_sigmoid(z) + jnp.exp(log_modulation - z)
+
+
+def _sigmoid_norm(v: PairValues, *, beta):
+    return -jax.nn.log_sigmoid(beta * (mean(v.pc, v.nc) - mean(v.pr, v.nr) - (mean(v.rc, v.nc) - mean(v.rr, v.nr))))
+
+
+def _simpo(v: PairValues, *, beta, gamma):
+    return -jax.nn.log_sigmoid(beta * (mean(v.pc, v.nc) - mean(v.pr, v.nr)) - gamma)
+
+
+def _orpo(v: PairValues, *, beta, lambda_):
+    del beta  # ORPO's loss has no beta; it scales only the reported rewards
+    nll_chosen = -mean(v.pc, v.nc)
+    log_odds_ratio = log_odds(mean(v.pc, v.nc)) - log_odds(mean(v.pr, v.nr))
+    return nll_chosen - lambda_ * jax.nn.log_sigmoid(log_odds_ratio)
+
+
+LOSS_SPECS = (
+    LossSpec("sigmoid", _sigmoid, label_smoothing=UP_TO_HALF, settings=(LABEL_SMOOTHING,)),
+    LossSpec("ipo", _ipo, label_smoothing=NO_SMOOTHING, settings=(IPO_LENGTH_NORMALIZE,)),
+    LossSpec("hinge", _hinge),
+    LossSpec("robust", _robust, settings=(LABEL_SMOOTHING,),
+             label_smoothing=SmoothingRange(0.0, 0.5, high_inclusive=False)),  # 1/(1-2 eps) blows up at 0.5
+    LossSpec("exo_pair", _exo_pair, settings=(LABEL_SMOOTHING,),  # log(eps) needs eps > 0
+             label_smoothing=SmoothingRange(0.0, 0.5, low_inclusive=False, hint="; use a small value such as 1e-3")),
+    LossSpec("nca_pair", _nca_pair),
+    LossSpec("bco_pair", _bco_pair),
+    LossSpec("sppo_hard", _sppo_hard),
+    LossSpec("aot", _aot, batch_level=True, label_smoothing=UP_TO_HALF, settings=(LABEL_SMOOTHING,)),
+    LossSpec("aot_unpaired", _aot_unpaired, batch_level=True, label_smoothing=UP_TO_HALF,
+             settings=(LABEL_SMOOTHING,)),
+    LossSpec("apo_zero", _apo_zero),
+    LossSpec("apo_down", _apo_down),
+    LossSpec("discopop", _discopop, settings=(DISCOPOP_TAU,)),
+    LossSpec("sigmoid_norm", _sigmoid_norm),
+    LossSpec("simpo", _simpo, needs_reference=False, settings=(GAMMA,)),
+    LossSpec("orpo", _orpo, needs_reference=False, settings=(LAMBDA,), includes_nll=True),
+)
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in LOSS_SPECS}
+
+
+def _all_settings() -> tuple[Setting, ...]:
+    """The common settings, then each loss's own in registry order, once each (a key two losses read
+    must be one Setting, so it has one default)."""
+    found: dict[str, Setting] = {}
+    for setting in (*COMMON_SETTINGS, *(s for spec in LOSS_SPECS for s in spec.settings)):
+        if found.setdefault(setting.key, setting) != setting:
+            raise ValueError(f"loss.{setting.key} is declared twice with different defaults or docs")
+    return tuple(found.values())
+
+
+SETTINGS = _all_settings()
+CONFIG_KEYS = tuple(f"loss.{setting.key}" for setting in SETTINGS)  # every key of the `loss` section
+
+
+def config_defaults() -> dict[str, Any]:
+    """The `loss` config section: every key with its default."""
+    return {setting.key: setting.default for setting in SETTINGS}

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prompt_key = "prompt"
     c.data.chosen_key = "chosen"
     c.data.rejected_key = "rejected"
+    c.data.completion_key = "completion"  # unpaired rows (kto, apo_zero_unpaired): the completion's column
+    c.data.label_key = "label"  # unpaired rows: true = desirable, false = undesirable
+    c.data.shuffle = True  # false: batches follow the data's order (KTO's KL rows then match TRL's batches)
     c.data.chat_template = ""  # a template file or literal; empty = the tokenizer's own
     c.data.max_length = 128  # tokens of prompt + completion (per row of the padded layout)
     c.data.max_prompt_length = 96

@@ -41,7 +41,7 @@ RESUME_CRITICAL_KEYS = (
     "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
     "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
-    "data.layout", "data.on_bad_row", "data.max_samples",
+    "data.layout", "data.on_bad_row", "data.max_samples", "data.completion_key", "data.label_key", "data.shuffle",
     *loss_specs.CONFIG_KEYS, "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "train.batch_size", "reference.mode", "reference.path",
 )

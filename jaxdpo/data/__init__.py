@@ -1,8 +1,13 @@
-"""Preference data: user files -> normalized pairs -> token ids -> layout-independent batches.
+"""Preference data: user files -> normalized examples -> token ids -> layout-independent batches.
 
     train, eval, report = load_preference_data(cfg.data, tokenizer, workdir=cfg.workdir, seed=cfg.seed)
     T = row_length(train, cfg.data.layout, cfg.data)
     batcher = PairBatcher(train, layout=cfg.data.layout, row_length=T, batch_size=..., ...)
+
+Examples are pairs (TokenizedPairs) or, for an unpaired loss (`kind=ExampleKind.UNPAIRED`), unpaired
+rows (TokenizedRows): a paired file then gives each pair's chosen and rejected completion as a desirable
+and an undesirable row, in TRL's order (formats.unpair_order). jaxdpo/data/examples.py says what an
+example is to the batcher.
 
 Each entry of data.train_files is a source (files/globs/dir or a hub name), tokenized on its own and
 cached on its own; entries with weights ("a.jsonl@0.7,b.jsonl@0.3") are mixed in those proportions.
@@ -18,7 +23,17 @@ import numpy as np
 
 from jaxdpo.data import cache, identity
 from jaxdpo.data.batcher import PairBatcher
-from jaxdpo.data.formats import BadRow, Pair, check_prompt_key, normalize_row
+from jaxdpo.data.examples import ExampleKind, UnpairedExamples
+from jaxdpo.data.formats import (
+    BadRow,
+    Pair,
+    check_prompt_key,
+    is_unpaired_row,
+    normalize_row,
+    normalize_unpaired_row,
+    unpair,
+    unpair_order,
+)
 from jaxdpo.data.layouts import LAYOUTS, make_batch, row_length
 from jaxdpo.data.loading import (
     RawRow,
@@ -31,15 +46,19 @@ from jaxdpo.data.loading import (
 )
 from jaxdpo.data.tokenize import (
     TokenizedPairs,
+    TokenizedRows,
     TokenizerSpec,
     make_spec,
+    tokenize_completions,
     tokenize_pair,
     truncate,
+    truncate_row,
 )
 from jaxdpo.errors import ConfigError
 
-__all__ = ["load_preference_data", "tokenize_rows", "mix_sources", "format_report", "TokenizedPairs",
-           "PairBatcher", "make_batch", "row_length", "LAYOUTS", "require_full_batch"]
+__all__ = ["load_preference_data", "tokenize_rows", "tokenize_unpaired_rows", "mix_sources", "format_report",
+           "TokenizedPairs", "TokenizedRows", "ExampleKind", "UnpairedExamples", "PairBatcher", "make_batch",
+           "row_length", "LAYOUTS", "require_full_batch"]
 
 
 def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str, dropped: collections.Counter):
@@ -50,12 +69,44 @@ def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str
     dropped[reason] += 1
 
 
+def _check_on_bad_row(data_cfg) -> str:
+    if data_cfg.on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row={data_cfg.on_bad_row!r}; use error or skip")
+    return data_cfg.on_bad_row
+
+
+def row_shapes(rows: list[RawRow], data_cfg) -> list[bool]:
+    """Whether each row is unpaired (None-data rows count as their file's shape). ConfigError naming the
+    file and both rows when a file mixes pairs and unpaired rows: one of its shapes is a mistake."""
+    keys = dict(completion_key=data_cfg.get("completion_key", "completion"), chosen_key=data_cfg.chosen_key,
+                rejected_key=data_cfg.rejected_key)
+    first: dict[str, tuple[int, bool]] = {}
+    shapes = []
+    for row in rows:
+        unpaired = row.data is not None and is_unpaired_row(row.data, **keys)
+        if row.data is not None:
+            row_number, shape = first.setdefault(row.file, (row.row, unpaired))
+            if shape != unpaired:
+                kinds = {True: f"unpaired ({keys['completion_key']!r})", False: "a pair"}
+                raise ConfigError(f"{row.file} mixes pairs and unpaired rows: row {row.row} is {kinds[unpaired]}, "
+                                  f"row {row_number} is {kinds[shape]}; keep one shape per file")
+        shapes.append(unpaired)
+    return shapes
+
+
+def _refuse_unpaired(rows: list[RawRow], shapes: list[bool], data_cfg) -> None:
+    for row, unpaired in zip(rows, shapes):
+        if unpaired:
+            raise ConfigError(f"{row.where} is an unpaired row (key {data_cfg.get('completion_key', 'completion')!r}), "
+                              "but loss.types takes pairs (chosen, rejected); use an unpaired loss (kto, "
+                              "apo_zero_unpaired) or paired data")
+
+
 def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress: bool = False,
                   label: str = "") -> tuple[TokenizedPairs, dict]:
     """Normalize, tokenize and truncate raw rows; -> pairs and their report section."""
-    on_bad_row = data_cfg.on_bad_row
-    if on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row={on_bad_row!r}; use error or skip")
+    on_bad_row = _check_on_bad_row(data_cfg)
+    _refuse_unpaired(rows, row_shapes(rows, data_cfg), data_cfg)
     pairs = TokenizedPairs.empty()
     dropped: collections.Counter = collections.Counter()
     prefix_mismatch = 0
@@ -87,6 +138,71 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
     return pairs, section
 
 
+def _normalized_unpaired(rows: list[RawRow], shapes: list[bool], data_cfg, on_bad_row: str,
+                         dropped: collections.Counter) -> list[tuple]:
+    """(LabelledCompletion, raw row) of every good row, pairs unpaired in TRL's order per run of
+    consecutive pairs (so a paired file gives what unpair_preference_dataset gives)."""
+    out, run = [], []
+
+    def flush():
+        out.extend((unpair(run[i][0], desirable), run[i][1]) for i, desirable in unpair_order(len(run)))
+        run.clear()
+
+    for row, unpaired in zip(rows, shapes):
+        if row.error is not None:
+            _bad(row, row.error, None, row.detail, on_bad_row, dropped)
+            continue
+        try:
+            if unpaired:
+                flush()
+                out.append((normalize_unpaired_row(row.data, prompt_key=data_cfg.prompt_key,
+                                                   completion_key=data_cfg.completion_key,
+                                                   label_key=data_cfg.label_key), row))
+            else:
+                run.append((normalize_row(row.data, prompt_key=data_cfg.prompt_key, chosen_key=data_cfg.chosen_key,
+                                          rejected_key=data_cfg.rejected_key), row))
+        except BadRow as e:
+            _bad(row, e.reason, e.key, e.detail, on_bad_row, dropped)
+    flush()
+    return out
+
+
+def tokenize_unpaired_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress: bool = False,
+                           label: str = "") -> tuple[TokenizedRows, dict]:
+    """Normalize (unpairing pairs), tokenize and truncate raw rows; -> unpaired rows and their report section.
+    Each row is tokenized alone, with TRL's rule for one completion (tokenize.tokenize_standard)."""
+    on_bad_row = _check_on_bad_row(data_cfg)
+    dropped: collections.Counter = collections.Counter()
+    normalized = _normalized_unpaired(rows, row_shapes(rows, data_cfg), data_cfg, on_bad_row, dropped)
+    if progress:
+        from tqdm.auto import tqdm
+
+        normalized = tqdm(normalized, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+    out, prefix_mismatch = TokenizedRows.empty(), 0
+    for item, row in normalized:
+        try:
+            prompt, (completion,), mismatches = tokenize_completions(
+                spec, item.prompt, (item.completion,), conversational=item.conversational,
+                keys=(data_cfg.completion_key,))
+        except BadRow as e:
+            _bad(row, e.reason, e.key, e.detail, on_bad_row, dropped)
+            continue
+        prefix_mismatch += mismatches
+        truncated = truncate_row(prompt, completion, max_length=int(data_cfg.max_length),
+                                 max_prompt_length=int(data_cfg.max_prompt_length), truncation=data_cfg.truncation,
+                                 bos_id=spec.bos_id)
+        if truncated is None:
+            dropped["truncated_to_empty"] += 1
+            continue
+        out.append(*truncated, item.label, (row.file, row.row))
+    section = {"rows": len(rows), "kept": len(out), "dropped": dict(sorted(dropped.items())),
+               "prefix_mismatch": prefix_mismatch}
+    return out, section
+
+
+TOKENIZE = {ExampleKind.PAIR: tokenize_rows, ExampleKind.UNPAIRED: tokenize_unpaired_rows}
+
+
 def _source_identity(source: Source, split: str) -> tuple[list[str], dict, list]:
     """-> (the file names its rows carry, its identity for the report, its part of the cache key).
 
@@ -101,17 +217,18 @@ def _source_identity(source: Source, split: str) -> tuple[list[str], dict, list]
     return paths, {"files": files}, [f["sha256"] for f in files]
 
 
-def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, log) -> tuple[TokenizedPairs, dict]:
-    """Tokenized pairs of one source, from the cache when the same contents were tokenized before.
+def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, log,
+                kind: ExampleKind = ExampleKind.PAIR) -> tuple[TokenizedPairs | TokenizedRows, dict]:
+    """Tokenized examples of one source, from the cache when the same contents were tokenized before.
 
     The section it returns carries the source's identity ("files": path and sha256 of each, or "hub")."""
     max_samples = int(data_cfg.get("max_samples", 0) or 0) if split == "train" else 0
     files, ident, key_parts = _source_identity(source, split)
     entry = None
     if data_cfg.get("use_cache", True):
-        key = cache.cache_key(key_parts, spec, data_cfg, split)
+        key = cache.cache_key(key_parts, spec, data_cfg, split, kind)
         entry = os.path.join(cache.default_cache_dir(data_cfg.get("cache_dir", "")), "tokenized", f"{key}.npz")
-        cached = cache.load(entry, files, on_damage=(lambda m: log(f"data: tokenized-data {m}")) if log else None)
+        cached = cache.load(entry, files, kind, on_damage=(lambda m: log(f"data: tokenized-data {m}")) if log else None)
         if cached is not None:
             pairs, section = cached
             return pairs, dict(section, source=source.spec, cached=True, **ident)
@@ -119,7 +236,7 @@ def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, lo
     if max_samples:
         rows = rows[:max_samples]  # tokenize no more than can be used
     check_prompt_key(rows, data_cfg.prompt_key)
-    pairs, section = tokenize_rows(rows, data_cfg, spec, progress=log is not None, label=source.spec)
+    pairs, section = TOKENIZE[kind](rows, data_cfg, spec, progress=log is not None, label=source.spec)
     if entry is not None:
         try:
             cache.save(entry, pairs, section, files)
@@ -129,8 +246,8 @@ def load_source(source: Source, data_cfg, spec: TokenizerSpec, *, split: str, lo
     return pairs, dict(section, source=source.spec, cached=False, **ident)
 
 
-def mix_sources(parts: list[TokenizedPairs], weights: list[float], total: int, seed: int) -> TokenizedPairs:
-    """`total` pairs drawn from the parts in proportion to `weights` (normalized).
+def mix_sources(parts: list, weights: list[float], total: int, seed: int):
+    """`total` examples (pairs or unpaired rows) drawn from the parts in proportion to `weights` (normalized).
 
     A part asked for more pairs than it has is repeated whole, then topped up with a seeded random
     subset; one asked for fewer gives a seeded random subset. Deterministic in `seed`.
@@ -148,7 +265,7 @@ def mix_sources(parts: list[TokenizedPairs], weights: list[float], total: int, s
         rng = np.random.default_rng([seed, 0x313C, i])
         picks = np.concatenate([np.arange(len(part))] * repeats + [np.sort(rng.permutation(len(part))[:rest])])
         chosen.append(part.subset(picks.astype(int)))
-    return TokenizedPairs.concat(chosen)
+    return type(parts[0]).concat(chosen)
 
 
 def require_full_batch(batcher: PairBatcher) -> None:
@@ -158,7 +275,8 @@ def require_full_batch(batcher: PairBatcher) -> None:
         return
     files = sorted({f for f, _ in batcher.pairs.source})
     named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    raise ConfigError(f"train.batch_size={batcher.batch_size} is more than the {batcher.num_pairs} pairs of the "
+    raise ConfigError(f"train.batch_size={batcher.batch_size} is more than the {batcher.num_pairs} "
+                      f"{batcher.pairs.kind.noun} of the "
                       f"training data ({named or 'no files'}); lower train.batch_size or add data")
 
 
@@ -185,7 +303,7 @@ def _totals(sections: list[dict]) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """A short table: per split and source, rows read, pairs kept, drops by reason; then pairs used."""
+    """A short table: per split and source, rows read, examples kept, drops by reason; then examples used."""
     lines = [f"{'split':<6} {'source':<40} {'rows':>8} {'kept':>8}  dropped / notes"]
     for split in ("train", "eval"):
         section = report.get(split)
@@ -202,7 +320,8 @@ def format_report(report: dict) -> str:
             name = s["source"] if len(s["source"]) <= 40 else "..." + s["source"][-37:]
             lines.append(f"{split:<6} {name:<40} {s['rows']:>8} {s['kept']:>8}  {', '.join(notes) or '-'}")
         how = " (held out from train)" if section.get("held_out_from_train") else ""
-        lines.append(f"{split:<6} {'= pairs used' + how:<40} {'':>8} {section['pairs']:>8}")
+        used = f"= {section['examples_are']} used" + how
+        lines.append(f"{split:<6} {used:<40} {'':>8} {section['examples']:>8}")
     return "\n".join(lines)
 
 
@@ -229,8 +348,29 @@ def check_data_config(data_cfg) -> None:
                     raise ConfigError(f"data.{key}: {e}") from None
 
 
-def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print):
-    """-> (train: TokenizedPairs, eval: TokenizedPairs | None, report: dict).
+def _count(section: dict, examples, kind: ExampleKind) -> dict:
+    """The report section with the examples used: `examples` (and `pairs` for pairs) and their kind."""
+    section = dict(section, examples=len(examples), examples_are=kind.noun)
+    if kind is ExampleKind.PAIR:
+        section["pairs"] = len(examples)
+    return section
+
+
+def require_both_labels(rows: TokenizedRows, files_key: str) -> None:
+    """ConfigError naming the files when unpaired training rows are all desirable or all undesirable: an
+    unpaired loss weighs one class against the other (KTO's balance, its KL reference point)."""
+    desirable = sum(rows.labels)
+    if 0 < desirable < len(rows):
+        return
+    missing = "undesirable (label false)" if desirable else "desirable (label true)"
+    files = sorted({f for f, _ in rows.source})
+    raise ConfigError(f"{files_key} ({', '.join(files[:3])}) has no {missing} row among its {len(rows)} rows; an "
+                      "unpaired loss needs both kinds")
+
+
+def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print,
+                         kind: ExampleKind = ExampleKind.PAIR):
+    """-> (train, eval or None, report): TokenizedPairs, or TokenizedRows for `kind` UNPAIRED.
 
     Raises ConfigError (before anything is compiled) for missing files, bad rows under
     data.on_bad_row=error, and data left empty after filtering. `log` (None = quiet, e.g. on all
@@ -244,7 +384,7 @@ def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, see
 
     train_parts, eval_parts, sections = [], [], []
     for i, source in enumerate(sources):
-        pairs, section = load_source(source, data_cfg, spec, split="train", log=log)
+        pairs, section = load_source(source, data_cfg, spec, split="train", log=log, kind=kind)
         section["weight"] = source.weight
         sections.append(section)
         if not eval_spec and fraction:
@@ -262,23 +402,26 @@ def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, see
         total = max_samples or sum(len(p) for p in train_parts)
         train = mix_sources(train_parts, [s.weight for s in sources], total, seed)
     else:
-        train = TokenizedPairs.concat(train_parts)
+        train = type(train_parts[0]).concat(train_parts)
         if max_samples:
             train = train.subset(range(min(max_samples, len(train))))
-    report["train"]["pairs"] = len(train)
+    report["train"] = _count(report["train"], train, kind)
+    if kind is ExampleKind.UNPAIRED:
+        require_both_labels(train, f"data.train_files={data_cfg.train_files!r}")
 
     eval_pairs = None
     if eval_spec:
         eval_sources = parse_sources(eval_spec, config_key="data.eval_files")
         if any(s.weight is not None for s in eval_sources):
             raise ConfigError("data.eval_files takes no mixing weights: every eval pair is evaluated once")
-        parts, eval_sections = zip(*(load_source(s, data_cfg, spec, split="test", log=log) for s in eval_sources))
-        eval_pairs = TokenizedPairs.concat(parts)
-        report["eval"] = dict(_totals(list(eval_sections)), pairs=len(eval_pairs))
+        parts, eval_sections = zip(*(load_source(s, data_cfg, spec, split="test", log=log, kind=kind)
+                                     for s in eval_sources))
+        eval_pairs = type(parts[0]).concat(parts)
+        report["eval"] = _count(_totals(list(eval_sections)), eval_pairs, kind)
     elif fraction:
-        eval_pairs = TokenizedPairs.concat(eval_parts)
-        report["eval"] = {"rows": len(eval_pairs), "kept": len(eval_pairs), "dropped": {}, "prefix_mismatch": 0,
-                          "sources": [], "pairs": len(eval_pairs), "held_out_from_train": True}
+        eval_pairs = type(eval_parts[0]).concat(eval_parts)
+        report["eval"] = _count({"rows": len(eval_pairs), "kept": len(eval_pairs), "dropped": {}, "prefix_mismatch": 0,
+                                 "sources": [], "held_out_from_train": True}, eval_pairs, kind)
 
     if log is not None:
         log("data:\n" + format_report(report))

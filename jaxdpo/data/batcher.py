@@ -1,8 +1,9 @@
-"""Deterministic, resumable, per-process batches of pairs.
+"""Deterministic, resumable, per-process batches of examples (pairs or unpaired rows: jaxdpo/data/examples.py).
 
 Global step s of a run lives in epoch e = s // steps_per_epoch. The epoch's order is a permutation drawn
-from (seed, e); step s takes the next batch_size pairs of that order, splits them into micro-batches of
-micro_batch_size pairs, and this process takes its contiguous 1/process_count of each micro-batch. So
+from (seed, e), or the data's own order with `shuffle=False` (data.shuffle); step s takes the next
+batch_size examples of that order, splits them into micro-batches of micro_batch_size examples, and this
+process takes its contiguous 1/process_count of each micro-batch. So
 the data of a step is a pure function of (seed, step): resuming at step k needs no saved iterator state,
 and every process agrees on the global batch without talking to the others.
 """
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxdpo.data.examples import as_examples
 from jaxdpo.data.layouts import (
     make_batch,
     pack_rows,
@@ -32,6 +34,9 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int) -> None:
 
 
 class PairBatcher:
+    """Batches of `pairs`: any examples (TokenizedPairs, examples.UnpairedExamples) with `len`, `[i]` ->
+    (prompt, *completions), `completions` (N), `source` and `example_arrays(indices, size)`."""
+
     def __init__(self, pairs, *, layout: str, row_length: int, batch_size: int, micro_batch_size: int,
                  seed: int, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                  row_multiple: int = 1, pad_id: int = 0):
@@ -39,7 +44,7 @@ class PairBatcher:
         if micro_batch_size % process_count:
             raise ConfigError(f"train.micro_batch_size={micro_batch_size} does not split evenly over "
                               f"{process_count} processes")
-        self.pairs = pairs
+        self.pairs = as_examples(pairs)
         self.layout = layout
         self.row_length = row_length
         self.batch_size = batch_size
@@ -51,8 +56,8 @@ class PairBatcher:
         self.row_multiple = row_multiple
         self.pad_id = pad_id
         self.local_pairs = micro_batch_size // process_count  # P of every micro-batch this process builds
-        self.static_slots = scored_slots(pairs, layout, row_length)  # None for packed: per step
-        rows_per_pair = {"padded": 2, "prefix_shared": 1}.get(layout)
+        self.static_slots = scored_slots(self.pairs, layout, row_length)  # None for packed: per step
+        rows_per_pair = {"padded": self.pairs.completions, "prefix_shared": 1}.get(layout)
         if rows_per_pair is not None and (rows_per_pair * self.local_pairs) % row_multiple:
             raise ConfigError(f"a micro-batch of {self.local_pairs} pairs per process makes "
                               f"{rows_per_pair * self.local_pairs} {layout} rows, which do not split over the "
@@ -102,7 +107,7 @@ class PairBatcher:
                 packing = pack_rows([shared_length(*p) for p in pairs], self.row_length)
                 needed_rows = max(needed_rows, len(packing))
                 for members in packing:
-                    slots = max(slots, sum(len(pairs[m][1]) + len(pairs[m][2]) for m in members))
+                    slots = max(slots, sum(len(c) for m in members for c in pairs[m][1:]))
         num_rows = -(-needed_rows // self.row_multiple) * self.row_multiple
         return num_rows, min(-(-slots // 64) * 64, self.row_length)
 
@@ -111,7 +116,9 @@ class PairBatcher:
         my_indices = self._slices(indices)[self.process_index]
         mine = [self.pairs[int(i)] for i in my_indices]
         batch = make_batch(mine, layout=self.layout, row_length=self.row_length, num_pairs=self.local_pairs,
-                           row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows)
+                           row_multiple=self.row_multiple, pad_id=self.pad_id, num_rows=num_rows,
+                           completions=self.pairs.completions)
+        batch.update(self.pairs.example_arrays(my_indices, self.local_pairs))
         batch["scored_index"] = scored_index(batch["side"], slots)
         # Dataset index of each pair of the micro-batch (-1 = padding pair): lets per-pair data computed
         # once per dataset (the cached reference logprobs) join the batch.

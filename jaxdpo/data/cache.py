@@ -18,7 +18,8 @@ import zipfile
 
 import numpy as np
 
-from jaxdpo.data.tokenize import TokenizedPairs, TokenizerSpec
+from jaxdpo.data.examples import ExampleKind
+from jaxdpo.data.tokenize import TokenizedPairs, TokenizedRows, TokenizerSpec
 
 # Bump when the tokenized output of the same inputs changes (tokenize.py, formats.py, truncation).
 CACHE_VERSION = 2  # 2: keys on content digests; standard rows tokenized as TRL 1.x
@@ -39,12 +40,16 @@ def tokenizer_fingerprint(spec: TokenizerSpec) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
 
 
-def cache_key(source_fingerprint, spec: TokenizerSpec, data_cfg, split: str) -> str:
-    settings = {key: data_cfg.get(key) for key in (
-        "prompt_key", "chosen_key", "rejected_key", "max_length", "max_prompt_length", "truncation",
-        "on_bad_row", "max_samples")}
-    blob = json.dumps({"version": CACHE_VERSION, "source": source_fingerprint, "split": split,
-                       "tokenizer": tokenizer_fingerprint(spec), "settings": settings}, sort_keys=True)
+def cache_key(source_fingerprint, spec: TokenizerSpec, data_cfg, split: str,
+              kind: ExampleKind = ExampleKind.PAIR) -> str:
+    keys = ("prompt_key", "chosen_key", "rejected_key", "max_length", "max_prompt_length", "truncation",
+            "on_bad_row", "max_samples") + (("completion_key", "label_key") if kind is ExampleKind.UNPAIRED else ())
+    settings = {key: data_cfg.get(key) for key in keys}
+    identity = {"version": CACHE_VERSION, "source": source_fingerprint, "split": split,
+                "tokenizer": tokenizer_fingerprint(spec), "settings": settings}
+    if kind is not ExampleKind.PAIR:  # left out for pairs, so that their entries keep their keys
+        identity["kind"] = kind.value
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
@@ -82,15 +87,20 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-_ARRAYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# The id sequences of each kind's tokenized examples (TokenizedRows also stores its labels).
+_ARRAYS = {ExampleKind.PAIR: ("prompt_ids", "chosen_ids", "rejected_ids"),
+           ExampleKind.UNPAIRED: ("prompt_ids", "completion_ids")}
 
 
-def save(path: str, pairs: TokenizedPairs, section: dict, files: list[str]) -> None:
+def save(path: str, pairs: TokenizedPairs | TokenizedRows, section: dict, files: list[str]) -> None:
     """`files`: the source's files in order; rows are stored by their index there, so that a later run
     names them as it spells them."""
     arrays = {}
-    for name in _ARRAYS:
+    unpaired = isinstance(pairs, TokenizedRows)
+    for name in _ARRAYS[ExampleKind.UNPAIRED if unpaired else ExampleKind.PAIR]:
         arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
+    if unpaired:
+        arrays["labels"] = np.asarray(pairs.labels, bool)
     index = {f: i for i, f in enumerate(files)}
     arrays["source_file"] = np.array([index[f] for f, _ in pairs.source], np.int32)
     arrays["source_row"] = np.array([r for _, r in pairs.source], np.int64)
@@ -98,13 +108,18 @@ def save(path: str, pairs: TokenizedPairs, section: dict, files: list[str]) -> N
     write_npz(path, arrays)
 
 
-def load(path: str, files: list[str], *, on_damage=None) -> tuple[TokenizedPairs, dict] | None:
+def load(path: str, files: list[str], kind: ExampleKind = ExampleKind.PAIR, *,
+         on_damage=None) -> tuple[TokenizedPairs | TokenizedRows, dict] | None:
     """The cached entry with its rows named by `files` (this run's spelling), or None when absent or damaged."""
-    names = (*_ARRAYS, *(n + "_lengths" for n in _ARRAYS), "source_file", "source_row", "meta")
+    sequences = _ARRAYS[kind]
+    extra = ("labels",) if kind is ExampleKind.UNPAIRED else ()
+    names = (*sequences, *(n + "_lengths" for n in sequences), *extra, "source_file", "source_row", "meta")
     z = read_npz(path, names, on_damage=on_damage)
     if z is None:
         return None
-    seqs = {name: _unflatten(z[name], z[name + "_lengths"]) for name in _ARRAYS}
+    seqs = [_unflatten(z[name], z[name + "_lengths"]) for name in sequences]
     source = [(files[i], int(r)) for i, r in zip(z["source_file"], z["source_row"])]
     section = json.loads(str(z["meta"]))["section"]
-    return TokenizedPairs(seqs["prompt_ids"], seqs["chosen_ids"], seqs["rejected_ids"], source), section
+    if kind is ExampleKind.UNPAIRED:
+        return TokenizedRows(*seqs, [bool(x) for x in z["labels"]], source), section
+    return TokenizedPairs(*seqs, source), section

@@ -1,4 +1,4 @@
-"""Normalize one raw row into (prompt, chosen, rejected).
+"""Normalize one raw row into a pair (prompt, chosen, rejected) or an unpaired row (prompt, completion, label).
 
 Two formats, each with an explicit or an implicit prompt:
   standard:        strings.  {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
@@ -13,6 +13,11 @@ message (UltraFeedback stores the prompt string and repeats it as the first mess
 rejected; that repeated turn is removed), a string completion after a message prompt becomes an
 assistant message.
 
+Unpaired rows (TRL's unpaired format) hold one completion and a boolean label, and an explicit prompt:
+  {"prompt": "2+2=", "completion": "4", "label": true}   (strings or message lists, as above)
+A file holds one shape or the other; `unpair` turns pairs into unpaired rows as TRL's
+`unpair_preference_dataset` does.
+
 A row that cannot be normalized raises `BadRow(reason, key, detail)`; the caller turns it into a
 ConfigError or a skip, following `data.on_bad_row`.
 """
@@ -20,6 +25,7 @@ ConfigError or a skip, following `data.on_bad_row`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 from jaxdpo.errors import ConfigError
@@ -44,6 +50,19 @@ class BadRow(ValueError):
         self.detail = detail
 
 
+class ExampleKind(enum.Enum):
+    """The shape of the examples a loss takes (loss_specs.LossSpec.example_kind) and the data feeds it:
+    jaxdpo/data/examples.py."""
+
+    PAIR = "pair"
+    UNPAIRED = "unpaired"
+
+    @property
+    def noun(self) -> str:
+        """How reports and messages count examples of this kind."""
+        return {"pair": "pairs", "unpaired": "unpaired rows"}[self.value]
+
+
 @dataclasses.dataclass
 class Pair:
     prompt: str | Messages
@@ -53,6 +72,24 @@ class Pair:
     @property
     def conversational(self) -> bool:
         return isinstance(self.chosen, list)
+
+
+@dataclasses.dataclass
+class LabelledCompletion:
+    """One unpaired row: a prompt, one completion, and whether the completion is desirable."""
+
+    prompt: str | Messages
+    completion: str | Messages
+    label: bool
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.completion, list)
+
+
+# TRL's unpair_preference_dataset maps pairs in `datasets.map` batches of this many, each giving its
+# chosen rows, then its rejected rows.
+UNPAIR_CHUNK = 1000
 
 
 def _check_text(value: str, key: str) -> str:
@@ -185,3 +222,57 @@ def normalize_row(data: dict[str, Any], *, prompt_key: str = "prompt", chosen_ke
         raise BadRow("identical_completions", rejected_key,
                      f"{chosen_key!r} and {rejected_key!r} are identical, so the pair carries no preference")
     return Pair(prompt, chosen, rejected)
+
+
+def is_unpaired_row(data: dict[str, Any], *, completion_key: str, chosen_key: str, rejected_key: str) -> bool:
+    """Whether a raw row is in the unpaired shape (it has the completion key and neither pair key)."""
+    return completion_key in data and chosen_key not in data and rejected_key not in data
+
+
+def _is_empty(completion: str | Messages) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not completion or all(not m["content"].strip() for m in completion)
+
+
+def _label(data: dict[str, Any], label_key: str) -> bool:
+    if label_key not in data or data[label_key] is None:
+        raise BadRow("missing_label", label_key, f"the unpaired row has no {label_key!r} (keys present: "
+                                                 f"{sorted(data)}); give it true (desirable) or false")
+    value = data[label_key]
+    if not isinstance(value, bool):
+        raise BadRow("wrong_label", label_key, f"{label_key!r} must be true or false, found "
+                                               f"{type(value).__name__} {value!r}")
+    return value
+
+
+def normalize_unpaired_row(data: dict[str, Any], *, prompt_key: str = "prompt", completion_key: str = "completion",
+                           label_key: str = "label") -> LabelledCompletion:
+    """One raw unpaired row -> LabelledCompletion, or BadRow naming the key and the reason. The prompt is
+    explicit (there is no second completion to find a shared start with)."""
+    if prompt_key not in data or data[prompt_key] is None:
+        raise BadRow("missing_key", prompt_key, f"the unpaired row has no {prompt_key!r}; unpaired rows need "
+                                                f"an explicit prompt (keys present: {sorted(data)})")
+    prompt = text_or_messages(data, prompt_key)
+    completion = text_or_messages(data, completion_key)
+    label = _label(data, label_key)
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt, completion = _as_messages(prompt, "user"), _as_messages(completion, "assistant")
+    if _is_empty(completion):
+        raise BadRow("empty_completion", completion_key, f"the {completion_key!r} completion is empty")
+    return LabelledCompletion(prompt, completion, label)
+
+
+def unpair_order(num_pairs: int) -> list[tuple[int, bool]]:
+    """(pair index, desirable) of each unpaired row that `num_pairs` consecutive pairs become, in TRL's
+    order: per chunk of UNPAIR_CHUNK pairs, every chosen completion (desirable), then every rejected one."""
+    order = []
+    for start in range(0, num_pairs, UNPAIR_CHUNK):
+        chunk = range(start, min(start + UNPAIR_CHUNK, num_pairs))
+        order += [(i, True) for i in chunk] + [(i, False) for i in chunk]
+    return order
+
+
+def unpair(pair: Pair, desirable: bool) -> LabelledCompletion:
+    """One side of a pair as an unpaired row: chosen is desirable, rejected is not."""
+    return LabelledCompletion(pair.prompt, pair.chosen if desirable else pair.rejected, desirable)

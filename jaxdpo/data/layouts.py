@@ -1,15 +1,18 @@
-"""Token ids of pairs -> one micro-batch in the layout-independent format of DEVELOPING.md.
+"""Token ids of examples -> one micro-batch in the layout-independent format of DEVELOPING.md.
 
-  padded         two rows per pair: rows 0..P-1 hold prompt+chosen of pairs 0..P-1, rows P..2P-1
-                 prompt+rejected. T = data.max_length.
-  prefix_shared  one row per pair: prompt[:-1] | prompt[-1]+chosen | prompt[-1]+rejected, both branches
-                 continuing the prompt's positions. T = the smallest multiple of 8 >= the longest pair
-                 of the dataset (P+C+R+1 tokens).
-  packed         several prefix-shared pairs per row (first-fit decreasing), segment ids 1..k per row.
+An example is (prompt, completion_1, ..., completion_N), N fixed per dataset (jaxdpo/data/examples.py):
+a pair is (prompt, chosen, rejected); completion k is scored on side k + 1 and written on branch k + 1.
+
+  padded         N rows per example: rows kP..(k+1)P-1 hold prompt+completion_k of examples 0..P-1
+                 (for pairs: rows 0..P-1 prompt+chosen, rows P..2P-1 prompt+rejected). T = data.max_length.
+  prefix_shared  one row per example: prompt[:-1] | prompt[-1]+completion_1 | ... | prompt[-1]+completion_N,
+                 every branch continuing the prompt's positions. T = the smallest multiple of 8 >= the
+                 longest example of the dataset (for a pair P+C+R+1 tokens).
+  packed         several prefix-shared examples per row (first-fit decreasing), segment ids 1..k per row.
                  T = data.pack_length (0 = 2*max_length); R = rows needed, rounded up to a multiple of
                  `row_multiple` so that few distinct shapes reach the compiler.
 
-Truncation happened before (tokenize.py) and is the same for every layout, so each pair's logprob sums
+Truncation happened before (tokenize.py) and is the same for every layout, so each example's logprob sums
 are the same whichever layout carries it.
 """
 
@@ -28,12 +31,15 @@ ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "p
 STEP_ROW_KEYS = ROW_KEYS + ("scored_index",)
 # [P] arrays (one value per pair, not per row): the batcher adds pair_ids, the cached reference ref_*.
 PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")
+# [P] arrays an example kind adds (examples.py): the label of unpaired rows.
+EXAMPLE_KEYS = ("label",)
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids; CHOSEN/REJECTED double as `side` values
 
 
-def shared_length(prompt, chosen, rejected) -> int:
-    """Tokens of one prefix-shared pair: prompt[:-1] + (prompt[-1] + chosen) + (prompt[-1] + rejected)."""
-    return len(prompt) + len(chosen) + len(rejected) + 1
+def shared_length(prompt, *completions) -> int:
+    """Tokens of one prefix-shared example: prompt[:-1] + (prompt[-1] + completion) per completion; for a pair
+    P+C+R+1."""
+    return len(prompt) - 1 + sum(1 + len(c) for c in completions)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -67,7 +73,7 @@ def scored_slots(pairs, layout: str, row_length: int) -> int | None:
     the packing (the batcher works S out per step, as it does the row count)."""
     if layout == "packed":
         return None
-    per_row = (lambda p: max(len(p[1]), len(p[2]))) if layout == "padded" else (lambda p: len(p[1]) + len(p[2]))
+    per_row = (lambda p: max(map(len, p[1:]))) if layout == "padded" else (lambda p: sum(map(len, p[1:])))
     longest = max((per_row(pairs[i]) for i in range(len(pairs))), default=1)
     return min(_round_up(max(longest, 1), 8), row_length)
 
@@ -125,15 +131,15 @@ def _write_padded(rows, r: int, prompt, completion, *, pair: int, side: int) -> 
     rows["branch_ids"][r, len(prompt):len(ids)] = side
 
 
-def _write_shared(rows, r: int, start: int, prompt, chosen, rejected, *, pair: int, segment: int) -> int:
-    """One prefix-shared pair at rows[r, start:]; returns the tokens written."""
+def _write_shared(rows, r: int, start: int, prompt, *completions, pair: int, segment: int) -> int:
+    """One prefix-shared example at rows[r, start:]; returns the tokens written."""
     head = len(prompt) - 1
     _write(rows, r, start, prompt[:-1], position=0, segment=segment, branch=SHARED, pair=pair,
            side=0, scored_from=len(prompt))  # nothing scored: the shared part predicts prompt tokens only
     if head > 0:
         rows["targets"][r, start + head - 1] = prompt[-1]
     at = start + head
-    for branch, completion in ((CHOSEN, chosen), (REJECTED, rejected)):
+    for branch, completion in enumerate(completions, start=CHOSEN):
         ids = np.concatenate([prompt[-1:], completion])
         _write(rows, r, at, ids, position=head, segment=segment, branch=branch, pair=pair, side=branch,
                scored_from=1)
@@ -162,11 +168,12 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
 
 
 def make_batch(pairs: Sequence[tuple], *, layout: str, row_length: int, num_pairs: int, row_multiple: int = 1,
-               pad_id: int = 0, num_rows: int | None = None) -> dict[str, np.ndarray]:
-    """A micro-batch of `num_pairs` pairs (the real ones first, then padding pairs with pair_valid=0).
+               pad_id: int = 0, num_rows: int | None = None, completions: int = 2) -> dict[str, np.ndarray]:
+    """A micro-batch of `num_pairs` examples (the real ones first, then padding ones with pair_valid=0),
+    each (prompt, *`completions` completions): pairs by default.
 
     `num_rows` (packed only) forces R, so that every process of a multi-process run builds the same
-    shape; it must be >= the rows these pairs need.
+    shape; it must be >= the rows these examples need.
     """
     if len(pairs) > num_pairs:
         raise ValueError(f"{len(pairs)} pairs do not fit a micro-batch of {num_pairs}")
@@ -175,20 +182,21 @@ def make_batch(pairs: Sequence[tuple], *, layout: str, row_length: int, num_pair
     pair_valid[:len(pairs)] = 1
 
     if layout == "padded":
-        rows = _empty_rows(2 * num_pairs, row_length, pad_id)
-        for p, (prompt, chosen, rejected) in enumerate(pairs):
-            for side, completion, r in ((CHOSEN, chosen, p), (REJECTED, rejected, num_pairs + p)):
+        rows = _empty_rows(completions * num_pairs, row_length, pad_id)
+        for p, (prompt, *example_completions) in enumerate(pairs):
+            for k, completion in enumerate(example_completions):
+                side, r = CHOSEN + k, k * num_pairs + p
                 if len(prompt) + len(completion) > row_length:
                     raise ConfigError(f"pair of {len(prompt)}+{len(completion)} tokens exceeds the padded row "
                                       f"length {row_length}; the data was tokenized for a larger data.max_length")
                 _write_padded(rows, r, prompt, completion, pair=p, side=side)
     elif layout == "prefix_shared":
         rows = _empty_rows(num_pairs, row_length, pad_id)
-        for p, (prompt, chosen, rejected) in enumerate(pairs):
-            if shared_length(prompt, chosen, rejected) > row_length:
-                raise ConfigError(f"pair of {shared_length(prompt, chosen, rejected)} tokens exceeds the "
+        for p, example in enumerate(pairs):
+            if shared_length(*example) > row_length:
+                raise ConfigError(f"an example of {shared_length(*example)} tokens exceeds the "
                                   f"prefix_shared row length {row_length}; compute it with layouts.row_length")
-            _write_shared(rows, p, 0, prompt, chosen, rejected, pair=p, segment=1)
+            _write_shared(rows, p, 0, *example, pair=p, segment=1)
     elif layout == "packed":
         packing = pack_rows([shared_length(*p) for p in pairs], row_length)
         needed = max(_round_up(len(packing), row_multiple), row_multiple)

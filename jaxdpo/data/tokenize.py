@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxdpo.data.formats import BadRow, Pair, common_prefix_length
+from jaxdpo.data.formats import BadRow, ExampleKind, Pair, common_prefix_length
 from jaxdpo.errors import ConfigError
 
 
@@ -66,6 +66,54 @@ class TokenizedPairs:
         self.prompt_ids.append(np.asarray(prompt, np.int32))
         self.chosen_ids.append(np.asarray(chosen, np.int32))
         self.rejected_ids.append(np.asarray(rejected, np.int32))
+        self.source.append(source)
+
+    kind = ExampleKind.PAIR
+    completions = 2  # an example is (prompt, chosen, rejected): jaxdpo/data/examples.py
+
+    def example_arrays(self, indices: Sequence[int], size: int) -> dict[str, np.ndarray]:
+        """Pairs carry no per-example arrays besides validity and ids: their order is their preference."""
+        del indices, size
+        return {}
+
+
+@dataclasses.dataclass
+class TokenizedRows:
+    """Token ids of unpaired rows, in order: prompt, completion, label (True = desirable). A completion is
+    kept up to max_length - 1 tokens (the most any prompt leaves): examples.UnpairedExamples cuts it to the
+    room of the prompt it follows, its own or, in a KL row, another row's. `source[i]` = (file, row); the
+    two rows of an unpaired pair share theirs."""
+
+    prompt_ids: list[np.ndarray]
+    completion_ids: list[np.ndarray]
+    labels: list[bool]
+    source: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedRows":
+        return TokenizedRows([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
+                             [self.labels[i] for i in indices], [self.source[i] for i in indices])
+
+    @classmethod
+    def empty(cls) -> "TokenizedRows":
+        return cls([], [], [], [])
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedRows"]) -> "TokenizedRows":
+        out = cls.empty()
+        for part in parts:
+            out.prompt_ids += part.prompt_ids
+            out.completion_ids += part.completion_ids
+            out.labels += part.labels
+            out.source += part.source
+        return out
+
+    def append(self, prompt, completion, label: bool, source) -> None:
+        self.prompt_ids.append(np.asarray(prompt, np.int32))
+        self.completion_ids.append(np.asarray(completion, np.int32))
+        self.labels.append(bool(label))
         self.source.append(source)
 
 
@@ -141,31 +189,34 @@ def _encode_with_specials(spec: TokenizerSpec, text: str) -> list[int]:
     return ids
 
 
-def tokenize_standard(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int], int]:
-    """TRL 1.x's DPOTrainer rule, so that a pair's ids (and logps) are the same as there: EOS is appended
-    to each completion text unless it already ends with it; prompt and prompt+completion are tokenized
-    whole, and the completion starts where the prompt's ids stop being a prefix of either. A prompt
-    ending in a space thus gives '?' | 'ĠThe', not '?', 'Ġ' | 'The' (the space merges into the
-    completion's first token). -> prompt, chosen, rejected ids and 1 if the prompt's last ids merged so."""
+def tokenize_standard(spec: TokenizerSpec, prompt_text: str,
+                      completions: Sequence[str]) -> tuple[list[int], list[list[int]], int]:
+    """TRL 1.x's DPOTrainer rule (and KTOTrainer's, for one completion), so that ids (and logps) are the
+    same as there: EOS is appended to each completion text unless it already ends with it; prompt and
+    prompt+completion are tokenized whole, and the completions start where the prompt's ids stop being a
+    prefix of any of them. A prompt ending in a space thus gives '?' | 'ĠThe', not '?', 'Ġ' | 'The' (the space
+    merges into the completion's first token). -> prompt ids, completion ids and 1 if the prompt's last ids
+    merged so."""
     eos = spec.tokenizer.eos_token
-    prompt = _encode_with_specials(spec, pair.prompt)
-    full = [_encode_with_specials(spec, pair.prompt + (text if text.endswith(eos) else text + eos))
-            for text in (pair.chosen, pair.rejected)]
+    prompt = _encode_with_specials(spec, prompt_text)
+    full = [_encode_with_specials(spec, prompt_text + (text if text.endswith(eos) else text + eos))
+            for text in completions]
     shared = min(common_prefix_length(prompt, ids) for ids in full)
-    return prompt[:shared], full[0][shared:], full[1][shared:], int(shared < len(prompt))
+    return prompt[:shared], [ids[shared:] for ids in full], int(shared < len(prompt))
 
 
-def tokenize_conversation(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], list[int], list[int], int]:
-    """-> prompt, chosen, rejected ids and the number of completions whose prefix check failed (0-2)."""
-    prompt_text = _render_prompt(spec, pair.prompt)
+def tokenize_conversation(spec: TokenizerSpec, prompt_messages,
+                          completions: Sequence) -> tuple[list[int], list[list[int]], int]:
+    """-> prompt ids, completion ids and the number of completions whose prefix check failed."""
+    prompt_text = _render_prompt(spec, prompt_messages)
     prompt = _encode(spec, prompt_text)
     mismatches = 0
-    completions = []
-    for key, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        full_text = _render(spec, pair.prompt + messages, add_generation_prompt=False)
+    out = []
+    for key, messages in zip(("chosen", "rejected") if len(completions) == 2 else ("completion",), completions):
+        full_text = _render(spec, prompt_messages + messages, add_generation_prompt=False)
         full = _encode(spec, full_text)
         if full[:len(prompt)] == prompt:
-            completions.append(full[len(prompt):])
+            out.append(full[len(prompt):])
             continue
         mismatches += 1
         if not full_text.startswith(prompt_text):
@@ -173,8 +224,8 @@ def tokenize_conversation(spec: TokenizerSpec, pair: Pair) -> tuple[list[int], l
                          "the chat template renders the prompt differently when the answer follows, so the "
                          "completion cannot be separated; use a template that keeps earlier turns unchanged "
                          "(data.chat_template)")
-        completions.append(_encode(spec, full_text[len(prompt_text):]))
-    return prompt, completions[0], completions[1], mismatches
+        out.append(_encode(spec, full_text[len(prompt_text):]))
+    return prompt, out, mismatches
 
 
 def cut_prompt(prompt: list[int], limit: int, truncation: str, bos_id: int | None) -> list[int]:
@@ -204,16 +255,37 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_l
     return prompt, chosen, rejected
 
 
+def tokenize_completions(spec: TokenizerSpec, prompt, completions: Sequence, *, conversational: bool,
+                         keys: Sequence[str]):
+    """-> (prompt, [completion ids], prefix_mismatches) before truncation; `keys` name the completions in
+    errors."""
+    tokenize = tokenize_conversation if conversational else tokenize_standard
+    prompt_ids, completion_ids, mismatches = tokenize(spec, prompt, completions)
+    if not prompt_ids:
+        start = _start_token(spec)
+        if all(ids[:1] == [start] for ids in completion_ids):  # the template's BOS, now the prompt's, once
+            completion_ids = [ids[1:] for ids in completion_ids]
+        prompt_ids = [start]
+    for key, ids in zip(keys, completion_ids):
+        if not ids:
+            raise BadRow("empty_completion", key, "the completion has no tokens after the prompt")
+    return prompt_ids, completion_ids, mismatches
+
+
 def tokenize_pair(spec: TokenizerSpec, pair: Pair):
     """-> (prompt, chosen, rejected, prefix_mismatches) before truncation."""
-    tokenize = tokenize_conversation if pair.conversational else tokenize_standard
-    prompt, chosen, rejected, mismatches = tokenize(spec, pair)
-    if not prompt:
-        start = _start_token(spec)
-        if chosen[:1] == [start] and rejected[:1] == [start]:  # the template's BOS, now the prompt's, once
-            chosen, rejected = chosen[1:], rejected[1:]
-        prompt = [start]
-    if not chosen or not rejected:
-        raise BadRow("empty_completion", "chosen" if not chosen else "rejected",
-                     "the completion has no tokens after the prompt")
+    prompt, (chosen, rejected), mismatches = tokenize_completions(
+        spec, pair.prompt, (pair.chosen, pair.rejected), conversational=pair.conversational,
+        keys=("chosen", "rejected"))
     return prompt, chosen, rejected, mismatches
+
+
+def truncate_row(prompt: list[int], completion: list[int], *, max_length: int, max_prompt_length: int,
+                 truncation: str, bos_id: int | None):
+    """An unpaired row's length limits: the prompt as for pairs; the completion kept up to max_length - 1
+    (TokenizedRows). None when the prompt leaves no room (TRL drops such rows)."""
+    if max_prompt_length:
+        prompt = cut_prompt(prompt, max_prompt_length, truncation, bos_id)
+    if max_length - len(prompt) <= 0:
+        return None
+    return prompt, completion[:max_length - 1]

@@ -1,7 +1,7 @@
 """reference.mode = "cached": reference logprobs computed once per dataset, kept on disk, joined to batches.
 
-The reference model's per-pair completion logprob sums (rc, rr) depend only on the reference weights and
-the tokenized pairs (and, to rounding, on the layout, logprob chunk and dtypes). They are computed in one
+The reference model's per-example completion logprob sums (rc, rr: a pair's chosen and rejected, an
+unpaired row's completion and KL completion) depend only on the reference weights and the tokenized examples (and, to rounding, on the layout, logprob chunk and dtypes). They are computed in one
 forward pass over every train and eval pair, stored as `[N]` float32 arrays indexed by dataset position in
 `<data.cache_dir>/reference/<fingerprint>.npz`, and reused by every later run and epoch whose fingerprint
 matches. Any change of an input changes the fingerprint, so a stale file is never read. Training then holds
@@ -65,14 +65,13 @@ def params_digest(params) -> str:
     return h.hexdigest()
 
 
-def pairs_digest(pairs) -> str:
-    """A hash of every token id of every pair (order included)."""
+def pairs_digest(examples) -> str:
+    """A hash of every token id of every example (pair, or unpaired row with its KL completion), in order."""
     h = hashlib.sha256()
-    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        seqs = getattr(pairs, name)
-        h.update(np.asarray([len(s) for s in seqs], np.int64).tobytes())
-        if seqs:
-            h.update(np.concatenate(seqs).astype(np.int32).tobytes())
+    for i in range(len(examples)):
+        example = examples[i]
+        h.update(np.asarray([len(ids) for ids in example], np.int64).tobytes())
+        h.update(np.concatenate(example).astype(np.int32).tobytes())
     return h.hexdigest()
 
 

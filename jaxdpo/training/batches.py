@@ -11,13 +11,18 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxdpo.data.layouts import PAIR_KEYS, STEP_ROW_KEYS
+from jaxdpo.data.layouts import EXAMPLE_KEYS, PAIR_KEYS, STEP_ROW_KEYS
 from jaxdpo.parallel import sequence_parallel, sharding
 
 
-def batch_keys(reference) -> list[str]:
-    """The keys a step reads: the rows, pair_valid, and what the reference reads (cached logprobs)."""
-    return list(STEP_ROW_KEYS) + ["pair_valid"] + list(reference.batch_keys)
+# [P] arrays: one value per example, split over the batch axes like the rows' examples.
+PER_EXAMPLE_KEYS = PAIR_KEYS + EXAMPLE_KEYS
+
+
+def batch_keys(reference, example_keys=()) -> list[str]:
+    """The keys a step reads: the rows, pair_valid, what the reference reads (cached logprobs) and the
+    data's per-example arrays (`example_keys`: `label` of unpaired rows)."""
+    return list(STEP_ROW_KEYS) + ["pair_valid"] + list(reference.batch_keys) + list(example_keys)
 
 
 def batch_shardings(mesh, keys, *, stacked: bool) -> dict[str, NamedSharding]:
@@ -27,7 +32,7 @@ def batch_shardings(mesh, keys, *, stacked: bool) -> dict[str, NamedSharding]:
     lead = (None,) if stacked else ()
     rows = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", "seq"))
     pairs = NamedSharding(mesh, sharding.logical_spec(*lead, "batch"))
-    out = {k: (pairs if k in PAIR_KEYS else rows) for k in keys}
+    out = {k: (pairs if k in PER_EXAMPLE_KEYS else rows) for k in keys}
     if "scored_index" in out and sharding.sequence_axis_size(mesh) > 1:
         out["scored_index"] = NamedSharding(mesh, sharding.logical_spec(*lead, "batch", "seq", None))
     return out
@@ -63,7 +68,7 @@ def stack_micro_batches(micro_batches: list[dict]) -> dict[str, np.ndarray]:
         parts = []
         for m in micro_batches:
             value = m[key]
-            if key not in PAIR_KEYS and value.shape[0] < max_rows:
+            if key not in PER_EXAMPLE_KEYS and value.shape[0] < max_rows:
                 fill = -1 if key == "pair_index" else 0
                 pad = np.full((max_rows - value.shape[0],) + value.shape[1:], fill, value.dtype)
                 value = np.concatenate([value, pad])

@@ -5,6 +5,8 @@
 
 import ml_collections
 
+from jaxdpo.preference import loss_specs
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -41,16 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # tokenized-data cache; empty = ~/.cache/jaxdpo
     c.data.use_cache = True  # reuse tokenized data from cache_dir when its inputs (files, tokenizer, keys, lengths) are unchanged
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.types = ("sigmoid",)  # see LOSSES.md / README for the family
-    c.loss.weights = (1.0,)
-    c.loss.beta = 0.1
-    c.loss.label_smoothing = 0.0  # cDPO / robust / exo_pair epsilon
-    c.loss.ipo_length_normalize = True
-    c.loss.gamma = 0.5  # SimPO target margin (already multiplied into the logit: -s(beta*d - gamma))
-    c.loss.lambda_ = 0.1  # ORPO odds-ratio weight
-    c.loss.discopop_tau = 0.05
-    c.loss.nll_coef = 0.0  # RPO: add nll_coef * NLL of the chosen completion
+    # types, weights, beta, nll_coef and each loss's own keys: defaults and meaning in
+    # jaxdpo/preference/loss_specs.py, one Setting per key (see LOSSES.md / README for the family).
+    c.loss = ml_collections.ConfigDict(loss_specs.config_defaults())
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4

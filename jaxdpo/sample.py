@@ -29,7 +29,8 @@ if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and
 from jaxdpo.errors import ConfigError
 from jaxdpo.sampling import prompts as prompts_lib
 
-DTYPES = ("float32", "bfloat16")
+# names of jaxdpo.models.config.DTYPES, spelled out so that parsing the command line imports no jax
+DTYPE_CHOICES = ("float32", "bfloat16")
 
 
 def parse_args(argv):
@@ -45,7 +46,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per compiled call")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="compute dtype")
     parser.add_argument("--base", default=None, help="LoRA checkpoints: the base model dir (default: the run's)")
     parser.add_argument("--truncate_prompt", choices=prompts_lib.TRUNCATIONS, default=None,
                         help="cut prompts too long for the model's positions (default: refuse them)")
@@ -55,15 +56,15 @@ def parse_args(argv):
 def load_model(path: str, *, dtype: str, base: str | None):
     """(model, tokenizer, the model's HF dir: its generation_config.json names EOS ids) for an HF dir or a
     jaxdpo checkpoint."""
-    import jax.numpy as jnp
     from transformers import AutoTokenizer
 
     from jaxdpo.models import from_pretrained
+    from jaxdpo.models.config import DTYPES
 
     if not os.path.isdir(path):
         raise ConfigError(f"--model: {path} is not a directory (an HF model dir or a jaxdpo run's WORKDIR)")
     if os.path.exists(os.path.join(path, "config.json")):
-        return from_pretrained(path, dtype=getattr(jnp, dtype)), AutoTokenizer.from_pretrained(path), path
+        return from_pretrained(path, dtype=DTYPES[dtype]), AutoTokenizer.from_pretrained(path), path
     from jaxdpo.checkpoint.saved_policy import (
         build_model,
         find_tokenizer,
@@ -73,7 +74,7 @@ def load_model(path: str, *, dtype: str, base: str | None):
 
     checkpoints_dir, step, workdir = locate(path)
     params, meta = read_params(checkpoints_dir, step)
-    model, _ = build_model(params, meta, base=base, dtype=getattr(jnp, dtype))
+    model, _ = build_model(params, meta, base=base, dtype=DTYPES[dtype])
     tokenizer = find_tokenizer(workdir, meta)
     if tokenizer is None:
         raise ConfigError(f"--model: no tokenizer found for {path} (looked in WORKDIR/hf and the run's model path)")

@@ -4,6 +4,7 @@ Each case builds a tiny random model with transformers (fp32, CPU), with weights
 perturbed so that every term matters, saves it, and checks our logits and transformers' agree.
 """
 
+import dataclasses
 import json
 import os
 
@@ -204,6 +205,43 @@ def test_config_round_trip_and_errors(hf_checkpoints, tmp_path):
     assert families.config_from_hf(families.config_to_hf(config)) == config
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama"):
         families.config_from_hf({"model_type": "gpt2"})
+
+
+BARE = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 1}
+
+
+def test_families_read_only_what_their_transformers_model_reads():
+    llama = families.config_from_hf({"model_type": "llama", **BARE, "sliding_window": 4})
+    assert llama.sliding_window is None  # LlamaAttention has no window
+    mistral = families.config_from_hf({"model_type": "mistral", **BARE, "sliding_window": 4,
+                                       "layer_types": ["full_attention", "full_attention"]})
+    assert mistral.layer_is_sliding == (True, True)  # MistralModel slides every layer, whatever layer_types say
+    assert families.config_from_hf({"model_type": "gemma", **BARE}).mlp_activation == "gelu_tanh"
+    assert families.config_from_hf({"model_type": "qwen2", **BARE, "sliding_window": 4}).sliding_window is None
+    gemma3 = families.config_from_hf({"model_type": "gemma3_text", **BARE, "rope_local_base_freq": 50.0})
+    assert (gemma3.rope_theta, gemma3.sliding_rope_theta) == (1_000_000.0, 50.0)
+
+
+def test_config_to_hf_refuses_what_the_family_cannot_say():
+    qwen2 = families.config_from_hf({"model_type": "qwen2", **BARE})
+    llama = families.config_from_hf({"model_type": "llama", **BARE})
+    with pytest.raises(ValueError, match="qwen2 has no attention_bias option"):
+        families.config_to_hf(dataclasses.replace(qwen2, qkv_bias=False))
+    with pytest.raises(ValueError, match="llama has no sliding window"):
+        families.config_to_hf(dataclasses.replace(llama, sliding_window=4))
+    with pytest.raises(ValueError, match="llama has one RoPE for every layer"):
+        families.config_to_hf(dataclasses.replace(llama, sliding_rope_theta=50.0))
+    with pytest.raises(ValueError, match="^ModelConfig: model_type 'gpt2' is not supported; .*gemma3_text$"):
+        families.config_to_hf(dataclasses.replace(llama, model_type="gpt2"))
+
+
+def test_dtype_names_come_from_one_table():
+    from jaxdpo import config as config_lib
+    from jaxdpo import sample
+    from jaxdpo.models.config import DTYPES
+
+    assert set(config_lib.CHOICES["model.dtype"]) == set(config_lib.CHOICES["model.param_dtype"]) == set(DTYPES)
+    assert set(sample.DTYPE_CHOICES) <= set(DTYPES)
 
 
 def test_checkpoint_errors_name_the_tensor(hf_checkpoints, tmp_path):

@@ -12,7 +12,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -20,8 +19,7 @@ from jaxdpo.checkpoint.fingerprint import FINGERPRINT_KEY
 from jaxdpo.checkpoint.manager import check_restored
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import Decoder, ModelConfig
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jaxdpo.models.config import DTYPES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

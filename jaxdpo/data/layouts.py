@@ -94,6 +94,13 @@ def scored_index(side: np.ndarray, slots: int) -> np.ndarray:
     return index
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id written where a row holds no token: the padding of training rows and of prompts, and the slots
+    after a sampled completion stopped. Attention masks those slots and no loss or logprob counts them, so
+    any id of the vocabulary would do: the tokenizer's pad id when it has one, else 0 (always one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _empty_rows(num_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
     rows = {key: np.zeros((num_rows, length), np.int32) for key in ROW_KEYS}
     rows["input_ids"][:] = pad_id

@@ -31,7 +31,7 @@ class RewardModelJudge:
     def from_config(cls, config, mesh):
         """The reward model on `mesh`, computing in model.dtype (the policy's)."""
         from jaxdpo.models.reward_model import RewardModel
-        from jaxdpo.training.build import DTYPES
+        from jaxdpo.models.config import DTYPES
 
         return RewardModel(config.judge.reward_model, dtype=DTYPES[config.model.dtype], mesh=mesh,
                            batch_size=int(config.judge.batch_size), max_length=int(config.judge.max_length) or None)

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
+# The floating dtypes, by the name a config file, a checkpoint's meta or the command line gives them
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 

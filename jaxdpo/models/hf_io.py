@@ -344,9 +344,8 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
 
 
 def _write_configs(config: ModelConfig, disk_dtype: np.dtype, out_dir: str) -> None:
-    dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[disk_dtype.name]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(families.config_to_hf(config, dtype_name), f, indent=2)
+        json.dump(families.config_to_hf(config, disk_dtype.name), f, indent=2)
     generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
                   "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
                   else config.eos_token_id}

@@ -19,9 +19,8 @@ import math
 
 import numpy as np
 
+from jaxdpo.data.layouts import ROW_KEYS
 from jaxdpo.errors import ConfigError
-
-ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
 
 
 def row_multiple(sequence: int) -> int:

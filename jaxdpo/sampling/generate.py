@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdpo.data.layouts import pad_id_of
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.decoder import (
     attention_inputs,
@@ -471,7 +472,7 @@ def completions_with_logprobs(graphdef, states, tokenizer, prompt_ids: Sequence[
     string), `logprob` (the summed logprob of completion_ids under these params) and `finished` (ended by
     an EOS id or a stop string). For samples during training: call it with the policy's (graphdef,
     states); score the result under the reference with `completion_logprobs`."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = pad_id_of(tokenizer)
     raw = generate(graphdef, states, prompt_ids, settings, eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
                    on_batch=on_batch)
     rows = []

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxdpo.data.layouts import pad_id_of
 from jaxdpo.errors import ConfigError
 from jaxdpo.judging import judges
 from jaxdpo.judging.win_rate import win_rate
@@ -85,7 +86,7 @@ class Sampler:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        return pad_id_of(self.tokenizer)
 
     def complete(self, states, prompts, settings) -> list[dict]:
         """One completion per prompt: dicts with prompt_ids, completion, completion_ids, finished."""

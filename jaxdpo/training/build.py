@@ -23,7 +23,6 @@ import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
+from jaxdpo.models.config import DTYPES
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
 from jaxdpo.parallel import distributed, sharding
@@ -47,8 +47,6 @@ from jaxdpo.training.step import (
     make_eval_step,
     make_train_step,
 )
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def log(msg: str) -> None:
@@ -138,7 +136,7 @@ def build_data(config, mesh) -> Data:
 
     from jaxdpo.data import load_preference_data, require_full_batch
     from jaxdpo.data.batcher import PairBatcher
-    from jaxdpo.data.layouts import row_length
+    from jaxdpo.data.layouts import pad_id_of, row_length
 
     cfg = config
     row_multiple = rows_per_process_multiple(cfg, mesh)  # config-only: before any tokenizing
@@ -148,7 +146,7 @@ def build_data(config, mesh) -> Data:
         cfg.data, tokenizer, workdir=cfg.workdir if main else None, seed=cfg.seed, log=print if main else None)
     all_pairs = [train_pairs] + ([eval_pairs] if eval_pairs is not None else [])
     length = max(row_length(p, cfg.data.layout, cfg.data, sequence=cfg.mesh.sequence) for p in all_pairs)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     common = dict(layout=cfg.data.layout, row_length=length, process_index=jax.process_index(),
                   process_count=jax.process_count(), row_multiple=row_multiple, pad_id=pad_id, seed=cfg.seed)
     batcher = PairBatcher(train_pairs, batch_size=cfg.train.batch_size, micro_batch_size=cfg.train.micro_batch_size,

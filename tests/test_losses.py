@@ -92,7 +92,7 @@ FIXED_PAIRS = tuple(np.array(v, np.float64) for v in (
 DEFAULT_EPS = {"exo_pair": 0.1}
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", losses.PAIR_LOSS_NAMES)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_each_loss_matches_numpy_float64(name, beta):
     eps = DEFAULT_EPS.get(name, 0.0)
@@ -123,7 +123,7 @@ def test_loss_options_match_numpy(name, kwargs, np_kwargs):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", losses.PAIR_LOSS_NAMES)
 def test_float32_matches_numpy(name):
     eps = DEFAULT_EPS.get(name, 0.0)
     inputs = random_pairs(seed=3)
@@ -247,7 +247,7 @@ def test_issue15_item10_reference_free_rewards_whatever_reference_is_given(name)
     np.testing.assert_allclose(float(mixed["rewards/chosen"]), (0.5 * (pc - rc)).sum(), rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", losses.PAIR_LOSS_NAMES)
 def test_padding_pairs_excluded_and_never_nan(name):
     cfg = dpo.get_config().loss
     cfg.types, cfg.weights, cfg.nll_coef = (name,), (1.0,), 0.1
@@ -364,7 +364,8 @@ def test_config_section_and_fingerprint_loss_keys_come_from_the_specs():
     section = dpo.get_config().loss
     assert section.to_dict() == {  # the keys and defaults runs were written with
         "types": ("sigmoid",), "weights": (1.0,), "beta": 0.1, "label_smoothing": 0.0,
-        "ipo_length_normalize": True, "gamma": 0.5, "lambda_": 0.1, "discopop_tau": 0.05, "nll_coef": 0.0}
+        "ipo_length_normalize": True, "gamma": 0.5, "lambda_": 0.1, "discopop_tau": 0.05, "nll_coef": 0.0,
+        "desirable_weight": 1.0, "undesirable_weight": 1.0}
     assert {k for k in RESUME_CRITICAL_KEYS if k.startswith("loss")} == {f"loss.{k}" for k in section}
     now = config_fingerprint(dpo.get_config())
     # A checkpoint whose fingerprint holds the section as one nested dict compares key by key.

@@ -105,9 +105,15 @@ def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | No
     return fingerprint
 
 
+# Keys a checkpoint's fingerprint may lack because it was written before they existed, with the value such a
+# run had: a saved fingerprint without one matches a config holding that value.
+IMPLIED_WHEN_ABSENT = {"data.shuffle": True, "data.completion_key": "completion", "data.label_key": "label",
+                       "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0}
+
+
 def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
     """Human-readable lines `key: checkpoint=<a> now=<b>` for every (dotted) key whose value differs."""
-    saved_flat = _flatten_dict(jsonable(saved))
+    saved_flat = {**IMPLIED_WHEN_ABSENT, **_flatten_dict(jsonable(saved))}
     expected_flat = _flatten_dict(jsonable(expected))
     missing = object()
     lines = []

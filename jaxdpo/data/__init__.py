@@ -368,6 +368,16 @@ def require_both_labels(rows: TokenizedRows, files_key: str) -> None:
                       "unpaired loss needs both kinds")
 
 
+def _load_eval_files(eval_spec: str, data_cfg, spec: TokenizerSpec, log, kind: ExampleKind):
+    """The examples of data.eval_files and their report section."""
+    eval_sources = parse_sources(eval_spec, config_key="data.eval_files")
+    if any(s.weight is not None for s in eval_sources):
+        raise ConfigError("data.eval_files takes no mixing weights: every eval example is evaluated once")
+    parts, sections = zip(*(load_source(s, data_cfg, spec, split="test", log=log, kind=kind) for s in eval_sources))
+    examples = type(parts[0]).concat(parts)
+    return examples, _count(_totals(list(sections)), examples, kind)
+
+
 def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, seed: int = 0, log=print,
                          kind: ExampleKind = ExampleKind.PAIR):
     """-> (train, eval or None, report): TokenizedPairs, or TokenizedRows for `kind` UNPAIRED.
@@ -411,13 +421,7 @@ def load_preference_data(data_cfg, tokenizer, *, workdir: str | None = None, see
 
     eval_pairs = None
     if eval_spec:
-        eval_sources = parse_sources(eval_spec, config_key="data.eval_files")
-        if any(s.weight is not None for s in eval_sources):
-            raise ConfigError("data.eval_files takes no mixing weights: every eval pair is evaluated once")
-        parts, eval_sections = zip(*(load_source(s, data_cfg, spec, split="test", log=log, kind=kind)
-                                     for s in eval_sources))
-        eval_pairs = type(parts[0]).concat(parts)
-        report["eval"] = _count(_totals(list(eval_sections)), eval_pairs, kind)
+        eval_pairs, report["eval"] = _load_eval_files(eval_spec, data_cfg, spec, log, kind)
     elif fraction:
         eval_pairs = type(eval_parts[0]).concat(eval_parts)
         report["eval"] = _count({"rows": len(eval_pairs), "kept": len(eval_pairs), "dropped": {}, "prefix_mismatch": 0,

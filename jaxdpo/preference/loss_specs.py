@@ -3,6 +3,10 @@
 Formulas: ../shared/LOSSES.md. Per pair i: policy sums `pc, pr` (chosen, rejected), reference sums
 `rc, rr`, completion lengths `nc, nr`. Log-ratios lc = pc - rc, lr = pr - rr, D = lc - lr.
 
+Unpaired losses (KTO, LOSSES.md "Unpaired and grouped examples") take per-row values (`UnpairedValues`):
+row j's completion sums `logps, ref_logps`, its label (desirable or not), and the sums of its KL completion
+(another row's completion after its prompt), from which the batch's KL estimate z0 comes.
+
 `LOSSES` (name -> spec) is the one list of losses. The valid names, which losses need a reference or
 see the whole batch, the label-smoothing ranges, the `loss` section of configs/dpo.py
 (`config_defaults`) and the resume fingerprint's loss keys (`CONFIG_KEYS`) all come from it. Adding a
@@ -12,7 +16,6 @@ loss means writing its formula and its spec here (DEVELOPING.md, "Adding a loss"
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-class ExampleKind(enum.Enum):
-    """What one example of a loss is, and so which values its formula receives. Every loss so far takes
-    preference pairs (`PairValues`). An unpaired loss such as KTO would take rows marked desirable or
-    undesirable, plus a batch KL term: a new kind, with its own values type and data path."""
-
-    PAIR = "pair"
+from jaxdpo.data.formats import ExampleKind  # what an example is: a pair, or an unpaired row (data/examples.py)
 
 
 def _finite_number(value) -> bool:
@@ -103,6 +100,10 @@ IPO_LENGTH_NORMALIZE = Setting("ipo_length_normalize", True, "IPO on length-aver
 GAMMA = Setting("gamma", 0.5, "SimPO target margin, already multiplied into the logit: -s(beta*d - gamma)")
 LAMBDA = Setting("lambda_", 0.1, "ORPO's odds-ratio weight", NON_NEGATIVE)
 DISCOPOP_TAU = Setting("discopop_tau", 0.05, "DiscoPOP's modulation temperature", POSITIVE)
+DESIRABLE_WEIGHT = Setting("desirable_weight", 1.0, "KTO / apo_zero_unpaired: weight of the desirable rows' losses",
+                           NON_NEGATIVE)
+UNDESIRABLE_WEIGHT = Setting("undesirable_weight", 1.0, "KTO / apo_zero_unpaired: weight of the undesirable "
+                             "rows' losses", NON_NEGATIVE)
 
 UP_TO_HALF = SmoothingRange(0.0, 0.5)
 NO_SMOOTHING = SmoothingRange(0.0, 0.0)
@@ -135,6 +136,32 @@ class PairValues:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnpairedValues:
+    """The per-row values [P] of unpaired rows: the completion's policy and reference logprob sums, its
+    length, `desirable` (bool label) and `valid` (bool); `kl_logps, ref_kl_logps`: the same sums of the row's
+    KL completion (None when no loss of the run estimates KL)."""
+
+    logps: jax.Array
+    ref_logps: jax.Array
+    lengths: jax.Array
+    desirable: jax.Array
+    valid: jax.Array
+    kl_logps: jax.Array | None
+    ref_kl_logps: jax.Array | None
+
+    @property
+    def logratio(self) -> jax.Array:
+        return self.logps - self.ref_logps
+
+    def kl(self) -> jax.Array:
+        """KTO's reference point z0 (TRL 1.16): the mean over the valid rows of the KL completions'
+        policy-minus-reference logprob sums, detached, clamped at 0."""
+        diff = jnp.where(self.valid, self.kl_logps - self.ref_kl_logps, 0.0)
+        mean_kl = jnp.sum(diff) / jnp.maximum(jnp.sum(self.valid), 1)
+        return jnp.maximum(jax.lax.stop_gradient(mean_kl), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
     """A preference loss. `formula(values, *, beta, **settings)` -> per-example loss [P], given the
     values of `settings` (the `loss.<key>` config keys it reads besides beta). `batch_level`: the formula
@@ -149,6 +176,7 @@ class LossSpec:
     settings: tuple[Setting, ...] = ()
     includes_nll: bool = False  # the formula holds the chosen NLL, so the "nll" metric is reported
     example_kind: ExampleKind = ExampleKind.PAIR
+    kl_rows: bool = False  # unpaired: each row also carries its KL completion (KTO's mismatched pairs)
 
     def __post_init__(self):
         allows_eps = self.label_smoothing is not None and self.label_smoothing.high > 0
@@ -281,6 +309,20 @@ def _orpo(v: PairValues, *, beta, lambda_):
     return nll_chosen - lambda_ * jax.nn.log_sigmoid(log_odds_ratio)
 
 
+def _kto(v: UnpairedValues, *, beta, desirable_weight, undesirable_weight):
+    z0 = v.kl()
+    desirable = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (v.logratio - z0)))
+    undesirable = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - v.logratio)))
+    return jnp.where(v.desirable, desirable, undesirable)
+
+
+def _apo_zero_unpaired(v: UnpairedValues, *, beta, desirable_weight, undesirable_weight):
+    desirable = desirable_weight * (1.0 - jax.nn.sigmoid(beta * v.logratio))
+    undesirable = undesirable_weight * jax.nn.sigmoid(beta * v.logratio)
+    return jnp.where(v.desirable, desirable, undesirable)
+
+
+CLASS_WEIGHTS = (DESIRABLE_WEIGHT, UNDESIRABLE_WEIGHT)
 LOSS_SPECS = (
     LossSpec("sigmoid", _sigmoid, label_smoothing=UP_TO_HALF, settings=(LABEL_SMOOTHING,)),
     LossSpec("ipo", _ipo, label_smoothing=NO_SMOOTHING, settings=(IPO_LENGTH_NORMALIZE,)),
@@ -301,6 +343,10 @@ LOSS_SPECS = (
     LossSpec("sigmoid_norm", _sigmoid_norm),
     LossSpec("simpo", _simpo, needs_reference=False, settings=(GAMMA,)),
     LossSpec("orpo", _orpo, needs_reference=False, settings=(LAMBDA,), includes_nll=True),
+    # z0 averages the KL rows of the whole global batch, so KTO is batch-level: exact for any split
+    LossSpec("kto", _kto, batch_level=True, settings=CLASS_WEIGHTS, example_kind=ExampleKind.UNPAIRED,
+             kl_rows=True),
+    LossSpec("apo_zero_unpaired", _apo_zero_unpaired, settings=CLASS_WEIGHTS, example_kind=ExampleKind.UNPAIRED),
 )
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in LOSS_SPECS}
 

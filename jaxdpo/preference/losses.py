@@ -1,7 +1,10 @@
 """The `loss` config section at work: the losses of `loss.types` weighted and summed, their metrics, and
 the section's checks. Each loss itself (formula, reference, settings) is a `LossSpec` in loss_specs.py.
 
-`preference_loss` returns SUMS over the valid pairs of a micro-batch; the training step divides by
+`example_loss` is the step's entry: per-example slot sums (pc, pr, nc, nr, rc, rr, and `label` for unpaired
+rows: jaxdpo/data/examples.py) -> `preference_loss` for pairs, `unpaired_loss` for unpaired rows.
+`metric_means` turns the metric sums into the logged means. `preference_loss` returns SUMS over the valid
+pairs of a micro-batch; the training step divides by
 the number of valid pairs in the whole global batch, so the mean is exact under gradient
 accumulation and padding pairs (pair_valid == 0) contribute nothing, not even NaN gradients.
 """
@@ -16,10 +19,12 @@ import jax.numpy as jnp
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.preference.loss_specs import (
-    BETA, LABEL_SMOOTHING, LOSS_SPECS, LOSSES, NLL_COEF, TYPES, WEIGHTS, LossSpec, PairValues, Setting, mean,
+    BETA, DESIRABLE_WEIGHT, LABEL_SMOOTHING, LOSS_SPECS, LOSSES, NLL_COEF, TYPES, UNDESIRABLE_WEIGHT, WEIGHTS,
+    ExampleKind, LossSpec, PairValues, Setting, UnpairedValues, mean,
 )
 
 LOSS_NAMES = tuple(LOSSES)
+PAIR_LOSS_NAMES = tuple(spec.name for spec in LOSS_SPECS if spec.example_kind is ExampleKind.PAIR)
 REFERENCE_FREE = frozenset(spec.name for spec in LOSS_SPECS if not spec.needs_reference)
 _LOSS_SETTING_KEYS = frozenset(setting.key for spec in LOSS_SPECS for setting in spec.settings)
 
@@ -204,6 +209,97 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
     return metric_sums["loss"], metric_sums
 
 
+# ----- unpaired rows -------------------------------------------------------------------------------
+def example_kind(loss_cfg) -> ExampleKind:
+    """What the losses of loss.types take (validate_loss_config refuses a mix): pairs or unpaired rows."""
+    kinds = {spec.example_kind for spec in _known_specs(loss_cfg)}
+    return kinds.pop() if len(kinds) == 1 else ExampleKind.PAIR
+
+
+def needs_kl_rows(loss_cfg) -> bool:
+    """Whether each unpaired row must carry its KL completion (a loss estimates KTO's KL term)."""
+    return any(spec.kl_rows for spec in _known_specs(loss_cfg))
+
+
+def _class_sums(values: UnpairedValues, beta: float) -> dict[str, jax.Array]:
+    """Sums over the valid desirable ("chosen", as TRL's KTO names them) and undesirable ("rejected") rows."""
+    sums = {}
+    for name, member in (("chosen", values.valid & values.desirable), ("rejected", values.valid & ~values.desirable)):
+        sums[f"rewards/{name}"] = jnp.sum(jnp.where(member, beta * values.logratio, 0.0))
+        sums[f"logps/{name}"] = jnp.sum(jnp.where(member, values.logps, 0.0))
+        sums[f"count/{name}"] = jnp.sum(member.astype(jnp.float32))
+    return sums
+
+
+def unpaired_loss(loss_cfg, values: UnpairedValues):
+    """(loss_sum, metric_sums) over the valid rows: sum_k weights[k] * (loss types[k]) per row (each weighs
+    its desirable and undesirable rows by loss.desirable_weight / undesirable_weight), summed; metric sums
+    "loss", "kl" (z0 times the valid rows, so that it averages like the others), and per class rewards,
+    logps and counts (`metric_means` divides those by their class's count)."""
+    beta = setting_value(loss_cfg, BETA)
+    per_row = jnp.zeros_like(values.logps)
+    for name, weight in zip(loss_types(loss_cfg), loss_weights(loss_cfg)):
+        spec = loss_spec(name)
+        settings = {setting.key: setting_value(loss_cfg, setting) for setting in spec.settings}
+        per_row = per_row + weight * spec.formula(values, beta=beta, **settings)
+    rows = jnp.sum(values.valid.astype(jnp.float32))
+    kl = values.kl() if values.kl_logps is not None else jnp.zeros((), jnp.float32)
+    metric_sums = {"loss": jnp.sum(jnp.where(values.valid, per_row, 0.0)), "kl": kl * rows,
+                   **_class_sums(values, beta)}
+    return metric_sums["loss"], metric_sums
+
+
+def example_loss(loss_cfg, values: dict, valid):
+    """(loss_sum, metric_sums) of the per-example values the step computes: slot sums pc, pr (policy), rc, rr
+    (reference), nc, nr (lengths), and `label` for unpaired rows, whose slot 2 is the KL completion."""
+    if example_kind(loss_cfg) is ExampleKind.PAIR:
+        return preference_loss(loss_cfg, values["pc"], values["pr"], values["rc"], values["rr"], values["nc"],
+                               values["nr"], valid)
+    valid = jnp.asarray(valid) > 0
+    pc, pr, rc, rr, nc, _ = _padding_cleared(valid, *(values[k] for k in ("pc", "pr", "rc", "rr", "nc", "nr")))
+    kl = needs_kl_rows(loss_cfg)
+    return unpaired_loss(loss_cfg, UnpairedValues(pc, rc, nc, jnp.asarray(values["label"]) > 0, valid,
+                                                  pr if kl else None, rr if kl else None))
+
+
+_PER_CLASS = {"rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
+              "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected"}
+
+
+def metric_means(loss_cfg, metric_sums: dict, count) -> dict:
+    """The logged metrics from metric sums over `count` examples: means over the examples; for unpaired rows
+    (TRL's KTO metrics) rewards and logps per class are means over that class's rows, margins their
+    difference, and the counts stay counts."""
+    if example_kind(loss_cfg) is ExampleKind.PAIR:
+        return {k: v / count for k, v in metric_sums.items()}
+    means = {}
+    for key, value in metric_sums.items():
+        if key.startswith("count/"):
+            means[key] = value
+        elif key in _PER_CLASS:
+            means[key] = value / jnp.maximum(metric_sums[_PER_CLASS[key]], 1.0)
+        else:
+            means[key] = value / count
+    means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
+
+
+def class_balance_warning(loss_cfg, num_desirable: int, num_undesirable: int) -> str | None:
+    """TRL 1.16 KTOTrainer's warning when desirable and undesirable rows differ in number and neither weight
+    lies in the range the KTO paper (eq. 8) recommends for them; None when the weights are fine."""
+    if example_kind(loss_cfg) is not ExampleKind.UNPAIRED or num_desirable == num_undesirable:
+        return None
+    w_d, w_u = setting_value(loss_cfg, DESIRABLE_WEIGHT), setting_value(loss_cfg, UNDESIRABLE_WEIGHT)
+    d, u = max(num_desirable, 1), max(num_undesirable, 1)
+    d_low, d_high = round(u * w_u / d, 2), round(u * w_u / d * 1.33, 2)
+    u_low, u_high = round(d * w_d / u / 1.33, 2), round(d * w_d / u, 2)
+    if d_low <= w_d <= d_high or u_low <= w_u <= u_high:
+        return None
+    return (f"{num_desirable} desirable and {num_undesirable} undesirable rows, but loss.desirable_weight={w_d} and "
+            f"loss.undesirable_weight={w_u} do not balance them; set EITHER desirable_weight in [{d_low}, {d_high}] "
+            f"or undesirable_weight in [{u_low}, {u_high}] (not both)")
+
+
 # ----- the `loss` section's checks ------------------------------------------------------------------
 def _check_names(types: tuple[str, ...]) -> None:
     if not types:
@@ -249,6 +345,17 @@ def _check_label_smoothing(loss_cfg, specs: list[LossSpec], types: tuple[str, ..
                           f"to 0 or use one of {', '.join(users)}")
 
 
+def _check_example_kinds(loss_cfg, specs: list[LossSpec]) -> None:
+    kinds = {spec.example_kind for spec in specs}
+    if len(kinds) > 1:
+        by_kind = {kind.noun: [s.name for s in specs if s.example_kind is kind] for kind in kinds}
+        raise ConfigError(f"loss.types mixes losses of pairs and of unpaired rows ({by_kind}); combine losses "
+                          "of one kind")
+    if kinds == {ExampleKind.UNPAIRED} and setting_value(loss_cfg, NLL_COEF) != 0.0:
+        raise ConfigError(f"loss.nll_coef={setting_value(loss_cfg, NLL_COEF)} applies to pairs (the chosen "
+                          "completion's NLL); set it to 0 with unpaired losses")
+
+
 def validate_loss_config(loss_cfg, *, has_reference: bool = True) -> None:
     """Raises ConfigError (one sentence: key, value, allowed range) for a bad `loss` config.
     `has_reference`: whether the run's reference gives logprobs (reference.mode 'none' gives none)."""
@@ -258,6 +365,7 @@ def validate_loss_config(loss_cfg, *, has_reference: bool = True) -> None:
     specs = [LOSSES[name] for name in types]
     _check_settings(loss_cfg, specs)
     _check_label_smoothing(loss_cfg, specs, types)
+    _check_example_kinds(loss_cfg, specs)
     needing = [spec.name for spec in specs if spec.needs_reference]
     if not has_reference and needing:
         raise ConfigError(f"reference.mode='none' but loss.types includes {', '.join(needing)}, which "

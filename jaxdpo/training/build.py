@@ -27,6 +27,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdpo.data.examples import ExampleKind, pairs_of_origin
+from jaxdpo.data.layouts import EXAMPLE_KEYS
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
@@ -34,6 +36,7 @@ from jaxdpo.models.config import DTYPES
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
 from jaxdpo.parallel import distributed, sharding
+from jaxdpo.preference import losses
 from jaxdpo.preference import reference as reference_lib
 from jaxdpo.preference import reference_cache
 from jaxdpo.preference.reference import Reference
@@ -130,6 +133,27 @@ class Data:
         return [("train", self.train_pairs)] + ([("eval", self.eval_pairs)] if has_eval else [])
 
 
+def as_loss_examples(tokenized, config):
+    """Tokenized data as the examples the loss takes: pairs as they are; unpaired rows with KTO's KL
+    completions (chunks of train.batch_size, in data order) when a loss estimates KL."""
+    from jaxdpo.data import UnpairedExamples
+
+    if losses.example_kind(config.loss) is ExampleKind.PAIR:
+        return tokenized
+    kl_chunk = config.train.batch_size if losses.needs_kl_rows(config.loss) else None
+    return UnpairedExamples(tokenized, max_length=int(config.data.max_length), kl_chunk=kl_chunk)
+
+
+def warn_class_balance(examples, config) -> None:
+    """TRL's KTO warning when the class weights do not balance the training rows (process 0 logs it)."""
+    if losses.example_kind(config.loss) is ExampleKind.PAIR or not distributed.is_main_process():
+        return
+    desirable = int(examples.labels.sum())
+    warning = losses.class_balance_warning(config.loss, desirable, len(examples) - desirable)
+    if warning:
+        log(f"  data       {warning}")
+
+
 def build_data(config, mesh) -> Data:
     """Tokenize (every process tokenizes all data; only process 0 reports and writes) and batch."""
     from transformers import AutoTokenizer
@@ -143,14 +167,17 @@ def build_data(config, mesh) -> Data:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     main = distributed.is_main_process()
     train_pairs, eval_pairs, report = load_preference_data(
-        cfg.data, tokenizer, workdir=cfg.workdir if main else None, seed=cfg.seed, log=print if main else None)
+        cfg.data, tokenizer, workdir=cfg.workdir if main else None, seed=cfg.seed, log=print if main else None,
+        kind=losses.example_kind(cfg.loss))
+    train_pairs, eval_pairs = (None if p is None else as_loss_examples(p, cfg) for p in (train_pairs, eval_pairs))
+    warn_class_balance(train_pairs, cfg)
     all_pairs = [train_pairs] + ([eval_pairs] if eval_pairs is not None else [])
     length = max(row_length(p, cfg.data.layout, cfg.data, sequence=cfg.mesh.sequence) for p in all_pairs)
     pad_id = pad_id_of(tokenizer)
     common = dict(layout=cfg.data.layout, row_length=length, process_index=jax.process_index(),
                   process_count=jax.process_count(), row_multiple=row_multiple, pad_id=pad_id, seed=cfg.seed)
     batcher = PairBatcher(train_pairs, batch_size=cfg.train.batch_size, micro_batch_size=cfg.train.micro_batch_size,
-                          shuffle=True, **common)
+                          shuffle=cfg.data.shuffle, **common)
     eval_batcher = None
     if eval_pairs is not None and len(eval_pairs) > 0:
         eval_batcher = PairBatcher(eval_pairs, batch_size=cfg.train.eval_batch_size,
@@ -292,7 +319,8 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     state_shardings["params"] = jax.tree.map(lambda x: x.sharding, policy.params)
     state_shardings["opt_state"] = sharding.optimizer_state_shardings(optimizer, policy.params, replicated)
     shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    keys = batches.batch_keys(reference)
+    unpaired = losses.example_kind(cfg.loss) is ExampleKind.UNPAIRED
+    keys = batches.batch_keys(reference, EXAMPLE_KEYS if unpaired else ())
     train_batch_shardings = batches.batch_shardings(mesh, keys, stacked=True)
     eval_batch_shardings = batches.batch_shardings(mesh, keys, stacked=False)
     common = dict(frozen_shardings=shardings_of(policy.frozen), replicated=replicated,
@@ -309,7 +337,9 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
                                   batch_shardings=train_batch_shardings, **common),
         eval_step=jit_eval_step(sharding.traced_in(mesh, eval_step), params_shardings=state_shardings["params"],
                                 batch_shardings=eval_batch_shardings, **common),
-        eval_metrics=make_eval_metrics(cfg.loss, group_size=cfg.train.batch_size),
+        eval_metrics=make_eval_metrics(cfg.loss, group_size=cfg.train.batch_size,
+                                       origin_pairs=pairs_of_origin(data.eval_pairs.rows) if unpaired and
+                                       data.eval_pairs is not None else None),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,
         eval_batch_shardings=eval_batch_shardings, optimizer=optimizer, schedule=schedule)
 

@@ -231,14 +231,17 @@ def log_train_window(ctx: RunContext, bar, window, done: int, started: float) ->
     record.update(window.rates(time.perf_counter() - started))
     record.pop("pairs"), record.pop("tokens")
     ctx.logger.write(done, {f"train/{k}": v for k, v in record.items()})
-    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+    shown = {"acc": "rewards/accuracies", "kl": "kl"}  # accuracy for pairs, KTO's KL for unpaired rows
+    bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{record[m]:.2f}" for k, m in shown.items() if m in record},
                     pairs_s=f"{record['pairs_per_s']:.1f}")
 
 
 def log_eval(ctx: RunContext, bar, done: int, eval_metrics: dict) -> None:
     ctx.logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-    bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} accuracy {eval_metrics['rewards/accuracies']:.3f} "
-              f"margin {eval_metrics['rewards/margins']:.3f}")
+    # unpaired eval rows have an accuracy only where they came from pairs
+    shown = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "kl": "kl"}
+    bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
+              + " ".join(f"{name} {eval_metrics[key]:.3f}" for name, key in shown.items() if key in eval_metrics))
 
 
 def log_setting_changes(config, logger, step: int, meta: dict) -> None:

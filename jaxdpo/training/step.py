@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdpo.data.layouts import EXAMPLE_KEYS
 from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
 from jaxdpo.preference import losses
 from jaxdpo.training.optim import applied_updates
@@ -72,8 +73,9 @@ def dropout_key(seed: int, step, micro_index) -> jax.Array:
 
 
 def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:
-    """`pair_values(params, frozen, reference_params, micro, lora_dropout_key=None)` -> per-pair {pc, pr, nc,
-    nr} of the policy and {rc, rr} of the reference (None without one), each [P]."""
+    """`pair_values(params, frozen, reference_params, micro, lora_dropout_key=None)` -> per-example slot sums
+    {pc, pr, nc, nr} of the policy and {rc, rr} of the reference (None without one), each [P], plus the
+    batch's per-example arrays (`label` of unpaired rows; jaxdpo/data/examples.py says what the slots hold)."""
 
     def pair_values(params, frozen, reference_params, micro, lora_dropout_key=None):
         # Dropout (if the model has any) only in the policy's training forward: the reference, eval and
@@ -82,15 +84,14 @@ def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int) ->
                                lora_dropout_key=lora_dropout_key)
         rc, rr = reference.logprobs(graphdef, params, frozen, reference_params, micro, num_pairs=num_pairs,
                                     chunk_size=chunk_size)
-        return dict(policy, rc=rc, rr=rr)
+        return dict(policy, rc=rc, rr=rr, **{k: micro[k] for k in EXAMPLE_KEYS if k in micro})
 
     return pair_values
 
 
 def loss_of_values(loss_cfg, values: dict, valid):
-    """losses.preference_loss on per-pair values: (loss sum, metric sums) over the valid pairs."""
-    return losses.preference_loss(loss_cfg, values["pc"], values["pr"], values["rc"], values["rr"], values["nc"],
-                                  values["nr"], valid)
+    """losses.example_loss on per-example values: (loss sum, metric sums) over the valid examples."""
+    return losses.example_loss(loss_cfg, values, valid)
 
 
 def scored_tokens(micro) -> jax.Array:
@@ -222,7 +223,7 @@ def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientT
         grads, metric_sums = gradients(state["params"], frozen, reference_params, batches, total_valid,
                                        state["step"])
         tokens = metric_sums.pop("tokens")
-        metrics = {k: v / total_valid for k, v in metric_sums.items()}
+        metrics = losses.metric_means(loss_cfg, metric_sums, total_valid)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new_state, finite = apply_gradients(state, grads, optimizer, finite)
@@ -268,19 +269,28 @@ def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int) -> C
     pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
 
     def eval_step(params, frozen, reference_params, batch):
-        values = pair_values(params, frozen, reference_params, batch)
+        values = pair_values(params, frozen, reference_params, batch)  # with the batch's `label`, if any
         return dict({k: v for k, v in values.items() if v is not None}, pair_valid=batch["pair_valid"],
                     tokens=scored_tokens(batch))
 
     return eval_step
 
 
-def make_eval_metrics(loss_cfg, *, group_size: int) -> Callable:
+def pair_accuracy(outputs: list[dict], valid, origin_pairs: np.ndarray) -> float:
+    """Unpaired eval rows that came from pairs (origin_pairs: [K, 2] (desirable, undesirable) row indices in
+    eval order): the fraction of those pairs whose desirable row has the higher implicit reward, strictly."""
+    logratio = np.concatenate([np.asarray(o["pc"], np.float64) - np.asarray(o["rc"], np.float64)
+                               for o in outputs])[valid]
+    return float(np.mean(logratio[origin_pairs[:, 0]] > logratio[origin_pairs[:, 1]]))
+
+
+def make_eval_metrics(loss_cfg, *, group_size: int, origin_pairs: np.ndarray | None = None) -> Callable:
     """`eval_metrics(outputs)`: the eval_step outputs of every eval batch, in eval order -> the mean of every
-    metric over the valid eval pairs. The valid pairs are taken in eval (dataset) order and cut into groups
-    of `group_size` (train.batch_size; the last group may be smaller), and the loss is evaluated per group:
-    a batch-level loss (aot) sees the groups a training step would, and no metric depends on
-    train.eval_batch_size. Per-pair losses do not depend on the grouping at all."""
+    metric over the valid eval examples. The valid examples are taken in eval (dataset) order and cut into
+    groups of `group_size` (train.batch_size; the last group may be smaller), and the loss is evaluated per
+    group: a batch-level loss (aot, KTO's KL estimate) sees the groups a training step would, and no metric
+    depends on train.eval_batch_size. Per-example losses do not depend on the grouping at all. Unpaired rows
+    that came from pairs (`origin_pairs`, examples.pairs_of_origin) add those pairs' `rewards/accuracies`."""
 
     @jax.jit
     def group_sums(grouped: dict, valid):
@@ -291,9 +301,9 @@ def make_eval_metrics(loss_cfg, *, group_size: int) -> Callable:
         valid = np.concatenate([np.asarray(o["pair_valid"]) for o in outputs]) > 0
         count = int(valid.sum())
         groups = max(1, -(-count // group_size))
-        keys = ("pc", "pr", "nc", "nr", "rc", "rr")
+        keys = ("pc", "pr", "nc", "nr", "rc", "rr") + EXAMPLE_KEYS
 
-        def grouped(key):  # the valid pairs in order, padded to whole groups: [groups, group_size]
+        def grouped(key):  # the valid examples in order, padded to whole groups: [groups, group_size]
             if key not in outputs[0]:
                 return None
             values = np.concatenate([np.asarray(o[key], np.float32) for o in outputs])[valid]
@@ -301,7 +311,10 @@ def make_eval_metrics(loss_cfg, *, group_size: int) -> Callable:
 
         group_valid = (np.arange(groups * group_size) < count).reshape(groups, group_size)
         sums = jax.device_get(group_sums({k: grouped(k) for k in keys}, group_valid))
-        return {k: float(v) / max(count, 1) for k, v in sums.items()}
+        metrics = {k: float(v) for k, v in losses.metric_means(loss_cfg, sums, max(count, 1)).items()}
+        if origin_pairs is not None and len(origin_pairs):
+            metrics["rewards/accuracies"] = pair_accuracy(outputs, valid, origin_pairs)
+        return metrics
 
     return eval_metrics
 

@@ -1,19 +1,19 @@
 """What goes into training from the user's files (issue 15): content digests key the caches and the
 resume check, damaged cache entries are rebuilt, column handling (prompt_key, CSV cells), BOS of an
-empty conversational prompt, and standard rows tokenized exactly like TRL 1.x."""
+empty conversational prompt, and plain-text and conversational rows tokenized exactly as TRL 1.16's DPOTrainer
+tokenizes them."""
 
 from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
 
 from jaxdpo.config import ConfigError
-from jaxdpo.data import PairBatcher, cache, load_preference_data
-from jaxdpo.data.formats import common_prefix_length, normalize_row
+from jaxdpo.data import PairBatcher, load_preference_data
+from jaxdpo.data.formats import normalize_row
 from jaxdpo.data.loading import load_rows
 from jaxdpo.data.tokenize import make_spec, tokenize_pair
 from jaxdpo.preference import reference_cache
@@ -165,19 +165,26 @@ def test_empty_conversational_prompt_gets_bos_once(tokenizer):
     assert spec.bos_id not in chosen and spec.bos_id not in rejected
 
 
-# ------------------------------------------------------------------------------ 13: standard rows as TRL 1.x
-def trl_standard_ids(tokenizer, prompt: str, chosen: str, rejected: str):
-    """TRL 1.16 DPOTrainer._prepare_dataset for a standard row: add EOS unless the text ends with it
-    (add_eos), tokenize prompt and prompt+completion with the tokenizer's defaults (tokenize_fn), and
-    split at the shortest common prefix of the prompt ids with either prompt+completion."""
-    eos = tokenizer.eos_token
-    chosen = chosen if chosen.endswith(eos) else chosen + eos
-    rejected = rejected if rejected.endswith(eos) else rejected + eos
-    prompt_ids = tokenizer(text=prompt)["input_ids"]
-    prompt_chosen_ids = tokenizer(text=prompt + chosen)["input_ids"]
-    prompt_rejected_ids = tokenizer(text=prompt + rejected)["input_ids"]
-    n = min(common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids))
-    return prompt_ids[:n], prompt_chosen_ids[n:], prompt_rejected_ids[n:]
+# ------------------------------------------------------------------------------ 13: rows tokenized as TRL 1.x
+def trl_tokenized(tokenizer, row: dict, output_dir) -> tuple[list[int], list[int], list[int]]:
+    """The prompt, chosen and rejected ids TRL 1.16's DPOTrainer trains on for `row`: a trainer is built on
+    a one-layer random Llama (tokenizing happens in its constructor) and its train dataset is read back."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    args = DPOConfig(output_dir=str(output_dir), report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                     max_length=None)
+    trainer = DPOTrainer(model=LlamaForCausalLM(config), ref_model=LlamaForCausalLM(config), args=args,
+                         train_dataset=Dataset.from_list([row]), processing_class=tokenizer)
+    (tokenized,) = trainer.train_dataset
+    return tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
 
 
 @pytest.mark.parametrize("add_bos", [True, False])
@@ -186,13 +193,16 @@ def trl_standard_ids(tokenizer, prompt: str, chosen: str, rejected: str):
     {"prompt": "What color is the sky?", "chosen": " The sky is blue.", "rejected": " The cat sat.<eos>"},
     {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
     {"prompt": "Paris is the capital of Fr", "chosen": "ance.", "rejected": "ench fries."},
+    {"prompt": [{"role": "user", "content": "What color is the sky?"}],
+     "chosen": assistant("The sky is blue."), "rejected": assistant("The cat sat.")},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "Where is Paris?"}],
+     "chosen": assistant("Paris is in France."), "rejected": assistant("On the mat.")},
 ])
-def test_standard_rows_tokenize_as_trl(row, add_bos):
+def test_rows_tokenize_as_trl(row, add_bos, tmp_path):
     tokenizer = make_tokenizer(add_bos=add_bos, corpus=TRL_CORPUS)
-    spec = make_spec(tokenizer)
-    prompt, chosen, rejected, _ = tokenize_pair(spec, normalize_row(row))
-    expected = trl_standard_ids(tokenizer, row["prompt"], row["chosen"], row["rejected"])
-    assert (list(prompt), list(chosen), list(rejected)) == tuple(list(e) for e in expected)
+    prompt, chosen, rejected, _ = tokenize_pair(make_spec(tokenizer), normalize_row(row))
+    assert (list(prompt), list(chosen), list(rejected)) == trl_tokenized(tokenizer, row, tmp_path)
 
 
 def test_a_prompt_ending_in_a_space_keeps_the_space_on_the_completion():

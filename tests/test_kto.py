@@ -105,3 +105,17 @@ def test_unpaired_losses_do_not_mix_with_pair_losses_and_warn_on_unbalanced_weig
     assert losses.class_balance_warning(cfg, 10, 10) is None
     assert "desirable_weight in [3.0, 3.99]" in losses.class_balance_warning(cfg, 10, 30)
     assert losses.class_balance_warning(dict(cfg, desirable_weight=3.5), 10, 30) is None
+
+
+def test_a_cached_reference_serves_the_kl_rows_too(tiny_config, kto_assets, tmp_path):
+    device = jaxdpo_first_step(tiny_config, tmp_path / "device", kto_assets, "kto", kto_assets["unpaired"])
+    config = tiny_config(tmp_path / "cached", **{
+        "data.train_files": kto_assets["unpaired"], "data.eval_files": "", "data.shuffle": False,
+        "data.max_length": MAX_LENGTH, "data.max_prompt_length": 0, "train.steps": 1, "train.batch_size": BATCH,
+        "train.micro_batch_size": BATCH, "reference.path": kto_assets["reference"], "reference.mode": "cached",
+        "loss.types": ("kto",), "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.5})
+    loop.train_and_evaluate(config)
+    with open(os.path.join(tmp_path / "cached", "metrics.jsonl")) as f:
+        cached = next(r for r in map(json.loads, f) if "train/loss" in r)
+    for key in ("train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected"):
+        assert cached[key] == pytest.approx(device[key], abs=1e-5), key

@@ -21,6 +21,9 @@ if REPO_ROOT not in sys.path:  # this file also runs as a worker script (launch/
     sys.path.insert(0, REPO_ROOT)
 from tests.processes import child_env, free_port  # noqa: E402
 
+# What JAX's coordination service prints when it stops a process whose peer stopped sending heartbeats.
+HEARTBEAT_HINTS = ("stopped sending heartbeats", "another task died", "tasks have crashed")
+
 # The end-to-end run: short, eval at the start and the end, no HF export (not what is tested here).
 E2E_OVERRIDES = {"train.steps": 2, "train.eval_every": 2, "train.export_hf": False}
 
@@ -125,8 +128,8 @@ def _start_pair(mode: str, heartbeat_timeout: int) -> list[subprocess.Popen]:
             for pid in range(2)]
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
-    """(returncode, output, seconds until exit) per process; kills everything left after `timeout`."""
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """(returncode, output) per process; kills everything left after `timeout` and fails as a hang."""
     start = time.monotonic()
     results = []
     for proc in procs:
@@ -137,15 +140,15 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
                 p.kill()
             out, _ = proc.communicate()
             pytest.fail(f"process still running after {timeout}s (hang); output:\n{out[-3000:]}")
-        results.append((proc.returncode, out, time.monotonic() - start))
+        results.append((proc.returncode, out))
     return results
 
 
 def test_two_processes_agree_on_a_global_reduction():
     results = _finish(_start_pair("ok", heartbeat_timeout=20), timeout=120)
-    for rc, out, _ in results:
+    for rc, out in results:
         assert rc == 0, out[-3000:]
-    lines = [[line for line in out.splitlines() if line.startswith("RESULT")] for _, out, _ in results]
+    lines = [[line for line in out.splitlines() if line.startswith("RESULT")] for _, out in results]
     assert lines[0] == lines[1] and len(lines[0]) == 1, (lines, results[0][1][-2000:])
     # rows r=0..3 hold r*10 + (0, 1, 2): sum = 10*3*(0+1+2+3) + 4*(0+1+2) = 192; mean = 16; psum of
     # per-device row sums = the same 192.
@@ -155,18 +158,14 @@ def test_two_processes_agree_on_a_global_reduction():
 
 
 def test_a_dead_peer_stops_the_survivor_within_bounded_time():
-    heartbeat_timeout = 5
-    procs = _start_pair("peer_dies", heartbeat_timeout=heartbeat_timeout)
-    results = _finish(procs, timeout=90)
-    (rc0, out0, seconds0), (rc1, out1, _) = results
+    # a survivor still running after 90 s fails the test as a hang
+    (rc0, out0), (rc1, out1) = _finish(_start_pair("peer_dies", heartbeat_timeout=5), timeout=90)
     assert rc1 == 3 and "process 1 exiting without a goodbye" in out1, out1[-2000:]
     # The survivor is stuck waiting for its peer in a collective; the coordination service notices
     # the missing heartbeats and terminates it (SIGABRT), instead of it waiting forever.
     assert rc0 != 0, out0[-3000:]
     assert "survivor finished" not in out0
-    assert seconds0 < 60, f"survivor took {seconds0:.0f}s to stop"
-    assert any(hint in out0 for hint in ("stopped sending heartbeats", "another task died", "tasks have crashed")), \
-        out0[-3000:]
+    assert any(hint in out0 for hint in HEARTBEAT_HINTS), out0[-3000:]
 
 
 @pytest.mark.skipif(os.environ.get("JAXDPO_SLOW_TESTS") != "1",
@@ -191,7 +190,7 @@ def test_two_process_training_matches_one_process(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for pid in range(2)]
     results = _finish(procs, timeout=300)
-    for rc, out, _ in results:
+    for rc, out in results:
         assert rc == 0, out[-3000:]
 
     train_and_evaluate(tiny_run_config(assets, str(tmp_path / "one"), **E2E_OVERRIDES), devices=jax.devices()[:4])
@@ -228,16 +227,14 @@ def test_local_multiprocess_script_runs_processes_that_agree():
 
 def test_local_multiprocess_script_stops_everyone_when_one_fails():
     script = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")
-    start = time.monotonic()
     # heartbeat timeout 60 s: the survivor is stopped by the script, long before JAX would notice
     done = subprocess.run([script, "-n", "2", sys.executable, "tests/test_distributed.py", "worker", "peer_dies", "60"],
                           cwd=REPO_ROOT, env=_clean_env(STOP_GRACE_S="2"), capture_output=True, text=True,
                           timeout=90)
-    seconds = time.monotonic() - start
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "process 1 (pid" in done.stderr and "exited with status 3; stopping the others" in done.stderr
     assert "survivor finished" not in done.stdout
-    assert seconds < 45, f"took {seconds:.0f}s"
+    assert not any(hint in done.stdout for hint in HEARTBEAT_HINTS), done.stdout[-2000:]
 
 
 def test_local_multiprocess_script_exits_75_when_a_signal_preempts_every_process(tmp_path):

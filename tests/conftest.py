@@ -56,6 +56,19 @@ def _prune_compile_cache(directory: str, limit: int = COMPILE_CACHE_LIMIT) -> No
         total -= sizes[path].st_size
 
 
+# Files whose tests start training processes or train real models, slowest first. pytest-xdist hands whole
+# files to its two workers in collection order (with --no-loadscope-reorder): starting the long ones first
+# keeps one worker from running the longest file alone at the end.
+SLOWEST_FILES_FIRST = ("test_scale.py", "test_faults.py", "test_resume.py", "test_online.py", "test_smollm2.py",
+                       "test_lora_dropout.py", "test_lora.py", "test_reference_cache.py", "test_layouts_e2e.py",
+                       "test_distributed.py", "test_sequence_parallel.py", "test_train.py", "test_loss_exactness.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable within a file
+
+
 def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput"):  # once, in the controlling process (not in xdist workers)
         _prune_compile_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])

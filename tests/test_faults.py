@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import damage, truncate_files
-from tests.processes import REPO_ROOT
+from tests.processes import REPO_ROOT, jax_env
 
 OVERRIDES = {"train.steps": 4, "train.save_every": 2, "train.keep_checkpoints": 2, "train.export_hf": False,
              "train.eval_every": 100, "reference.mode": "cached"}
@@ -50,11 +50,7 @@ def write_config(root: str, name: str, **overrides) -> str:
 
 
 def train_env(root: str) -> dict:
-    return dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true",
-                JAX_COMPILATION_CACHE_DIR=os.path.join(root, "compile_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+    return dict(os.environ, **jax_env(devices=1))
 
 
 def train_command(config_file: str, *flags: str) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 from jaxdpo import errors
 from jaxdpo.judging.pairs import form_pairs
 from jaxdpo.online import rounds as online
+from tests.processes import jax_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 3
@@ -79,12 +80,7 @@ def test_bad_online_settings_are_one_line_errors(tiny_config, tmp_path, assets):
             config_lib.validate(tiny_config(tmp_path, **{**base, **overrides}))
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("online_compile_cache"))
-
-
-def _run(assets, workdir, compile_cache, fault=None):
+def _run(assets, workdir, fault=None):
     os.makedirs(workdir, exist_ok=True)
     overrides = {**ONLINE, "online.prompts": assets["train"], "online.eval_prompts": assets["eval"]}
     config_file = str(workdir) + "_config.py"
@@ -98,10 +94,7 @@ def _run(assets, workdir, compile_cache, fault=None):
                 return tiny_run_config({assets!r}, {str(workdir)!r}, **{overrides!r})
         """))
     command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
-    env = dict(os.environ, **({"JAXDPO_FAULT": fault} if fault else {}), JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false",
-               JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, **({"JAXDPO_FAULT": fault} if fault else {}), **jax_env(devices=8))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -120,9 +113,9 @@ def _outcome(workdir) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(assets, compile_cache, tmp_path_factory):
+def uninterrupted(assets, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("online") / "uninterrupted")
-    result = _run(assets, workdir, compile_cache)
+    result = _run(assets, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, _outcome(workdir)
 
@@ -150,18 +143,18 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
     assert all(r["online/pairs"] + r["online/ties"] + r["online/blank"] == 16 for r in records[1:])
 
 
-def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, compile_cache, tmp_path):
+def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, tmp_path):
     workdir = str(tmp_path / "stopped")
     stops = [("SIGKILL@rounds/0/checkpoints/1", -signal.SIGKILL),  # in round 0's training, after step 1's save
              ("SIGTERM@rounds/1/checkpoints/1", errors.EXIT_PREEMPTED),  # preempted in round 1: saves, exits 75
              ("SIGKILL@rounds/2.jsonl", -signal.SIGKILL)]  # round 2's samples written, its pairs not yet
     for fault, status in stops:
-        result = _run(assets, workdir, compile_cache, fault)
+        result = _run(assets, workdir, fault)
         assert result.returncode == status, (fault, result.stderr[-3000:])
         assert ("SIGTERM received" in result.stderr) == fault.startswith("SIGTERM")
     assert not os.path.exists(os.path.join(workdir, "rounds", "2.jsonl"))
     assert os.path.exists(os.path.join(workdir, "rounds", "2.samples.jsonl"))
-    result = _run(assets, workdir, compile_cache)
+    result = _run(assets, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 round(s) already done" in result.stdout
     outcome, expected = _outcome(workdir), uninterrupted[1]

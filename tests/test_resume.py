@@ -15,14 +15,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdpo.checkpoint.manager import Checkpointer, abstract_like
 from tests.helpers import assert_bit_equal, truncate_files
+from tests.processes import jax_env
 
 # ----- end to end: a real run killed or preempted, then resumed --------------------------------------------
 # Every run is `python -m jaxdpo.train` in its own process on 8 simulated devices. A run dies at an exact
 # point: JAXDPO_FAULT (jaxdpo/training/faults.py) makes it SIGKILL (or SIGTERM) itself right after a given
-# step's save call, so nothing depends on timing. The processes share a compile cache of their own (the first one
-# compiles, the others load: about half of each later process's time): the cached 8-device step no longer
-# deadlocks in XLA:CPU's all-reduce now that train.py turns off the concurrency-optimized CPU scheduler
-# (DEVELOPING.md, CPU collectives), and a cache private to this module holds only executables compiled so.
+# step's save call, so nothing depends on timing. The processes use the session's compile cache with the test
+# processes' XLA flags (tests/processes.py jax_env): the first compiles, the others load.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s")
@@ -38,13 +37,7 @@ def run_assets(tmp_path_factory):
     return make_run_assets(str(tmp_path_factory.mktemp("ckpt_assets")))
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """The persistent compile cache of this module's training processes."""
-    return str(tmp_path_factory.mktemp("e2e_compile_cache"))
-
-
-def _train(assets, workdir, compile_cache, *, signal_at: tuple[int, str] | None = None):
+def _train(assets, workdir, *, signal_at: tuple[int, str] | None = None):
     """Run the training entry point on `workdir` (same config every time, as a rerun would be)."""
     os.makedirs(workdir, exist_ok=True)
     config_file = os.path.join(workdir, "..", os.path.basename(workdir) + "_config.py")
@@ -59,8 +52,7 @@ def _train(assets, workdir, compile_cache, *, signal_at: tuple[int, str] | None 
         """))
     command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
     fault = {} if signal_at is None else {"JAXDPO_FAULT": f"{signal_at[1]}@checkpoints/{signal_at[0]}"}
-    env = dict(os.environ, **fault, JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=compile_cache,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, **fault, **jax_env(devices=8))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -77,9 +69,9 @@ def _outcome(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(run_assets, compile_cache, tmp_path_factory):
+def uninterrupted(run_assets, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = _train(run_assets, workdir, compile_cache)
+    result = _train(run_assets, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return _outcome(workdir)
 
@@ -94,38 +86,38 @@ def _assert_same_run(workdir, uninterrupted, after_step):
 
 
 def test_sigkill_then_rerun_matches_uninterrupted_and_truncated_newest_falls_back(
-        run_assets, compile_cache, uninterrupted, tmp_path):
+        run_assets, uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     # Killed at step 5: checkpoints 2 and 4 are committed, each inside a logging window (records at 3, 6).
-    killed = _train(run_assets, workdir, compile_cache, signal_at=(5, "SIGKILL"))
+    killed = _train(run_assets, workdir, signal_at=(5, "SIGKILL"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert Checkpointer(workdir / "checkpoints", keep=2, save_every=2).all_steps() == [2, 4]
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged)
     truncate_files(damaged / "checkpoints" / "4")
 
-    resumed = _train(run_assets, workdir, compile_cache)
+    resumed = _train(run_assets, workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed    from checkpoint step 4" in resumed.stdout
     _assert_same_run(workdir, uninterrupted, after_step=4)
 
-    resumed = _train(run_assets, damaged, compile_cache)
+    resumed = _train(run_assets, damaged)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint step 4" in resumed.stderr and "unreadable" in resumed.stderr
     assert "resumed    from checkpoint step 2" in resumed.stdout
     _assert_same_run(damaged, uninterrupted, after_step=2)
 
 
-def test_sigterm_saves_exits_with_resume_message_and_resume_matches(run_assets, compile_cache, uninterrupted,
+def test_sigterm_saves_exits_with_resume_message_and_resume_matches(run_assets, uninterrupted,
                                                                     tmp_path):
     workdir = tmp_path / "run"
-    stopped = _train(run_assets, workdir, compile_cache, signal_at=(5, "SIGTERM"))
+    stopped = _train(run_assets, workdir, signal_at=(5, "SIGTERM"))
     assert stopped.returncode == 75, stopped.stderr[-3000:]  # EX_TEMPFAIL: preempted, saved, rerun me
     assert "SIGTERM received" in stopped.stderr
     assert "to resume, rerun the same command" in stopped.stdout
     # Step 5 is off the save schedule: it was saved because of the signal, mid-window (steps 4-6).
     assert Checkpointer(workdir / "checkpoints", keep=2, save_every=2).all_steps() == [4, 5]
-    resumed = _train(run_assets, workdir, compile_cache)
+    resumed = _train(run_assets, workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed    from checkpoint step 5" in resumed.stdout
     _assert_same_run(workdir, uninterrupted, after_step=5)

@@ -49,7 +49,7 @@ from jaxdpo.parallel.distributed import (
 )
 from jaxdpo.sampling import prompts as prompts_lib
 from jaxdpo.sampling import samples
-from jaxdpo.training import build
+from jaxdpo.training import build, faults
 from jaxdpo.training.metrics import MetricsLogger
 
 REFERENCES = ("previous", "initial")
@@ -219,7 +219,9 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
              for j, (i, p, c, s) in enumerate(zip(indices, chosen, completions, scores))]
     os.makedirs(rounds_dir(config), exist_ok=True)
     write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"), audit)
-    write_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl"), kept)
+    pairs_path = os.path.join(rounds_dir(config), f"{round_index}.jsonl")
+    faults.reached(pairs_path)
+    write_jsonl(pairs_path, kept)
 
 
 def round_summary(config, round_index: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ from tests.processes import child_env, free_port
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAN = {"data.eval_files": "", "train.export_hf": False}
 STEP_KEYS = ("train/loss", "train/grad_norm", "train/rewards/margins")
+EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 def _series(records, key):
@@ -234,10 +235,11 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
 
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [sorted(r) for r in two] == [sorted(r) for r in one]  # process 1 wrote no extra records
-    for key in STEP_KEYS:
+    for key in STEP_KEYS + EVAL_KEYS:  # eval at steps 0 and 2
         got, want = _series(two, key), _series(one, key)
         assert len(got) == len(want) == 2
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert _series(one, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
     samples_one, samples_two = (_jsonl(tmp_path / run / "samples.jsonl") for run in ("one", "two"))
     assert len(samples_two) == len(samples_one) == 8  # steps 0 and 2, 4 prompts each, written by process 0 only
     for got, want in zip(samples_two, samples_one):

@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.reference.mode = "device"  # device | host | cached | lora_base | none (reference-free losses)
     c.reference.path = ""  # reference checkpoint; empty = the initial policy (model.path)
 
-    # LoRA (issue 9): train low-rank adapters only; the reference is then the base model with the
+    # LoRA: train low-rank adapters only; the reference is then the base model with the
     # adapters off (reference.mode device with no path becomes lora_base: same logprobs, no copy).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = off (full fine-tuning)

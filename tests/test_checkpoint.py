@@ -1,4 +1,4 @@
-"""Checkpoints on their own (issue 5): toy pytrees of sharded arrays, no trainer needed."""
+"""Checkpoints on their own: toy pytrees of sharded arrays, no trainer needed."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Issue 10: config errors are one line on stderr, exit non-zero, no traceback, before any compile."""
+"""Config errors are one line on stderr, exit non-zero, no traceback, before any compile."""
 
 import os
 import subprocess
@@ -106,13 +106,13 @@ def test_validate_rejects(assets, tmp_path, overrides, message):
     ("optim.min_lr_ratio", float("nan"), "optim.min_lr_ratio = nan must be in [0, 1] and finite"),
     ("optim.warmup_steps", -1, "optim.warmup_steps = -1 must be >= 0 and finite"),
 ])
-def test_issue15_item8_optim_keys_must_be_finite_and_in_range(assets, tmp_path, key, value, message):
+def test_optim_keys_must_be_finite_and_in_range(assets, tmp_path, key, value, message):
     with pytest.raises(ConfigError) as error:
         config_lib.validate(good_config(assets, tmp_path, **{key: value}))
     assert str(error.value) == message
 
 
-def test_issue15_item8_infinite_lr_on_the_command_line_is_one_line_exit_2(assets, tmp_path):
+def test_infinite_lr_on_the_command_line_is_one_line_exit_2(assets, tmp_path):
     result = run_train("--config=configs/dpo.py", f"--config.workdir={tmp_path}",
                        f"--config.model.path={assets['model']}", f"--config.data.train_files={assets['train']}",
                        f"--config.data.eval_files={assets['eval']}", "--config.optim.weight_decay=inf")

@@ -1,4 +1,4 @@
-"""tools/convert_to_hf.py: a run's orbax checkpoint -> a HF directory transformers loads (issue 3)."""
+"""tools/convert_to_hf.py: a run's orbax checkpoint -> a HF directory transformers loads."""
 
 import json
 import os

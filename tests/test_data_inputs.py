@@ -1,4 +1,4 @@
-"""What goes into training from the user's files (issue 15): content digests key the caches and the
+"""What goes into training from the user's files: content digests key the caches and the
 resume check, damaged cache entries are rebuilt, column handling (prompt_key, CSV cells), BOS of an
 empty conversational prompt, and plain-text and conversational rows tokenized exactly as TRL 1.16's DPOTrainer
 tokenizes them."""
@@ -41,7 +41,7 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-# ------------------------------------------------------------------------------ 5, 17: content identity
+# ------------------------------------------------------------------------------ content identity
 def test_a_same_size_rewrite_with_the_old_mtime_is_not_served_from_the_cache(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = data_config(train_files=path, use_cache=True, cache_dir=str(tmp_path / "cache"))
@@ -94,7 +94,7 @@ def test_file_digest_streams_in_chunks(tmp_path):
     assert file_digest(str(tmp_path / "big.bin"), chunk_bytes=1 << 20) == hashlib.sha256(blob).hexdigest()
 
 
-# ------------------------------------------------------------------------------ 14: damaged cache entries
+# ------------------------------------------------------------------------------ damaged cache entries
 @pytest.mark.parametrize("how", ["empty", "truncated", "bad_crc"])
 def test_a_damaged_tokenized_entry_is_reported_and_rebuilt(tmp_path, tokenizer, how):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
@@ -124,7 +124,7 @@ def test_a_damaged_reference_entry_reads_as_missing(tmp_path, how):
     assert len(problems) == 1 and path in problems[0]
 
 
-# ------------------------------------------------------------------------------ 6: prompt_key
+# ------------------------------------------------------------------------------ prompt_key
 def test_a_prompt_key_naming_no_column_is_an_error(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(ConfigError, match=r"d\.jsonl.*data\.prompt_key='question'"):
@@ -135,7 +135,7 @@ def test_a_prompt_key_naming_no_column_is_an_error(tmp_path, tokenizer):
     assert len(train) == 1
 
 
-# ------------------------------------------------------------------------------ 9: CSV cells
+# ------------------------------------------------------------------------------ CSV cells
 def test_csv_cells_are_message_lists_only_when_they_are(tmp_path):
     messages = json.dumps([{"role": "assistant", "content": "4"}]).replace('"', '""')
     (tmp_path / "c.csv").write_text('prompt,chosen,rejected\n'
@@ -154,7 +154,7 @@ def test_csv_numbers_in_brackets_train_as_text(tmp_path, tokenizer):
     assert len(train) == 1
 
 
-# ------------------------------------------------------------------------------ 12: BOS of an empty prompt
+# ------------------------------------------------------------------------------ BOS of an empty prompt
 def test_empty_conversational_prompt_gets_bos_once(tokenizer):
     spec = make_spec(tokenizer)  # its template starts with {{ bos_token }}
     pair = normalize_row({"prompt": [], "chosen": [{"role": "assistant", "content": "hello"}],
@@ -165,7 +165,7 @@ def test_empty_conversational_prompt_gets_bos_once(tokenizer):
     assert spec.bos_id not in chosen and spec.bos_id not in rejected
 
 
-# ------------------------------------------------------------------------------ 13: rows tokenized as TRL 1.x
+# ------------------------------------------------------------------------------ rows tokenized as TRL 1.x
 def trl_tokenized(tokenizer, row: dict, output_dir) -> tuple[list[int], list[int], list[int]]:
     """The prompt, chosen and rejected ids TRL 1.16's DPOTrainer trains on for `row`: a trainer is built on
     a one-layer random Llama (tokenizing happens in its constructor) and its train dataset is read back."""
@@ -214,7 +214,7 @@ def test_a_prompt_ending_in_a_space_keeps_the_space_on_the_completion():
     assert tokens(list(prompt))[-1] == "?" and tokens(list(chosen))[0] == "ĠThe"
 
 
-# ------------------------------------------------------------------------------ 18: fewer pairs than a batch
+# ------------------------------------------------------------------------------ fewer pairs than a batch
 def test_fewer_pairs_than_one_batch_names_the_key_and_the_file(tmp_path, tokenizer):
     from jaxdpo.data import require_full_batch
 

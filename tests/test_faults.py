@@ -1,4 +1,4 @@
-"""Fault injection through the real entry point (`python -m jaxdpo.train`, issue 15): changed data on
+"""Fault injection through the real entry point (`python -m jaxdpo.train`): changed data on
 resume, damaged caches and checkpoints, broken model files, a bad workdir or a full disk, divergence,
 preemption, a half-written metrics line, too little data. Every run is its own process on one CPU
 device; they share one compile cache, so only the first run compiles. The base run trains 4 steps with
@@ -86,7 +86,7 @@ def copy_run(root: str, base: str, name: str) -> str:
     return write_config(root, name, **{"data.cache_dir": os.path.join(root, name, "cache")})
 
 
-# ------------------------------------------------------------------------------ 5, 17: data identity on resume
+# ------------------------------------------------------------------------------ data identity on resume
 def test_resume_accepts_the_same_file_by_its_absolute_path(root, base):
     config = copy_run(root, base, "absolute")
     data = os.path.join(root, "absolute", "data")
@@ -110,7 +110,7 @@ def test_resume_refuses_swapped_chosen_and_rejected_in_a_same_size_file(root, ba
     assert "data/train.jsonl" in line and "changed" in line
 
 
-# ------------------------------------------------------------------------------ 14: damaged cache entries
+# ------------------------------------------------------------------------------ damaged cache entries
 def test_damaged_cache_entries_are_rebuilt(root, base):
     config = copy_run(root, base, "damaged")
     cache = os.path.join(root, "damaged", "cache")
@@ -127,7 +127,7 @@ def test_damaged_cache_entries_are_rebuilt(root, base):
     assert again.returncode == 0 and "is damaged" not in again.stdout
 
 
-# ------------------------------------------------------------------------------ 16: model files
+# ------------------------------------------------------------------------------ model files
 def broken_model(root: str, name: str, edit) -> str:
     model = os.path.join(root, name)
     shutil.copytree(os.path.join(root, "model"), model)
@@ -168,7 +168,7 @@ def test_truncated_safetensors_is_one_line(root, base):
     assert "model.safetensors" in line
 
 
-# ------------------------------------------------------------------------------ 18: too little data
+# ------------------------------------------------------------------------------ too little data
 def test_fewer_pairs_than_one_batch_fails_before_compiling(root, base):
     result = train(root, write_config(root, "small", **{"train.batch_size": 32, "train.micro_batch_size": 32,
                                                         "train.eval_batch_size": 8}))
@@ -177,7 +177,7 @@ def test_fewer_pairs_than_one_batch_fails_before_compiling(root, base):
     assert "pairs/step" not in result.stdout  # found while building the data: no banner, no step, no eval
 
 
-# ------------------------------------------------------------------------------ 1, 3: damaged checkpoints
+# ------------------------------------------------------------------------------ damaged checkpoints
 def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
@@ -225,7 +225,7 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_and_never_exported(root, bas
     assert all(np.isfinite(w).all() for w in weights.values())
 
 
-# ------------------------------------------------------------------------------ 2: divergence
+# ------------------------------------------------------------------------------ divergence
 def test_divergence_stops_at_the_limit_between_logs_saves_and_exits_3(root, base):
     # beta 1e38: every step's loss or gradient overflows. log_every 25 > steps: only a per-step check stops it.
     config = write_config(root, "diverged", **{"loss.beta": 1e38, "train.steps": 8, "train.save_every": 6,
@@ -253,7 +253,7 @@ def test_learning_rate_and_steps_may_change_on_resume(root, base):
     assert refused.returncode == 2 and "optim.b2" in refused.stderr
 
 
-# ------------------------------------------------------------------------------ 7: preemption exit status
+# ------------------------------------------------------------------------------ preemption exit status
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_preempted_run_exits_75_after_saving(root, base, signal_name):
     config = write_config(root, f"preempted_{signal_name}", **{"train.steps": 2000, "train.save_every": 5000,
@@ -273,7 +273,7 @@ def test_preempted_run_exits_75_after_saving(root, base, signal_name):
     assert 0 < saved < 2000
 
 
-# ------------------------------------------------------------------------------ 15: partial metrics line
+# ------------------------------------------------------------------------------ partial metrics line
 def test_partial_last_metrics_line_does_not_block_resume(root, base):
     from jaxdpo.training.metrics import read_metrics
 
@@ -288,7 +288,7 @@ def test_partial_last_metrics_line_does_not_block_resume(root, base):
     assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-# ------------------------------------------------------------------------------ 16: workdir and disk
+# ------------------------------------------------------------------------------ workdir and disk
 def test_workdir_that_is_a_file_is_one_line(root, base):
     path = os.path.join(root, "a_file")
     open(path, "w").write("not a directory")

@@ -1,4 +1,4 @@
-"""The same tiny training gives the same losses whichever layout carries the pairs (issue 7)."""
+"""The same tiny training gives the same losses whichever layout carries the pairs."""
 
 import jax
 import numpy as np

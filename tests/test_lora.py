@@ -1,4 +1,4 @@
-"""LoRA (issue 9): adapters only train, the reference is the base, PEFT and merged exports match JAX;
+"""LoRA: adapters only train, the reference is the base, PEFT and merged exports match JAX;
 adapter dropout as PEFT does it, only in the policy's training forward, with keys from (seed, step, micro)."""
 
 import dataclasses

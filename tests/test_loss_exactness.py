@@ -1,4 +1,4 @@
-"""Issue 15 items 10 and 11: reference-free losses build and run no reference, and batch-level losses
+"""Reference-free losses build and run no reference, and batch-level losses
 (aot, aot_unpaired) give the same loss, metrics and gradients however the global batch is split.
 
 One device, the session's tiny assets (64 train, 16 eval pairs, a 2-layer Llama); every step is built by
@@ -63,7 +63,7 @@ def layer_scans(closed_jaxpr, num_layers: int) -> int:
 
 # ----- item 10: reference-free losses -------------------------------------------------------------
 
-def test_issue15_item10_reference_free_loss_builds_no_reference_and_reports_mean_logprob_rewards(tiny_config, tmp_path):
+def test_reference_free_loss_builds_no_reference_and_reports_mean_logprob_rewards(tiny_config, tmp_path):
     config, mesh, data, policy = build_run(tiny_config, tmp_path / "simpo", **{"loss.types": ("simpo",)})
     assert config.reference.mode == "device"  # the default, not changed by the user
     reference = build.build_reference(config, mesh, policy, data)
@@ -110,7 +110,7 @@ def split_batch(data, reference, micro_batch_size: int):
 
 @pytest.mark.parametrize("name, splits", [("aot", (BATCH, BATCH // 2, BATCH // 4)),
                                           ("aot_unpaired", (BATCH, BATCH // 4))])
-def test_issue15_item11_batch_level_loss_is_exact_under_any_micro_batch_split(tiny_config, tmp_path, name, splits):
+def test_batch_level_loss_is_exact_under_any_micro_batch_split(tiny_config, tmp_path, name, splits):
     config, _, data, policy = build_run(tiny_config, tmp_path, **{"loss.types": (name,)})
     reference = TableReference()
     # SGD with rate 1: the update is minus the gradient, so the gradient can be read back exactly.
@@ -136,7 +136,7 @@ def test_issue15_item11_batch_level_loss_is_exact_under_any_micro_batch_split(ti
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_issue15_item11_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch_size(tiny_config, tmp_path):
+def test_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch_size(tiny_config, tmp_path):
     metrics = {}
     for eval_batch_size in (4, 16):
         config, mesh, data, policy = build_run(tiny_config, tmp_path / str(eval_batch_size),
@@ -152,7 +152,7 @@ def test_issue15_item11_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch
         assert metrics[4][key] == pytest.approx(metrics[16][key], rel=1e-6, abs=1e-6), key
 
 
-def test_issue15_item11_only_batch_level_losses_take_the_two_pass_step():
+def test_only_batch_level_losses_take_the_two_pass_step():
     from jaxdpo.training.step import make_gradients
 
     common = dict(reference=NoReference(), num_pairs=2, chunk_size=8, dropout_seed=None)

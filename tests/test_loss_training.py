@@ -1,4 +1,4 @@
-"""Issue 8: every pair loss (PAIR_LOSS_NAMES; the unpaired ones: tests/test_kto.py) trains the tiny run for a few steps with finite values, and its step-0
+"""Every pair loss (PAIR_LOSS_NAMES; the unpaired ones: tests/test_kto.py) trains the tiny run for a few steps with finite values, and its step-0
 loss equals the per-pair formula (LOSSES.md) averaged over the batch.
 
 Cheap by construction: the builders make the data, model and batches once, and one compiled

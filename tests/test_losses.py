@@ -232,7 +232,7 @@ def test_reference_free_rewards_use_beta_times_mean_logps():
 
 
 @pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE))
-def test_issue15_item10_reference_free_rewards_whatever_reference_is_given(name):
+def test_reference_free_rewards_whatever_reference_is_given(name):
     """Handed reference logprobs anyway (a run whose reference mode gives them), a reference-free loss still
     reports beta * mean logprob, never log-ratios; a mix with a reference loss reports log-ratios."""
     cfg = dpo.get_config().loss

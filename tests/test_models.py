@@ -332,7 +332,7 @@ def test_import_inside_set_mesh_and_export_with_tokenizer_in_bf16(hf_checkpoints
         assert torch.equal(value, original[name].to(torch.bfloat16)), name
 
 
-# ---- damaged model files and interrupted exports (issue 15, item 16) ---------------------------------------
+# ---- damaged model files and interrupted exports ---------------------------------------
 
 def test_config_json_missing_a_key_names_the_file_and_key(hf_checkpoints, tmp_path):
     from jaxdpo.config import ConfigError

@@ -1,4 +1,4 @@
-"""Scale-out (issue 4): meshes, host-memory reference, divisibility errors, two processes.
+"""Scale-out: meshes, host-memory reference, divisibility errors, two processes.
 
 Every training here is 3 steps (2 for the two-process run) of the tiny Llama with no eval set and no
 export, so each test is one or two compiles. The two-process test runs this file as a script

@@ -1,4 +1,4 @@
-"""Issue 18: rows split along their tokens over the `sequence` mesh axis (zigzag ring attention).
+"""Rows split along their tokens over the `sequence` mesh axis (zigzag ring attention).
 
 Every comparison is against the unsharded XLA path on the rows in their original order: the attention
 op on rows of all three layouts, then the tiny decoder's per-pair logprobs and their gradients."""

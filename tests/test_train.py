@@ -1,4 +1,4 @@
-"""End-to-end behaviour of a DPO run on tiny local assets (issue 2's acceptance)."""
+"""End-to-end behaviour of a DPO run on tiny local assets."""
 
 import math
 
@@ -86,7 +86,7 @@ def test_bf16_compute_over_fp32_master_weights(assets, tmp_path):
     assert 1e-4 < difference < 0.1
 
 
-# ----- non-finite steps (issue 15, items 3 and 4) ----------------------------------------------------
+# ----- non-finite steps ----------------------------------------------------
 @pytest.fixture
 def cached_run(assets, tmp_path):
     """A finished 3-step run with a cached reference (its batches carry the reference logprobs)."""

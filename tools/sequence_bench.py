@@ -1,4 +1,4 @@
-"""Context parallelism figures (issue 18), run by `tools/bench.py --sequence 1,2,4,8`.
+"""Context parallelism figures, run by `tools/bench.py --sequence 1,2,4,8`.
 
 What is measured: the policy's forward + backward as the train step runs it (per-pair logprob sums from
 `jaxdpo.training.step.pair_logprobs`, gradient of sum(pc - pr) w.r.t. every param) on one row per batch shard:

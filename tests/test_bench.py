@@ -1,4 +1,6 @@
-"""tools/bench.py end to end on a tiny Qwen2-shaped model: every figure the closing notes quote is produced."""
+"""tools/bench.py end to end on a tiny Qwen2-shaped model: every figure the closing notes quote is produced,
+and the counted ones (tokens, FLOPs, parameters) equal the counts written out here from the synthetic pairs.
+How fast anything ran is not asserted: tools/bench.py measures speed, tests check behaviour."""
 
 import json
 import os
@@ -10,19 +12,64 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench  # noqa: E402
 
+BATCH, STEPS, PROMPT_LEN, COMPLETION_LEN = 8, 2, 20, 10
+FIGURES = {"layout", "row_length", "params", "compile_s", "compiled_shapes", "step_s", "step_times_s",
+           "pairs_per_s", "tokens_per_s", "fed_tokens_per_step", "flops_per_pair", "achieved_flops_per_s",
+           "compiled_memory_bytes", "peak_device_memory_bytes", "last_loss", "reference_build_s", "mfu"}
+
+
+def pair_lengths() -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) tokens of each benchmarked pair: one token per word, EOS ends a completion
+    (no pair is near --max-length, so nothing is truncated)."""
+    rows = bench.synthetic_rows(STEPS * BATCH, bench.SHAPES["qwen2-tiny"]["vocab"], PROMPT_LEN, COMPLETION_LEN,
+                                jitter=0.6, seed=0)
+    return [(len(r["prompt"].split()), len(r["chosen"].split()) + 1, len(r["rejected"].split()) + 1) for r in rows]
+
+
+def fed_rows(layout: str, n: int, c: int, r: int) -> list[tuple[int, list[int]]]:
+    """What `layout` feeds the model for one pair: (tokens before the branches, [tokens of each branch]).
+    padded: two causal rows, prompt+chosen and prompt+rejected; packed (prefix-shared pairs): the prompt
+    but its last token once, then two branches (that last token and a completion) that see it, not each other."""
+    return [(n + c, []), (n + r, [])] if layout == "padded" else [(n - 1, [c + 1, r + 1])]
+
+
+def forward_flops(layout: str, n: int, c: int, r: int) -> int:
+    """One pair's forward on qwen2-tiny (hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 128, vocabulary
+    1000, tied head): projections on every token fed, the LM head on each completion token, QK^T and PV on
+    every (query, key) pair the mask lets through."""
+    projections = 2 * (64 * 4 * 16 * 2 + 64 * 2 * 16 * 2 + 3 * 64 * 128)  # q, o; k, v; gate, up, down
+    tokens = sum(shared + sum(branches) for shared, branches in fed_rows(layout, n, c, r))
+    visible = sum(shared * (shared + 1) // 2 + sum(b * shared + b * (b + 1) // 2 for b in branches)
+                  for shared, branches in fed_rows(layout, n, c, r))
+    return 2 * projections * tokens + 2 * 64 * 1000 * (c + r) + 2 * (4 * 4 * 16) * visible
+
 
 def test_bench_reports_every_figure_for_two_layouts(tmp_path):
     out = tmp_path / "bench.json"
-    report = bench.main(["--shape", "qwen2-tiny", "--steps", "1", "--batch-size", "8", "--layouts", "padded,packed",
-                         "--max-length", "64", "--max-prompt-length", "48", "--prompt-len", "20",
-                         "--completion-len", "10", "--json", str(out)])
+    report = bench.main(["--shape", "qwen2-tiny", "--warmup", "0", "--steps", str(STEPS), "--batch-size",
+                         str(BATCH), "--layouts", "padded,packed", "--max-length", "64", "--max-prompt-length", "48",
+                         "--prompt-len", str(PROMPT_LEN), "--completion-len", str(COMPLETION_LEN),
+                         "--json", str(out)])
     assert json.loads(out.read_text())["jaxdpo"].keys() == {"padded", "packed"}
-    assert report["peak_source"] == "measured fp32 matmul" and report["peak_flops_per_s"] > 0
+    assert report["peak_source"] == "measured fp32 matmul"
+
+    lengths = pair_lengths()
+    tokens_per_pair = sum(n + c + r for n, c, r in lengths) / len(lengths)
     for layout, r in report["jaxdpo"].items():
-        assert r["compile_s"] > 0 and r["step_s"] > 0 and r["pairs_per_s"] == 8 / r["step_s"]
-        assert r["tokens_per_s"] > 0 and r["flops_per_pair"] > 0 and 0 < r["mfu"] < 1
+        assert r.keys() == FIGURES | ({"speedup_vs_padded"} if layout != "padded" else set())
+        assert r["layout"] == layout and len(r["step_times_s"]) == STEPS
+        assert r["params"] == report["hf_params"]
+        # the timed steps are one epoch, every pair once; the reference model runs in the step (reference.mode
+        # device): a policy forward and backward (3 forwards) and a reference forward
+        fed = [sum(shared + sum(branches) for shared, branches in fed_rows(layout, *pair)) for pair in lengths]
+        assert r["fed_tokens_per_step"] == sum(fed) / STEPS
+        flops = [4 * forward_flops(layout, *pair) for pair in lengths]
+        assert r["flops_per_pair"] == pytest.approx(sum(flops) / len(lengths), rel=1e-12)
+        # the figures derived from the step time are the counts over that time
+        assert r["pairs_per_s"] == BATCH / r["step_s"]
+        assert r["tokens_per_s"] / r["pairs_per_s"] == pytest.approx(tokens_per_pair, rel=1e-12)
+        assert r["achieved_flops_per_s"] == r["flops_per_pair"] * r["pairs_per_s"]
+        assert r["mfu"] == r["achieved_flops_per_s"] / report["peak_flops_per_s"]
         assert r["compiled_memory_bytes"] > 0
-    # the same pairs: one pair's tokens are counted the same whatever the layout
-    per_pair = {k: r["tokens_per_s"] / r["pairs_per_s"] for k, r in report["jaxdpo"].items()}
-    assert per_pair["packed"] == pytest.approx(per_pair["padded"], rel=1e-9)
-    assert report["jaxdpo"]["packed"]["speedup_vs_padded"] > 0
+    packed, padded = report["jaxdpo"]["packed"], report["jaxdpo"]["padded"]
+    assert packed["speedup_vs_padded"] == packed["pairs_per_s"] / padded["pairs_per_s"]

@@ -6,7 +6,7 @@ import pytest
 
 from jaxdpo.training.loop import train_and_evaluate
 from jaxdpo.training.metrics import read_metrics
-from tests.tiny_assets import make_run_assets, tiny_run_config
+from tests.tiny_assets import tiny_run_config
 
 
 def run(assets, workdir, **overrides):
@@ -67,7 +67,6 @@ def test_flops_count_real_tokens_and_mask_density():
     assert f_padded["total"] == pytest.approx(4 * forward) and f_padded["pairs"] == 3
     assert f_shared["per_pair"] < f_padded["per_pair"]  # prompts once, no reference forward
     assert flops.mfu(5e9, 1e10) == 0.5 and flops.mfu(1.0, None) is None
-    assert flops.measure_matmul_peak(size=128, repeats=2) > 1e6
 
 
 # -- attention backend dispatch (cuDNN itself needs a GPU; here: the choice and its mask semantics) --

@@ -102,7 +102,7 @@ def synthetic_rows(n: int, vocab: int, prompt_len: int, completion_len: int, jit
 
 
 # -- jaxdpo -----------------------------------------------------------------------------------------
-def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str) -> dict:
+def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout: str, workdir: str) -> dict:
     import jax
     import numpy as np
 
@@ -113,6 +113,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
     c = dpo.get_config()
     c.workdir = workdir
     c.model.path = model_dir
+    c.model.tokenizer = tokenizer_dir
     c.model.dtype = args.dtype
     c.model.param_dtype = args.param_dtype or args.dtype
     c.model.attention = args.attention
@@ -192,7 +193,7 @@ def run_jaxdpo(args, model_dir: str, train_file: str, layout: str, workdir: str)
 
 
 # -- TRL --------------------------------------------------------------------------------------------
-def run_trl(args, model_dir: str, rows: list[dict], workdir: str) -> dict:
+def run_trl(args, model_dir: str, tokenizer_dir: str, rows: list[dict], workdir: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -209,7 +210,7 @@ def run_trl(args, model_dir: str, rows: list[dict], workdir: str) -> dict:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     steps = args.warmup + args.steps
     n = steps * args.batch_size
     config = DPOConfig(output_dir=workdir, per_device_train_batch_size=args.batch_size, max_steps=steps,
@@ -341,8 +342,10 @@ def main(argv=None) -> dict:
 
     tmp = tempfile.mkdtemp(prefix="jaxdpo_bench_")
     shape = SHAPES[args.shape]
-    model_dir = os.path.join(tmp, "model")
-    tokenizer = make_tokenizer(model_dir, shape["vocab"])
+    model_dir, tokenizer_dir = os.path.join(tmp, "model"), os.path.join(tmp, "tokenizer")
+    # Loaded from beside a model's config.json, transformers would build the model family's own tokenizer
+    # class (Qwen2Tokenizer for qwen2), which splits no "w<i>" word: every pair would be BOS and two EOS.
+    tokenizer = make_tokenizer(tokenizer_dir, shape["vocab"])
     report["hf_params"] = make_model(model_dir, tokenizer, shape)
     n = (args.warmup + args.steps) * args.batch_size
     if args.data:
@@ -369,7 +372,7 @@ def main(argv=None) -> dict:
 
     report["jaxdpo"] = {}
     for layout in args.layouts.split(","):
-        r = run_jaxdpo(args, model_dir, train_file, layout, os.path.join(tmp, f"run_{layout}"))
+        r = run_jaxdpo(args, model_dir, tokenizer_dir, train_file, layout, os.path.join(tmp, f"run_{layout}"))
         r["mfu"] = flops.mfu(r["achieved_flops_per_s"], peak)
         report["jaxdpo"][layout] = r
         mem = r["peak_device_memory_bytes"] or r["compiled_memory_bytes"]
@@ -389,7 +392,7 @@ def main(argv=None) -> dict:
 
     if args.vs_trl:
         try:
-            report["trl"] = run_trl(args, model_dir, rows, os.path.join(tmp, "trl"))
+            report["trl"] = run_trl(args, model_dir, tokenizer_dir, rows, os.path.join(tmp, "trl"))
         except ImportError as e:
             report["trl"] = {"error": f"TRL is not importable: {e}"}
             print(report["trl"]["error"])

@@ -10,8 +10,11 @@ import pytest
 from jaxdpo import config as config_lib
 from jaxdpo.errors import ConfigError
 from jaxdpo.sampling import samples
+from tests import judge_functions
+from tests.helpers import assert_win_rate_metrics
 
-WATCHED = {"train.steps": 2, "train.eval_every": 2, "train.sample_every": 2, "train.sample_prompts": 2,
+# samples of every judged prompt: samples.jsonl holds the completions the win rate judged at each eval
+WATCHED = {"train.steps": 2, "train.eval_every": 2, "train.sample_every": 2, "train.sample_prompts": 4,
            "sampling.max_new_tokens": 8, "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4}
 
 
@@ -34,7 +37,7 @@ def watched_run(assets, tmp_path_factory):
 
 def test_samples_side_by_side_with_logprobs_and_implicit_reward(watched_run):
     records = _read(os.path.join(watched_run.workdir, samples.SAMPLES_FILE))
-    assert [(r["step"], r["prompt_index"]) for r in records] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert [(r["step"], r["prompt_index"]) for r in records] == [(step, i) for step in (0, 2) for i in range(4)]
     beta = watched_run.loss.beta
     for r in records:
         for side in ("policy", "reference"):
@@ -46,7 +49,7 @@ def test_samples_side_by_side_with_logprobs_and_implicit_reward(watched_run):
     assert any(r[side]["reward"] != 0.0 for r in records if r["step"] == 2 for side in ("policy", "reference"))
     # the reference side is drawn once: the same texts at every step
     for key in ("completion", "logp_reference"):
-        assert records[0]["reference"][key] == records[2]["reference"][key]
+        assert records[0]["reference"][key] == records[4]["reference"][key]
     header, *stored = _read(os.path.join(watched_run.workdir, samples.REFERENCE_FILE))
     assert len(stored) == 4 and len(header["prompts"]) == 4  # max(train.sample_prompts, judge.prompts)
     events = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(watched_run.workdir, "tensorboard", "*")))
@@ -55,11 +58,17 @@ def test_samples_side_by_side_with_logprobs_and_implicit_reward(watched_run):
 
 def test_win_rate_at_each_eval_with_interval_and_judge_scores(watched_run):
     evals = [r for r in _read(os.path.join(watched_run.workdir, "metrics.jsonl")) if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [0, 2]
+    samples_by_step = {}
+    for r in _read(os.path.join(watched_run.workdir, samples.SAMPLES_FILE)):
+        samples_by_step.setdefault(r["step"], []).append(r)
+    assert [r["step"] for r in evals] == [0, 2] and sorted(samples_by_step) == [0, 2]
     for r in evals:
-        assert 0.0 <= r["eval/win_rate_low"] <= r["eval/win_rate"] <= r["eval/win_rate_high"] <= 1.0
-        assert r["eval/win_rate"] * 8 == int(r["eval/win_rate"] * 8)  # 4 prompts, ties a half
-        assert {"eval/judge_score_policy", "eval/judge_score_reference"} <= set(r)
+        judged = samples_by_step[r["step"]]
+        scores = {side: [judge_functions.shorter(s["prompt"], s[side]["completion"]) for s in judged]
+                  for side in ("policy", "reference")}
+        assert_win_rate_metrics(r, scores["policy"], scores["reference"])
+        assert r["eval/judge_score_policy"] == pytest.approx(sum(scores["policy"]) / 4, rel=0, abs=1e-9)
+        assert r["eval/judge_score_reference"] == pytest.approx(sum(scores["reference"]) / 4, rel=0, abs=1e-9)
 
 
 def test_resume_reads_the_stored_reference_completions_and_rewrites_later_samples(watched_run, monkeypatch):
@@ -73,8 +82,8 @@ def test_resume_reads_the_stored_reference_completions_and_rewrites_later_sample
     extended.train.steps, extended.train.sample_every = 3, 1  # neither is part of the resume fingerprint
     train_and_evaluate(extended)
     after = _read(os.path.join(watched_run.workdir, samples.SAMPLES_FILE))
-    assert after[:4] == before and [r["step"] for r in after[4:]] == [3, 3]
-    assert after[4]["reference"]["completion"] == before[0]["reference"]["completion"]
+    assert after[:8] == before and [r["step"] for r in after[8:]] == [3] * 4
+    assert after[8]["reference"]["completion"] == before[0]["reference"]["completion"]
 
 
 def test_off_builds_and_reads_nothing(tiny_config, tmp_path, monkeypatch):

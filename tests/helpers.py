@@ -113,12 +113,15 @@ def memoized_trainings(assets: dict, tmp_path_factory):
 
 def assert_win_rate_metrics(record: dict, policy_scores, reference_scores):
     """record's eval/win_rate, eval/win_rate_low and eval/win_rate_high are the policy's win rate over these
-    judge scores (a win 1, a tie 1/2, a loss 0, per prompt) and its 95% Wilson score interval, to 1e-9."""
+    judge scores (a win 1, a tie 1/2, a loss 0, per prompt) and its 95% Wilson score interval, and
+    eval/judge_score_policy and eval/judge_score_reference each side's mean score, to 1e-9."""
     assert len(policy_scores) == len(reference_scores) > 0
     n = len(policy_scores)
     outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(policy_scores, reference_scores)]
     p, z = sum(outcomes) / n, statistics.NormalDist().inv_cdf(0.975)
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    got = (record["eval/win_rate"], record["eval/win_rate_low"], record["eval/win_rate_high"])
-    assert got == pytest.approx((p, max(0.0, center - half), min(1.0, center + half)), rel=0, abs=1e-9)
+    got = [record[f"eval/{key}"] for key in ("win_rate", "win_rate_low", "win_rate_high", "judge_score_policy",
+                                             "judge_score_reference")]
+    want = [p, max(0.0, center - half), min(1.0, center + half), sum(policy_scores) / n, sum(reference_scores) / n]
+    assert got == pytest.approx(want, rel=0, abs=1e-9)

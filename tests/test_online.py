@@ -21,6 +21,7 @@ import pytest
 from jaxdpo import errors
 from jaxdpo.judging.pairs import form_pairs
 from jaxdpo.online import rounds as online
+from tests.helpers import assert_win_rate_metrics
 from tests.processes import jax_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,12 +135,16 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
             assert pair["chosen_score"] == max(scores) > pair["rejected_score"] == min(scores)
             assert pair["chosen_score"] == -len(pair["chosen"]) and pair["rejected_score"] == -len(pair["rejected"])
         assert json.loads(open(os.path.join(rounds, f"{r}.done")).read())["trained"]
-        judged = online.read_jsonl(os.path.join(rounds, f"{r}.eval.jsonl"))
-        assert len(judged) == 4 and all(row["policy_score"] == -len(row["policy"]) for row in judged)
         assert os.path.isdir(os.path.join(rounds, str(r), "checkpoints"))
     records = online.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(ROUNDS + 1))
-    assert all(0 <= r["eval/win_rate_low"] <= r["eval/win_rate"] <= r["eval/win_rate_high"] <= 1 for r in records)
+    for record in records:  # step 0: the initial policy; step r + 1: round r's policy, against the initial one
+        name = "initial" if record["step"] == 0 else str(record["step"] - 1)
+        judged = online.read_jsonl(os.path.join(rounds, f"{name}.eval.jsonl"))
+        assert len(judged) == 4
+        assert all(row[side + "_score"] == -len(row[side]) for row in judged for side in ("policy", "reference"))
+        assert_win_rate_metrics(record, [row["policy_score"] for row in judged],
+                                [row["reference_score"] for row in judged])
     assert all(r["online/pairs"] + r["online/ties"] + r["online/blank"] == 16 for r in records[1:])
 
 

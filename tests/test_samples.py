@@ -66,9 +66,8 @@ def test_win_rate_at_each_eval_with_interval_and_judge_scores(watched_run):
         judged = samples_by_step[r["step"]]
         scores = {side: [judge_functions.shorter(s["prompt"], s[side]["completion"]) for s in judged]
                   for side in ("policy", "reference")}
+        assert len(judged) == 4  # judge.prompts
         assert_win_rate_metrics(r, scores["policy"], scores["reference"])
-        assert r["eval/judge_score_policy"] == pytest.approx(sum(scores["policy"]) / 4, rel=0, abs=1e-9)
-        assert r["eval/judge_score_reference"] == pytest.approx(sum(scores["reference"]) / 4, rel=0, abs=1e-9)
 
 
 def test_resume_reads_the_stored_reference_completions_and_rewrites_later_samples(watched_run, monkeypatch):

@@ -63,6 +63,7 @@ def load_model(path: str, *, dtype: str, base: str | None):
 
     if not os.path.isdir(path):
         raise ConfigError(f"--model: {path} is not a directory (an HF model dir or a jaxdpo run's WORKDIR)")
+    path = _online_final_policy(path)
     if os.path.exists(os.path.join(path, "config.json")):
         return from_pretrained(path, dtype=DTYPES[dtype]), AutoTokenizer.from_pretrained(path), path
     from jaxdpo.checkpoint.saved_policy import (
@@ -79,6 +80,19 @@ def load_model(path: str, *, dtype: str, base: str | None):
     if tokenizer is None:
         raise ConfigError(f"--model: no tokenizer found for {path} (looked in WORKDIR/hf and the run's model path)")
     return model, tokenizer, meta.get("model_path") or ""
+
+
+def _online_final_policy(path: str) -> str:
+    """An on-policy run's WORKDIR (rounds/ and no checkpoints/ of its own) stands for its final policy: the
+    last finished round's export."""
+    if not os.path.isdir(os.path.join(path, "rounds")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    from jaxdpo.online import rounds
+
+    final = rounds.final_policy(path)
+    if final is None:
+        raise ConfigError(f"--model: {path} is an on-policy run with no finished, trained round yet")
+    return final
 
 
 def sample_file(args) -> dict:

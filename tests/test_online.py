@@ -166,3 +166,16 @@ def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, tmp_p
     assert sorted(outcome) == sorted(expected)
     for name in expected:
         assert outcome[name] == expected[name], name
+
+
+def test_sample_cli_on_an_online_workdir_samples_the_last_rounds_policy(uninterrupted, tmp_path):
+    from jaxdpo import sample
+
+    workdir, _ = uninterrupted
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("w1 w2 w3", "w4 w5")))
+    flags = [f"--prompts={prompts}", "--max_new_tokens=6", "--temperature=0"]
+    assert sample.main([f"--model={workdir}", *flags, f"--output={tmp_path / 'workdir.jsonl'}"]) == 0
+    final = os.path.join(workdir, "rounds", str(ROUNDS - 1), "hf")
+    assert sample.main([f"--model={final}", *flags, f"--output={tmp_path / 'final.jsonl'}"]) == 0
+    assert (tmp_path / "workdir.jsonl").read_text() == (tmp_path / "final.jsonl").read_text()

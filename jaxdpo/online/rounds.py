@@ -240,18 +240,34 @@ def done_path(config, round_index: int) -> str:
 
 
 def finished_rounds(config) -> list[dict]:
-    """The done markers of rounds 0, 1, ... up to the first unfinished one."""
+    """The done markers of rounds 0, 1, ... up to the first unfinished one (as every process sees them)."""
+    return done_markers(rounds_dir(config), exists=everywhere)
+
+
+def done_markers(rounds: str, *, exists=os.path.exists) -> list[dict]:
     done = []
-    while everywhere(done_path(config, len(done))):
-        with open(done_path(config, len(done))) as f:
+    while exists(os.path.join(rounds, f"{len(done)}.done")):
+        with open(os.path.join(rounds, f"{len(done)}.done")) as f:
             done.append(json.load(f))
     return done
 
 
+def trained_export(rounds: str, done: list[dict]) -> str | None:
+    """The HF export of the last trained round among the finished ones, or None when none trained."""
+    trained = [i for i, marker in enumerate(done) if marker["trained"]]
+    return os.path.join(rounds, str(trained[-1]), "hf") if trained else None
+
+
 def policy_after(config, done: list[dict]) -> str:
     """The policy the finished rounds ended with: the last trained round's export, else model.path."""
-    trained = [i for i, marker in enumerate(done) if marker["trained"]]
-    return os.path.join(rounds_dir(config), str(trained[-1]), "hf") if trained else config.model.path
+    return trained_export(rounds_dir(config), done) or config.model.path
+
+
+def final_policy(workdir: str) -> str | None:
+    """The policy an on-policy run in `workdir` ended with (its last finished, trained round's export), or None
+    when `workdir` holds no trained round."""
+    rounds = os.path.join(workdir, "rounds")
+    return trained_export(rounds, done_markers(rounds))
 
 
 # ----- win rate against the initial policy ---------------------------------------------------------------

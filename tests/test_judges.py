@@ -297,8 +297,8 @@ def test_form_pairs_best_vs_worst_ties_dropped_and_deterministic():
     assert draws == {1, 2}  # both tied completions get picked under some (seed, round)
     with pytest.raises(ValueError, match="k >= 2"):
         form_pairs(np.zeros((3, 1)), seed=0, round_index=0)
-    with pytest.raises(ValueError, match="not finite"):
-        form_pairs(np.array([[0.0, np.nan]]), seed=0, round_index=0)
+    with pytest.raises(ValueError, match="not finite"):  # NaN is a sample the judge failed on, inf a bug
+        form_pairs(np.array([[0.0, np.inf]]), seed=0, round_index=0)
 
 
 def test_pair_rows_for_the_round_file():
@@ -345,3 +345,79 @@ def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
     assert correct_sum("What is 2 + 2?", "") == 0.0 and correct_sum("What is 2 + 2?", "four") == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="asks for no sum"):
         correct_sum("Why is the sky blue?", "Rayleigh scattering.")
+
+
+# ---- judge faults -----------------------------------------------------------------------------------------
+
+def fussy(prompt, completion: str) -> float:
+    """A rule with a bug: it divides by the completion's number of digits."""
+    return 1.0 / sum(ch.isdigit() for ch in completion)
+
+
+def test_a_judge_that_raises_skips_that_sample_in_one_line(capsys):
+    judge = FunctionJudge("tests.test_judges:fussy")
+    scores = judge.score(["What is 2+2?", "Name a colour.", "x" * 200], ["4", "blue", "12"])
+    assert scores[0] == 1.0 and math.isnan(scores[1]) and scores[2] == 0.5
+    out = capsys.readouterr().out
+    assert out == ("judge tests.test_judges:fussy failed on prompt 'Name a colour.': ZeroDivisionError: float division "
+                   "by zero; the sample is skipped\n")
+    # a score that is not a finite number is still the user's error, in one line
+    judge.function = lambda prompt, completion: float("nan")
+    with pytest.raises(ConfigError, match=r"fussy returned nan for completion 0; it must return a finite number"):
+        judge.score(["p"], ["c"])
+
+
+def test_failed_samples_take_no_part_in_pairs_and_win_rates():
+    nan = np.nan
+    pairs = form_pairs(np.array([[1.0, nan, 3.0], [nan, nan, 2.0], [nan, 5.0, 5.0]]), seed=0, round_index=0)
+    assert pairs.prompt_index.tolist() == [0] and pairs.chosen_index.tolist() == [2]
+    assert pairs.rejected_index.tolist() == [0] and pairs.ties == 1 and pairs.unscored == 1
+    result = win_rate(np.array([1.0, nan, 3.0, 0.0]), np.array([0.0, 1.0, nan, 1.0]))
+    assert (result.n, result.wins, result.losses, result.unscored) == (2, 1, 1, 2)
+    assert result.metrics()["eval/judge_unscored"] == 2
+    assert "eval/judge_unscored" not in win_rate(np.ones(2), np.zeros(2)).metrics()
+
+
+class _Sampler:
+    """Completions '<prompt> answer <j>' (j counts the prompt's samples), no model."""
+
+    def complete(self, states, prompts, settings):
+        del states, settings
+        return [{"completion": f"answer {j % 4}", "finished": True} for j, _ in enumerate(prompts)]
+
+
+def _raises_on(bad: set):
+    def score(prompt, completion):
+        if prompt in bad or completion == "answer 3":
+            raise RuntimeError(f"cannot judge {completion!r}\nsecond line")
+        return float(completion[-1])
+    return score
+
+
+def test_a_round_counts_the_samples_its_judge_failed_on_and_stops_only_when_all_fail(tmp_path, capsys):
+    from jaxdpo.online import rounds
+
+    config = dpo.get_config()
+    config.workdir = str(tmp_path)
+    config.online.prompts_per_round, config.online.samples_per_prompt = 3, 4
+    prompts = ["p0", "p1", "p2"]
+    judge = FunctionJudge("tests.judge_functions:shorter")
+    judge.name, judge.function = "rules:fragile", _raises_on({"p1"})
+    rounds.sample_round(config, 0, prompts, judge, _Sampler(), states=None)
+    summary = rounds.round_summary(config, 0)
+    # p0, p2: answers 0..2 scored, answer 3 failed; p1: every sample failed
+    assert summary["online/pairs"] == 2 and summary["online/ties"] == 0 and summary["online/blank"] == 0
+    assert summary["online/judge_failed"] == 2 + 4 and summary["online/unscored_prompts"] == 1
+    assert summary["online/score_mean"] == 1.0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all(line.startswith("judge rules:fragile failed on prompt '") for line in lines)
+    assert ("judge rules:fragile failed on prompt 'p0': RuntimeError: cannot judge 'answer 3' second line; the "
+            "sample is skipped") in lines
+    line = rounds.round_line(0, summary)
+    assert line.startswith("round 0: 2 pairs, 0 ties") and "6 samples skipped" in line
+    audit = [json.loads(line) for line in open(tmp_path / "rounds" / "0.samples.jsonl")]
+    assert all(row["scores"][3] is None for row in audit)
+    judge.function = _raises_on(set(prompts))
+    with pytest.raises(ConfigError, match="judge rules:fragile failed on every one of the 12 samples of round 1"):
+        rounds.sample_round(config, 1, prompts, judge, _Sampler(), states=None)
+    assert not (tmp_path / "rounds" / "1.jsonl").exists()

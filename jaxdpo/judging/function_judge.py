@@ -7,12 +7,12 @@ It gets each prompt as the data holds it: a string, or a message list for conver
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from jaxdpo.errors import ConfigError
+from jaxdpo.judging import failures
 from jaxdpo.sampling.prompts import Prompt
 
 
@@ -62,14 +62,6 @@ class FunctionJudge:
         return cls(config.judge.function)
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> np.ndarray:
-        if len(prompts) != len(completions):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
-        scores = np.zeros(len(completions), np.float64)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            value = self.function(prompt, completion)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(value):
-                raise ConfigError(f"judge {self.name} returned {value!r} for completion {i}; it must return a "
-                                  f"finite number")
-            scores[i] = value
-        return scores
+        """[N] float64; NaN for a sample whose call raised (jaxdpo.judging.failures: one line, skipped)."""
+        return failures.score_each(self.name, prompts, completions,
+                                   lambda i, p, c: failures.checked_score(self.name, self.function(p, c), i))

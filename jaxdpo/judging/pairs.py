@@ -14,11 +14,13 @@ from jaxdpo.sampling.prompts import Prompt
 @dataclasses.dataclass(frozen=True)
 class Pairs:
     """Preference pairs formed from a [P, k] score table: pair j is completion `chosen_index[j]` over
-    `rejected_index[j]` of prompt `prompt_index[j]`; `ties` prompts had best == worst and gave no pair."""
+    `rejected_index[j]` of prompt `prompt_index[j]`; `ties` prompts had best == worst and gave no pair, nor
+    did the `unscored` prompts, which had fewer than two completions the judge could score."""
     prompt_index: np.ndarray
     chosen_index: np.ndarray
     rejected_index: np.ndarray
     ties: int
+    unscored: int = 0
 
 
 def _pick(candidates: np.ndarray, seed: int, round_index: int, prompt_index: int, stream: int) -> int:
@@ -31,25 +33,32 @@ def _pick(candidates: np.ndarray, seed: int, round_index: int, prompt_index: int
 
 
 def form_pairs(scores: np.ndarray, *, seed: int, round_index: int) -> Pairs:
-    """Best vs worst completion of each prompt by score ([P, k], k >= 2). Prompts whose best and worst
-    scores are equal give no pair and are counted in `ties`; where several completions share the best
-    (or the worst) score, one is drawn by `_pick`."""
+    """Best vs worst completion of each prompt by score ([P, k], k >= 2). NaN marks a completion the judge
+    could not score (jaxdpo.judging.failures): it takes no part, and a prompt left with fewer than two scored
+    completions gives no pair (`unscored`). Prompts whose best and worst scores are equal give no pair and
+    are counted in `ties`; where several completions share the best (or the worst) score, one is drawn by
+    `_pick`."""
     scores = np.asarray(scores, np.float64)
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(f"form_pairs: scores must be [prompts, k] with k >= 2 completions each; got {scores.shape}")
-    if not np.isfinite(scores).all():
-        bad = int(np.argwhere(~np.isfinite(scores))[0, 0])
+    if np.isinf(scores).any():
+        bad = int(np.argwhere(np.isinf(scores))[0, 0])
         raise ValueError(f"form_pairs: scores of prompt {bad} are not finite: {scores[bad].tolist()}")
-    prompt_index, chosen, rejected = [], [], []
+    prompt_index, chosen, rejected, ties = [], [], [], 0
+    scored = ~np.isnan(scores)
     for p, row in enumerate(scores):
-        best, worst = row.max(), row.min()
+        if scored[p].sum() < 2:
+            continue
+        best, worst = np.nanmax(row), np.nanmin(row)
         if best == worst:
+            ties += 1
             continue
         prompt_index.append(p)
         chosen.append(_pick(np.flatnonzero(row == best), seed, round_index, p, stream=0))
         rejected.append(_pick(np.flatnonzero(row == worst), seed, round_index, p, stream=1))
     as_array = lambda values: np.asarray(values, np.int64)
-    return Pairs(as_array(prompt_index), as_array(chosen), as_array(rejected), ties=len(scores) - len(prompt_index))
+    return Pairs(as_array(prompt_index), as_array(chosen), as_array(rejected), ties=ties,
+                 unscored=int(np.sum(scored.sum(axis=1) < 2)))
 
 
 def pair_rows(prompts: Sequence[Prompt], completions: Sequence[Sequence[str]], scores: np.ndarray,

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdpo.errors import ConfigError
+from jaxdpo.judging import failures
 from jaxdpo.models.hf_io import from_pretrained_classifier, place_on_mesh
 from jaxdpo.parallel.sharding import batch_axis_size
 
@@ -156,11 +157,14 @@ class RewardModel:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def score(self, prompts: Sequence[str | list[dict]], completions: Sequence[str]) -> np.ndarray:
-        """[N] float64 scores, one per (prompt, completion)."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
-        ids = [self.encode(p, c) for p, c in zip(prompts, completions)]
-        return self.score_token_ids(ids).astype(np.float64)
+        """[N] float64 scores, one per (prompt, completion); NaN for a sample that could not be encoded
+        (jaxdpo.judging.failures: one line, skipped)."""
+        ids = failures.each_or_skipped(self.name, prompts, completions, lambda i, p, c: self.encode(p, c))
+        scores = np.full(len(ids), np.nan, np.float64)
+        encoded = [i for i, row in enumerate(ids) if row is not None]
+        if encoded:
+            scores[encoded] = self.score_token_ids([ids[i] for i in encoded])
+        return scores
 
 
 def _mesh_context(mesh):

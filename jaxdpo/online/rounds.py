@@ -40,7 +40,7 @@ from jaxdpo.checkpoint.fingerprint import fingerprint_differences, jsonable
 from jaxdpo.data.identity import files_identity
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
-from jaxdpo.judging import judges
+from jaxdpo.judging import failures, judges
 from jaxdpo.judging.pairs import form_pairs, pair_rows
 from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.parallel import distributed
@@ -207,14 +207,16 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
     expanded = [p for p in chosen for _ in range(k)]
     rows = sampler.complete(states, expanded, samples.sampling_settings(o, seed=round_seed(config.seed, round_index)))
     texts = [r["completion"] for r in rows]
-    scores = judge.score(expanded, texts).reshape(len(chosen), k)
+    scores = judge.score(expanded, texts).reshape(len(chosen), k)  # NaN: a sample the judge failed on
+    failures.require_scored(scores.ravel(), judge.name, f"round {round_index}")
     completions = [texts[i * k:(i + 1) * k] for i in range(len(chosen))]
     pairs = form_pairs(scores, seed=config.seed, round_index=round_index)
     kept = [row for row in pair_rows(chosen, completions, scores, pairs)
             if nonblank(row["chosen"]) and nonblank(row["rejected"])]
     for row in kept:
         row["prompt_index"] = int(indices[row["prompt_index"]])  # the prompt's row in online.prompts
-    audit = [{"prompt_index": int(i), "prompt": p, "completions": c, "scores": s.tolist(),
+    audit = [{"prompt_index": int(i), "prompt": p, "completions": c,
+              "scores": [None if np.isnan(x) else float(x) for x in s],
               "finished": [r["finished"] for r in rows[j * k:(j + 1) * k]]}
              for j, (i, p, c, s) in enumerate(zip(indices, chosen, completions, scores))]
     os.makedirs(rounds_dir(config), exist_ok=True)
@@ -226,13 +228,18 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
 
 def round_summary(config, round_index: int) -> dict[str, float]:
     """Counts of a round from its files: pairs, ties (best == worst), pairs left out for a blank
-    completion, and the mean judge score of its samples."""
+    completion, samples the judge failed on (null scores) and the prompts they left with fewer than two
+    scored completions, and the mean judge score of the scored samples."""
     audit = read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"))
     pairs = len(read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl")))
-    scores = np.asarray([row["scores"] for row in audit], np.float64)
-    ties = int(np.sum(scores.max(axis=1) == scores.min(axis=1)))
-    return {"online/pairs": pairs, "online/ties": ties, "online/blank": len(audit) - ties - pairs,
-            "online/score_mean": float(scores.mean())}
+    scores = np.asarray([[np.nan if x is None else x for x in row["scores"]] for row in audit], np.float64)
+    scored = ~np.isnan(scores)
+    unscored = int(np.sum(scored.sum(axis=1) < 2))
+    best, worst = np.where(scored, scores, -np.inf).max(axis=1), np.where(scored, scores, np.inf).min(axis=1)
+    ties = int(np.sum((scored.sum(axis=1) >= 2) & (best == worst)))
+    return {"online/pairs": pairs, "online/ties": ties, "online/blank": len(audit) - ties - unscored - pairs,
+            "online/judge_failed": int(np.sum(~scored)), "online/unscored_prompts": unscored,
+            "online/score_mean": float(scores[scored].mean())}
 
 
 def done_path(config, round_index: int) -> str:
@@ -363,6 +370,9 @@ def timed(seconds: dict, phase: str):
 def round_line(round_index: int, record: dict) -> str:
     line = (f"round {round_index}: {record['online/pairs']} pairs, {record['online/ties']} ties, mean judge score "
             f"{record['online/score_mean']:.3f}")
+    if record.get("online/judge_failed"):
+        line += (f", {record['online/judge_failed']} samples skipped (the judge failed on them; "
+                 f"{record['online/unscored_prompts']} prompts left without a pair)")
     if "eval/win_rate" in record:
         line += (f"; win rate vs initial {record['eval/win_rate']:.3f} [{record['eval/win_rate_low']:.3f}, "
                  f"{record['eval/win_rate_high']:.3f}]")

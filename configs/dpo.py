@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0  # the update is scaled by alpha / rank
     c.lora.dropout = 0.0  # adapter-input dropout while training, as PEFT (0.05-0.1 common); 0 = off
     c.lora.targets = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    # QLoRA: the frozen targeted weights stored as int8 or 4-bit NF4 (blocks of 64, fp32 absmax scales),
+    # dequantized layer by layer in the forward; the reference (device / cached) is that same quantized base.
+    c.lora.base_dtype = "none"  # none | int8 | nf4
     c.lora.export_merged = False  # also write the merged model to WORKDIR/hf (the adapter goes to hf_adapter/)
 
     # Experiment trackers besides metrics.jsonl and tensorboard (optional extras: pip install 'jaxdpo[wandb]',

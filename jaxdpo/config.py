@@ -24,6 +24,7 @@ CHOICES = {
     "data.layout": ("padded", "prefix_shared", "packed"),
     "data.on_bad_row": ("error", "skip"),
     "reference.mode": ("device", "host", "cached", "lora_base", "none"),
+    "lora.base_dtype": ("none", "int8", "nf4"),  # jaxdpo.models.quantize.BASE_DTYPES
 }
 
 POSITIVE = ("data.max_length", "train.batch_size", "train.micro_batch_size", "train.eval_batch_size",

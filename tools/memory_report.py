@@ -1,4 +1,6 @@
-"""What a compiled train step holds per device, and where the reference's bytes are (reference_memory.py).
+"""What a compiled train step holds per device, and where the reference's bytes are (reference_memory.py);
+and the params a LoRA run holds per device with its frozen base in fp32, int8 or nf4 (QLoRA), from shapes
+alone: `python tools/memory_report.py MODEL_DIR_OR_CONFIG_JSON [--fsdp N] [--tensor N] [--rank R]`.
 
 On CPU (jax 0.10) XLA has one memory: its memory analysis counts pinned_host arguments as ordinary
 arguments, and JAX lowers the per-layer host-to-device copies to nothing. The report therefore also
@@ -8,7 +10,11 @@ space S(5) in its HLO.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -74,3 +80,52 @@ def _host_params_in_hlo(hlo_text: str) -> dict[str, int]:
     found = _HOST_PARAM.findall(params)
     size = sum(_HLO_ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])) for dtype, dims in found)
     return {"hlo_host_params": len(found), "hlo_host_param_bytes": size}
+
+
+def base_bytes_per_device(model_config, mesh, *, base_dtypes=("none", "int8", "nf4"), rank: int = 16,
+                          param_dtype=np.float32) -> dict[str, dict[str, int]]:
+    """{base_dtype: {"projections": bytes, "params": bytes}} one device holds under LoRA (all-linear, `rank`)
+    on `mesh`: the frozen projections (float in `param_dtype`, or codes plus fp32 block scales), and every
+    param (projections, embeddings, norms, adapters). Built from shapes; nothing is allocated."""
+    from jaxdpo.models.decoder import PROJECTIONS, LoRASettings, adapter_specs, layer_param_specs, top_param_specs
+    from jaxdpo.models.lora import quantized_specs
+    from jaxdpo.models.quantize import bytes_per_device
+
+    dtype = np.dtype(param_dtype)
+    layer = layer_param_specs(model_config)
+    others = {name: (*spec, dtype) for name, spec in {**top_param_specs(model_config), **layer}.items()
+              if name not in PROJECTIONS}
+    out = {}
+    for base_dtype in base_dtypes:
+        settings = LoRASettings(rank=rank, alpha=float(rank), targets=tuple(PROJECTIONS), base_dtype=base_dtype)
+        adapters = {name: (*spec, dtype) for name, spec in adapter_specs(model_config, settings).items()}
+        projections = quantized_specs(model_config, settings) or {t: (*layer[t], dtype) for t in PROJECTIONS}
+        held = bytes_per_device(projections, mesh)
+        out[base_dtype] = {"projections": held,
+                           "params": held + bytes_per_device({**others, **adapters}, mesh)}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a HF model dir or its config.json (only the shapes are read)")
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jaxdpo.models.hf_io import load_config
+    from jaxdpo.parallel.sharding import make_mesh
+
+    model_config = load_config(os.path.dirname(args.model) if args.model.endswith(".json") else args.model)
+    mesh = make_mesh(1, args.fsdp, args.tensor, jax.devices()[:args.fsdp * args.tensor])
+    report = base_bytes_per_device(model_config, mesh, rank=args.rank)
+    fp32 = report["none"]["projections"]
+    for entry in report.values():
+        entry["projections_vs_fp32"] = round(entry["projections"] / fp32, 4)
+    print(json.dumps({"mesh": dict(mesh.shape), "bytes_per_device": report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,7 +38,7 @@ def _flatten_dict(d: Mapping, prefix: str = "") -> dict[str, Any]:
 # logging/eval/save cadence, remat/attention/chunking (same math), paths of caches and the workdir.
 RESUME_CRITICAL_KEYS = (
     "seed", "model.dtype", "model.param_dtype", "model.tokenizer",
-    "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.targets", "lora.base_dtype",
     "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples", "data.completion_key", "data.label_key", "data.shuffle",
@@ -108,7 +108,7 @@ def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | No
 # Keys a checkpoint's fingerprint may lack because it was written before they existed, with the value such a
 # run had: a saved fingerprint without one matches a config holding that value.
 IMPLIED_WHEN_ABSENT = {"data.shuffle": True, "data.completion_key": "completion", "data.label_key": "label",
-                       "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0}
+                       "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0, "lora.base_dtype": "none"}
 
 
 def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:

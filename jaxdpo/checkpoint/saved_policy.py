@@ -113,6 +113,7 @@ def build_model(params: dict, meta: dict, *, base: str | None = None, dtype=None
 
     from jaxdpo.models import from_pretrained, load_config
     from jaxdpo.models.decoder import LoRAParam, LoRASettings
+    from jaxdpo.models.lora import quantize_base
 
     base = base or meta.get("model_path")
     if not base or not os.path.isdir(base):
@@ -120,8 +121,9 @@ def build_model(params: dict, meta: dict, *, base: str | None = None, dtype=None
                           f"{base!r} is not available here: pass --base DIR (the run's model.path)")
     if load_config(base) != config:
         raise ConfigError(f"--base {base} is not the architecture this LoRA checkpoint was trained on")
-    settings = LoRASettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=tuple(lora["targets"]))
-    model = from_pretrained(base, dtype=dtype, param_dtype=param_dtype, lora=settings)
+    settings = LoRASettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=tuple(lora["targets"]),
+                            base_dtype=lora.get("base_dtype", "none"))
+    model = quantize_base(from_pretrained(base, dtype=dtype, param_dtype=param_dtype, lora=settings), None)
     graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
     nnx.replace_by_pure_dict(adapters, params)
     return nnx.merge(graphdef, adapters, rest), settings

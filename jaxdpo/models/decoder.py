@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdpo.models.config import ModelConfig
+from jaxdpo.models.quantize import QuantizedBase, dequantize
 from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
 from jaxdpo.parallel.sharding import logical_to_mesh_axes
 
@@ -80,6 +81,7 @@ class LoRASettings:
     alpha: float
     targets: tuple[str, ...]
     dropout: float = 0.0  # probability of zeroing an adapter input unit while training
+    base_dtype: str = "none"  # storage of the targeted frozen weights: none, int8, nf4 (jaxdpo.models.quantize)
 
     @property
     def scale(self) -> float:
@@ -236,10 +238,18 @@ def _contract(spec: str, y, w, ways: int):
     return jnp.einsum(f"{lhs[:-1]}s{rhs[0]},s{rhs}->s{out}", parts_y, parts_w).sum(0)
 
 
+def base_weight(p: dict, name: str, dtype):
+    """One layer's weight of projection `name` in `dtype`: as stored, or dequantized from its codes and block
+    scales when the base is quantized (jaxdpo.models.quantize; blocks along the last input dim)."""
+    if f"{name}_codes" in p:
+        return dequantize(p[f"{name}_codes"], p[f"{name}_scales"], PROJECTIONS[name] - 1, dtype)
+    return p[name].astype(dtype)
+
+
 def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora_dropout_rate: float,
              lora_dropout_key, contraction_ways: int = 1):
     """y W for the projection `name`, plus lora_scale * (y A) B when p holds its adapter."""
-    out = _contract(spec, y, p[name].astype(dtype), contraction_ways)
+    out = _contract(spec, y, base_weight(p, name, dtype), contraction_ways)
     if f"{name}_lora_a" in p:
         key = None
         if lora_dropout_key is not None:
@@ -277,7 +287,9 @@ def attention_output_and_mlp(p: dict, x, a, *, config: ModelConfig, dtype, lora_
     # (n, h) merged into one contracted dim: the activation is laid out to suit the stored [N*H, D] weight,
     # never the other way round (XLA:CPU otherwise may transpose the weight, a copy per layer per call)
     b, t, n, h = a.shape
-    o_params = {name: p[name].reshape(n * h, *p[name].shape[2:]) for name in ("o_proj", "o_proj_lora_a") if name in p}
+    o_params = {"o_proj": base_weight(p, "o_proj", dtype).reshape(n * h, -1)}
+    if "o_proj_lora_a" in p:
+        o_params["o_proj_lora_a"] = p["o_proj_lora_a"].reshape(n * h, -1)
     if "o_proj_lora_b" in p:
         o_params["o_proj_lora_b"] = p["o_proj_lora_b"]
     o = _project(o_params, "bti,id->btd", a.reshape(b, t, n * h), "o_proj", **lora)
@@ -352,6 +364,14 @@ class LayerStack(nnx.Module):
 
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.names}
+
+    def hold_quantized(self, name: str, codes, scales) -> None:
+        """Hold the projection `name` as its quantized codes and block scales (jaxdpo.models.quantize)
+        instead of its float weight, which is dropped."""
+        delattr(self, name)
+        setattr(self, f"{name}_codes", QuantizedBase(codes))
+        setattr(self, f"{name}_scales", QuantizedBase(scales))
+        self.names = tuple(n for n in self.names if n != name) + (f"{name}_codes", f"{name}_scales")
 
 
 class Decoder(nnx.Module):

@@ -8,6 +8,10 @@ leaves the model exactly as it was. The training build splits the model with `Lo
 the adapters train (and alone get optimizer state and checkpoints), the base weights stay frozen, and the
 reference is the same forward with the adapters zeroed (reference.mode = "lora_base").
 
+QLoRA (lora.base_dtype = int8 | nf4): `quantize_base` replaces each target's frozen weight by its quantized
+codes and block scales (jaxdpo.models.quantize) right after loading; the forward dequantizes them layer by
+layer, the adapters, norms and embeddings stay in model.param_dtype. Merging dequantizes the base first.
+
 Adapter dropout (lora.dropout = p) follows PEFT: only the adapter's input is dropped, x W + (alpha / r)
 (dropout(x) A) B, with kept units scaled by 1 / (1 - p), and only in the policy's training forward.
 The rate is a static field of the Decoder's settings (like the scale); the masks come from a key the train
@@ -28,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdpo.errors import ConfigError
-from jaxdpo.models import families
+from jaxdpo.models import families, quantize
 from jaxdpo.models.decoder import (  # noqa: F401
     PROJECTIONS,
     Decoder,
@@ -48,6 +52,10 @@ def lora_settings(lora_cfg) -> LoRASettings | None:
     """The `lora` config block -> settings, or None when LoRA is off (rank 0). ConfigError when invalid."""
     rank = lora_cfg.rank
     dropout = lora_cfg.dropout
+    base_dtype = lora_cfg.get("base_dtype", "none")
+    if quantize.format_named(base_dtype) is not None and rank == 0:
+        raise ConfigError(f"lora.base_dtype = {base_dtype} quantizes the frozen base of LoRA, but lora.rank = 0 "
+                          f"trains every weight: set lora.rank > 0 (e.g. 16) or lora.base_dtype = none")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout = {dropout!r} must be a number in [0, 1): the probability of dropping "
                           f"an adapter input unit while training (0 = off; PEFT users often set 0.05 or 0.1)")
@@ -67,12 +75,52 @@ def lora_settings(lora_cfg) -> LoRASettings | None:
         raise ConfigError(f"lora.targets = {raw!r}: {', '.join(unknown) or 'empty'} is not a projection; use "
                           f"names from {', '.join(TARGETS)} (comma-separated) or 'all-linear'")
     return LoRASettings(rank=rank, alpha=float(lora_cfg.alpha), targets=tuple(t for t in TARGETS if t in names),
-                        dropout=float(dropout))
+                        dropout=float(dropout), base_dtype=base_dtype)
 
 
 def check_config(config) -> bool:
     """The `lora` section (ConfigError when invalid); whether LoRA is on. A config without one: off."""
     return "lora" in config and lora_settings(config.lora) is not None
+
+
+def quantized_specs(config, settings: LoRASettings) -> dict:
+    """`{target}_codes` / `{target}_scales` -> (shape, logical axes, dtype) of the quantized frozen targets
+    (empty when the base is not quantized). ConfigError when a contracted size does not fit the blocks."""
+    fmt = quantize.format_named(settings.base_dtype)
+    if fmt is None:
+        return {}
+    weights = {t: layer_param_specs(config)[t] for t in settings.targets}
+    quantize.check_blocks(weights, PROJECTIONS, settings.base_dtype)
+    specs = {}
+    for target, (shape, logical) in weights.items():
+        specs.update(quantize.stored_specs(target, shape, logical, fmt, PROJECTIONS[target]))
+    return specs
+
+
+def quantize_base(model: Decoder, mesh) -> Decoder:
+    """`model` (loaded, with adapters) with each target's frozen weight replaced, in place, by its quantized
+    codes and block scales placed on `mesh` as the weight was (model.lora.base_dtype; unchanged for none)."""
+    fmt = quantize.format_named(model.lora.base_dtype) if model.lora is not None else None
+    if fmt is None:
+        return model
+    quantized_specs(model.config, model.lora)  # the block check, before any work
+    for target in model.lora.targets:
+        logical = layer_param_specs(model.config)[target][1]
+        weight = getattr(model.layers, target)[...]
+        codes, scales = quantize.quantize_placed(weight, fmt, PROJECTIONS[target], logical, mesh)
+        del weight
+        model.layers.hold_quantized(target, codes, scales)
+    return model
+
+
+def _float_layers(model: Decoder) -> dict:
+    """The stacked layer weights of `model` as float arrays (a quantized base dequantized, fp32)."""
+    layers = model.layers.arrays()
+    for name in layer_param_specs(model.config):
+        if name not in layers:
+            codes, scales = layers.pop(f"{name}_codes"), layers.pop(f"{name}_scales")
+            layers[name] = quantize.dequantize(codes, scales, PROJECTIONS[name], model.param_dtype)
+    return layers
 
 
 def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
@@ -84,13 +132,15 @@ def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
 
 
 def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:
-    """A Decoder without adapters whose target weights have them folded in (`model` is untouched)."""
+    """A Decoder without adapters whose target weights have them folded in (`model` is untouched). A
+    quantized base is dequantized first (into model.param_dtype): the merged weights are W' + scale A B with
+    W' the dequantized W, not the original checkpoint's W."""
     plain = nnx.eval_shape(lambda: Decoder(model.config, dtype=model.dtype, param_dtype=model.param_dtype,
                                            remat=model.remat, attention_backend=model.attention_backend,
                                            rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(plain)
     values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    layers = values["layers"]
+    layers = _float_layers(model)
     for target in settings.targets:
         layers[target] = merged_weight(layers[target], layers[f"{target}_lora_a"], layers[f"{target}_lora_b"],
                                        settings.scale, target)

@@ -216,6 +216,10 @@ def check_config(config, *, lora_on: bool) -> None:
     if named.needs_lora and not lora_on:
         raise ConfigError("reference.mode = 'lora_base' needs LoRA: set lora.rank > 0 (e.g. 16), "
                           "or choose reference.mode device | host | cached")
+    base_dtype = config.lora.get("base_dtype", "none") if lora_on else "none"
+    if base_dtype != "none" and named.streams_layers:
+        raise ConfigError(f"reference.mode = {mode} with lora.base_dtype = {base_dtype} is not supported: the LoRA "
+                          f"reference is the quantized base itself (no copy); use reference.mode device or cached")
     if lora_on and path:
         raise ConfigError(f"reference.path = {path!r} with LoRA is not supported: the LoRA reference is the "
                           f"base model (reference.mode lora_base); clear reference.path")

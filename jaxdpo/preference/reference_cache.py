@@ -161,6 +161,8 @@ def load_or_compute(reference_params, *, config, mesh, policy, data, weights_pat
         "attention": cfg.model.get("attention", "xla"),
         "layout": cfg.data.layout, "row_length": data.row_length, "chunk": cfg.model.logprob_chunk,
     }
+    if policy.lora is not None and policy.lora.base_dtype != "none":  # the frozen base the logprobs come from
+        common_parts["base_dtype"] = policy.lora.base_dtype
 
     def logprobs(weights, batch):
         out = pair_logprobs(policy.graphdef, weights, batch, num_pairs=num_pairs, chunk_size=cfg.model.logprob_chunk)

@@ -98,6 +98,10 @@ def check_mesh_fits_model(config, mesh) -> None:
     """Sharded param sizes vs mesh axes, from config.json alone: a ConfigError before loading weights."""
     model_config = hf_io.load_config(config.model.path)
     specs = {**top_param_specs(model_config), **layer_param_specs(model_config)}
+    settings = lora_lib.lora_settings(config.lora) if "lora" in config else None
+    if settings is not None:  # a quantized base: its codes and block scales are sharded too
+        specs.update({name: (shape, logical) for name, (shape, logical, _) in
+                      lora_lib.quantized_specs(model_config, settings).items()})
     sharding.check_params_divisible(specs, dict(mesh.shape))
 
 
@@ -260,9 +264,12 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
             model = nnx.eval_shape(lambda: Decoder(model_config, **fields, rngs=nnx.Rngs(0)))
         else:
             model = load_weights(config, config.model.path, mesh, lora=settings, attention=fields["attention_backend"])
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # before any quantizing
+    if settings is not None:
+        with jax.set_mesh(mesh):
+            model = lora_lib.quantize_base(model, mesh)  # the frozen targets as lora.base_dtype says
     # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
     graphdef, params, frozen = nnx.split(model, nnx.Param if settings is None else LoRAParam, ...)
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     del model
     return Policy(graphdef=graphdef, params=described(params, mesh) if resuming else params, frozen=frozen,
                   initial_params=params if keep_initial else None, model_config=model_config, lora=settings,

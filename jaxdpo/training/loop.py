@@ -296,6 +296,9 @@ def _write_exports(config, policy, state, tokenizer) -> dict[str, str]:
         if not config.lora.export_merged:
             return written
         model = lora_lib.merge_adapters(model, policy.lora)
+        if policy.lora.base_dtype != "none":
+            build.log(f"  export     the merged model is W + scale A B over the {policy.lora.base_dtype}-dequantized base "
+                      f"W (what training saw), not over the original {config.model.param_dtype} weights")
     save_pretrained(model, dirs["hf"], tokenizer=tokenizer)
     written["hf"] = dirs["hf"]
     return written

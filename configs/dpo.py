@@ -31,12 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.rejected_key = "rejected"
     c.data.completion_key = "completion"  # unpaired rows (kto, apo_zero_unpaired): the completion's column
     c.data.label_key = "label"  # unpaired rows: true = desirable, false = undesirable
+    c.data.completions_key = "completions"  # groups (loss.group): the list of N >= 2 completions of the prompt
+    c.data.scores_key = "scores"  # groups: one finite number per completion, higher is better, equal ties
     c.data.shuffle = True  # false: batches follow the data's order (KTO's KL rows then match TRL's batches)
     c.data.chat_template = ""  # a template file or literal; empty = the tokenizer's own
     c.data.max_length = 128  # tokens of prompt + completion (per row of the padded layout)
     c.data.max_prompt_length = 96
     c.data.truncation = "keep_end"  # keep_end (cut the prompt from its left) | keep_start
-    c.data.layout = "padded"  # padded | prefix_shared | packed
+    c.data.layout = "padded"  # padded | prefix_shared | grouped | packed
     c.data.pack_length = 0  # tokens per row of the packed layout; 0 = 2 * max_length
     c.data.on_bad_row = "error"  # error | skip
     c.data.max_samples = 0  # 0 = all
@@ -99,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.online.eval_prompts = ""  # held-out prompts for the win rate after each round (judge.prompts of them)
     c.online.prompts_per_round = 32
     c.online.samples_per_prompt = 4  # k >= 2 completions per prompt; best vs worst by judge score
+    c.online.pairs = "best_worst"  # best_worst | all_pairs (every pair of different scores) | group (needs loss.group)
     c.online.max_new_tokens = 64
     c.online.temperature = 1.0
     c.online.top_k = 0

@@ -21,7 +21,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "cudnn", "splash", "auto"),  # jaxdpo.ops.attention.BACKENDS
     "data.truncation": ("keep_end", "keep_start"),
-    "data.layout": ("padded", "prefix_shared", "packed"),
+    "data.layout": ("padded", "prefix_shared", "grouped", "packed"),  # jaxdpo.data.layouts.LAYOUTS
     "data.on_bad_row": ("error", "skip"),
     "reference.mode": ("device", "host", "cached", "lora_base", "none"),
     "lora.base_dtype": ("none", "int8", "nf4"),  # jaxdpo.models.quantize.BASE_DTYPES

@@ -161,6 +161,12 @@ def test_sharded_quantized_model_equals_one_device():
         assert model.layers.gate_proj_scales[...].sharding.spec[1] == "fsdp"
         sharded = np.asarray(model(ids))
     np.testing.assert_allclose(sharded, one, atol=1e-5, rtol=0)
+    # what the report computes from shapes is what the device holds
+    from tools.memory_report import base_bytes_per_device
+
+    held = sum(getattr(model.layers, f"{t}_{part}")[...].addressable_shards[0].data.nbytes
+               for t in ALL for part in ("codes", "scales"))
+    assert held == base_bytes_per_device(TINY64, mesh, base_dtypes=("nf4",))["nf4"]["projections"]
 
 
 def test_merge_uses_the_dequantized_base():
@@ -209,6 +215,33 @@ def qlora_assets(assets, tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(str(root / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(root / "model"))
     return {**assets, "model": str(root / "model")}
+
+
+def test_cached_reference_is_the_quantized_base_under_its_own_key(qlora_assets, tmp_path):
+    from jaxdpo.preference.reference import LoRABaseReference
+    from jaxdpo.training.loop import train_and_evaluate
+    from tests.helpers import train_batch
+
+    def run(name, base_dtype):
+        config = tiny_run_config(qlora_assets, str(tmp_path / name), **{
+            **QLORA, "lora.base_dtype": base_dtype, "reference.mode": "cached", "train.steps": 1,
+            "train.export_hf": False, "data.cache_dir": str(tmp_path / "cache")})
+        return train_and_evaluate(config, devices=jax.devices()[:1])
+
+    trainer = run("nf4", "nf4")
+    assert trainer.reference.mode == "cached" and trainer.reference.cache.computed == ["train", "eval"]
+    micro = jax.tree.map(lambda x: x[0], train_batch(trainer, 0))
+    # the quantized base's logprobs: the trained policy with its adapters off
+    rc, rr = LoRABaseReference().logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
+                                          None, micro, num_pairs=8, chunk_size=trainer.config.model.logprob_chunk)
+    np.testing.assert_allclose(micro["ref_chosen"], np.asarray(rc), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(micro["ref_rejected"], np.asarray(rr), atol=1e-4, rtol=0)
+
+    plain = run("none", "none")  # the same weights files and data, not quantized: another cache entry
+    assert plain.reference.cache.computed == ["train", "eval"]
+    assert len(os.listdir(tmp_path / "cache" / "reference")) == 4
+    gap = np.abs(plain.reference.cache.arrays["train"][0] - trainer.reference.cache.arrays["train"][0]).max()
+    assert 0 < gap < 1.0
 
 
 QLORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear", "lora.base_dtype": "nf4",

@@ -42,6 +42,7 @@ RESUME_CRITICAL_KEYS = (
     "data.eval_fraction", "data.prompt_key", "data.chosen_key",
     "data.rejected_key", "data.chat_template", "data.max_length", "data.max_prompt_length", "data.truncation",
     "data.layout", "data.on_bad_row", "data.max_samples", "data.completion_key", "data.label_key", "data.shuffle",
+    "data.completions_key", "data.scores_key",
     *loss_specs.CONFIG_KEYS, "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
     "train.batch_size", "reference.mode", "reference.path",
 )
@@ -108,13 +109,16 @@ def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | No
 # Keys a checkpoint's fingerprint may lack because it was written before they existed, with the value such a
 # run had: a saved fingerprint without one matches a config holding that value.
 IMPLIED_WHEN_ABSENT = {"data.shuffle": True, "data.completion_key": "completion", "data.label_key": "label",
-                       "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0, "lora.base_dtype": "none"}
+                       "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0, "lora.base_dtype": "none",
+                       "loss.group": "", "data.completions_key": "completions", "data.scores_key": "scores",
+                       "online.pairs": "best_worst"}
 
 
 def fingerprint_differences(saved: Mapping, expected: Mapping) -> list[str]:
     """Human-readable lines `key: checkpoint=<a> now=<b>` for every (dotted) key whose value differs."""
-    saved_flat = {**IMPLIED_WHEN_ABSENT, **_flatten_dict(jsonable(saved))}
     expected_flat = _flatten_dict(jsonable(expected))
+    implied = {k: v for k, v in IMPLIED_WHEN_ABSENT.items() if k in expected_flat}  # keys this fingerprint holds
+    saved_flat = {**implied, **_flatten_dict(jsonable(saved))}
     missing = object()
     lines = []
     for key in sorted(set(saved_flat) | set(expected_flat)):

@@ -1,6 +1,7 @@
 """The reference model behind one interface: one class per reference.mode, and the factory that picks one.
 
-A `Reference` tells the step how to get the reference's per-pair logprob sums (rc, rr) of a micro-batch;
+A `Reference` tells the step how to get the reference's per-pair logprob sums (rc, rr) of a micro-batch
+(for groups the sums of every completion slot, ref_logps [P, N]);
 its `params` (a params pytree, or None) is what the jitted step takes as its `reference_params` argument.
 
   device     a frozen copy of the initial (or reference.path's) weights, sharded like the policy
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from jaxdpo.data.formats import ExampleKind
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.hf_io import check_checkpoint_dir
 from jaxdpo.preference import losses
@@ -50,12 +52,14 @@ class Reference:
     streams_layers: ClassVar[bool] = False  # its layers come from host memory inside the scan
     batch_keys: ClassVar[tuple[str, ...]] = ()  # what it reads from each batch
 
+    takes_groups: ClassVar[bool] = True  # gives the sums of every completion of a group
     def __init__(self, params=None):
         self.params = params
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs: int, chunk_size: int):
-        """(rc, rr) [P] of the micro-batch, or (None, None) without a reference; `params` is self.params
-        as the jitted step received it."""
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs: int, chunk_size: int,
+                 slots: int | None = None) -> dict:
+        """{rc, rr} [P] of the micro-batch ({ref_logps} [P, slots] for groups of up to `slots` completions),
+        the values None without a reference; `params` is self.params as the jitted step received it."""
         raise NotImplementedError
 
     def attach(self, split: str, batch: dict) -> dict:
@@ -87,8 +91,16 @@ def _to_device(tree):
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
 
 
-def _stopped(out: dict):
-    return jax.lax.stop_gradient(out["pc"]), jax.lax.stop_gradient(out["pr"])
+# The reference's name for each policy sum of step.pair_logprobs (its lengths are the policy's).
+REFERENCE_NAMES = {"pc": "rc", "pr": "rr", "logps": "ref_logps"}
+
+
+def _stopped(out: dict) -> dict:
+    return {REFERENCE_NAMES[k]: jax.lax.stop_gradient(v) for k, v in out.items() if k in REFERENCE_NAMES}
+
+
+def _absent(slots: int | None) -> dict:
+    return {"ref_logps": None} if slots else {"rc": None, "rr": None}
 
 
 class DeviceReference(Reference):
@@ -98,8 +110,9 @@ class DeviceReference(Reference):
     mode = "device"
     uses_weights = runs_forward = True
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
-        return _stopped(pair_logprobs(graphdef, (params, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size))
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size, slots=None):
+        return _stopped(pair_logprobs(graphdef, (params, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size,
+                                      slots=slots))
 
     @classmethod
     def from_weights(cls, weights, *, is_live_policy, cache):
@@ -114,11 +127,11 @@ class HostReference(Reference):
     mode = "host"
     uses_weights = runs_forward = streams_layers = True
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size, slots=None):
         non_layer = {k: v for k, v in params.items() if k != "layers"}
         on_device = type(params)({**params, **_to_device(non_layer)}) if non_layer else params
         return _stopped(pair_logprobs(graphdef, (on_device, frozen), micro, num_pairs=num_pairs,
-                                      chunk_size=chunk_size, layer_params_hook=_to_device))
+                                      chunk_size=chunk_size, layer_params_hook=_to_device, slots=slots))
 
     @classmethod
     def check_mesh(cls, mesh) -> None:
@@ -140,13 +153,14 @@ class CachedReference(Reference):
     mode = "cached"
     uses_weights = True
     batch_keys = ("ref_chosen", "ref_rejected")
+    takes_groups = False  # the cache holds two sums per example (ref_chosen, ref_rejected)
 
     def __init__(self, cache):
         super().__init__(None)
         self.cache = cache  # a jaxdpo.preference.reference_cache.ReferenceCache
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
-        return micro["ref_chosen"], micro["ref_rejected"]
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size, slots=None):
+        return {"rc": micro["ref_chosen"], "rr": micro["ref_rejected"]}
 
     def attach(self, split: str, batch: dict) -> dict:
         return self.cache.attach(split, batch)
@@ -163,10 +177,10 @@ class LoRABaseReference(Reference):
     mode = "lora_base"
     needs_lora = runs_forward = True
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size, slots=None):
         adapters_off = jax.tree.map(jnp.zeros_like, policy_params)
         return _stopped(pair_logprobs(graphdef, (adapters_off, frozen), micro, num_pairs=num_pairs,
-                                      chunk_size=chunk_size))
+                                      chunk_size=chunk_size, slots=slots))
 
 
 class NoReference(Reference):
@@ -175,8 +189,8 @@ class NoReference(Reference):
     mode = "none"
     gives_logprobs = False
 
-    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size):
-        return None, None
+    def logprobs(self, graphdef, policy_params, frozen, params, micro, *, num_pairs, chunk_size, slots=None):
+        return _absent(slots)
 
 
 KINDS: dict[str, type[Reference]] = {kind.mode: kind for kind in (
@@ -225,6 +239,10 @@ def check_config(config, *, lora_on: bool) -> None:
                           f"base model (reference.mode lora_base); clear reference.path")
 
 
+    grouped = losses.example_kind(config.loss) is ExampleKind.GROUP
+    if grouped and not reference_kind(config, lora_on=lora_on)[0].takes_groups:
+        raise ConfigError(f"reference.mode = {mode} cannot serve groups (loss.group = {losses.group_rule(config.loss)!r}):"
+                          " it caches two logprob sums per example; use reference.mode device, host or lora_base")
 def gives_logprobs(config, *, lora_on: bool) -> bool:
     """Whether the run's reference gives logprobs (reference-free losses need none)."""
     return reference_kind(config, lora_on=lora_on)[0].gives_logprobs

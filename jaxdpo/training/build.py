@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdpo.data.examples import ExampleKind, pairs_of_origin
-from jaxdpo.data.layouts import EXAMPLE_KEYS
+from jaxdpo.data.layouts import KIND_KEYS
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
@@ -142,7 +142,7 @@ def as_loss_examples(tokenized, config):
     completions (chunks of train.batch_size, in data order) when a loss estimates KL."""
     from jaxdpo.data import UnpairedExamples
 
-    if losses.example_kind(config.loss) is ExampleKind.PAIR:
+    if losses.example_kind(config.loss) is not ExampleKind.UNPAIRED:
         return tokenized
     kl_chunk = config.train.batch_size if losses.needs_kl_rows(config.loss) else None
     return UnpairedExamples(tokenized, max_length=int(config.data.max_length), kl_chunk=kl_chunk)
@@ -150,7 +150,7 @@ def as_loss_examples(tokenized, config):
 
 def warn_class_balance(examples, config) -> None:
     """TRL's KTO warning when the class weights do not balance the training rows (process 0 logs it)."""
-    if losses.example_kind(config.loss) is ExampleKind.PAIR or not distributed.is_main_process():
+    if losses.example_kind(config.loss) is not ExampleKind.UNPAIRED or not distributed.is_main_process():
         return
     desirable = int(examples.labels.sum())
     warning = losses.class_balance_warning(config.loss, desirable, len(examples) - desirable)
@@ -219,7 +219,8 @@ def attention_backend(config, model_config) -> str:
     backend, why = select_backend(requested, platform=jax.devices()[0].platform, layout=config.data.layout,
                                   dtype=DTYPES[config.model.dtype], head_dim=model_config.head_dim,
                                   logit_softcap=model_config.attn_logit_softcap,
-                                  sliding=any(model_config.layer_is_sliding))
+                                  sliding=any(model_config.layer_is_sliding),
+                                  groups=losses.example_kind(config.loss) is ExampleKind.GROUP)
     if backend != requested:
         log(f"  attention  {why}")
     return backend
@@ -327,7 +328,7 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     state_shardings["opt_state"] = sharding.optimizer_state_shardings(optimizer, policy.params, replicated)
     shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     unpaired = losses.example_kind(cfg.loss) is ExampleKind.UNPAIRED
-    keys = batches.batch_keys(reference, EXAMPLE_KEYS if unpaired else ())
+    keys = batches.batch_keys(reference, KIND_KEYS[losses.example_kind(cfg.loss)])
     train_batch_shardings = batches.batch_shardings(mesh, keys, stacked=True)
     eval_batch_shardings = batches.batch_shardings(mesh, keys, stacked=False)
     common = dict(frozen_shardings=shardings_of(policy.frozen), replicated=replicated,
@@ -338,7 +339,7 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
                                  chunk_size=cfg.model.logprob_chunk,
                                  dropout_seed=cfg.seed if with_dropout else None)  # masks: (seed, step, micro)
     eval_step = make_eval_step(policy.graphdef, reference=reference, num_pairs=cfg.train.eval_batch_size,
-                               chunk_size=cfg.model.logprob_chunk)
+                               chunk_size=cfg.model.logprob_chunk, kind=losses.example_kind(cfg.loss))
     return Steps(
         train_step=jit_train_step(sharding.traced_in(mesh, train_step), state_shardings=state_shardings,
                                   batch_shardings=train_batch_shardings, **common),

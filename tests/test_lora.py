@@ -66,9 +66,10 @@ def test_step0_is_ln2_and_only_adapters_train(assets, lora_run):
 def test_lora_base_reference_is_the_base_model_after_training(assets, lora_run):
     trainer, _, _ = lora_run
     batch = jax.tree.map(lambda x: x[0], train_batch(trainer, 0))
-    ref_c, ref_r = trainer.reference.logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
-                                              None, batch, num_pairs=trainer.config.train.micro_batch_size,
-                                              chunk_size=trainer.config.model.logprob_chunk)
+    ref = trainer.reference.logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
+                                     None, batch, num_pairs=trainer.config.train.micro_batch_size,
+                                     chunk_size=trainer.config.model.logprob_chunk)
+    ref_c, ref_r = ref["rc"], ref["rr"]
     from jaxdpo.training.step import pair_logprobs
     base = from_pretrained(assets["model"])
     graphdef, state = nnx.split(base)

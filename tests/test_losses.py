@@ -365,7 +365,7 @@ def test_config_section_and_fingerprint_loss_keys_come_from_the_specs():
     assert section.to_dict() == {  # the keys and defaults runs were written with
         "types": ("sigmoid",), "weights": (1.0,), "beta": 0.1, "label_smoothing": 0.0,
         "ipo_length_normalize": True, "gamma": 0.5, "lambda_": 0.1, "discopop_tau": 0.05, "nll_coef": 0.0,
-        "desirable_weight": 1.0, "undesirable_weight": 1.0}
+        "desirable_weight": 1.0, "undesirable_weight": 1.0, "group": ""}
     assert {k for k in RESUME_CRITICAL_KEYS if k.startswith("loss")} == {f"loss.{k}" for k in section}
     now = config_fingerprint(dpo.get_config())
     # A checkpoint whose fingerprint holds the section as one nested dict compares key by key.

@@ -6,6 +6,9 @@
     # context parallelism on 8 simulated devices: per-device memory, step time, longest row in a budget
     python tools/bench.py --shape llama-tiny --sequence 1,2,4,8 --max-length 32768 --budget-mib 1024
     python tools/bench.py --generate --model ckpt/smollm2-135m-instruct   # decode tokens/s vs transformers
+    # a group of 4 answers in one shared row (loss.group=all_pairs) vs its 6 pairs as prefix_shared rows
+    python tools/bench.py --shape llama-20m --groups 4 --batch-size 2 --prompt-len 300 --completion-len 100 \
+        --jitter 0.1 --max-length 512 --max-prompt-length 384
     # MFU on one GPU: a Qwen2.5-0.5B-shaped model, rows of 2048 tokens, bf16 compute, cuDNN attention
     python tools/bench.py --shape qwen2.5-0.5b --max-length 2048 --max-prompt-length 1536 --prompt-len 1200 \
         --completion-len 400 --batch-size 16 --layouts padded,packed --dtype bfloat16 --param-dtype float32 \
@@ -35,6 +38,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_real  # noqa: E402
+
+GENERATE_MODEL = "ckpt/smollm2-135m-instruct"
 
 SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab (+ family and tied embeddings)
     "llama-20m": dict(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=16000),
@@ -101,8 +109,30 @@ def synthetic_rows(n: int, vocab: int, prompt_len: int, completion_len: int, jit
              "rejected": " " + text(completion_len)} for _ in range(n)]
 
 
+def synthetic_groups(n: int, answers: int, vocab: int, prompt_len: int, completion_len: int, jitter: float,
+                     seed: int) -> list[dict]:
+    """Groups of `answers` completions with distinct scores (a random order), lengths as synthetic_rows."""
+    rng = random.Random(seed)
+    pairs = synthetic_rows(n * answers, vocab, prompt_len, completion_len, jitter, seed)
+    groups = []
+    for g in range(n):
+        scores = [float(x) for x in rng.sample(range(answers), answers)]
+        groups.append({"prompt": pairs[g * answers]["prompt"],
+                       "completions": [pairs[g * answers + i]["chosen"] for i in range(answers)], "scores": scores})
+    return groups
+
+
+def pairs_of_groups(groups: list[dict]) -> list[dict]:
+    """Every pair of different scores of each group, in group order: what all_pairs trains on."""
+    return [{"prompt": g["prompt"], "chosen": g["completions"][i], "rejected": g["completions"][k]}
+            for g in groups for i in range(len(g["scores"])) for k in range(len(g["scores"]))
+            if g["scores"][i] > g["scores"][k]]
+
+
 # -- jaxdpo -----------------------------------------------------------------------------------------
-def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout: str, workdir: str) -> dict:
+def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout: str, workdir: str, *,
+               batch_size: int = 0, group: str = "") -> dict:
+    """One layout's figures; `batch_size` (examples per step) overrides --batch-size, `group` sets loss.group."""
     import jax
     import numpy as np
 
@@ -124,8 +154,9 @@ def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout
     c.data.truncation = "keep_end"
     c.data.layout = layout
     c.data.cache_dir = os.path.join(workdir, "cache")
-    c.train.batch_size = args.batch_size
-    c.train.micro_batch_size = args.micro_batch_size or args.batch_size
+    c.loss.group = group
+    c.train.batch_size = batch_size or args.batch_size
+    c.train.micro_batch_size = args.micro_batch_size or c.train.batch_size
     c.train.eval_batch_size = c.train.micro_batch_size
     c.train.steps = args.warmup + args.steps
     c.reference.mode = args.reference
@@ -181,7 +212,7 @@ def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout
     device = jax.devices()[0]
     if device.platform != "cpu":
         peak_device = device.memory_stats().get("peak_bytes_in_use")
-    pairs_s = args.batch_size / step_s
+    pairs_s = c.train.batch_size / step_s
     return {
         "layout": layout, "row_length": data.row_length, "params": policy.num_params,
         "compile_s": compile_s, "compiled_shapes": len(compile_times), "step_s": step_s, "step_times_s": times, "pairs_per_s": pairs_s,
@@ -299,11 +330,15 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-mib", type=int, default=1024, help="--sequence: per-device memory budget")
     p.add_argument("--generate", action="store_true",
                    help="only decode tokens/s of jaxdpo.sampling.generate vs transformers' generate (tools/bench_generate.py)")
-    p.add_argument("--model", default="ckpt/smollm2-135m-instruct", help="--generate: a HF model directory")
+    p.add_argument("--model", default="", help="a HF model directory: with --generate the decode comparison "
+                   f"(default {GENERATE_MODEL}), else the real-model side by side (tools/bench_real.py)")
     p.add_argument("--batch-sizes", default="1,32", help="--generate: comma-separated rows per call")
     p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens decoded per row")
     p.add_argument("--torch-threads", type=int, default=0, help="--generate: transformers' threads (0 = torch's)")
+    p.add_argument("--groups", type=int, default=0, help="answers per group: --batch-size groups in one grouped "
+                   "row each against their pairs as prefix_shared rows (0 = off)")
     p.add_argument("--json", default="", help="write every figure here")
+    bench_real.add_arguments(p)
     args = p.parse_args(argv)
 
     if args.sequence:
@@ -324,9 +359,13 @@ def main(argv=None) -> dict:
     if args.generate:
         from bench_generate import bench_generate
 
-        report["generate"] = bench_generate(args.model, [int(b) for b in args.batch_sizes.split(",")],
+        report["generate"] = bench_generate(args.model or GENERATE_MODEL, [int(b) for b in args.batch_sizes.split(",")],
                                             args.new_tokens, repeats=args.steps, dtype=args.dtype,
                                             torch_threads=args.torch_threads)
+        _write(args, report)
+        return report
+    if args.model:
+        report["real"] = bench_real.side_by_side(args, flops.measure_matmul_peak())
         _write(args, report)
         return report
     if args.memory_vocab:
@@ -347,6 +386,10 @@ def main(argv=None) -> dict:
     # class (Qwen2Tokenizer for qwen2), which splits no "w<i>" word: every pair would be BOS and two EOS.
     tokenizer = make_tokenizer(tokenizer_dir, shape["vocab"])
     report["hf_params"] = make_model(model_dir, tokenizer, shape)
+    if args.groups:
+        report["groups"] = groups_vs_pairs(args, model_dir, tokenizer_dir, tmp)
+        _write(args, report)
+        return report
     n = (args.warmup + args.steps) * args.batch_size
     if args.data:
         rows = [json.loads(line) for line in open(args.data) if line.strip()][:n]
@@ -405,6 +448,35 @@ def main(argv=None) -> dict:
                   f"jaxdpo ({best['layout']}) / TRL = {report['trl']['jaxdpo_over_trl']:.2f}x")
     _write(args, report)
     return report
+
+
+def groups_vs_pairs(args, model_dir: str, tokenizer_dir: str, tmp: str) -> dict:
+    """--batch-size groups of --groups answers per step in one shared row each (data.layout=grouped,
+    loss.group=all_pairs) against the same groups' pairs, one prefix_shared row each (K(K-1)/2 per group):
+    the same loss terms, so tokens fed per step and step time compare what sharing the prompt saves."""
+    shape, k = SHAPES[args.shape], args.groups
+    groups = synthetic_groups((args.warmup + args.steps) * args.batch_size, k, shape["vocab"], args.prompt_len,
+                              args.completion_len, args.jitter, seed=0)
+    files = {}
+    for name, rows in (("groups", groups), ("pairs", pairs_of_groups(groups))):
+        files[name] = os.path.join(tmp, f"{name}.jsonl")
+        with open(files[name], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    pairs_per_group = k * (k - 1) // 2
+    grouped = run_jaxdpo(args, model_dir, tokenizer_dir, files["groups"], "grouped", os.path.join(tmp, "run_groups"),
+                         group="all_pairs")
+    paired = run_jaxdpo(args, model_dir, tokenizer_dir, files["pairs"], "prefix_shared", os.path.join(tmp, "run_pairs"),
+                        batch_size=args.batch_size * pairs_per_group)
+    out = {"answers": k, "groups_per_step": args.batch_size, "pairs_per_step": args.batch_size * pairs_per_group,
+           "grouped": grouped, "prefix_shared_pairs": paired,
+           "fed_tokens_ratio": paired["fed_tokens_per_step"] / grouped["fed_tokens_per_step"],
+           "step_time_ratio": paired["step_s"] / grouped["step_s"]}
+    for name, r in (("grouped (1 row/group)", grouped), (f"prefix_shared ({pairs_per_group} rows/group)", paired)):
+        print(f"{name:28s} T={r['row_length']:4d}  {r['fed_tokens_per_step']:8.0f} tokens/step  step "
+              f"{r['step_s'] * 1e3:8.1f}ms  compile {r['compile_s']:5.1f}s")
+    print(f"pairs as prefix_shared rows / groups in one row: {out['fed_tokens_ratio']:.2f}x tokens per step, "
+          f"{out['step_time_ratio']:.2f}x step time")
+    return out
 
 
 def _write(args, report):

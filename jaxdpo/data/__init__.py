@@ -6,7 +6,8 @@
 
 Examples are pairs (TokenizedPairs) or, for an unpaired loss (`kind=ExampleKind.UNPAIRED`), unpaired
 rows (TokenizedRows): a paired file then gives each pair's chosen and rejected completion as a desirable
-and an undesirable row, in TRL's order (formats.unpair_order). jaxdpo/data/examples.py says what an
+and an undesirable row, in TRL's order (formats.unpair_order). With loss.group set (`kind=GROUP`) they are
+groups of N scored completions (TokenizedGroups); a pair is then the group (chosen, rejected), scores (1, 0). jaxdpo/data/examples.py says what an
 example is to the batcher.
 
 Each entry of data.train_files is a source (files/globs/dir or a hub name), tokenized on its own and
@@ -28,8 +29,11 @@ from jaxdpo.data.formats import (
     BadRow,
     Pair,
     check_prompt_key,
+    is_group_row,
     is_unpaired_row,
+    normalize_group_row,
     normalize_row,
+    pair_as_group,
     normalize_unpaired_row,
     unpair,
     unpair_order,
@@ -45,6 +49,7 @@ from jaxdpo.data.loading import (
     resolve_paths,
 )
 from jaxdpo.data.tokenize import (
+    TokenizedGroups,
     TokenizedPairs,
     TokenizedRows,
     TokenizerSpec,
@@ -52,13 +57,14 @@ from jaxdpo.data.tokenize import (
     tokenize_completions,
     tokenize_pair,
     truncate,
+    truncate_group,
     truncate_row,
 )
 from jaxdpo.errors import ConfigError
 
 __all__ = ["load_preference_data", "tokenize_rows", "tokenize_unpaired_rows", "mix_sources", "format_report",
-           "TokenizedPairs", "TokenizedRows", "ExampleKind", "UnpairedExamples", "PairBatcher", "make_batch",
-           "row_length", "LAYOUTS", "require_full_batch"]
+           "TokenizedPairs", "TokenizedRows", "TokenizedGroups", "ExampleKind", "UnpairedExamples", "PairBatcher",
+           "make_batch", "row_length", "LAYOUTS", "require_full_batch"]
 
 
 def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str, dropped: collections.Counter):
@@ -200,7 +206,57 @@ def tokenize_unpaired_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *,
     return out, section
 
 
-TOKENIZE = {ExampleKind.PAIR: tokenize_rows, ExampleKind.UNPAIRED: tokenize_unpaired_rows}
+def _normalized_group(row: RawRow, data_cfg):
+    """A group row as it is, a pair as the group (chosen, rejected); an unpaired row is refused."""
+    if is_group_row(row.data, completions_key=data_cfg.completions_key):
+        return normalize_group_row(row.data, prompt_key=data_cfg.prompt_key, completions_key=data_cfg.completions_key,
+                                   scores_key=data_cfg.scores_key)
+    if is_unpaired_row(row.data, completion_key=data_cfg.completion_key, chosen_key=data_cfg.chosen_key,
+                       rejected_key=data_cfg.rejected_key):
+        raise ConfigError(f"{row.where} is an unpaired row (key {data_cfg.completion_key!r}), but loss.group "
+                          f"takes groups ({data_cfg.completions_key!r}, {data_cfg.scores_key!r}) or pairs")
+    return pair_as_group(normalize_row(row.data, prompt_key=data_cfg.prompt_key, chosen_key=data_cfg.chosen_key,
+                                       rejected_key=data_cfg.rejected_key))
+
+
+def tokenize_group_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress: bool = False,
+                        label: str = "") -> tuple[TokenizedGroups, dict]:
+    """Normalize, tokenize and truncate raw rows into groups (pairs become groups of two); -> groups and
+    their report section. A bad group (fewer than 2 completions, scores that are not one finite number per
+    completion) is one error naming file, row and key, or skipped and counted (data.on_bad_row)."""
+    on_bad_row = _check_on_bad_row(data_cfg)
+    out, dropped, prefix_mismatch = TokenizedGroups.empty(), collections.Counter(), 0
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+    for row in rows:
+        if row.error is not None:
+            _bad(row, row.error, None, row.detail, on_bad_row, dropped)
+            continue
+        try:
+            group = _normalized_group(row, data_cfg)
+            prompt, completions, mismatches = tokenize_completions(
+                spec, group.prompt, group.completions, conversational=group.conversational,
+                keys=(data_cfg.completions_key,) * len(group.completions))
+        except BadRow as e:
+            _bad(row, e.reason, e.key, e.detail, on_bad_row, dropped)
+            continue
+        prefix_mismatch += mismatches
+        truncated = truncate_group(prompt, completions, max_length=int(data_cfg.max_length),
+                                   max_prompt_length=int(data_cfg.max_prompt_length), truncation=data_cfg.truncation,
+                                   bos_id=spec.bos_id)
+        if truncated is None:
+            dropped["truncated_to_empty"] += 1
+            continue
+        out.append(*truncated, group.scores, (row.file, row.row))
+    section = {"rows": len(rows), "kept": len(out), "dropped": dict(sorted(dropped.items())),
+               "prefix_mismatch": prefix_mismatch}
+    return out, section
+
+
+TOKENIZE = {ExampleKind.PAIR: tokenize_rows, ExampleKind.UNPAIRED: tokenize_unpaired_rows,
+            ExampleKind.GROUP: tokenize_group_rows}
 
 
 def _source_identity(source: Source, split: str) -> tuple[list[str], dict, list]:

@@ -57,7 +57,7 @@ class PairBatcher:
         self.pad_id = pad_id
         self.local_pairs = micro_batch_size // process_count  # P of every micro-batch this process builds
         self.static_slots = scored_slots(self.pairs, layout, row_length)  # None for packed: per step
-        rows_per_pair = {"padded": self.pairs.completions, "prefix_shared": 1}.get(layout)
+        rows_per_pair = {"padded": self.pairs.completions, "prefix_shared": 1, "grouped": 1}.get(layout)
         if rows_per_pair is not None and (rows_per_pair * self.local_pairs) % row_multiple:
             raise ConfigError(f"a micro-batch of {self.local_pairs} pairs per process makes "
                               f"{rows_per_pair * self.local_pairs} {layout} rows, which do not split over the "

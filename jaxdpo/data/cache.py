@@ -12,6 +12,7 @@ empty, a bad CRC) is reported in one line and rebuilt.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import zipfile
@@ -19,7 +20,7 @@ import zipfile
 import numpy as np
 
 from jaxdpo.data.examples import ExampleKind
-from jaxdpo.data.tokenize import TokenizedPairs, TokenizedRows, TokenizerSpec
+from jaxdpo.data.tokenize import TokenizedGroups, TokenizedPairs, TokenizedRows, TokenizerSpec
 
 # Bump when the tokenized output of the same inputs changes (tokenize.py, formats.py, truncation).
 CACHE_VERSION = 2  # 2: keys on content digests; standard rows tokenized as TRL 1.x
@@ -40,10 +41,15 @@ def tokenizer_fingerprint(spec: TokenizerSpec) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
 
 
+# The data keys only one kind of example reads (pairs' keys are read by every kind).
+_KIND_KEYS = {ExampleKind.UNPAIRED: ("completion_key", "label_key"),
+              ExampleKind.GROUP: ("completion_key", "completions_key", "scores_key")}
+
+
 def cache_key(source_fingerprint, spec: TokenizerSpec, data_cfg, split: str,
               kind: ExampleKind = ExampleKind.PAIR) -> str:
     keys = ("prompt_key", "chosen_key", "rejected_key", "max_length", "max_prompt_length", "truncation",
-            "on_bad_row", "max_samples") + (("completion_key", "label_key") if kind is ExampleKind.UNPAIRED else ())
+            "on_bad_row", "max_samples") + _KIND_KEYS.get(kind, ())
     settings = {key: data_cfg.get(key) for key in keys}
     identity = {"version": CACHE_VERSION, "source": source_fingerprint, "split": split,
                 "tokenizer": tokenizer_fingerprint(spec), "settings": settings}
@@ -87,18 +93,41 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-# The id sequences of each kind's tokenized examples (TokenizedRows also stores its labels).
+# The id sequences of each kind's tokenized examples (TokenizedRows also stores its labels; TokenizedGroups
+# its completions one after another, with each group's size and its scores).
 _ARRAYS = {ExampleKind.PAIR: ("prompt_ids", "chosen_ids", "rejected_ids"),
-           ExampleKind.UNPAIRED: ("prompt_ids", "completion_ids")}
+           ExampleKind.UNPAIRED: ("prompt_ids", "completion_ids"),
+           ExampleKind.GROUP: ("prompt_ids", "completion_ids")}
+_EXTRA = {ExampleKind.PAIR: (), ExampleKind.UNPAIRED: ("labels",), ExampleKind.GROUP: ("group_sizes", "scores")}
 
 
-def save(path: str, pairs: TokenizedPairs | TokenizedRows, section: dict, files: list[str]) -> None:
+def _group_arrays(groups: TokenizedGroups) -> dict[str, np.ndarray]:
+    arrays = {}
+    arrays["prompt_ids"], arrays["prompt_ids_lengths"] = _flatten(groups.prompt_ids)
+    arrays["completion_ids"], arrays["completion_ids_lengths"] = _flatten([c for g in groups.completion_ids for c in g])
+    arrays["group_sizes"] = np.array([len(g) for g in groups.completion_ids], np.int64)
+    arrays["scores"] = np.concatenate(groups.scores).astype(np.float32) if len(groups) else np.zeros((0,), np.float32)
+    return arrays
+
+
+def _groups_of(z, prompts: list[np.ndarray], completions: list[np.ndarray], source) -> TokenizedGroups:
+    starts = np.concatenate([[0], np.cumsum(z["group_sizes"])]).astype(np.int64)
+    spans = list(itertools.pairwise(starts))
+    return TokenizedGroups(prompts, [completions[a:b] for a, b in spans], [z["scores"][a:b] for a, b in spans],
+                           source)
+
+
+def save(path: str, pairs: TokenizedPairs | TokenizedRows | TokenizedGroups, section: dict,
+         files: list[str]) -> None:
     """`files`: the source's files in order; rows are stored by their index there, so that a later run
     names them as it spells them."""
     arrays = {}
     unpaired = isinstance(pairs, TokenizedRows)
-    for name in _ARRAYS[ExampleKind.UNPAIRED if unpaired else ExampleKind.PAIR]:
-        arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
+    if isinstance(pairs, TokenizedGroups):
+        arrays = _group_arrays(pairs)
+    else:
+        for name in _ARRAYS[ExampleKind.UNPAIRED if unpaired else ExampleKind.PAIR]:
+            arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
     if unpaired:
         arrays["labels"] = np.asarray(pairs.labels, bool)
     index = {f: i for i, f in enumerate(files)}
@@ -109,11 +138,10 @@ def save(path: str, pairs: TokenizedPairs | TokenizedRows, section: dict, files:
 
 
 def load(path: str, files: list[str], kind: ExampleKind = ExampleKind.PAIR, *,
-         on_damage=None) -> tuple[TokenizedPairs | TokenizedRows, dict] | None:
+         on_damage=None) -> tuple[TokenizedPairs | TokenizedRows | TokenizedGroups, dict] | None:
     """The cached entry with its rows named by `files` (this run's spelling), or None when absent or damaged."""
     sequences = _ARRAYS[kind]
-    extra = ("labels",) if kind is ExampleKind.UNPAIRED else ()
-    names = (*sequences, *(n + "_lengths" for n in sequences), *extra, "source_file", "source_row", "meta")
+    names = (*sequences, *(n + "_lengths" for n in sequences), *_EXTRA[kind], "source_file", "source_row", "meta")
     z = read_npz(path, names, on_damage=on_damage)
     if z is None:
         return None
@@ -122,4 +150,6 @@ def load(path: str, files: list[str], kind: ExampleKind = ExampleKind.PAIR, *,
     section = json.loads(str(z["meta"]))["section"]
     if kind is ExampleKind.UNPAIRED:
         return TokenizedRows(*seqs, [bool(x) for x in z["labels"]], source), section
+    if kind is ExampleKind.GROUP:
+        return _groups_of(z, *seqs, source), section
     return TokenizedPairs(*seqs, source), section

@@ -3,13 +3,16 @@
 A pair is a prompt with two completions in order of preference (chosen, rejected). An unpaired row is a
 prompt with one completion and a label (desirable or not), as TRL's unpaired format holds it. The
 batcher and the layouts see an example as a tuple `(prompt, completion_1, ..., completion_N)` of token
-ids (N fixed for a dataset); completion k is scored on `side` k + 1 of the batch, so the step's per-example
-sums are slot 1 and slot 2 whatever the example is. What the slots mean is the loss's business:
+ids; completion k is scored on `side` k of the batch (slot k). Pairs and unpaired rows have one N per
+dataset and the step sums slots 1 and 2; groups may differ in N, the batch has slots 1..N for the largest
+N of the dataset and the step sums all of them ([P, N]). What the slots mean is the loss's business:
 
   PAIR      slot 1 = chosen, slot 2 = rejected.
   UNPAIRED  slot 1 = the row's completion; slot 2 = its KL completion when the loss estimates KTO's KL
             term (another row's completion after this row's prompt), else absent (N = 1). The batch
             also carries `label` [P] (1 = desirable).
+  GROUP     slot k = the group's completion k (tokenize.TokenizedGroups). The batch also carries
+            `group_scores` [P, N] and `group_mask` [P, N] (1 where the group has completion k).
 
 KTO's KL completions are formed here, when the data is prepared, as TRL 1.16's KTOTrainer forms them: in
 data order, the completions cycled by one within consecutive chunks of the batch size (row i of a chunk
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdpo.data.formats import ExampleKind
-from jaxdpo.data.tokenize import TokenizedPairs
+from jaxdpo.data.tokenize import TokenizedGroups, TokenizedPairs
 
 __all__ = ["ExampleKind", "UnpairedExamples", "ExampleTuples", "as_examples", "kl_partners", "pairs_of_origin"]
 
@@ -105,9 +108,10 @@ class ExampleTuples:
 
 
 def as_examples(data):
-    """`data` as batcher examples: TokenizedPairs and UnpairedExamples are; a plain sequence of tuples is
-    wrapped."""
-    return data if isinstance(data, (TokenizedPairs, UnpairedExamples, ExampleTuples)) else ExampleTuples(data)
+    """`data` as batcher examples: TokenizedPairs, TokenizedGroups and UnpairedExamples are; a plain sequence
+    of tuples is wrapped."""
+    examples = (TokenizedPairs, TokenizedGroups, UnpairedExamples, ExampleTuples)
+    return data if isinstance(data, examples) else ExampleTuples(data)
 
 
 def pairs_of_origin(rows) -> np.ndarray:

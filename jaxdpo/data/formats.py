@@ -18,6 +18,11 @@ Unpaired rows (TRL's unpaired format) hold one completion and a boolean label, a
 A file holds one shape or the other; `unpair` turns pairs into unpaired rows as TRL's
 `unpair_preference_dataset` does.
 
+Groups hold N >= 2 scored completions of one explicit prompt (N may differ between rows); a higher score is
+a better completion, equal scores are ties:
+  {"prompt": "2+2=", "completions": ["4", "5", "four"], "scores": [1.0, 0.0, 0.5]}
+A pair feeding a group loss is the group (chosen, rejected) with scores (1, 0).
+
 A row that cannot be normalized raises `BadRow(reason, key, detail)`; the caller turns it into a
 ConfigError or a skip, following `data.on_bad_row`.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any
 
 from jaxdpo.errors import ConfigError
@@ -56,11 +62,12 @@ class ExampleKind(enum.Enum):
 
     PAIR = "pair"
     UNPAIRED = "unpaired"
+    GROUP = "group"
 
     @property
     def noun(self) -> str:
         """How reports and messages count examples of this kind."""
-        return {"pair": "pairs", "unpaired": "unpaired rows"}[self.value]
+        return {"pair": "pairs", "unpaired": "unpaired rows", "group": "groups"}[self.value]
 
 
 @dataclasses.dataclass
@@ -85,6 +92,19 @@ class LabelledCompletion:
     @property
     def conversational(self) -> bool:
         return isinstance(self.completion, list)
+
+
+@dataclasses.dataclass
+class ScoredGroup:
+    """One group: a prompt, N >= 2 completions and their scores (higher is better, equal scores tie)."""
+
+    prompt: str | Messages
+    completions: list[str | Messages]
+    scores: list[float]
+
+    @property
+    def conversational(self) -> bool:
+        return any(isinstance(c, list) for c in self.completions)
 
 
 # TRL's unpair_preference_dataset maps pairs in `datasets.map` batches of this many, each giving its
@@ -276,3 +296,55 @@ def unpair_order(num_pairs: int) -> list[tuple[int, bool]]:
 def unpair(pair: Pair, desirable: bool) -> LabelledCompletion:
     """One side of a pair as an unpaired row: chosen is desirable, rejected is not."""
     return LabelledCompletion(pair.prompt, pair.chosen if desirable else pair.rejected, desirable)
+
+
+def is_group_row(data: dict[str, Any], *, completions_key: str) -> bool:
+    """Whether a raw row is a group (it has the completions key)."""
+    return completions_key in data
+
+
+def _finite_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _group_scores(data: dict[str, Any], scores_key: str, count: int) -> list[float]:
+    scores = data.get(scores_key)
+    if not isinstance(scores, list):
+        raise BadRow("missing_scores" if scores is None else "wrong_type", scores_key,
+                     f"a group needs {scores_key!r}, a list of one number per completion (found "
+                     f"{type(scores).__name__})")
+    if len(scores) != count:
+        raise BadRow("score_count", scores_key, f"{len(scores)} scores for {count} completions; give one score "
+                                                "per completion")
+    bad = [i for i, score in enumerate(scores) if not _finite_score(score)]
+    if bad:
+        raise BadRow("bad_score", scores_key, f"score {bad[0]} is {scores[bad[0]]!r}; scores must be finite numbers")
+    return [float(score) for score in scores]
+
+
+def normalize_group_row(data: dict[str, Any], *, prompt_key: str = "prompt", completions_key: str = "completions",
+                        scores_key: str = "scores") -> ScoredGroup:
+    """One raw group row -> ScoredGroup, or BadRow naming the key: fewer than 2 completions, an empty one,
+    scores that are not one finite number per completion. The prompt is explicit."""
+    if prompt_key not in data or data[prompt_key] is None:
+        raise BadRow("missing_key", prompt_key, f"the group has no {prompt_key!r}; groups need an explicit prompt "
+                                                f"(keys present: {sorted(data)})")
+    prompt = text_or_messages(data, prompt_key)
+    raw = data[completions_key]
+    if not isinstance(raw, list) or len(raw) < 2:
+        found = f"{len(raw)} completion(s)" if isinstance(raw, list) else type(raw).__name__
+        raise BadRow("small_group", completions_key, f"{completions_key!r} must list at least 2 completions "
+                                                     f"(found {found})")
+    completions = [text_or_messages({completions_key: c}, completions_key) for c in raw]
+    scores = _group_scores(data, scores_key, len(completions))
+    if isinstance(prompt, list) or any(isinstance(c, list) for c in completions):
+        prompt, completions = _as_messages(prompt, "user"), [_as_messages(c, "assistant") for c in completions]
+    for i, completion in enumerate(completions):
+        if _is_empty(completion):
+            raise BadRow("empty_completion", completions_key, f"completion {i} is empty")
+    return ScoredGroup(prompt, completions, scores)
+
+
+def pair_as_group(pair: Pair) -> ScoredGroup:
+    """A pair as a group of two: chosen scores 1, rejected 0."""
+    return ScoredGroup(pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])

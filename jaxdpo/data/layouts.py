@@ -1,13 +1,15 @@
 """Token ids of examples -> one micro-batch in the layout-independent format of DEVELOPING.md.
 
-An example is (prompt, completion_1, ..., completion_N), N fixed per dataset (jaxdpo/data/examples.py):
-a pair is (prompt, chosen, rejected); completion k is scored on side k + 1 and written on branch k + 1.
+An example is (prompt, completion_1, ..., completion_N) (jaxdpo/data/examples.py): a pair is (prompt,
+chosen, rejected); completion k is scored on side k and written on branch k (1..N).
 
-  padded         N rows per example: rows kP..(k+1)P-1 hold prompt+completion_k of examples 0..P-1
-                 (for pairs: rows 0..P-1 prompt+chosen, rows P..2P-1 prompt+rejected). T = data.max_length.
+  padded         N rows per example (N = the dataset's largest): rows (k-1)P..kP-1 hold prompt+completion_k
+                 of examples 0..P-1, empty where an example has fewer (for pairs: rows 0..P-1
+                 prompt+chosen, rows P..2P-1 prompt+rejected). T = data.max_length.
   prefix_shared  one row per example: prompt[:-1] | prompt[-1]+completion_1 | ... | prompt[-1]+completion_N,
-                 every branch continuing the prompt's positions. T = the smallest multiple of 8 >= the
-                 longest example of the dataset (for a pair P+C+R+1 tokens).
+  (= grouped)    every branch continuing the prompt's positions and seeing only the prompt and itself.
+                 T = the smallest multiple of 8 >= the longest example of the dataset (for a pair P+C+R+1
+                 tokens). `grouped` names the same rows for groups of N scored completions.
   packed         several prefix-shared examples per row (first-fit decreasing), segment ids 1..k per row.
                  T = data.pack_length (0 = 2*max_length); R = rows needed, rounded up to a multiple of
                  `row_multiple` so that few distinct shapes reach the compiler.
@@ -23,16 +25,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxdpo.data.formats import ExampleKind
 from jaxdpo.errors import ConfigError
 
-LAYOUTS = ("padded", "prefix_shared", "packed")
+LAYOUTS = ("padded", "prefix_shared", "grouped", "packed")
+ONE_ROW_PER_EXAMPLE = ("prefix_shared", "grouped")  # the prompt once, every completion a branch after it
 ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "pair_index", "side")
 # What a step reads per row: the layout's rows plus the batcher's scored positions.
 STEP_ROW_KEYS = ROW_KEYS + ("scored_index",)
 # [P] arrays (one value per pair, not per row): the batcher adds pair_ids, the cached reference ref_*.
 PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")
-# [P] arrays an example kind adds (examples.py): the label of unpaired rows.
-EXAMPLE_KEYS = ("label",)
+# Per-example arrays an example kind adds (examples.py): the label [P] of unpaired rows, the scores and
+# completion mask [P, N] of groups.
+EXAMPLE_KEYS = ("label", "group_scores", "group_mask")
+KIND_KEYS = {ExampleKind.PAIR: (), ExampleKind.UNPAIRED: ("label",),
+             ExampleKind.GROUP: ("group_scores", "group_mask")}
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids; CHOSEN/REJECTED double as `side` values
 
 
@@ -54,7 +61,7 @@ def row_length(pairs, layout: str, data_cfg, *, sequence: int = 1) -> int:
     if layout == "padded":
         return max_length
     longest = max((shared_length(*pairs[i]) for i in range(len(pairs))), default=8)
-    if layout == "prefix_shared":
+    if layout in ONE_ROW_PER_EXAMPLE:
         chunks = 2 * sequence
         return min(_round_up(longest, math.lcm(8, chunks)), _round_up(max(2 * max_length, longest), chunks))
     if layout == "packed":
@@ -197,12 +204,12 @@ def make_batch(pairs: Sequence[tuple], *, layout: str, row_length: int, num_pair
                     raise ConfigError(f"pair of {len(prompt)}+{len(completion)} tokens exceeds the padded row "
                                       f"length {row_length}; the data was tokenized for a larger data.max_length")
                 _write_padded(rows, r, prompt, completion, pair=p, side=side)
-    elif layout == "prefix_shared":
+    elif layout in ONE_ROW_PER_EXAMPLE:
         rows = _empty_rows(num_pairs, row_length, pad_id)
         for p, example in enumerate(pairs):
             if shared_length(*example) > row_length:
                 raise ConfigError(f"an example of {shared_length(*example)} tokens exceeds the "
-                                  f"prefix_shared row length {row_length}; compute it with layouts.row_length")
+                                  f"{layout} row length {row_length}; compute it with layouts.row_length")
             _write_shared(rows, p, 0, *example, pair=p, segment=1)
     elif layout == "packed":
         packing = pack_rows([shared_length(*p) for p in pairs], row_length)

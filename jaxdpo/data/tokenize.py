@@ -118,6 +118,64 @@ class TokenizedRows:
 
 
 @dataclasses.dataclass
+class TokenizedGroups:
+    """Token ids of groups, in order: prompt, its N >= 2 completions (N may differ between groups) and their
+    scores. As batcher examples `[i]` is (prompt, *completions); `completions` is the largest N, the slots
+    every batch of them has (jaxdpo/data/examples.py)."""
+
+    prompt_ids: list[np.ndarray]
+    completion_ids: list[list[np.ndarray]]
+    scores: list[np.ndarray]
+    source: list[tuple[str, int]]
+
+    kind = ExampleKind.GROUP
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
+        return (self.prompt_ids[i], *self.completion_ids[i])
+
+    @property
+    def completions(self) -> int:
+        return max((len(c) for c in self.completion_ids), default=2)
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedGroups":
+        return TokenizedGroups([self.prompt_ids[i] for i in indices], [self.completion_ids[i] for i in indices],
+                               [self.scores[i] for i in indices], [self.source[i] for i in indices])
+
+    @classmethod
+    def empty(cls) -> "TokenizedGroups":
+        return cls([], [], [], [])
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedGroups"]) -> "TokenizedGroups":
+        out = cls.empty()
+        for part in parts:
+            out.prompt_ids += part.prompt_ids
+            out.completion_ids += part.completion_ids
+            out.scores += part.scores
+            out.source += part.source
+        return out
+
+    def append(self, prompt, completions, scores, source) -> None:
+        self.prompt_ids.append(np.asarray(prompt, np.int32))
+        self.completion_ids.append([np.asarray(c, np.int32) for c in completions])
+        self.scores.append(np.asarray(scores, np.float32))
+        self.source.append(source)
+
+    def example_arrays(self, indices: Sequence[int], size: int) -> dict[str, np.ndarray]:
+        """`group_scores` [size, N] (float32) and `group_mask` [size, N] (1 where group i has completion k);
+        zeros on the padding examples after `indices` and the slots after a smaller group's last."""
+        slots = self.completions
+        scores, mask = np.zeros((size, slots), np.float32), np.zeros((size, slots), np.int32)
+        for row, i in enumerate(indices):
+            n = len(self.scores[i])
+            scores[row, :n], mask[row, :n] = self.scores[i], 1
+        return {"group_scores": scores, "group_mask": mask}
+
+
+@dataclasses.dataclass
 class TokenizerSpec:
     """What tokenization needs to know about a tokenizer, worked out once."""
 
@@ -212,7 +270,8 @@ def tokenize_conversation(spec: TokenizerSpec, prompt_messages,
     prompt = _encode(spec, prompt_text)
     mismatches = 0
     out = []
-    for key, messages in zip(("chosen", "rejected") if len(completions) == 2 else ("completion",), completions):
+    keys = ("chosen", "rejected") if len(completions) == 2 else ("completion",) * len(completions)
+    for key, messages in zip(keys, completions):
         full_text = _render(spec, prompt_messages + messages, add_generation_prompt=False)
         full = _encode(spec, full_text)
         if full[:len(prompt)] == prompt:
@@ -289,3 +348,15 @@ def truncate_row(prompt: list[int], completion: list[int], *, max_length: int, m
     if max_length - len(prompt) <= 0:
         return None
     return prompt, completion[:max_length - 1]
+
+
+def truncate_group(prompt: list[int], completions: Sequence[list[int]], *, max_length: int,
+                   max_prompt_length: int, truncation: str, bos_id: int | None):
+    """A group's length limits, those of pairs: the prompt cut first, then each completion to the room the
+    prompt leaves in max_length. None when the prompt leaves no room."""
+    if max_prompt_length:
+        prompt = cut_prompt(prompt, max_prompt_length, truncation, bos_id)
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None
+    return prompt, [completion[:room] for completion in completions]

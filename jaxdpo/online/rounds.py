@@ -3,9 +3,11 @@
 `run_online(config)` runs `online.rounds` rounds. Round r (from 0), all under WORKDIR/rounds/:
   1. `r.jsonl` (the round's pairs, a data file) is the round's source of truth. When it is missing:
      `online.prompts_per_round` prompts of `online.prompts` (`round_prompt_indices`), each completed
-     `online.samples_per_prompt` (k) times by the round's starting policy, judged, and the best completion
-     paired with the worst (`pairs.form_pairs`; ties give no pair and are counted). Every completion and
-     score goes to `r.samples.jsonl`, the pairs to `r.jsonl`; each file is written whole, then renamed.
+     `online.samples_per_prompt` (k) times by the round's starting policy, judged, and made into rows as
+     `online.pairs` says: best_worst pairs the best completion with the worst (`pairs.form_pairs`; ties give
+     no pair and are counted), all_pairs writes every pair of different scores, group writes each prompt's
+     completions as one group with their scores (for loss.group). Every completion and score goes to
+     `r.samples.jsonl`, the rows to `r.jsonl`; each file is written whole, then renamed.
   2. Training: `loop.train_and_evaluate` (the same builders and loop as offline DPO) on `round_config`:
      workdir `rounds/r/`, data.train_files `rounds/r.jsonl`, model.path the round's starting policy, train.*
      as configured (steps or epochs per round). Its checkpoints make a stopped round resume exactly.
@@ -53,9 +55,13 @@ from jaxdpo.training import build, faults
 from jaxdpo.training.metrics import MetricsLogger
 
 REFERENCES = ("previous", "initial")
+# What a round trains on: its prompts' best against worst completion, every pair of different scores, or
+# each prompt's judged completions as one group with their scores (a group loss, loss.group).
+PAIRINGS = ("best_worst", "all_pairs", "group")
 # What shapes the rounds already written: a rerun with any of these changed would mix two runs' rounds.
 ROUND_KEYS = ("seed", "model.path", "online.prompts", "online.prompts_per_round", "online.samples_per_prompt",
               "online.max_new_tokens", "online.temperature", "online.top_k", "online.top_p", "online.reference",
+              "online.pairs",
               *judges.SELECTOR_KEYS, "lora", "loss", "optim", "train.batch_size", "train.steps", "train.epochs")
 
 
@@ -75,6 +81,11 @@ def check_config(config, *, lora_on: bool) -> None:
                           f"and the worst of them)")
     if not isinstance(o.prompts_per_round, int) or o.prompts_per_round < 1:
         raise ConfigError(f"online.prompts_per_round = {o.prompts_per_round!r} must be positive")
+    if o.pairs not in PAIRINGS:
+        raise ConfigError(f"online.pairs = {o.pairs!r} is not one of {', '.join(PAIRINGS)}")
+    if o.pairs == "group" and not config.loss.group:
+        raise ConfigError("online.pairs = group writes each round's rows as groups with scores, which a group loss "
+                          "trains on: set loss.group = all_pairs or plackett_luce")
     if o.reference not in REFERENCES:
         raise ConfigError(f"online.reference = {o.reference!r} is not one of {', '.join(REFERENCES)}")
     if o.reference == "initial" and lora_on:
@@ -198,9 +209,45 @@ def nonblank(text: str) -> bool:
     return bool(text.strip())
 
 
+def every_pair_rows(prompts: list, completions: list[list[str]], scores: np.ndarray) -> list[dict]:
+    """Every pair (i, k) of a prompt's non-blank, scored completions with score i > score k, as pair rows."""
+    rows = []
+    for p, (texts, row) in enumerate(zip(completions, scores)):
+        usable = [i for i, text in enumerate(texts) if nonblank(text) and not np.isnan(row[i])]
+        rows += [{"prompt": prompts[p], "chosen": texts[i], "rejected": texts[k], "chosen_score": float(row[i]),
+                  "rejected_score": float(row[k]), "prompt_index": p}
+                 for i in usable for k in usable if row[i] > row[k]]
+    return rows
+
+
+def group_rows(prompts: list, completions: list[list[str]], scores: np.ndarray) -> list[dict]:
+    """Each prompt's non-blank, scored completions as one group row with their scores; prompts left with
+    fewer than two, or with one score for all, give none (they carry no preference)."""
+    rows = []
+    for p, (texts, row) in enumerate(zip(completions, scores)):
+        usable = [i for i, text in enumerate(texts) if nonblank(text) and not np.isnan(row[i])]
+        if len(usable) >= 2 and len({float(row[i]) for i in usable}) > 1:
+            rows.append({"prompt": prompts[p], "completions": [texts[i] for i in usable],
+                         "scores": [float(row[i]) for i in usable], "prompt_index": p})
+    return rows
+
+
+def round_rows(config, round_index: int, prompts: list, completions: list[list[str]], scores: np.ndarray):
+    """The round's training rows as online.pairs says (best_worst: a pair with a blank completion is left out,
+    as the data loader refuses it)."""
+    pairing = config.online.pairs
+    if pairing == "all_pairs":
+        return every_pair_rows(prompts, completions, scores)
+    if pairing == "group":
+        return group_rows(prompts, completions, scores)
+    pairs = form_pairs(scores, seed=config.seed, round_index=round_index)
+    return [row for row in pair_rows(prompts, completions, scores, pairs)
+            if nonblank(row["chosen"]) and nonblank(row["rejected"])]
+
+
 def sample_round(config, round_index: int, prompts: list, judge, sampler, states) -> None:
-    """Round r's completions, scores and pairs -> rounds/r.samples.jsonl (every completion) and
-    rounds/r.jsonl (the pairs; a pair with a blank completion is left out, as the data loader refuses it)."""
+    """Round r's completions, scores and training rows -> rounds/r.samples.jsonl (every completion) and
+    rounds/r.jsonl (the rows of online.pairs: pairs, or groups with scores)."""
     o, k = config.online, config.online.samples_per_prompt
     indices = round_prompt_indices(len(prompts), o.prompts_per_round, seed=config.seed, round_index=round_index)
     chosen = [prompts[i] for i in indices]
@@ -210,9 +257,7 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
     scores = judge.score(expanded, texts).reshape(len(chosen), k)  # NaN: a sample the judge failed on
     failures.require_scored(scores.ravel(), judge.name, f"round {round_index}")
     completions = [texts[i * k:(i + 1) * k] for i in range(len(chosen))]
-    pairs = form_pairs(scores, seed=config.seed, round_index=round_index)
-    kept = [row for row in pair_rows(chosen, completions, scores, pairs)
-            if nonblank(row["chosen"]) and nonblank(row["rejected"])]
+    kept = round_rows(config, round_index, chosen, completions, scores)
     for row in kept:
         row["prompt_index"] = int(indices[row["prompt_index"]])  # the prompt's row in online.prompts
     audit = [{"prompt_index": int(i), "prompt": p, "completions": c,
@@ -227,17 +272,18 @@ def sample_round(config, round_index: int, prompts: list, judge, sampler, states
 
 
 def round_summary(config, round_index: int) -> dict[str, float]:
-    """Counts of a round from its files: pairs, ties (best == worst), pairs left out for a blank
-    completion, samples the judge failed on (null scores) and the prompts they left with fewer than two
+    """Counts of a round from its files: training rows (pairs, or groups), ties (best == worst), prompts left
+    out for blank completions, samples the judge failed on (null scores) and the prompts they left with fewer than two
     scored completions, and the mean judge score of the scored samples."""
     audit = read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"))
-    pairs = len(read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl")))
+    rows = read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.jsonl"))
+    trained = len({row["prompt_index"] for row in rows})  # prompts with rows (all_pairs writes several each)
     scores = np.asarray([[np.nan if x is None else x for x in row["scores"]] for row in audit], np.float64)
     scored = ~np.isnan(scores)
     unscored = int(np.sum(scored.sum(axis=1) < 2))
     best, worst = np.where(scored, scores, -np.inf).max(axis=1), np.where(scored, scores, np.inf).min(axis=1)
     ties = int(np.sum((scored.sum(axis=1) >= 2) & (best == worst)))
-    return {"online/pairs": pairs, "online/ties": ties, "online/blank": len(audit) - ties - unscored - pairs,
+    return {"online/pairs": len(rows), "online/ties": ties, "online/blank": len(audit) - ties - unscored - trained,
             "online/judge_failed": int(np.sum(~scored)), "online/unscored_prompts": unscored,
             "online/score_mean": float(scores[scored].mean())}
 

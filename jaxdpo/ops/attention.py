@@ -33,7 +33,7 @@ SPLASH_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def select_backend(requested: str, *, platform: str, layout: str, dtype, head_dim: int,
-                   logit_softcap=None, sliding: bool = False) -> tuple[str, str]:
+                   logit_softcap=None, sliding: bool = False, groups: bool = False) -> tuple[str, str]:
     """(kernel to use, why): a fused kernel only where it expresses the run's mask exactly, else "xla".
 
     "cudnn" (GPU): the padded layout's mask is plain causal attention over a row's first `length` tokens
@@ -42,6 +42,9 @@ def select_backend(requested: str, *, platform: str, layout: str, dtype, head_di
     "splash" (TPU): causal + segment ids. The padded layout is one call ("splash"); prefix_shared and
     packed add the branch mask by merging two calls ("splash_branches", see jaxdpo/ops/splash.py), which
     uses a private backward entry of JAX's kernel and falls back to XLA if this JAX's differs.
+    `groups`: examples are groups of N completions, branches 1..N in one row (grouped, prefix_shared,
+    packed); the XLA and ring masks compare branch ids, so any N is exact; splash's merge encodes
+    3*segment + branch (two branches), so it falls back to XLA; cuDNN takes the padded layout only.
     "auto": splash on TPU, cudnn on GPU, each only where it is exact; otherwise xla."""
     if requested not in BACKENDS:
         raise ConfigError(f"model.attention = {requested!r}; choose one of {BACKENDS}")
@@ -52,10 +55,10 @@ def select_backend(requested: str, *, platform: str, layout: str, dtype, head_di
         if kernel is None:
             return "xla", f"model.attention=auto: no fused attention kernel on {platform}; using the XLA path"
         backend, why = select_backend(kernel, platform=platform, layout=layout, dtype=dtype, head_dim=head_dim,
-                                      logit_softcap=logit_softcap, sliding=sliding)
+                                      logit_softcap=logit_softcap, sliding=sliding, groups=groups)
         return backend, f"model.attention=auto chose {backend}: {why.removeprefix('requested; ')}"
     if requested == "splash":
-        return _select_splash(platform=platform, layout=layout, dtype=dtype, sliding=sliding)
+        return _select_splash(platform=platform, layout=layout, dtype=dtype, sliding=sliding, groups=groups)
     reasons = []
     if platform != "gpu":
         reasons.append(f"cuDNN needs an NVIDIA GPU (this run is on {platform})")
@@ -75,7 +78,7 @@ def select_backend(requested: str, *, platform: str, layout: str, dtype, head_di
     return "cudnn", "requested; causal + padding mask"
 
 
-def _select_splash(*, platform: str, layout: str, dtype, sliding: bool) -> tuple[str, str]:
+def _select_splash(*, platform: str, layout: str, dtype, sliding: bool, groups: bool = False) -> tuple[str, str]:
     reasons = []
     if platform != "tpu":
         reasons.append(f"splash is a TPU kernel (this run is on {platform})")
@@ -84,7 +87,10 @@ def _select_splash(*, platform: str, layout: str, dtype, sliding: bool) -> tuple
     if sliding:
         reasons.append("sliding-window layers pick their window inside the layer scan (splash needs a static "
                        "local mask)")
-    if layout != "padded" and splash.merged_backward_problem():
+    if layout != "padded" and groups:
+        reasons.append(f"data.layout={layout} with groups puts up to N branches in a row, and the merged splash "
+                       "calls tell only two apart (use data.layout=padded)")
+    elif layout != "padded" and splash.merged_backward_problem():
         reasons.append(f"data.layout={layout} needs the branch mask, which merges two splash calls, but "
                        f"{splash.merged_backward_problem()} (use data.layout=padded)")
     if reasons:

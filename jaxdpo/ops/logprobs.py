@@ -1,5 +1,6 @@
 """Per-token logprobs of the targets without materializing [batch, time, vocab] logits, and the
-segment sums that turn them into per-pair completion logprobs.
+segment sums that turn them into per-example completion logprobs (`pair_sums`: slots 1 and 2 of pairs and
+unpaired rows; `slot_sums`: the N slots of groups).
 
 The LM head and the fp32 logsumexp run over chunks of the time axis. Each chunk's computation is
 wrapped in `jax.checkpoint` and the chunks run in a `lax.map` (a scan), so the forward keeps only
@@ -110,3 +111,18 @@ def pair_sums(token_lp: jax.Array, pair_index: jax.Array, side: jax.Array,
         sums[count_key] = jax.ops.segment_sum(counted.astype(jnp.float32), segment,
                                               num_segments=num_pairs)
     return sums
+
+
+def slot_sums(token_lp: jax.Array, pair_index: jax.Array, side: jax.Array, num_pairs: int,
+              slots: int) -> dict[str, jax.Array]:
+    """Per-example sums of every completion slot 1..`slots` (groups of N completions, side == k for slot k):
+    {"logps", "lengths"}, each [P, slots] float32, summed as `pair_sums` sums slots 1 and 2."""
+    in_pair = (pair_index >= 0) & (pair_index < num_pairs)
+    segment = jnp.where(in_pair, pair_index, 0).reshape(-1)
+    flat_lp = token_lp.astype(jnp.float32).reshape(-1)
+    logps, lengths = [], []
+    for slot in range(1, slots + 1):
+        counted = (in_pair & (side == slot)).reshape(-1)
+        logps.append(jax.ops.segment_sum(jnp.where(counted, flat_lp, 0.0), segment, num_segments=num_pairs))
+        lengths.append(jax.ops.segment_sum(counted.astype(jnp.float32), segment, num_segments=num_pairs))
+    return {"logps": jnp.stack(logps, axis=1), "lengths": jnp.stack(lengths, axis=1)}

@@ -7,6 +7,10 @@ Unpaired losses (KTO, LOSSES.md "Unpaired and grouped examples") take per-row va
 row j's completion sums `logps, ref_logps`, its label (desirable or not), and the sums of its KL completion
 (another row's completion after its prompt), from which the batch's KL estimate z0 comes.
 
+Groups of N scored completions (LOSSES.md "Groups of N completions") take `GroupValues` [P, N]; loss.group
+says how: `all_pairs` applies the pair losses of loss.types to every ordered pair of different scores
+(losses.py), `plackett_luce` is the formula `plackett_luce` here.
+
 `LOSSES` (name -> spec) is the one list of losses. The valid names, which losses need a reference or
 see the whole batch, the label-smoothing ranges, the `loss` section of configs/dpo.py
 (`config_defaults`) and the resume fingerprint's loss keys (`CONFIG_KEYS`) all come from it. Adding a
@@ -93,7 +97,12 @@ BETA = Setting("beta", 0.1, "the KL weight, typical: 0.01 to 0.5",
                Check(POSITIVE.holds, "a finite number > 0"))
 NLL_COEF = Setting("nll_coef", 0.0, "RPO: adds nll_coef * NLL of the chosen completion; 0 turns it off",
                    NON_NEGATIVE)
-COMMON_SETTINGS = (TYPES, WEIGHTS, BETA, NLL_COEF)  # read whatever the loss types are
+GROUP_RULES = ("all_pairs", "plackett_luce")
+GROUP = Setting("group", "", "how a group of N scored completions becomes a loss: all_pairs (loss.types over every "
+                "pair of different scores) or plackett_luce (DPO under the Plackett-Luce ranking); empty: the "
+                "examples are pairs or unpaired rows",
+                Check(lambda value: value in ("", *GROUP_RULES), f"one of {('', *GROUP_RULES)}"))
+COMMON_SETTINGS = (TYPES, WEIGHTS, BETA, NLL_COEF, GROUP)  # read whatever the loss types are
 
 LABEL_SMOOTHING = Setting("label_smoothing", 0.0, "cDPO / robust / exo_pair / aot epsilon")
 IPO_LENGTH_NORMALIZE = Setting("ipo_length_normalize", True, "IPO on length-averaged log-ratios")
@@ -159,6 +168,55 @@ class UnpairedValues:
         diff = jnp.where(self.valid, self.kl_logps - self.ref_kl_logps, 0.0)
         mean_kl = jnp.sum(diff) / jnp.maximum(jnp.sum(self.valid), 1)
         return jnp.maximum(jax.lax.stop_gradient(mean_kl), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupValues:
+    """The per-group values [P, N] of groups of N scored completions: each completion's policy and reference
+    logprob sums (`ref_logps` None without a reference), its length and score; `present` (bool) marks the
+    completions a group has (groups may be smaller than N), `valid` [P] the real groups.
+
+    Ranking rule: a higher score ranks higher; tied completions share a rank."""
+
+    logps: jax.Array
+    ref_logps: jax.Array | None
+    lengths: jax.Array
+    scores: jax.Array
+    present: jax.Array
+    valid: jax.Array
+
+    def _member(self) -> jax.Array:
+        return self.present & self.valid[:, None]
+
+    def better(self) -> jax.Array:
+        """[P, N, N] bool: completion i of a group scores strictly higher than its completion k (an ordered
+        pair of all_pairs; ties form none)."""
+        member = self._member()
+        return member[:, :, None] & member[:, None, :] & (self.scores[:, :, None] > self.scores[:, None, :])
+
+    def ranked_above_last(self) -> jax.Array:
+        """[P, N] bool: completions with some completion of their group scored below them (every rank but the
+        last), the ones a Plackett-Luce term is written for."""
+        return jnp.any(self.better(), axis=2)
+
+    def rankable(self) -> jax.Array:
+        """[P] bool: groups with two different scores (all-tied groups carry no preference)."""
+        return jnp.any(self.ranked_above_last(), axis=1)
+
+
+def plackett_luce(v: GroupValues, *, beta) -> jax.Array:
+    """Per-group loss [P] of DPO under the Plackett-Luce model, u = beta * (policy - reference) logprob sums:
+    -sum over completions i above the last rank of [u_i - logsumexp of u over the completions ranked at or
+    below i]. Tied completions share a rank: each is in the others' denominators (Breslow's rule), and the
+    lowest-ranked ones write no term. For N = 2 with different scores it is sigmoid DPO, -log s(u_c - u_r)."""
+    u = beta * (v.logps - v.ref_logps)
+    member = v.present & v.valid[:, None]
+    # A completion is always in its own denominator, so every logsumexp is over a non-empty set (finite,
+    # with a finite gradient) even on absent completions and padding groups, whose terms are dropped.
+    at_or_below = (member[:, None, :] & (v.scores[:, None, :] <= v.scores[:, :, None])) | jnp.eye(
+        u.shape[1], dtype=bool)[None]
+    denominators = jax.nn.logsumexp(jnp.where(at_or_below, u[:, None, :], -jnp.inf), axis=2)
+    return -jnp.sum(jnp.where(v.ranked_above_last(), u - denominators, 0.0), axis=1)
 
 
 @dataclasses.dataclass(frozen=True)

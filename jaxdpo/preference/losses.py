@@ -2,7 +2,10 @@
 the section's checks. Each loss itself (formula, reference, settings) is a `LossSpec` in loss_specs.py.
 
 `example_loss` is the step's entry: per-example slot sums (pc, pr, nc, nr, rc, rr, and `label` for unpaired
-rows: jaxdpo/data/examples.py) -> `preference_loss` for pairs, `unpaired_loss` for unpaired rows.
+rows; logps, lengths, ref_logps [P, N] and group_scores, group_mask for groups: jaxdpo/data/examples.py) ->
+`preference_loss` for pairs, `unpaired_loss` for unpaired rows, `group_loss` for groups. `example_count`
+is what the step divides by: valid pairs or rows, and for groups the pairs all_pairs compares or the
+groups plackett_luce ranks.
 `metric_means` turns the metric sums into the logged means. `preference_loss` returns SUMS over the valid
 pairs of a micro-batch; the training step divides by
 the number of valid pairs in the whole global batch, so the mean is exact under gradient
@@ -19,8 +22,8 @@ import jax.numpy as jnp
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.preference.loss_specs import (
-    BETA, DESIRABLE_WEIGHT, LABEL_SMOOTHING, LOSS_SPECS, LOSSES, NLL_COEF, TYPES, UNDESIRABLE_WEIGHT, WEIGHTS,
-    ExampleKind, LossSpec, PairValues, Setting, UnpairedValues, mean,
+    BETA, DESIRABLE_WEIGHT, GROUP, LABEL_SMOOTHING, LOSS_SPECS, LOSSES, NLL_COEF, TYPES, UNDESIRABLE_WEIGHT, WEIGHTS,
+    ExampleKind, GroupValues, LossSpec, PairValues, Setting, UnpairedValues, mean, plackett_luce,
 )
 
 LOSS_NAMES = tuple(LOSSES)
@@ -210,8 +213,16 @@ def preference_loss(loss_cfg, pc, pr, rc, rr, nc, nr, valid):
 
 
 # ----- unpaired rows -------------------------------------------------------------------------------
+def group_rule(loss_cfg) -> str:
+    """loss.group: "all_pairs", "plackett_luce", or "" when the examples are not groups."""
+    return str(_get(loss_cfg, GROUP.key, GROUP.default) or "")
+
+
 def example_kind(loss_cfg) -> ExampleKind:
-    """What the losses of loss.types take (validate_loss_config refuses a mix): pairs or unpaired rows."""
+    """What the run's examples are: groups when loss.group is set, else what the losses of loss.types take
+    (validate_loss_config refuses a mix): pairs or unpaired rows."""
+    if group_rule(loss_cfg):
+        return ExampleKind.GROUP
     kinds = {spec.example_kind for spec in _known_specs(loss_cfg)}
     return kinds.pop() if len(kinds) == 1 else ExampleKind.PAIR
 
@@ -249,10 +260,68 @@ def unpaired_loss(loss_cfg, values: UnpairedValues):
     return metric_sums["loss"], metric_sums
 
 
+# ----- groups of N scored completions ---------------------------------------------------------------
+def group_values(values: dict, valid) -> GroupValues:
+    """The step's group sums (logps, lengths, ref_logps [P, N]) and the batch's group_scores, group_mask."""
+    valid = jnp.asarray(valid) > 0
+    present = (jnp.asarray(values["group_mask"]) > 0) & valid[:, None]
+    clean = lambda x, fill: None if x is None else jnp.where(present, _float(x), fill)  # noqa: E731
+    return GroupValues(clean(values["logps"], 0.0), clean(values.get("ref_logps"), 0.0),
+                       clean(values["lengths"], 1.0), jnp.asarray(values["group_scores"], jnp.float32), present,
+                       valid)
+
+
+def _ordered_pairs(v: GroupValues) -> tuple[tuple, jax.Array]:
+    """Every ordered pair (i better than k) of every group as pair values [P*N*N] (pc, pr, rc, rr, nc, nr) and
+    their mask; the pairs that are not (i, k with s_i > s_k) hold harmless values and mask 0."""
+    def pair_of(x):
+        if x is None:
+            return None, None
+        n = x.shape[1]
+        return (jnp.broadcast_to(x[:, :, None], (x.shape[0], n, n)).reshape(-1),
+                jnp.broadcast_to(x[:, None, :], (x.shape[0], n, n)).reshape(-1))
+
+    (pc, pr), (rc, rr), (nc, nr) = pair_of(v.logps), pair_of(v.ref_logps), pair_of(v.lengths)
+    return (pc, pr, rc, rr, nc, nr), v.better().reshape(-1)
+
+
+def group_loss(loss_cfg, values: GroupValues):
+    """(loss_sum, metric_sums) of groups. all_pairs: the loss of `preference_loss` summed over every ordered
+    pair of different scores; plackett_luce: the Plackett-Luce loss summed over the groups. Either way the
+    pair metrics (rewards, accuracies, logps) are sums over those pairs, and "count/pairs", "count/groups"
+    count the pairs and the rankable groups (`metric_means` divides by them)."""
+    pairs, better = _ordered_pairs(values)
+    _, metric_sums = preference_loss(loss_cfg, *pairs, better)
+    rankable = values.rankable()
+    if group_rule(loss_cfg) == "plackett_luce":
+        per_group = plackett_luce(values, beta=setting_value(loss_cfg, BETA))
+        metric_sums["loss"] = jnp.sum(jnp.where(rankable, per_group, 0.0))
+    metric_sums["count/pairs"] = jnp.sum(better.astype(jnp.float32))
+    metric_sums["count/groups"] = jnp.sum(rankable.astype(jnp.float32))
+    return metric_sums["loss"], metric_sums
+
+
+def example_count(loss_cfg, batch: dict) -> jax.Array:
+    """What the loss of a batch (any leading axes) is a mean over: valid pairs or unpaired rows; for groups
+    the ordered pairs of different scores (all_pairs) or the groups with two different scores (plackett_luce)."""
+    valid = jnp.asarray(batch["pair_valid"]).reshape(-1)
+    if example_kind(loss_cfg) is not ExampleKind.GROUP:
+        return jnp.sum(valid).astype(jnp.float32)
+    slots = batch["group_mask"].shape[-1]
+    values = GroupValues(None, None, None, jnp.asarray(batch["group_scores"], jnp.float32).reshape(-1, slots),
+                         (jnp.asarray(batch["group_mask"]) > 0).reshape(-1, slots), valid > 0)
+    counted = values.rankable() if group_rule(loss_cfg) == "plackett_luce" else values.better()
+    return jnp.sum(counted.astype(jnp.float32))
+
+
 def example_loss(loss_cfg, values: dict, valid):
     """(loss_sum, metric_sums) of the per-example values the step computes: slot sums pc, pr (policy), rc, rr
-    (reference), nc, nr (lengths), and `label` for unpaired rows, whose slot 2 is the KL completion."""
-    if example_kind(loss_cfg) is ExampleKind.PAIR:
+    (reference), nc, nr (lengths), and `label` for unpaired rows, whose slot 2 is the KL completion; for
+    groups the [P, N] sums of `group_values`."""
+    kind = example_kind(loss_cfg)
+    if kind is ExampleKind.GROUP:
+        return group_loss(loss_cfg, group_values(values, valid))
+    if kind is ExampleKind.PAIR:
         return preference_loss(loss_cfg, values["pc"], values["pr"], values["rc"], values["rr"], values["nc"],
                                values["nr"], valid)
     valid = jnp.asarray(valid) > 0
@@ -267,11 +336,17 @@ _PER_CLASS = {"rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
 
 
 def metric_means(loss_cfg, metric_sums: dict, count) -> dict:
-    """The logged metrics from metric sums over `count` examples: means over the examples; for unpaired rows
-    (TRL's KTO metrics) rewards and logps per class are means over that class's rows, margins their
-    difference, and the counts stay counts."""
-    if example_kind(loss_cfg) is ExampleKind.PAIR:
+    """The logged metrics from metric sums over `count` examples (`example_count`): means over the examples;
+    for unpaired rows (TRL's KTO metrics) rewards and logps per class are means over that class's rows,
+    margins their difference, and the counts stay counts; for groups the loss is over `count`, the pair
+    metrics over the compared pairs."""
+    kind = example_kind(loss_cfg)
+    if kind is ExampleKind.PAIR:
         return {k: v / count for k, v in metric_sums.items()}
+    if kind is ExampleKind.GROUP:
+        pairs = jnp.maximum(metric_sums["count/pairs"], 1.0)
+        return {k: v if k.startswith("count/") else v / (count if k == "loss" else pairs)
+                for k, v in metric_sums.items()}
     means = {}
     for key, value in metric_sums.items():
         if key.startswith("count/"):
@@ -327,7 +402,7 @@ def _check_weights(loss_cfg, types: tuple[str, ...]) -> None:
 
 def _check_settings(loss_cfg, specs: list[LossSpec]) -> None:
     """beta, nll_coef and the settings the chosen losses read, each against its own check."""
-    for setting in dict.fromkeys((BETA, NLL_COEF, *(s for spec in specs for s in spec.settings))):
+    for setting in dict.fromkeys((BETA, NLL_COEF, GROUP, *(s for spec in specs for s in spec.settings))):
         problem = setting.problem(_get(loss_cfg, setting.key, setting.default))
         if problem:
             raise ConfigError(problem)
@@ -356,6 +431,26 @@ def _check_example_kinds(loss_cfg, specs: list[LossSpec]) -> None:
                           "completion's NLL); set it to 0 with unpaired losses")
 
 
+def _check_group(loss_cfg, specs: list[LossSpec], has_reference: bool) -> None:
+    """Groups take the pair losses, none that couples the pairs of a batch; plackett_luce is DPO's own
+    ranking loss (loss.types = sigmoid, no smoothing) and needs a reference."""
+    rule = group_rule(loss_cfg)
+    if not rule:
+        return
+    other = [s.name for s in specs if s.example_kind is not ExampleKind.PAIR or s.batch_level]
+    if other:
+        raise ConfigError(f"loss.group={rule!r} takes pair losses that score each pair alone; {', '.join(other)} "
+                          "cannot (unpaired, or coupling the pairs of a batch)")
+    if rule == "plackett_luce":
+        plain_dpo = [s.name for s in specs] == ["sigmoid"] and setting_value(loss_cfg, LABEL_SMOOTHING) == 0.0
+        if not plain_dpo or setting_value(loss_cfg, NLL_COEF) != 0.0:
+            raise ConfigError(f"loss.group='plackett_luce' is sigmoid DPO over a ranking: set loss.types=('sigmoid',), "
+                              f"loss.label_smoothing=0 and loss.nll_coef=0 (got types={loss_types(loss_cfg)})")
+        if not has_reference:
+            raise ConfigError("loss.group='plackett_luce' needs reference logprobs; use a reference mode other "
+                              "than none")
+
+
 def validate_loss_config(loss_cfg, *, has_reference: bool = True) -> None:
     """Raises ConfigError (one sentence: key, value, allowed range) for a bad `loss` config.
     `has_reference`: whether the run's reference gives logprobs (reference.mode 'none' gives none)."""
@@ -366,6 +461,7 @@ def validate_loss_config(loss_cfg, *, has_reference: bool = True) -> None:
     _check_settings(loss_cfg, specs)
     _check_label_smoothing(loss_cfg, specs, types)
     _check_example_kinds(loss_cfg, specs)
+    _check_group(loss_cfg, specs, has_reference)
     needing = [spec.name for spec in specs if spec.needs_reference]
     if not has_reference and needing:
         raise ConfigError(f"reference.mode='none' but loss.types includes {', '.join(needing)}, which "

@@ -51,8 +51,8 @@ class Reference:
     runs_forward: ClassVar[bool] = False  # the step runs a reference forward (FLOPs count it)
     streams_layers: ClassVar[bool] = False  # its layers come from host memory inside the scan
     batch_keys: ClassVar[tuple[str, ...]] = ()  # what it reads from each batch
-
     takes_groups: ClassVar[bool] = True  # gives the sums of every completion of a group
+
     def __init__(self, params=None):
         self.params = params
 
@@ -152,8 +152,8 @@ class CachedReference(Reference):
 
     mode = "cached"
     uses_weights = True
-    batch_keys = ("ref_chosen", "ref_rejected")
     takes_groups = False  # the cache holds two sums per example (ref_chosen, ref_rejected)
+    batch_keys = ("ref_chosen", "ref_rejected")
 
     def __init__(self, cache):
         super().__init__(None)
@@ -237,12 +237,12 @@ def check_config(config, *, lora_on: bool) -> None:
     if lora_on and path:
         raise ConfigError(f"reference.path = {path!r} with LoRA is not supported: the LoRA reference is the "
                           f"base model (reference.mode lora_base); clear reference.path")
-
-
     grouped = losses.example_kind(config.loss) is ExampleKind.GROUP
     if grouped and not reference_kind(config, lora_on=lora_on)[0].takes_groups:
         raise ConfigError(f"reference.mode = {mode} cannot serve groups (loss.group = {losses.group_rule(config.loss)!r}):"
                           " it caches two logprob sums per example; use reference.mode device, host or lora_base")
+
+
 def gives_logprobs(config, *, lora_on: bool) -> bool:
     """Whether the run's reference gives logprobs (reference-free losses need none)."""
     return reference_kind(config, lora_on=lora_on)[0].gives_logprobs

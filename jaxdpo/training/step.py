@@ -27,16 +27,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxdpo.data.layouts import EXAMPLE_KEYS
-from jaxdpo.ops.logprobs import gather_scored, pair_sums, token_logprobs
+from jaxdpo.data.formats import ExampleKind
+from jaxdpo.data.layouts import EXAMPLE_KEYS, KIND_KEYS
+from jaxdpo.ops.logprobs import gather_scored, pair_sums, slot_sums, token_logprobs
 from jaxdpo.preference import losses
 from jaxdpo.training.optim import applied_updates
 
 
 def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
-                  layer_params_hook: Callable | None = None, lora_dropout_key=None) -> dict[str, jax.Array]:
-    """Per-pair completion logprob sums and lengths {pc, pr, nc, nr}, each [P] float32. A
-    `lora_dropout_key` (the policy's training forward only) turns on LoRA adapter dropout."""
+                  layer_params_hook: Callable | None = None, lora_dropout_key=None,
+                  slots: int | None = None) -> dict[str, jax.Array]:
+    """Per-pair completion logprob sums and lengths {pc, pr, nc, nr}, each [P] float32; with `slots` (groups
+    of up to N completions) every slot's: {logps, lengths}, each [P, slots]. A `lora_dropout_key` (the
+    policy's training forward only) turns on LoRA adapter dropout."""
     model = nnx.merge(graphdef, *states)
     kwargs = {} if layer_params_hook is None else {"layer_params_hook": layer_params_hook}
     if lora_dropout_key is not None:
@@ -50,6 +53,8 @@ def pair_logprobs(graphdef, states, batch, *, num_pairs: int, chunk_size: int,
     chunk_size = logits_chunk_size(chunk_size, rows=hidden.shape[0], vocab=head.shape[-1])
     token_lp = token_logprobs(hidden, head, targets, chunk_size=chunk_size,
                               logit_softcap=model.config.final_logit_softcap)
+    if slots is not None:
+        return slot_sums(token_lp, pair_index, side, num_pairs, slots)
     return pair_sums(token_lp, pair_index, side, num_pairs)
 
 
@@ -72,19 +77,22 @@ def dropout_key(seed: int, step, micro_index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
 
 
-def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:
+def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int,
+                     kind: ExampleKind = ExampleKind.PAIR) -> Callable:
     """`pair_values(params, frozen, reference_params, micro, lora_dropout_key=None)` -> per-example slot sums
     {pc, pr, nc, nr} of the policy and {rc, rr} of the reference (None without one), each [P], plus the
-    batch's per-example arrays (`label` of unpaired rows; jaxdpo/data/examples.py says what the slots hold)."""
+    batch's per-example arrays (`label` of unpaired rows; jaxdpo/data/examples.py says what the slots hold).
+    For groups (`kind` GROUP) the sums of every slot: {logps, lengths} and {ref_logps}, each [P, N]."""
 
     def pair_values(params, frozen, reference_params, micro, lora_dropout_key=None):
+        slots = micro["group_mask"].shape[-1] if kind is ExampleKind.GROUP else None
         # Dropout (if the model has any) only in the policy's training forward: the reference, eval and
         # cached-reference forwards get no key and are deterministic.
         policy = pair_logprobs(graphdef, (params, frozen), micro, num_pairs=num_pairs, chunk_size=chunk_size,
-                               lora_dropout_key=lora_dropout_key)
-        rc, rr = reference.logprobs(graphdef, params, frozen, reference_params, micro, num_pairs=num_pairs,
-                                    chunk_size=chunk_size)
-        return dict(policy, rc=rc, rr=rr, **{k: micro[k] for k in EXAMPLE_KEYS if k in micro})
+                               lora_dropout_key=lora_dropout_key, slots=slots)
+        ref = reference.logprobs(graphdef, params, frozen, reference_params, micro, num_pairs=num_pairs,
+                                 chunk_size=chunk_size, slots=slots)
+        return dict(policy, **ref, **{k: micro[k] for k in EXAMPLE_KEYS if k in micro})
 
     return pair_values
 
@@ -102,7 +110,8 @@ def make_micro_loss(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size
     """`micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None)` ->
     (loss of the micro-batch's pairs / total_valid, metric sums). `reference` is the run's
     jaxdpo.preference.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
-    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
+    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size,
+                                   kind=losses.example_kind(loss_cfg))
 
     def micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None):
         values = pair_values(params, frozen, reference_params, micro, lora_dropout_key)
@@ -219,7 +228,7 @@ def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientT
                                chunk_size=chunk_size, dropout_seed=dropout_seed)
 
     def train_step(state, frozen, reference_params, batches):
-        total_valid = jnp.maximum(jnp.sum(batches["pair_valid"]).astype(jnp.float32), 1.0)
+        total_valid = jnp.maximum(losses.example_count(loss_cfg, batches), 1.0)
         grads, metric_sums = gradients(state["params"], frozen, reference_params, batches, total_valid,
                                        state["step"])
         tokens = metric_sums.pop("tokens")
@@ -262,11 +271,13 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int) -> Callable:
+def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int,
+                   kind: ExampleKind = ExampleKind.PAIR) -> Callable:
     """`eval_step(params, frozen, reference_params, batch)` -> the batch's per-pair values {pc, pr, nc, nr, rc,
-    rr, pair_valid} and its scored-token count; `make_eval_metrics` turns those of every eval batch into the
-    eval metrics."""
-    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
+    rr, pair_valid} (groups: {logps, lengths, ref_logps, group_scores, group_mask, pair_valid}) and its
+    scored-token count; `make_eval_metrics` turns those of every eval batch into the eval metrics."""
+    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size,
+                                   kind=kind)
 
     def eval_step(params, frozen, reference_params, batch):
         values = pair_values(params, frozen, reference_params, batch)  # with the batch's `label`, if any
@@ -301,17 +312,21 @@ def make_eval_metrics(loss_cfg, *, group_size: int, origin_pairs: np.ndarray | N
         valid = np.concatenate([np.asarray(o["pair_valid"]) for o in outputs]) > 0
         count = int(valid.sum())
         groups = max(1, -(-count // group_size))
-        keys = ("pc", "pr", "nc", "nr", "rc", "rr") + EXAMPLE_KEYS
+        keys = ("pc", "pr", "nc", "nr", "rc", "rr", "logps", "lengths", "ref_logps") + EXAMPLE_KEYS
 
-        def grouped(key):  # the valid examples in order, padded to whole groups: [groups, group_size]
+        def grouped(key):  # the valid examples in order, padded to whole groups: [groups, group_size, ...]
             if key not in outputs[0]:
                 return None
             values = np.concatenate([np.asarray(o[key], np.float32) for o in outputs])[valid]
-            return np.pad(values, (0, groups * group_size - count)).reshape(groups, group_size)
+            padding = [(0, groups * group_size - count)] + [(0, 0)] * (values.ndim - 1)
+            return np.pad(values, padding).reshape(groups, group_size, *values.shape[1:])
 
         group_valid = (np.arange(groups * group_size) < count).reshape(groups, group_size)
         sums = jax.device_get(group_sums({k: grouped(k) for k in keys}, group_valid))
-        metrics = {k: float(v) for k, v in losses.metric_means(loss_cfg, sums, max(count, 1)).items()}
+        kind_arrays = {k: grouped(k) for k in KIND_KEYS[losses.example_kind(loss_cfg)]}
+        counted = losses.example_count(loss_cfg, dict(kind_arrays, pair_valid=group_valid))
+        means = losses.metric_means(loss_cfg, sums, max(float(counted), 1.0))
+        metrics = {k: float(v) for k, v in means.items()}
         if origin_pairs is not None and len(origin_pairs):
             metrics["rewards/accuracies"] = pair_accuracy(outputs, valid, origin_pairs)
         return metrics

@@ -232,10 +232,10 @@ def test_cached_reference_is_the_quantized_base_under_its_own_key(qlora_assets, 
     assert trainer.reference.mode == "cached" and trainer.reference.cache.computed == ["train", "eval"]
     micro = jax.tree.map(lambda x: x[0], train_batch(trainer, 0))
     # the quantized base's logprobs: the trained policy with its adapters off
-    rc, rr = LoRABaseReference().logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
-                                          None, micro, num_pairs=8, chunk_size=trainer.config.model.logprob_chunk)
-    np.testing.assert_allclose(micro["ref_chosen"], np.asarray(rc), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(micro["ref_rejected"], np.asarray(rr), atol=1e-4, rtol=0)
+    base = LoRABaseReference().logprobs(trainer.policy.graphdef, trainer.state["params"], trainer.policy.frozen,
+                                        None, micro, num_pairs=8, chunk_size=trainer.config.model.logprob_chunk)
+    np.testing.assert_allclose(micro["ref_chosen"], np.asarray(base["rc"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(micro["ref_rejected"], np.asarray(base["rr"]), atol=1e-4, rtol=0)
 
     plain = run("none", "none")  # the same weights files and data, not quantized: another cache entry
     assert plain.reference.cache.computed == ["train", "eval"]

@@ -212,6 +212,11 @@ def test_group_losses_refuse_what_they_cannot_take(tiny_config, tmp_path):
     refused("coupling the pairs", **{"loss.group": "all_pairs", "loss.types": ("aot",)})
     refused("cannot serve groups", **{"loss.group": "all_pairs", "reference.mode": "cached"})
     refused("loss.group='best_of'", **{"loss.group": "best_of"})
+    online = {"online.rounds": 1, "online.prompts": tiny_config(str(tmp_path)).data.train_files,
+              "judge.function": "tests.judge_functions:shorter"}
+    refused("online.pairs = 'every'", **online, **{"online.pairs": "every"})
+    refused("set loss.group", **online, **{"online.pairs": "group"})
+    validate(tiny_config(str(tmp_path), **online, **{"online.pairs": "group", "loss.group": "plackett_luce"}))
 
 
 def test_splash_refuses_groups_in_one_row_and_xla_keeps_them():
@@ -248,3 +253,33 @@ def test_a_tiny_run_trains_on_groups(tiny_config, tmp_path):
     assert len(train) == 2 and all(np.isfinite(r["train/loss"]) for r in train)
     assert train[0]["train/count/pairs"] == 4 * 1 + 4 * 3  # rows 0..7: groups of 2 and 3 in turn
     assert evals and np.isfinite(evals[-1]["eval/loss"])
+
+
+# ----- on-policy rounds: every judged answer --------------------------------------------------------
+def test_online_rounds_write_every_pair_or_one_group_per_prompt(assets, tiny_config, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from jaxdpo.data import load_preference_data
+    from jaxdpo.online import rounds
+
+    prompts = ["What color is the cat?", "What color is the dog?", "What color is the fox?"]
+    completions = [["Red.", "Blue.", " ", "Red!"], ["Gray.", "Gold.", "Pink.", "Black."],
+                   ["Green.", "White.", "Red.", "Gray."]]
+    scores = np.array([[1.0, 0.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [np.nan, 3.0, 1.0, np.nan]])
+    pairs = rounds.every_pair_rows(prompts, completions, scores)  # blanks and unscored samples take no part
+    assert [(r["prompt_index"], r["chosen"], r["rejected"]) for r in pairs] == [
+        (0, "Red.", "Blue."), (0, "Red!", "Blue."), (2, "White.", "Red.")]
+    groups = rounds.group_rows(prompts, completions, scores)  # the all-tied prompt carries no preference
+    assert groups == [{"prompt": prompts[0], "completions": ["Red.", "Blue.", "Red!"], "scores": [1.0, 0.0, 1.0],
+                       "prompt_index": 0},
+                      {"prompt": prompts[2], "completions": ["White.", "Red."], "scores": [3.0, 1.0],
+                       "prompt_index": 2}]
+    config = SimpleNamespace(seed=0, online=SimpleNamespace(pairs="group"))
+    assert rounds.round_rows(config, 0, prompts, completions, scores) == groups
+    path = _write(tmp_path / "round.jsonl", groups)
+    data_cfg = tiny_config(str(tmp_path / "run"), **{"data.train_files": path, "data.eval_files": ""}).data
+    train, _, _ = load_preference_data(data_cfg, AutoTokenizer.from_pretrained(assets["model"]), log=None,
+                                       kind=ExampleKind.GROUP)
+    assert len(train) == 2 and [len(c) for c in train.completion_ids] == [3, 2]

@@ -131,8 +131,9 @@ def pairs_of_groups(groups: list[dict]) -> list[dict]:
 
 # -- jaxdpo -----------------------------------------------------------------------------------------
 def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout: str, workdir: str, *,
-               batch_size: int = 0, group: str = "") -> dict:
-    """One layout's figures; `batch_size` (examples per step) overrides --batch-size, `group` sets loss.group."""
+               batch_size: int = 0, group: str = "", shuffle: bool = True) -> dict:
+    """One layout's figures; `batch_size` (examples per step) overrides --batch-size, `group` sets loss.group,
+    `shuffle` data.shuffle."""
     import jax
     import numpy as np
 
@@ -153,6 +154,7 @@ def run_jaxdpo(args, model_dir: str, tokenizer_dir: str, train_file: str, layout
     c.data.max_length, c.data.max_prompt_length = args.max_length, args.max_prompt_length
     c.data.truncation = "keep_end"
     c.data.layout = layout
+    c.data.shuffle = shuffle
     c.data.cache_dir = os.path.join(workdir, "cache")
     c.loss.group = group
     c.train.batch_size = batch_size or args.batch_size
@@ -453,7 +455,8 @@ def main(argv=None) -> dict:
 def groups_vs_pairs(args, model_dir: str, tokenizer_dir: str, tmp: str) -> dict:
     """--batch-size groups of --groups answers per step in one shared row each (data.layout=grouped,
     loss.group=all_pairs) against the same groups' pairs, one prefix_shared row each (K(K-1)/2 per group):
-    the same loss terms, so tokens fed per step and step time compare what sharing the prompt saves."""
+    the same loss terms in data order (so the losses agree too), and tokens fed per step and step time compare
+    what sharing the prompt saves."""
     shape, k = SHAPES[args.shape], args.groups
     groups = synthetic_groups((args.warmup + args.steps) * args.batch_size, k, shape["vocab"], args.prompt_len,
                               args.completion_len, args.jitter, seed=0)
@@ -464,16 +467,16 @@ def groups_vs_pairs(args, model_dir: str, tokenizer_dir: str, tmp: str) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     pairs_per_group = k * (k - 1) // 2
     grouped = run_jaxdpo(args, model_dir, tokenizer_dir, files["groups"], "grouped", os.path.join(tmp, "run_groups"),
-                         group="all_pairs")
+                         group="all_pairs", shuffle=False)
     paired = run_jaxdpo(args, model_dir, tokenizer_dir, files["pairs"], "prefix_shared", os.path.join(tmp, "run_pairs"),
-                        batch_size=args.batch_size * pairs_per_group)
+                        batch_size=args.batch_size * pairs_per_group, shuffle=False)
     out = {"answers": k, "groups_per_step": args.batch_size, "pairs_per_step": args.batch_size * pairs_per_group,
            "grouped": grouped, "prefix_shared_pairs": paired,
            "fed_tokens_ratio": paired["fed_tokens_per_step"] / grouped["fed_tokens_per_step"],
            "step_time_ratio": paired["step_s"] / grouped["step_s"]}
     for name, r in (("grouped (1 row/group)", grouped), (f"prefix_shared ({pairs_per_group} rows/group)", paired)):
         print(f"{name:28s} T={r['row_length']:4d}  {r['fed_tokens_per_step']:8.0f} tokens/step  step "
-              f"{r['step_s'] * 1e3:8.1f}ms  compile {r['compile_s']:5.1f}s")
+              f"{r['step_s'] * 1e3:8.1f}ms  compile {r['compile_s']:5.1f}s  last loss {r['last_loss']:.6f}")
     print(f"pairs as prefix_shared rows / groups in one row: {out['fed_tokens_ratio']:.2f}x tokens per step, "
           f"{out['step_time_ratio']:.2f}x step time")
     return out

@@ -76,7 +76,7 @@ def good_config(assets, tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"data.layout": "pad"}, "data.layout = 'pad' is not one of padded, prefix_shared, packed (did you mean 'padded'?)"),
+    ({"data.layout": "pad"}, "data.layout = 'pad' is not one of padded, prefix_shared, grouped, packed (did you mean 'padded'?)"),
     ({"optim.b2": 1.0}, "optim.b2 = 1.0 must be in [0, 1)"),
     ({"optim.lr": 0.0}, "optim.lr = 0.0 must be positive"),
     ({"train.micro_batch_size": 3}, "train.batch_size = 32 must be a multiple of train.micro_batch_size = 3"),

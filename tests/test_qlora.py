@@ -129,7 +129,7 @@ def _adapted(config, base_dtype, mesh=None):
     for name in ALL:
         var = getattr(model.layers, f"{name}_lora_b")
         var[...] = 0.05 * jax.random.normal(jax.random.key(len(name)), var[...].shape)
-    return quantize_base(model, mesh)
+    return quantize_base(model, settings, mesh)
 
 
 def test_quantized_logits_against_fp32():

@@ -123,7 +123,7 @@ def build_model(params: dict, meta: dict, *, base: str | None = None, dtype=None
         raise ConfigError(f"--base {base} is not the architecture this LoRA checkpoint was trained on")
     settings = LoRASettings(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=tuple(lora["targets"]),
                             base_dtype=lora.get("base_dtype", "none"))
-    model = quantize_base(from_pretrained(base, dtype=dtype, param_dtype=param_dtype, lora=settings), None)
+    model = quantize_base(from_pretrained(base, dtype=dtype, param_dtype=param_dtype, lora=settings), settings, None)
     graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
     nnx.replace_by_pure_dict(adapters, params)
     return nnx.merge(graphdef, adapters, rest), settings

@@ -97,14 +97,15 @@ def quantized_specs(config, settings: LoRASettings) -> dict:
     return specs
 
 
-def quantize_base(model: Decoder, mesh) -> Decoder:
-    """`model` (loaded, with adapters) with each target's frozen weight replaced, in place, by its quantized
-    codes and block scales placed on `mesh` as the weight was (model.lora.base_dtype; unchanged for none)."""
-    fmt = quantize.format_named(model.lora.base_dtype) if model.lora is not None else None
+def quantize_base(model: Decoder, settings: LoRASettings, mesh) -> Decoder:
+    """`model` (loaded, with the adapters of `settings`) with each target's frozen weight replaced, in place, by
+    its quantized codes and block scales placed on `mesh` as the weight was (settings.base_dtype; a base that
+    stays float is returned untouched)."""
+    fmt = quantize.format_named(settings.base_dtype)
     if fmt is None:
         return model
-    quantized_specs(model.config, model.lora)  # the block check, before any work
-    for target in model.lora.targets:
+    quantized_specs(model.config, settings)  # the block check, before any work
+    for target in settings.targets:
         logical = layer_param_specs(model.config)[target][1]
         weight = getattr(model.layers, target)[...]
         codes, scales = quantize.quantize_placed(weight, fmt, PROJECTIONS[target], logical, mesh)

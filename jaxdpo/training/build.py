@@ -268,7 +268,7 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # before any quantizing
     if settings is not None:
         with jax.set_mesh(mesh):
-            model = lora_lib.quantize_base(model, mesh)  # the frozen targets as lora.base_dtype says
+            model = lora_lib.quantize_base(model, settings, mesh)  # the frozen targets as lora.base_dtype says
     # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
     graphdef, params, frozen = nnx.split(model, nnx.Param if settings is None else LoRAParam, ...)
     del model

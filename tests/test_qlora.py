@@ -321,3 +321,10 @@ def _check_export_and_sampling(assets, workdir):
         for token in completion.ids:
             assert token == int(np.argmax(np.asarray(model(np.asarray([tokens], np.int32)))[0, -1]))
             tokens.append(token)
+
+
+def test_config_choices_are_the_quantizer_formats():
+    from jaxdpo import config as config_lib
+
+    assert config_lib.CHOICES["lora.base_dtype"] == q.BASE_DTYPES
+    assert set(q.BASE_DTYPES) == {"none", *q.FORMATS}

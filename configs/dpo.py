@@ -12,6 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = "runs/demo"  # metrics.jsonl, tensorboard, checkpoints/, hf/, data_report.json
+    # What trains (jaxdpo/training/objectives.py): preference = the policy under the `loss` section;
+    # reward_model = a scorer (decoder + score head) on the same pairs, TRL's RewardTrainer loss (configs/reward_model.py)
+    c.objective = "preference"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = "assets/demo/model"  # a Hugging Face checkpoint directory (config.json + safetensors)
@@ -113,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # -1 = all remaining devices
     c.mesh.tensor = 1
     c.mesh.sequence = 1  # split each row's tokens over this many devices (ring attention); rows: multiples of 2x
+
+    # objective = "reward_model": -logsigmoid(r_chosen - r_rejected - margin) + coefficient * (r_chosen + r_rejected)^2
+    c.reward_model = ml_collections.ConfigDict()
+    c.reward_model.center_rewards_coefficient = 0.0  # 0 = off; TRL suggests 0.01 (rewards centred on zero)
 
     c.reference = ml_collections.ConfigDict()
     c.reference.mode = "device"  # device | host | cached | lora_base | none (reference-free losses)

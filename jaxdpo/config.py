@@ -24,6 +24,7 @@ CHOICES = {
     "data.layout": ("padded", "prefix_shared", "grouped", "packed"),  # jaxdpo.data.layouts.LAYOUTS
     "data.on_bad_row": ("error", "skip"),
     "reference.mode": ("device", "host", "cached", "lora_base", "none"),
+    "objective": ("preference", "reward_model"),  # jaxdpo.training.objectives.KINDS
     "lora.base_dtype": ("none", "int8", "nf4"),  # jaxdpo.models.quantize.BASE_DTYPES
 }
 
@@ -208,9 +209,9 @@ def validate(config) -> None:
     from jaxdpo.models import hf_io, lora
     from jaxdpo.online import rounds as online
     from jaxdpo.parallel import sequence_parallel, sharding
-    from jaxdpo.preference import losses, reference
+    from jaxdpo.preference import reference
     from jaxdpo.sampling import samples
-    from jaxdpo.training import optim, trackers
+    from jaxdpo.training import objectives, optim, trackers
 
     _check_schema_values(config)
     if config.train.steps <= 0 and config.train.epochs <= 0:
@@ -223,7 +224,7 @@ def validate(config) -> None:
     hf_io.check_model_config(config.model)
     lora_on = lora.check_config(config)
     reference.check_config(config, lora_on=lora_on)
-    losses.validate_loss_config(config.loss, has_reference=reference.gives_logprobs(config, lora_on=lora_on))
+    objectives.objective_kind(config).check_config(config, has_reference=reference.gives_logprobs(config, lora_on=lora_on))
     samples.check_config(config)
     judges.check_config(config)
     online.check_config(config, lora_on=lora_on)

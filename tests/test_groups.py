@@ -119,6 +119,7 @@ def _loss_and_grads(groups, layout: str, loss_cfg):
     from jaxdpo.models.config import ModelConfig
     from jaxdpo.models.decoder import Decoder
     from jaxdpo.preference.reference import DeviceReference
+    from jaxdpo.training.objectives import PreferenceObjective
     from jaxdpo.training.step import make_micro_loss
 
     config = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -132,8 +133,8 @@ def _loss_and_grads(groups, layout: str, loss_cfg):
     batcher = PairBatcher(groups, layout=layout, row_length=length, batch_size=len(groups),
                           micro_batch_size=len(groups), seed=0, shuffle=False)
     batch = batcher.train_batch(0)[0]
-    micro_loss = make_micro_loss(graphdef, reference=DeviceReference(reference_params), loss_cfg=loss_cfg,
-                                 num_pairs=len(groups), chunk_size=8)
+    objective = PreferenceObjective(loss_cfg, reference=DeviceReference(reference_params), chunk_size=8)
+    micro_loss = make_micro_loss(graphdef, objective=objective, num_pairs=len(groups))
     total = jnp.maximum(losses.example_count(loss_cfg, batch), 1.0)
     (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, frozen, reference_params, batch,
                                                                           total)

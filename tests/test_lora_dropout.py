@@ -156,11 +156,12 @@ def test_dropout_run_learns_and_exports_a_peft_adapter_with_its_dropout(assets, 
 
 def micro_loss_of(run):
     """The run's micro-batch loss (its train step scans it over the micro-batches)."""
+    from jaxdpo.training.objectives import PreferenceObjective
     from jaxdpo.training.step import make_micro_loss
 
     cfg = run.config
-    return make_micro_loss(run.policy.graphdef, reference=run.reference, loss_cfg=cfg.loss,
-                           num_pairs=cfg.train.micro_batch_size, chunk_size=cfg.model.logprob_chunk)
+    objective = PreferenceObjective(cfg.loss, reference=run.reference, chunk_size=cfg.model.logprob_chunk)
+    return make_micro_loss(run.policy.graphdef, objective=objective, num_pairs=cfg.train.micro_batch_size)
 
 
 def with_b_zeroed(params):
@@ -170,6 +171,7 @@ def with_b_zeroed(params):
 
 def test_dropout_only_in_the_policys_training_forward(dropout_run):
     from jaxdpo.training import batches
+    from jaxdpo.training.objectives import PreferenceObjective
     from jaxdpo.training.step import dropout_key, make_eval_step, make_micro_loss
 
     trainer, _, _ = dropout_run
@@ -201,8 +203,8 @@ def test_dropout_only_in_the_policys_training_forward(dropout_run):
                                                 rngs=nnx.Rngs(0)))
     graphdef_no_dropout = nnx.split(no_dropout, LoRAParam, ...)[0]
     cfg = trainer.config
-    no_dropout_eval_step = make_eval_step(graphdef_no_dropout, reference=trainer.reference,
-                                          num_pairs=cfg.train.eval_batch_size, chunk_size=cfg.model.logprob_chunk)
+    objective = PreferenceObjective(cfg.loss, reference=trainer.reference, chunk_size=cfg.model.logprob_chunk)
+    no_dropout_eval_step = make_eval_step(graphdef_no_dropout, objective=objective, num_pairs=cfg.train.eval_batch_size)
     eval_batch = next(batches.eval_batches(trainer.data.eval_batcher, trainer.reference,
                                            trainer.steps.eval_batch_shardings))
     params = trainer.state["params"]

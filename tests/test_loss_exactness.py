@@ -14,6 +14,7 @@ import pytest
 from jaxdpo.data.batcher import PairBatcher
 from jaxdpo.preference.reference import CachedReference, DeviceReference, NoReference
 from jaxdpo.training import batches, build, loop
+from jaxdpo.training.objectives import PreferenceObjective
 from jaxdpo.training.step import init_state, make_train_step, pair_logprobs
 
 BATCH = 8
@@ -119,9 +120,9 @@ def test_batch_level_loss_is_exact_under_any_micro_batch_split(tiny_config, tmp_
     for micro in splits:
         batch = split_batch(data, reference, micro)
         assert batch["pair_valid"].shape == (BATCH // micro, micro)
-        step = jax.jit(make_train_step(policy.graphdef, reference=reference, loss_cfg=config.loss, optimizer=sgd,
-                                       schedule=optax.constant_schedule(1.0), num_pairs=micro,
-                                       chunk_size=config.model.logprob_chunk))
+        objective = PreferenceObjective(config.loss, reference=reference, chunk_size=config.model.logprob_chunk)
+        step = jax.jit(make_train_step(policy.graphdef, objective=objective, optimizer=sgd,
+                                       schedule=optax.constant_schedule(1.0), num_pairs=micro))
         new_state, metrics = step(init_state(policy.params, sgd), policy.frozen, reference.params, batch)
         grads = jax.tree.map(lambda old, new: old - new, policy.params, new_state["params"])
         results[micro] = jax.device_get((metrics, grads))
@@ -155,7 +156,10 @@ def test_eval_of_a_batch_level_loss_does_not_depend_on_eval_batch_size(tiny_conf
 def test_only_batch_level_losses_take_the_two_pass_step():
     from jaxdpo.training.step import make_gradients
 
-    common = dict(reference=NoReference(), num_pairs=2, chunk_size=8, dropout_seed=None)
-    assert "batch_level" in make_gradients(None, loss_cfg={"types": ("sigmoid", "aot")}, **common).__qualname__
+    def gradients(types):
+        objective = PreferenceObjective({"types": types}, reference=NoReference(), chunk_size=8)
+        return make_gradients(None, objective=objective, num_pairs=2, dropout_seed=None)
+
+    assert "batch_level" in gradients(("sigmoid", "aot")).__qualname__
     for types in (("sigmoid",), ("simpo",), ("ipo", "hinge")):
-        assert "accumulated" in make_gradients(None, loss_cfg={"types": types}, **common).__qualname__
+        assert "accumulated" in gradients(types).__qualname__

@@ -20,6 +20,7 @@ from jaxdpo.preference.reference import DeviceReference, NoReference, Reference
 from jaxdpo.training import build
 from jaxdpo.training.batches import stack_micro_batches
 from jaxdpo.training.optim import make_optimizer
+from jaxdpo.training.objectives import PreferenceObjective
 from jaxdpo.training.step import init_state, make_train_step
 from tests.tiny_assets import make_run_assets, tiny_run_config
 
@@ -137,10 +138,10 @@ def trained(tmp_path_factory):
             switched = SwitchedLoss(names, [loss_config(config.loss, n) for n in names])
             # Not donated: policy.params stays the initial policy, the device-mode reference.
             inner = DeviceReference(policy.params) if reference_mode == "device" else NoReference()
-            train_step = jax.jit(make_train_step(
-                policy.graphdef, reference=SwitchingReference(inner, switched), loss_cfg=switched,
-                optimizer=optimizer, schedule=schedule, num_pairs=config.train.micro_batch_size,
-                chunk_size=config.model.logprob_chunk))
+            objective = PreferenceObjective(switched, reference=SwitchingReference(inner, switched),
+                                            chunk_size=config.model.logprob_chunk)
+            train_step = jax.jit(make_train_step(policy.graphdef, objective=objective, optimizer=optimizer,
+                                                 schedule=schedule, num_pairs=config.train.micro_batch_size))
             reference = inner.params
             for index, name in enumerate(names):
                 state = init_state(policy.params, optimizer)

@@ -271,6 +271,7 @@ def memory_vs_length(args) -> dict:
     from configs import dpo
     from jaxdpo.models import Decoder, ModelConfig
     from jaxdpo.preference.reference import DeviceReference
+    from jaxdpo.training.objectives import PreferenceObjective
     from jaxdpo.training.step import init_state, make_train_step
 
     shape = SHAPES[args.shape]
@@ -285,9 +286,9 @@ def memory_vs_length(args) -> dict:
     pairs = args.batch_size
     out = {"vocab": args.memory_vocab, "pairs": pairs, "chunk": args.chunk, "lengths": {}}
     for t in (args.max_length, 2 * args.max_length):
-        train_step = make_train_step(graphdef, reference=DeviceReference(), loss_cfg=dpo.get_config().loss,
-                                     optimizer=optimizer, schedule=optax.constant_schedule(1e-4),
-                                     num_pairs=pairs, chunk_size=args.chunk)
+        objective = PreferenceObjective(dpo.get_config().loss, reference=DeviceReference(), chunk_size=args.chunk)
+        train_step = make_train_step(graphdef, objective=objective, optimizer=optimizer,
+                                     schedule=optax.constant_schedule(1e-4), num_pairs=pairs)
         rows = jax.ShapeDtypeStruct((1, 2 * pairs, t), jnp.int32)
         batch = {k: rows for k in ("input_ids", "positions", "segment_ids", "branch_ids", "targets",
                                    "pair_index", "side")}

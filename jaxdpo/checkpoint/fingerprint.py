@@ -44,7 +44,7 @@ RESUME_CRITICAL_KEYS = (
     "data.layout", "data.on_bad_row", "data.max_samples", "data.completion_key", "data.label_key", "data.shuffle",
     "data.completions_key", "data.scores_key",
     *loss_specs.CONFIG_KEYS, "optim.b1", "optim.b2", "optim.eps", "optim.weight_decay", "optim.grad_clip",
-    "train.batch_size", "reference.mode", "reference.path",
+    "train.batch_size", "reference.mode", "reference.path", "objective", "reward_model.center_rewards_coefficient",
 )
 
 # Config keys that change only what comes next: a resume may change them. The checkpoint records their
@@ -108,7 +108,8 @@ def config_fingerprint(config, *, model_config: Any = None, vocab_size: int | No
 
 # Keys a checkpoint's fingerprint may lack because it was written before they existed, with the value such a
 # run had: a saved fingerprint without one matches a config holding that value.
-IMPLIED_WHEN_ABSENT = {"data.shuffle": True, "data.completion_key": "completion", "data.label_key": "label",
+IMPLIED_WHEN_ABSENT = {"objective": "preference", "reward_model.center_rewards_coefficient": 0.0,
+                       "data.shuffle": True, "data.completion_key": "completion", "data.label_key": "label",
                        "loss.desirable_weight": 1.0, "loss.undesirable_weight": 1.0, "lora.base_dtype": "none",
                        "loss.group": "", "data.completions_key": "completions", "data.scores_key": "scores",
                        "online.pairs": "best_worst"}

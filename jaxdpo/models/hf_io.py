@@ -251,10 +251,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     values, used = _decoder_values(reader, config, mesh, cast)
-    if lora is not None:
-        adapters = adapter_specs(config, lora)
-        for name, value in adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype).items():
-            values["layers"][name] = _place_array(value, adapters[name][1], mesh)
+    _add_adapters(values, config, lora, lora_seed=lora_seed, param_dtype=param_dtype, mesh=mesh)
     extra = [n for n in reader.entries if n not in used and not n.endswith(_IGNORED_SUFFIXES)
              and not (config.tie_word_embeddings and n == "lm_head.weight")]  # tied copies some exporters keep
     if extra:
@@ -263,6 +260,16 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
                          f"{extra[0]!r} in {file} ({len(extra)} in all): is config.json for this checkpoint?")
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state)
+
+
+def _add_adapters(values: dict, config: ModelConfig, lora: LoRASettings | None, *, lora_seed: int, param_dtype,
+                  mesh) -> None:
+    """Fresh LoRA adapters (B = 0) into a decoder's `values`, placed on `mesh`."""
+    if lora is None:
+        return
+    adapters = adapter_specs(config, lora)
+    for name, value in adapter_values(config, lora, seed=lora_seed, param_dtype=param_dtype).items():
+        values["layers"][name] = _place_array(value, adapters[name][1], mesh)
 
 
 # ---- export -----------------------------------------------------------------------------------------------
@@ -287,9 +294,11 @@ def _write_safetensors(file: str, tensors: list[tuple[str, tuple, np.dtype]], pr
 
 
 def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
-                    dtype=None) -> None:
+                    dtype=None, *, extra_tensors: dict | None = None, config_updates: dict | None = None) -> None:
     """Write `model` as a transformers checkpoint dir. `dtype` (default: the params' dtype) is the dtype on
-    disk. Every process must call this (sharded params are gathered); only process 0 writes."""
+    disk. `extra_tensors` (HF name -> array in HF layout: a classifier's score head) are written after the
+    decoder's, and `config_updates` over config.json's keys (a classifier's architecture and labels). Every
+    process must call this (sharded params are gathered); only process 0 writes."""
     config = model.config
     params = {name: getattr(model, name) for name in top_param_specs(config)}
     layer_params = {name: getattr(model.layers, name) for name in layer_param_specs(config)}
@@ -302,6 +311,8 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
     for name, template in families.layer_key_map(config).items():
         shape = layer_param_specs(config)[name][0][1:]
         plan += [(template.format(i=i), name, i, _hf_shape(name, shape)) for i in range(config.num_layers)]
+    extra_tensors = dict(extra_tensors or {})
+    plan += [(hf, hf, None, tuple(value.shape)) for hf, value in extra_tensors.items()]
     shards: list[list] = [[]]
     size = 0
     for entry in plan:
@@ -317,6 +328,8 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
     cached: dict = {}  # one gathered stacked weight at a time
 
     def host_value(name: str, layer: int | None) -> np.ndarray:
+        if name in extra_tensors:
+            return np.asarray(gather_to_host(extra_tensors[name])).astype(disk_dtype)
         if name not in cached:
             cached.clear()
             var = params[name] if layer is None else layer_params[name]
@@ -338,14 +351,14 @@ def save_pretrained(model: Decoder, out_dir: str, tokenizer=None, max_shard_byte
             weight_map = {hf: file_name for file_name, shard in zip(names, shards) for hf, _, _, _ in shard}
             with open(os.path.join(staging, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        _write_configs(config, disk_dtype, staging)
+        _write_configs(config, disk_dtype, staging, config_updates or {})
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
 
-def _write_configs(config: ModelConfig, disk_dtype: np.dtype, out_dir: str) -> None:
+def _write_configs(config: ModelConfig, disk_dtype: np.dtype, out_dir: str, config_updates: dict) -> None:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(families.config_to_hf(config, disk_dtype.name), f, indent=2)
+        json.dump(families.config_to_hf(config, disk_dtype.name) | config_updates, f, indent=2)
     generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
                   "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
                   else config.eos_token_id}
@@ -379,29 +392,44 @@ def staged_dir(out_dir: str):
 def from_pretrained_classifier(path: str, dtype=jnp.float32, *, param_dtype=None,
                                mesh=None) -> tuple[Decoder, jax.Array]:
     """Load a `*ForSequenceClassification` safetensors checkpoint dir: (the decoder, the score head
-    [D, num_labels] with logical axes ("embed", None)). The decoder is built with tied embeddings, which
-    is how a Decoder holds no LM head (a classifier has none; `lm_head_weight()` is never used). Params
-    in `param_dtype` (default `dtype`), sharded on `mesh` (or the mesh of an enclosing `jax.set_mesh`)."""
+    [D, num_labels] with logical axes ("embed", None)); see `from_pretrained_scorer`."""
+    decoder, score = from_pretrained_scorer(path, dtype, param_dtype=param_dtype, mesh=mesh)
+    if score is None:
+        raise ModelFileError(f"{path}: no {SCORE_HEAD!r} tensor: not a *ForSequenceClassification checkpoint "
+                             f"(a reward model has a `score` head on its decoder)")
+    return decoder, score
+
+
+def from_pretrained_scorer(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, remat: str = "none",
+                           attention_backend: str = "xla", lora: LoRASettings | None = None,
+                           lora_seed: int = 0) -> tuple[Decoder, jax.Array | None]:
+    """A decoder to score with, from a `*ForSequenceClassification` checkpoint or a causal LM: (the decoder,
+    the checkpoint's score head [D, num_labels] with logical axes ("embed", None), or None when it has
+    none). The decoder is built with tied embeddings, which is how a Decoder holds no LM head (a classifier
+    has none; a causal LM's `lm_head` is not read). Params in `param_dtype` (default `dtype`), sharded on
+    `mesh` (or the mesh of an enclosing `jax.set_mesh`); the other arguments are the Decoder's fields."""
     config = dataclasses.replace(load_config(path), tie_word_embeddings=True)
     param_dtype = dtype if param_dtype is None else param_dtype
     mesh = mesh if mesh is not None else _active_mesh()
     reader = _SafetensorsReader(path)
     cast = np.dtype(param_dtype)
-    if SCORE_HEAD not in reader.entries:
-        raise ModelFileError(f"{path}: no {SCORE_HEAD!r} tensor: not a *ForSequenceClassification checkpoint "
-                         f"(a reward model has a `score` head on its decoder)")
-    num_labels = reader.entries[SCORE_HEAD][1]["shape"][0]
-    score_hf = reader.get(SCORE_HEAD, (num_labels, config.hidden_size))
-    score = place_on_mesh(np.asarray(score_hf).T.astype(cast), ("embed", None), mesh)
+    score = None
+    if SCORE_HEAD in reader.entries:
+        num_labels = reader.entries[SCORE_HEAD][1]["shape"][0]
+        score_hf = reader.get(SCORE_HEAD, (num_labels, config.hidden_size))
+        score = place_on_mesh(np.asarray(score_hf).T.astype(cast), ("embed", None), mesh)
 
     abstract = nnx.eval_shape(
-        lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, remat="none", rngs=nnx.Rngs(0)))
+        lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_backend=attention_backend,
+                        lora=lora, lora_seed=lora_seed, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     values, used = _decoder_values(reader, config, mesh, cast)
-    extra = [n for n in reader.entries if n not in used | {SCORE_HEAD} and not n.endswith(_IGNORED_SUFFIXES)]
+    _add_adapters(values, config, lora, lora_seed=lora_seed, param_dtype=param_dtype, mesh=mesh)
+    unread = {SCORE_HEAD, "lm_head.weight"}
+    extra = [n for n in reader.entries if n not in used | unread and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
         file = os.path.basename(reader.entries[extra[0]][0])
-        raise ModelFileError(f"{path}: classifier checkpoint has tensors a {config.model_type} decoder plus score "
-                         f"head does not use, e.g. {extra[0]!r} in {file} ({len(extra)} in all)")
+        raise ModelFileError(f"{path}: checkpoint has tensors a {config.model_type} decoder plus score "
+                             f"head does not use, e.g. {extra[0]!r} in {file} ({len(extra)} in all)")
     nnx.replace_by_pure_dict(state, values)
     return nnx.merge(graphdef, state), score

@@ -12,13 +12,20 @@ Scoring runs in buckets: rows are sorted by length and cut into batches of a fix
 padded (on the right) to a power-of-two length, so only a handful of shapes ever compile. Texts longer
 than `max_length` tokens keep their last `max_length` tokens (the score is read at the end).
 
-Dimension letters: b batch, t time, d model, l labels.
+Training one (jaxdpo/training/objectives.py, objective = "reward_model"): a `Scorer` is the Decoder plus a
+trainable `ScoreHead`; `pair_rewards` reads each completion of a training batch where transformers would read
+the exported model (the rightmost token of prompt + completion whose id is not `score_pad_id`), in any
+layout that keeps a completion's tokens together (padded, prefix_shared); `save_scorer` writes the
+`*ForSequenceClassification` directory, with `pad_token_id` set so that transformers reads the same token.
+
+Dimension letters: b batch, t time, d model, l labels, p pairs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from collections.abc import Sequence
 
@@ -30,8 +37,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdpo.errors import ConfigError
 from jaxdpo.judging import failures
-from jaxdpo.models.hf_io import from_pretrained_classifier, place_on_mesh
-from jaxdpo.parallel.sharding import batch_axis_size
+from jaxdpo.models import families
+from jaxdpo.models import lora as lora_lib
+from jaxdpo.models.decoder import Decoder
+from jaxdpo.models.hf_io import (
+    from_pretrained_classifier,
+    SCORE_HEAD,
+    from_pretrained_scorer,
+    place_on_mesh,
+    save_pretrained,
+)
+from jaxdpo.parallel.sharding import batch_axis_size, logical_to_mesh_axes
 
 MIN_BUCKET = 32
 
@@ -169,3 +185,100 @@ class RewardModel:
 
 def _mesh_context(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+# ---- training a reward model -------------------------------------------------------------------------------
+
+class ScoreHead(nnx.Param):
+    """The score head [D, 1]: trains with the decoder, and under LoRA with the adapters (PEFT's
+    modules_to_save=["score"], as TRL's RewardTrainer advises)."""
+
+
+class Scorer(nnx.Module):
+    """A decoder and its score head: the model the reward-model objective trains."""
+
+    def __init__(self, decoder: Decoder, head):
+        self.decoder = decoder
+        self.score = ScoreHead(head, out_sharding=logical_to_mesh_axes(("embed", None)),
+                               eager_sharding=not jax.sharding.get_abstract_mesh().empty)
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+
+def score_pad_id(tokenizer) -> int | None:
+    """The id transformers skips when it looks for a row's last token: the tokenizer's pad token, else its EOS
+    (TRL's RewardTrainer pads with EOS then); None when it has neither (the last token is read)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def read_positions(batch, *, num_pairs: int, score_pad_id: int | None) -> jax.Array:
+    """[2, P] flat indices (row * T + t) of the token each pair's chosen (side 1) and rejected (side 2)
+    completion is scored at: the rightmost of its prompt's last token and its completion tokens whose id is
+    not `score_pad_id`. A scored position t holds a token of the completion's sequence and predicts
+    `targets[t]`, which sits at t + 1 of the same row: together they are exactly those tokens."""
+    r, t = batch["input_ids"].shape
+    flat = jnp.arange(r * t, dtype=jnp.int32).reshape(r, t)
+
+    def readable(ids, index):
+        return index if score_pad_id is None else jnp.where(ids != score_pad_id, index, -1)
+
+    candidate = jnp.maximum(readable(batch["input_ids"], flat), readable(batch["targets"], flat + 1))
+    side = batch["side"]
+    slot = jnp.where(side > 0, batch["pair_index"] * 2 + side - 1, 2 * num_pairs)  # out of range: dropped
+    last = jax.ops.segment_max(candidate.reshape(-1), slot.reshape(-1), num_segments=2 * num_pairs)
+    return jnp.maximum(last, 0).reshape(num_pairs, 2).T  # padding pairs read token 0 and are masked
+
+
+def pair_rewards(graphdef, states, batch, *, num_pairs: int, score_pad_id: int | None,
+                 lora_dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """([P], [P]) float32 rewards of each pair's chosen and rejected completion under the scorer `states`."""
+    model = nnx.merge(graphdef, *states)
+    kwargs = {} if lora_dropout_key is None else {"lora_dropout_key": lora_dropout_key}
+    hidden_btd = model.decoder.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                             batch["branch_ids"], **kwargs)
+    index_2p = read_positions(batch, num_pairs=num_pairs, score_pad_id=score_pad_id)
+    read_2pd = jnp.take(hidden_btd.reshape(-1, hidden_btd.shape[-1]), index_2p, axis=0)
+    rewards = jnp.einsum("spd,dl->spl", read_2pd, model.score[...].astype(read_2pd.dtype),
+                         preferred_element_type=jnp.float32)[..., 0]
+    return rewards[0], rewards[1]
+
+
+def _head_init_std(path: str) -> float:
+    """transformers initialises a new score head N(0, initializer_range^2)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return float(json.load(f).get("initializer_range", 0.02))
+
+
+def load_scorer(path: str, *, seed: int, log, **decoder_fields) -> Scorer:
+    """The scorer of `path`: a *ForSequenceClassification checkpoint's decoder and head, or a causal LM's
+    decoder with a new head (said in one line through `log`). `decoder_fields` as hf_io.from_pretrained_scorer."""
+    decoder, head = from_pretrained_scorer(path, **decoder_fields)
+    if head is None:
+        std = _head_init_std(path)
+        width = decoder.config.hidden_size
+        log(f"  model      {path} has no score head (a causal LM): score head [{width}, 1] initialised N(0, {std:g}^2)")
+        value = std * jax.random.normal(jax.random.key(seed), (width, 1), jnp.float32)
+        head = place_on_mesh(np.asarray(value).astype(np.dtype(decoder.param_dtype)), ("embed", None),
+                             decoder_fields.get("mesh"))
+    elif head.shape[1] != 1:
+        raise ConfigError(f"{path}: score head has num_labels={head.shape[1]}; a reward model gives one score")
+    return Scorer(decoder, head)
+
+
+def classifier_architecture(causal_architecture: str) -> str:
+    return causal_architecture.removesuffix("ForCausalLM") + "ForSequenceClassification"
+
+
+def save_scorer(model: Scorer, out_dir: str, tokenizer, *, lora=None) -> None:
+    """Write the scorer as a `*ForSequenceClassification` dir (adapters merged in under LoRA) that
+    transformers and `RewardModel` load, reading the token `pair_rewards` read. Every process calls it."""
+    decoder = model.decoder if lora is None else lora_lib.merge_adapters(model.decoder, lora)
+    if tokenizer.pad_token_id is None:  # transformers finds a row's last token by the pad id (score_pad_id)
+        tokenizer.pad_token = tokenizer.eos_token
+    causal = families.config_to_hf(decoder.config, "float32")["architectures"][0]
+    updates = {"architectures": [classifier_architecture(causal)], "id2label": {"0": "LABEL_0"},
+               "label2id": {"LABEL_0": 0}, "pad_token_id": score_pad_id(tokenizer)}
+    save_pretrained(decoder, out_dir, tokenizer=tokenizer, extra_tensors={SCORE_HEAD: model.score[...].T},
+                    config_updates=updates)

@@ -36,6 +36,7 @@ from jaxdpo.data.formats import ExampleKind
 from jaxdpo.errors import ConfigError
 from jaxdpo.models.hf_io import check_checkpoint_dir
 from jaxdpo.preference import losses
+from jaxdpo.training import objectives
 from jaxdpo.training.step import pair_logprobs
 
 HOST_MEMORY_KIND = "pinned_host"
@@ -213,9 +214,10 @@ def choose_reference(mode: str, *, lora: bool, loss_needs_reference: bool) -> tu
 
 
 def reference_kind(config, *, lora_on: bool) -> tuple[type[Reference], str | None]:
-    """choose_reference for a run's config: its reference.mode, LoRA and loss.types."""
+    """choose_reference for a run's config: its reference.mode, LoRA and what its objective needs (loss.types;
+    a reward model needs no reference)."""
     return choose_reference(config.reference.mode, lora=lora_on,
-                            loss_needs_reference=losses.needs_reference(config.loss))
+                            loss_needs_reference=objectives.objective_kind(config).needs_reference(config))
 
 
 def check_config(config, *, lora_on: bool) -> None:

@@ -33,6 +33,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models.config import DTYPES
+from jaxdpo.models import reward_model
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
 from jaxdpo.parallel import distributed, sharding
@@ -40,7 +41,7 @@ from jaxdpo.preference import losses
 from jaxdpo.preference import reference as reference_lib
 from jaxdpo.preference import reference_cache
 from jaxdpo.preference.reference import Reference
-from jaxdpo.training import batches
+from jaxdpo.training import batches, objectives
 from jaxdpo.training.optim import make_optimizer
 from jaxdpo.training.step import (
     init_state,
@@ -240,6 +241,15 @@ def load_weights(config, path: str, mesh, *, lora=None, attention="xla"):
                                  lora_seed=config.seed)
 
 
+def load_scorer(config, mesh, settings, fields):
+    """The reward-model objective's scorer (jaxdpo.models.reward_model): model.path's decoder with its score
+    head, or a new head on a causal LM (said in one line)."""
+    return reward_model.load_scorer(config.model.path, seed=config.seed, log=log, dtype=fields["dtype"],
+                                    param_dtype=fields["param_dtype"], mesh=mesh, remat=fields["remat"],
+                                    attention_backend=fields["attention_backend"], lora=settings,
+                                    lora_seed=config.seed)
+
+
 def described(params, mesh):
     """ShapeDtypeStructs of `params` (arrays or descriptions) with shardings on `mesh`."""
     def describe(x):
@@ -261,7 +271,9 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
     model_config = hf_io.load_config(config.model.path)
     fields = _decoder_fields(config, model_config, settings)
     with jax.set_mesh(mesh):
-        if resuming and not keep_initial and settings is None:  # nothing needs values: describe it all
+        if objectives.objective_kind(config).trains_scorer:  # its head is new or read: always loaded
+            model = load_scorer(config, mesh, settings, fields)
+        elif resuming and not keep_initial and settings is None:  # nothing needs values: describe it all
             model = nnx.eval_shape(lambda: Decoder(model_config, **fields, rngs=nnx.Rngs(0)))
         else:
             model = load_weights(config, config.model.path, mesh, lora=settings, attention=fields["attention_backend"])
@@ -270,7 +282,8 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
         with jax.set_mesh(mesh):
             model = lora_lib.quantize_base(model, settings, mesh)  # the frozen targets as lora.base_dtype says
     # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
-    graphdef, params, frozen = nnx.split(model, nnx.Param if settings is None else LoRAParam, ...)
+    trainable = nnx.Param if settings is None else (LoRAParam, reward_model.ScoreHead)  # a scorer's head trains too
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
     del model
     return Policy(graphdef=graphdef, params=described(params, mesh) if resuming else params, frozen=frozen,
                   initial_params=params if keep_initial else None, model_config=model_config, lora=settings,
@@ -334,18 +347,17 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     common = dict(frozen_shardings=shardings_of(policy.frozen), replicated=replicated,
                   reference_shardings=shardings_of(reference.params) if reference.params is not None else None)
     with_dropout = policy.lora is not None and policy.lora.dropout > 0
-    train_step = make_train_step(policy.graphdef, reference=reference, loss_cfg=cfg.loss, optimizer=optimizer,
-                                 schedule=schedule, num_pairs=cfg.train.micro_batch_size,
-                                 chunk_size=cfg.model.logprob_chunk,
+    objective = objectives.objective_kind(cfg).make(cfg, reference=reference, tokenizer=data.tokenizer)
+    train_step = make_train_step(policy.graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
+                                 num_pairs=cfg.train.micro_batch_size,
                                  dropout_seed=cfg.seed if with_dropout else None)  # masks: (seed, step, micro)
-    eval_step = make_eval_step(policy.graphdef, reference=reference, num_pairs=cfg.train.eval_batch_size,
-                               chunk_size=cfg.model.logprob_chunk, kind=losses.example_kind(cfg.loss))
+    eval_step = make_eval_step(policy.graphdef, objective=objective, num_pairs=cfg.train.eval_batch_size)
     return Steps(
         train_step=jit_train_step(sharding.traced_in(mesh, train_step), state_shardings=state_shardings,
                                   batch_shardings=train_batch_shardings, **common),
         eval_step=jit_eval_step(sharding.traced_in(mesh, eval_step), params_shardings=state_shardings["params"],
                                 batch_shardings=eval_batch_shardings, **common),
-        eval_metrics=make_eval_metrics(cfg.loss, group_size=cfg.train.batch_size,
+        eval_metrics=make_eval_metrics(objective, group_size=cfg.train.batch_size,
                                        origin_pairs=pairs_of_origin(data.eval_pairs.rows) if unpaired and
                                        data.eval_pairs is not None else None),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,

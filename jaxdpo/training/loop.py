@@ -34,7 +34,8 @@ from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import save_pretrained
 from jaxdpo.parallel.distributed import barrier
 from jaxdpo.sampling import samples
-from jaxdpo.training import batches, build, faults, trackers
+from jaxdpo.models.reward_model import save_scorer
+from jaxdpo.training import batches, build, faults, objectives, trackers
 from jaxdpo.training.divergence import BadStepWatch
 from jaxdpo.training.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow
 from jaxdpo.training.preemption import PreemptionFlag, install_preemption_handler, resume_message
@@ -231,17 +232,19 @@ def log_train_window(ctx: RunContext, bar, window, done: int, started: float) ->
     record.update(window.rates(time.perf_counter() - started))
     record.pop("pairs"), record.pop("tokens")
     ctx.logger.write(done, {f"train/{k}": v for k, v in record.items()})
-    shown = {"acc": "rewards/accuracies", "kl": "kl"}  # accuracy for pairs, KTO's KL for unpaired rows
-    bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{record[m]:.2f}" for k, m in shown.items() if m in record},
+    # accuracy for pairs (a reward model's as TRL names it), KTO's KL for unpaired rows
+    shown = (("acc", "rewards/accuracies"), ("acc", "accuracy"), ("kl", "kl"))
+    bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{record[m]:.2f}" for k, m in shown if m in record},
                     pairs_s=f"{record['pairs_per_s']:.1f}")
 
 
 def log_eval(ctx: RunContext, bar, done: int, eval_metrics: dict) -> None:
     ctx.logger.write(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
     # unpaired eval rows have an accuracy only where they came from pairs
-    shown = {"accuracy": "rewards/accuracies", "margin": "rewards/margins", "kl": "kl"}
+    shown = (("accuracy", "rewards/accuracies"), ("accuracy", "accuracy"), ("margin", "rewards/margins"),
+             ("margin", "margin"), ("kl", "kl"))
     bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
-              + " ".join(f"{name} {eval_metrics[key]:.3f}" for name, key in shown.items() if key in eval_metrics))
+              + " ".join(f"{name} {eval_metrics[key]:.3f}" for name, key in shown if key in eval_metrics))
 
 
 def log_setting_changes(config, logger, step: int, meta: dict) -> None:
@@ -289,6 +292,9 @@ def export(config, policy, state, tokenizer) -> dict[str, str]:
 def _write_exports(config, policy, state, tokenizer) -> dict[str, str]:
     dirs, written = build.export_dirs(config.workdir), {}
     model = nnx.merge(policy.graphdef, state["params"], policy.frozen)
+    if objectives.objective_kind(config).trains_scorer:  # one *ForSequenceClassification dir, adapters merged
+        save_scorer(model, dirs["hf"], tokenizer, lora=policy.lora)
+        return {"hf": dirs["hf"]}
     if policy.lora is not None:
         lora_lib.save_adapter(model, policy.lora, dirs["adapter"], base_model=os.path.abspath(config.model.path),
                               tokenizer=tokenizer)
@@ -319,7 +325,7 @@ def _banner(config, mesh, data, policy, reference) -> None:
         f"rows of {data.row_length} tokens",
         f"  batch      {cfg.train.batch_size} pairs/step = {accumulation} x {cfg.train.micro_batch_size}, "
         f"{data.total_steps} steps",
-        f"  loss       {', '.join(cfg.loss.types)} (beta {cfg.loss.beta}), reference {reference.mode}",
+        f"  {objectives.objective_kind(cfg).describe(cfg)}, reference {reference.mode}",
         f"  outputs    {os.path.abspath(cfg.workdir)}",
     ]))
 

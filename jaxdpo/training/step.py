@@ -12,8 +12,12 @@ State is a dict pytree {"params", "opt_state", "step", "bad_steps"}; `frozen` ho
 non-trained variables (all base weights under LoRA, nothing otherwise); `reference_params` is the run's
 reference object's `params` (a params pytree for device/host modes, None when logprobs come cached in
 the batch, from the LoRA base, or the loss is reference-free). The step functions are made once per run
-by `make_train_step` / `make_eval_step`, closing over the graphdef, the loss config and the reference
-object (jaxdpo.preference.reference), which says how its logprobs are computed.
+by `make_train_step` / `make_eval_step`, closing over the graphdef and the objective
+(jaxdpo/training/objectives.py): the per-example values of a micro-batch (`objective.make_values`; the
+preference objective's are `make_pair_values` below, with the reference object of
+jaxdpo.preference.reference saying how its logprobs are computed), their loss and metric sums
+(`objective.loss`), what the loss is a mean over (`objective.example_count`) and the logged means
+(`objective.metric_means`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,8 @@ import optax
 from flax import nnx
 
 from jaxdpo.data.formats import ExampleKind
-from jaxdpo.data.layouts import EXAMPLE_KEYS, KIND_KEYS
+from jaxdpo.data.layouts import EXAMPLE_KEYS
 from jaxdpo.ops.logprobs import gather_scored, pair_sums, slot_sums, token_logprobs
-from jaxdpo.preference import losses
 from jaxdpo.training.optim import applied_updates
 
 
@@ -97,25 +100,19 @@ def make_pair_values(graphdef, *, reference, num_pairs: int, chunk_size: int,
     return pair_values
 
 
-def loss_of_values(loss_cfg, values: dict, valid):
-    """losses.example_loss on per-example values: (loss sum, metric sums) over the valid examples."""
-    return losses.example_loss(loss_cfg, values, valid)
-
-
 def scored_tokens(micro) -> jax.Array:
     return jnp.sum((micro["side"] > 0) * 1.0)
 
 
-def make_micro_loss(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int) -> Callable:
+def make_micro_loss(graphdef, *, objective, num_pairs: int) -> Callable:
     """`micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None)` ->
-    (loss of the micro-batch's pairs / total_valid, metric sums). `reference` is the run's
-    jaxdpo.preference.reference.Reference; `reference_params` is its `params` (the jitted argument)."""
-    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size,
-                                   kind=losses.example_kind(loss_cfg))
+    (loss of the micro-batch's examples / total_valid, metric sums). `reference_params` is the run's
+    reference's `params` (the jitted argument; jaxdpo.preference.reference)."""
+    pair_values = objective.make_values(graphdef, num_pairs=num_pairs)
 
     def micro_loss(params, frozen, reference_params, micro, total_valid, lora_dropout_key=None):
         values = pair_values(params, frozen, reference_params, micro, lora_dropout_key)
-        loss_sum, metric_sums = loss_of_values(loss_cfg, values, micro["pair_valid"])
+        loss_sum, metric_sums = objective.loss(values, micro["pair_valid"])
         metric_sums = dict(metric_sums, tokens=scored_tokens(micro))
         return loss_sum / total_valid, metric_sums
 
@@ -135,12 +132,10 @@ def _add(total, tree):
     return jax.tree.map(lambda a, g: a + g.astype(a.dtype), total, tree)
 
 
-def make_accumulated_gradients(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int,
-                               dropout_seed: int | None) -> Callable:
+def make_accumulated_gradients(graphdef, *, objective, num_pairs: int, dropout_seed: int | None) -> Callable:
     """`gradients(params, frozen, reference_params, batches, total_valid, step)` -> (grads, metric sums) for
     per-pair losses: one forward and backward per micro-batch, summed (each already / total_valid)."""
-    micro_loss = make_micro_loss(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
-                                 chunk_size=chunk_size)
+    micro_loss = make_micro_loss(graphdef, objective=objective, num_pairs=num_pairs)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def gradients(params, frozen, reference_params, batches, total_valid, step):
@@ -162,16 +157,17 @@ def make_accumulated_gradients(graphdef, *, reference, loss_cfg, num_pairs: int,
     return gradients
 
 
-def make_batch_level_gradients(graphdef, *, reference, loss_cfg, num_pairs: int, chunk_size: int,
-                               dropout_seed: int | None) -> Callable:
+def make_batch_level_gradients(graphdef, *, objective, num_pairs: int, dropout_seed: int | None) -> Callable:
     """The same `gradients` for a loss over the whole global batch (aot sorts over it), exact under any
     micro-batch split, in two passes:
       1. a forward-only scan: per-pair values [A, P] of every micro-batch (policy and reference);
       2. the loss of the [A*P] vectors and its gradient w.r.t. pc and pr (coef_c, coef_r);
       3. a backward scan: grad of sum_i coef_c_i * pc_i + coef_r_i * pr_i per micro-batch, which by the
          chain rule sums to the gradient of the global-batch loss.
-    Costs one more policy forward per micro-batch (the reference forward runs once, in pass 1)."""
-    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size)
+    Costs one more policy forward per micro-batch (the reference forward runs once, in pass 1). Only
+    preference objectives are batch-level (their values are the policy's slot logprob sums pc, pr)."""
+    pair_values = objective.make_values(graphdef, num_pairs=num_pairs)
+    chunk_size = objective.chunk_size
 
     def gradients(params, frozen, reference_params, batches, total_valid, step):
         indices = jnp.arange(batches["pair_valid"].shape[0])
@@ -187,8 +183,7 @@ def make_batch_level_gradients(graphdef, *, reference, loss_cfg, num_pairs: int,
         flat = {k: None if v is None else jax.lax.stop_gradient(v).reshape(-1) for k, v in values.items()}
 
         def global_loss(pc, pr):
-            loss_sum, metric_sums = loss_of_values(loss_cfg, dict(flat, pc=pc, pr=pr),
-                                                   batches["pair_valid"].reshape(-1))
+            loss_sum, metric_sums = objective.loss(dict(flat, pc=pc, pr=pr), batches["pair_valid"].reshape(-1))
             return loss_sum / total_valid, metric_sums
 
         (_, metric_sums), coefs = jax.value_and_grad(global_loss, argnums=(0, 1), has_aux=True)(flat["pc"], flat["pr"])
@@ -211,28 +206,26 @@ def make_batch_level_gradients(graphdef, *, reference, loss_cfg, num_pairs: int,
     return gradients
 
 
-def make_gradients(graphdef, *, loss_cfg, **kwargs) -> Callable:
-    """The two-pass batch-level gradients when a batch-level loss (aot, aot_unpaired) is configured, else
-    the single-pass accumulation."""
-    make = make_batch_level_gradients if losses.is_batch_level(loss_cfg) else make_accumulated_gradients
-    return make(graphdef, loss_cfg=loss_cfg, **kwargs)
+def make_gradients(graphdef, *, objective, **kwargs) -> Callable:
+    """The two-pass batch-level gradients when the objective couples a batch (a batch-level loss: aot,
+    aot_unpaired), else the single-pass accumulation."""
+    make = make_batch_level_gradients if objective.batch_level else make_accumulated_gradients
+    return make(graphdef, objective=objective, **kwargs)
 
 
-def make_train_step(graphdef, *, reference, loss_cfg, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_pairs: int, chunk_size: int,
-                    dropout_seed: int | None = None) -> Callable:
+def make_train_step(graphdef, *, objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    num_pairs: int, dropout_seed: int | None = None) -> Callable:
     """`train_step(state, frozen, reference_params, batches) -> (state, metrics)` over micro-batches stacked
     on a leading axis. `dropout_seed` (the config seed; None = the model has no LoRA dropout) keys micro-batch
     i of step s with dropout_key(seed, s, i)."""
-    gradients = make_gradients(graphdef, reference=reference, loss_cfg=loss_cfg, num_pairs=num_pairs,
-                               chunk_size=chunk_size, dropout_seed=dropout_seed)
+    gradients = make_gradients(graphdef, objective=objective, num_pairs=num_pairs, dropout_seed=dropout_seed)
 
     def train_step(state, frozen, reference_params, batches):
-        total_valid = jnp.maximum(losses.example_count(loss_cfg, batches), 1.0)
+        total_valid = jnp.maximum(objective.example_count(batches), 1.0)
         grads, metric_sums = gradients(state["params"], frozen, reference_params, batches, total_valid,
                                        state["step"])
         tokens = metric_sums.pop("tokens")
-        metrics = losses.metric_means(loss_cfg, metric_sums, total_valid)
+        metrics = objective.metric_means(metric_sums, total_valid)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         new_state, finite = apply_gradients(state, grads, optimizer, finite)
@@ -271,13 +264,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_eval_step(graphdef, *, reference, num_pairs: int, chunk_size: int,
-                   kind: ExampleKind = ExampleKind.PAIR) -> Callable:
-    """`eval_step(params, frozen, reference_params, batch)` -> the batch's per-pair values {pc, pr, nc, nr, rc,
-    rr, pair_valid} (groups: {logps, lengths, ref_logps, group_scores, group_mask, pair_valid}) and its
-    scored-token count; `make_eval_metrics` turns those of every eval batch into the eval metrics."""
-    pair_values = make_pair_values(graphdef, reference=reference, num_pairs=num_pairs, chunk_size=chunk_size,
-                                   kind=kind)
+def make_eval_step(graphdef, *, objective, num_pairs: int) -> Callable:
+    """`eval_step(params, frozen, reference_params, batch)` -> the batch's per-example values (the objective's;
+    preference pairs: {pc, pr, nc, nr, rc, rr}, groups: {logps, lengths, ref_logps, group_scores, group_mask}),
+    pair_valid and its scored-token count; `make_eval_metrics` turns those of every eval batch into the eval
+    metrics."""
+    pair_values = objective.make_values(graphdef, num_pairs=num_pairs)
 
     def eval_step(params, frozen, reference_params, batch):
         values = pair_values(params, frozen, reference_params, batch)  # with the batch's `label`, if any
@@ -295,7 +287,7 @@ def pair_accuracy(outputs: list[dict], valid, origin_pairs: np.ndarray) -> float
     return float(np.mean(logratio[origin_pairs[:, 0]] > logratio[origin_pairs[:, 1]]))
 
 
-def make_eval_metrics(loss_cfg, *, group_size: int, origin_pairs: np.ndarray | None = None) -> Callable:
+def make_eval_metrics(objective, *, group_size: int, origin_pairs: np.ndarray | None = None) -> Callable:
     """`eval_metrics(outputs)`: the eval_step outputs of every eval batch, in eval order -> the mean of every
     metric over the valid eval examples. The valid examples are taken in eval (dataset) order and cut into
     groups of `group_size` (train.batch_size; the last group may be smaller), and the loss is evaluated per
@@ -305,14 +297,14 @@ def make_eval_metrics(loss_cfg, *, group_size: int, origin_pairs: np.ndarray | N
 
     @jax.jit
     def group_sums(grouped: dict, valid):
-        sums = jax.vmap(lambda values, group_valid: loss_of_values(loss_cfg, values, group_valid)[1])(grouped, valid)
+        sums = jax.vmap(lambda values, group_valid: objective.loss(values, group_valid)[1])(grouped, valid)
         return jax.tree.map(jnp.sum, sums)
 
     def eval_metrics(outputs: list[dict]) -> dict[str, float]:
         valid = np.concatenate([np.asarray(o["pair_valid"]) for o in outputs]) > 0
         count = int(valid.sum())
         groups = max(1, -(-count // group_size))
-        keys = ("pc", "pr", "nc", "nr", "rc", "rr", "logps", "lengths", "ref_logps") + EXAMPLE_KEYS
+        keys = objective.value_keys
 
         def grouped(key):  # the valid examples in order, padded to whole groups: [groups, group_size, ...]
             if key not in outputs[0]:
@@ -323,9 +315,9 @@ def make_eval_metrics(loss_cfg, *, group_size: int, origin_pairs: np.ndarray | N
 
         group_valid = (np.arange(groups * group_size) < count).reshape(groups, group_size)
         sums = jax.device_get(group_sums({k: grouped(k) for k in keys}, group_valid))
-        kind_arrays = {k: grouped(k) for k in KIND_KEYS[losses.example_kind(loss_cfg)]}
-        counted = losses.example_count(loss_cfg, dict(kind_arrays, pair_valid=group_valid))
-        means = losses.metric_means(loss_cfg, sums, max(float(counted), 1.0))
+        kind_arrays = {k: grouped(k) for k in objective.count_keys}
+        counted = objective.example_count(dict(kind_arrays, pair_valid=group_valid))
+        means = objective.metric_means(sums, max(float(counted), 1.0))
         metrics = {k: float(v) for k, v in means.items()}
         if origin_pairs is not None and len(origin_pairs):
             metrics["rewards/accuracies"] = pair_accuracy(outputs, valid, origin_pairs)

@@ -1,0 +1,170 @@
+"""Reward models trained here (objective = "reward_model", jaxdpo/training/objectives.py): the first step's
+loss equals TRL 1.16 RewardTrainer's on the same model and pairs (padded and prefix_shared, with
+center_rewards_coefficient; the margin column's term at the objective), the export is a
+*ForSequenceClassification dir whose transformers scores equal the trained scorer's and that the reward-model
+judge reads, LoRA exports merged with the score head, a causal LM gets a new head in one line, and an
+on-policy round judged by a trained reward model runs end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxdpo import config as config_lib
+from jaxdpo.errors import ConfigError
+from jaxdpo.models import reward_model
+from jaxdpo.training.objectives import RewardObjective
+from tests.helpers import memoized_trainings
+
+CENTER = 0.01
+REWARD = {"objective": "reward_model", "reference.mode": "none", "data.shuffle": False, "train.steps": 2,
+          "reward_model.center_rewards_coefficient": CENTER}
+
+
+@pytest.fixture(scope="module")
+def classifier(assets, tmp_path_factory):
+    """The tiny assets' Llama as a LlamaForSequenceClassification with a random score head."""
+    path = str(tmp_path_factory.mktemp("classifier"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets["model"])
+    torch.manual_seed(3)
+    model = transformers.LlamaForSequenceClassification.from_pretrained(assets["model"], num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def train(assets, tmp_path_factory):
+    return memoized_trainings(assets, tmp_path_factory)
+
+
+def pair_ids(run, indices) -> list[tuple[list[int], list[int]]]:
+    """(prompt + chosen, prompt + rejected) token ids of the run's train pairs at `indices`."""
+    out = []
+    for i in indices:
+        prompt, chosen, rejected = run.data.train_pairs[int(i)]
+        out.append((list(prompt) + list(chosen), list(prompt) + list(rejected)))
+    return out
+
+
+def trl_first_loss(model_dir, tokenizer, pairs, tmp_path, margins=None) -> float:
+    """TRL 1.16 RewardTrainer.compute_loss on one batch of pre-tokenized pairs."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    rows = [{"chosen_ids": c, "rejected_ids": r} | ({} if margins is None else {"margin": float(m)})
+            for (c, r), m in zip(pairs, margins if margins is not None else [None] * len(pairs))]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], center_rewards_coefficient=CENTER,
+                        per_device_train_batch_size=len(rows), use_cpu=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    with torch.no_grad():
+        return float(trainer.compute_loss(model, trainer.data_collator(rows)))
+
+
+def hf_scores(model_dir, rows: list[list[int]], pad_id: int) -> np.ndarray:
+    """transformers' scores of token lists, right-padded with `pad_id`."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    length = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (length - len(r)) for r in rows])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits[:, 0].numpy()
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_first_step_loss_equals_trl_reward_trainer(train, classifier, layout, tmp_path):
+    run, records = train(layout, {**REWARD, "model.path": classifier, "data.layout": layout})
+    first = next(r for r in records if "train/loss" in r)
+    assert first["step"] == 1
+    pairs = pair_ids(run, run.data.batcher.step_indices(0))
+    expected = trl_first_loss(classifier, run.data.tokenizer, pairs, tmp_path)
+    assert first["train/loss"] == pytest.approx(expected, abs=1e-5)
+    for key in ("train/accuracy", "train/margin", "train/mean_reward"):
+        assert np.isfinite(first[key]), key
+    final_eval = [r for r in records if "eval/accuracy" in r][-1]
+    assert 0.0 <= final_eval["eval/accuracy"] <= 1.0 and "eval/margin" in final_eval
+
+
+def test_the_margin_column_shifts_the_loss_as_trl(classifier, assets, tmp_path, train):
+    run, _ = train("padded", {**REWARD, "model.path": classifier, "data.layout": "padded"})
+    scorer = reward_model.load_scorer(classifier, seed=0, log=print)
+    graphdef, params, frozen = nnx.split(scorer, nnx.Param, ...)
+    micro = run.data.batcher.train_batch(0)[0]
+    margins = np.linspace(-1.0, 2.0, len(micro["pair_valid"])).astype(np.float32)
+    objective = RewardObjective(center_rewards_coefficient=CENTER, score_pad_id=run.data.tokenizer.pad_token_id)
+    values = objective.make_values(graphdef, num_pairs=len(margins))(params, frozen, None, dict(micro, margin=margins))
+    loss, _ = objective.loss(values, micro["pair_valid"])
+    pairs = pair_ids(run, run.data.batcher.step_indices(0))
+    expected = trl_first_loss(classifier, run.data.tokenizer, pairs, tmp_path, margins=margins)
+    assert float(loss) / len(margins) == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_export_scores_as_transformers_and_the_judge_reads_it(train, classifier):
+    run, _ = train("padded", {**REWARD, "model.path": classifier, "data.layout": "padded"})
+    hf_dir = os.path.join(run.config.workdir, "hf")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        exported = json.load(f)
+    pad_id = run.data.tokenizer.pad_token_id
+    assert exported["architectures"] == ["LlamaForSequenceClassification"] and exported["pad_token_id"] == pad_id
+    micro = run.data.batcher.train_batch(0)[0]
+    objective = RewardObjective(center_rewards_coefficient=0.0, score_pad_id=pad_id)
+    values = objective.make_values(run.policy.graphdef, num_pairs=len(micro["pair_valid"]))(
+        jax.device_get(run.state["params"]), run.policy.frozen, None, micro)
+    trained = np.stack([values["reward_chosen"], values["reward_rejected"]], axis=1).reshape(-1)
+    rows = [ids for pair in pair_ids(run, run.data.batcher.step_indices(0)) for ids in pair]
+    np.testing.assert_allclose(hf_scores(hf_dir, rows, pad_id), trained, atol=1e-4)
+    judge = reward_model.RewardModel(hf_dir, batch_size=8)
+    np.testing.assert_allclose(judge.score_token_ids(rows), trained, atol=1e-4)
+
+
+def test_lora_on_a_causal_lm_gets_a_new_head_and_exports_it_merged(train, assets, capsys):
+    run, records = train("lora", {**REWARD, "lora.rank": 4, "data.layout": "padded"})
+    out = capsys.readouterr().out
+    assert out.count("has no score head (a causal LM): score head [32, 1] initialised N(0, 0.02^2)") == 1
+    hf_dir = os.path.join(run.config.workdir, "hf")
+    assert sorted(os.listdir(run.config.workdir)).count("hf_adapter") == 0
+    pad_id = run.data.tokenizer.pad_token_id
+    micro = run.data.batcher.train_batch(1)[0]
+    objective = RewardObjective(center_rewards_coefficient=0.0, score_pad_id=pad_id)
+    params = jax.device_get(run.state["params"])
+    assert any("score" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))  # the head trains
+    values = objective.make_values(run.policy.graphdef, num_pairs=len(micro["pair_valid"]))(
+        params, run.policy.frozen, None, micro)
+    trained = np.stack([values["reward_chosen"], values["reward_rejected"]], axis=1).reshape(-1)
+    rows = [ids for pair in pair_ids(run, run.data.batcher.step_indices(1)) for ids in pair]
+    np.testing.assert_allclose(hf_scores(hf_dir, rows, pad_id), trained, atol=1e-4)
+    first = next(r for r in records if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(np.log(2), abs=0.05)  # a small random head: rewards near 0
+
+
+def test_reward_model_settings_are_one_line_errors(tiny_config, tmp_path):
+    for overrides, message in [({"data.layout": "packed"}, "padded or prefix_shared"),
+                               ({"train.sample_every": 5}, "does not generate"),
+                               ({"reward_model.center_rewards_coefficient": -1.0}, "must be a number >= 0"),
+                               ({"loss.types": ("kto",)}, "trains on preference pairs")]:
+        with pytest.raises(ConfigError, match=message) as info:
+            config_lib.validate(tiny_config(tmp_path, **{**REWARD, **overrides}))
+        assert "\n" not in str(info.value)
+
+
+def test_an_online_round_judged_by_a_trained_reward_model(train, classifier, assets, tiny_config, tmp_path):
+    from jaxdpo.online.rounds import read_jsonl, run_online
+
+    run, _ = train("padded", {**REWARD, "model.path": classifier, "data.layout": "padded"})
+    config = tiny_config(tmp_path / "online", **{
+        "judge.reward_model": os.path.join(run.config.workdir, "hf"), "online.rounds": 1,
+        "online.prompts": assets["train"], "online.prompts_per_round": 16, "online.samples_per_prompt": 2,
+        "online.max_new_tokens": 8, "train.steps": 1, "lora.rank": 4})
+    config_lib.validate(config)
+    last = run_online(config)
+    assert last is not None and not last.preempted
+    audit = read_jsonl(str(tmp_path / "online" / "rounds" / "0.samples.jsonl"))
+    assert len(audit) == 16 and all(len(row["scores"]) == 2 and None not in row["scores"] for row in audit)
+    pairs = read_jsonl(str(tmp_path / "online" / "rounds" / "0.jsonl"))
+    assert len(pairs) >= 8 and all(row["chosen_score"] > row["rejected_score"] for row in pairs)

@@ -147,7 +147,8 @@ def test_reward_model_settings_are_one_line_errors(tiny_config, tmp_path):
     for overrides, message in [({"data.layout": "packed"}, "padded or prefix_shared"),
                                ({"train.sample_every": 5}, "does not generate"),
                                ({"reward_model.center_rewards_coefficient": -1.0}, "must be a number >= 0"),
-                               ({"loss.types": ("kto",)}, "trains on preference pairs")]:
+                               ({"loss.types": ("kto",)}, "trains on preference pairs"),
+                               ({"lora.rank": 4, "lora.base_dtype": "nf4"}, "over a float base")]:
         with pytest.raises(ConfigError, match=message) as info:
             config_lib.validate(tiny_config(tmp_path, **{**REWARD, **overrides}))
         assert "\n" not in str(info.value)

@@ -163,6 +163,9 @@ class RewardModelKind:
         if config.train.sample_every or judges.is_configured(config) or config.online.rounds:
             raise ConfigError("objective = 'reward_model' trains a scorer, which does not generate: set "
                               "train.sample_every = 0, online.rounds = 0 and no judge")
+        if config.lora.rank and config.lora.base_dtype != "none":
+            raise ConfigError(f"objective = 'reward_model' trains LoRA over a float base: set lora.base_dtype = "
+                              f"'none' (it is {config.lora.base_dtype!r})")
         if losses.example_kind(config.loss) is not ExampleKind.PAIR:
             raise ConfigError(f"objective = 'reward_model' trains on preference pairs, but loss.types = "
                               f"{tuple(config.loss.types)} reads unpaired rows: leave loss.types at its default")

@@ -169,3 +169,22 @@ def test_an_online_round_judged_by_a_trained_reward_model(train, classifier, ass
     assert len(audit) == 16 and all(len(row["scores"]) == 2 and None not in row["scores"] for row in audit)
     pairs = read_jsonl(str(tmp_path / "online" / "rounds" / "0.jsonl"))
     assert len(pairs) >= 8 and all(row["chosen_score"] > row["rejected_score"] for row in pairs)
+
+
+def test_a_preempted_reward_model_run_resumes_to_the_uninterrupted_weights(assets, classifier, tmp_path,
+                                                                           monkeypatch):
+    from jaxdpo.training.loop import train_and_evaluate
+    from tests.helpers import assert_bit_equal
+    from tests.tiny_assets import tiny_run_config
+
+    overrides = {**REWARD, "model.path": classifier, "train.steps": 3}
+    whole = train_and_evaluate(tiny_run_config(assets, str(tmp_path / "whole"), **overrides))
+    stopped = str(tmp_path / "stopped")
+    monkeypatch.setenv("JAXDPO_FAULT", "SIGTERM@stopped/checkpoints/2")  # a preemption after step 2
+    assert train_and_evaluate(tiny_run_config(assets, stopped, **overrides)).preempted
+    resumed = train_and_evaluate(tiny_run_config(assets, stopped, **overrides))
+    assert not resumed.preempted
+    assert_bit_equal(jax.device_get(resumed.state["params"]), jax.device_get(whole.state["params"]))
+    rows = [[5, 6, 7, 2], [9, 3, 2]]
+    np.testing.assert_array_equal(hf_scores(os.path.join(stopped, "hf"), rows, pad_id=0),
+                                  hf_scores(str(tmp_path / "whole" / "hf"), rows, pad_id=0))

@@ -5,6 +5,7 @@
 
 import ml_collections
 
+from jaxdpo.judging import judges
 from jaxdpo.preference import loss_specs
 
 
@@ -88,13 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.batch_size = 16  # prompts per compiled sampling call
 
     # A judge ranks completions: eval/win_rate of the policy against the reference at every eval, and
-    # the pairs of on-policy rounds. Set one of function and reward_model; both empty = no judge.
-    c.judge = ml_collections.ConfigDict()
-    c.judge.function = ""  # "module:function(prompt, completion) -> float", e.g. "jaxdpo.judging.rules:short_answer"
-    c.judge.reward_model = ""  # an HF *ForSequenceClassification checkpoint directory
-    c.judge.prompts = 32  # held-out prompts judged for the win rate (the first distinct ones)
-    c.judge.batch_size = 8  # reward model: rows per forward
-    c.judge.max_length = 0  # reward model: tokens read per row; 0 = its max_position_embeddings
+    # the pairs of on-policy rounds. Set one of function ("module:function(prompt, completion) -> float",
+    # e.g. "jaxdpo.judging.rules:short_answer") and reward_model (a *ForSequenceClassification checkpoint);
+    # both empty = no judge. Each kind declares its keys, defaults and meaning (jaxdpo/judging KINDS).
+    c.judge = ml_collections.ConfigDict(judges.config_defaults())
 
     # On-policy DPO (jaxdpo/online/rounds.py): rounds of sample (k per prompt) -> judge -> best vs worst pairs ->
     # train (train.* per round) on WORKDIR/rounds/N.jsonl. 0 rounds = offline DPO on data.train_files.

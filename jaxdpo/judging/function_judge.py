@@ -44,7 +44,10 @@ class FunctionJudge:
     judge kind (jaxdpo.judging.judges.KINDS)."""
 
     selector = "function"
-    keys = ("function",)
+    # key -> (default, what it means): configs/dpo.py's judge section comes from these
+    settings = {"function": ("", "'module:function(prompt, completion) -> float', e.g. "
+                                 "'jaxdpo.judging.rules:short_answer'")}
+    keys = tuple(settings)
     usage = "judge.function ('module:function')"
 
     def __init__(self, spec: str):

@@ -34,7 +34,8 @@ class JudgeKind(Protocol):
     """What the registry asks of a kind; the kinds are classes, so these are class attributes and methods."""
 
     selector: str  # the judge.* key whose non-empty value selects this kind
-    keys: tuple[str, ...]  # every judge.* key the kind reads, the selector first
+    settings: dict[str, tuple]  # every judge.* key the kind reads, the selector first: (default, doc)
+    keys: tuple[str, ...]  # tuple(settings)
     usage: str  # how to select it, for messages: "judge.function ('module:function')"
 
     def check_config(self, config) -> None:
@@ -48,6 +49,18 @@ KINDS: tuple[type[JudgeKind], ...] = (FunctionJudge, RewardModelJudge)
 # The keys that say which judge a run has: recorded with the online rounds, so a rerun with another judge
 # does not mix two judges' pairs.
 SELECTOR_KEYS = tuple(f"judge.{kind.selector}" for kind in KINDS)
+
+
+# Keys every kind shares: key -> (default, doc).
+SHARED_SETTINGS = {"prompts": (32, "held-out prompts judged for the win rate (the first distinct ones)")}
+
+
+def config_defaults() -> dict:
+    """configs/dpo.py's judge section: the shared keys and every kind's (selectors empty: no judge)."""
+    settings = dict(SHARED_SETTINGS)
+    for kind in KINDS:
+        settings.update(kind.settings)
+    return {key: default for key, (default, _) in settings.items()}
 
 
 def judge_kind(config) -> type[JudgeKind] | None:

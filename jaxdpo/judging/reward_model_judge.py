@@ -11,7 +11,10 @@ class RewardModelJudge:
     """Checks the reward model's keys and loads it; the judge it builds is a `RewardModel`."""
 
     selector = "reward_model"
-    keys = ("reward_model", "batch_size", "max_length")
+    settings = {"reward_model": ("", "an HF *ForSequenceClassification checkpoint directory (or hub name)"),
+                "batch_size": (8, "reward model: rows per forward"),
+                "max_length": (0, "reward model: tokens read per row; 0 = its max_position_embeddings")}
+    keys = tuple(settings)
     usage = "judge.reward_model (a *ForSequenceClassification checkpoint dir)"
 
     @classmethod

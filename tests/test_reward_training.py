@@ -188,3 +188,14 @@ def test_a_preempted_reward_model_run_resumes_to_the_uninterrupted_weights(asset
     rows = [[5, 6, 7, 2], [9, 3, 2]]
     np.testing.assert_array_equal(hf_scores(os.path.join(stopped, "hf"), rows, pad_id=0),
                                   hf_scores(str(tmp_path / "whole" / "hf"), rows, pad_id=0))
+
+
+def test_the_demo_config_is_a_valid_reward_model_run(monkeypatch):
+    from configs import dpo
+    from configs import reward_model as demo
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # its paths are the repo's
+    config = demo.get_config()
+    config_lib.check_schema(config, dpo.get_config(), source="configs/reward_model.py")
+    config_lib.validate(config)
+    assert config.objective == "reward_model" and config.reference.mode == "none"

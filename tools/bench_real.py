@@ -13,7 +13,8 @@ is never timed on either side. `--dtype bfloat16` is jaxdpo's bf16 compute with 
 `bf16=True` (autocast). Without --data the rows are conversational and generated here: a user prompt of about
 --prompt-tokens tokens after the chat template, answers of about --chosen-tokens and --rejected-tokens.
 
-Figures per side: step = median wall time of the timed steps; pairs/s = batch / step; tokens/s counts each
+Figures per side: step = median wall time of the timed steps; pairs/s = batch / step, and pairs per CPU
+second (the process's CPU time: on a shared machine wall time counts other people's work too); tokens/s counts each
 pair's prompt once and both completions (the same count for both sides); FLOPs per pair: jaxdpo's are
 jaxdpo.training.flops' count on what it feeds (prompt once, LM head on completion tokens only); TRL's are
 the same formula on what TRL feeds (two rows of prompt + completion per pair, the LM head on every token,
@@ -157,12 +158,14 @@ def run_jaxdpo(args, train_file: str, workdir: str) -> dict:
     t0 = time.perf_counter()
     step = steps.train_step.lower(state, policy.frozen, reference.params, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for batch in batches:
-        t0 = time.perf_counter()
+    times, cpu_times = [], []
+    for s, batch in enumerate(batches):
+        t0, cpu0 = time.perf_counter(), time.process_time()
         state, metrics = step(state, policy.frozen, reference.params, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
+        print(f"jaxdpo step {s}: {times[-1]:.1f}s wall, {cpu_times[-1]:.1f}s CPU", flush=True)
     if args.profile:
         from xla_profile import profile_calls
 
@@ -175,7 +178,7 @@ def run_jaxdpo(args, train_file: str, workdir: str) -> dict:
                               for s in timed]))
     live_reference = args.reference != "cached"
     trl_per_pair = two_row_forward_flops(policy.model_config, lengths) * (3 + live_reference) / len(lengths)
-    return {"compile_s": compile_s, "reference_build_s": reference_s, "step_times_s": times,
+    return {"compile_s": compile_s, "reference_build_s": reference_s, "step_times_s": times, "step_cpu_s": cpu_times,
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
             "tokens_per_pair": float(np.mean([sum(x) for x in lengths])), "flops_per_pair": per_pair,
             "trl_flops_per_pair": trl_per_pair, "last_loss": float(metrics["loss"])}
@@ -189,13 +192,15 @@ def run_trl(args, train_file: str, workdir: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.cpu0)
 
     peft_config = None
     if args.lora_rank:
@@ -214,7 +219,7 @@ def run_trl(args, train_file: str, workdir: str) -> dict:
                          callbacks=[StepTimer()])
     trainer.train()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"step_times_s": times, "trainable_params": int(trainable), "torch": torch.__version__,
+    return {"step_times_s": times, "step_cpu_s": cpu_times, "trainable_params": int(trainable), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -238,6 +243,8 @@ def run_side(side: str, args, train_file: str, tmp: str) -> dict:
     result = json.load(open(out_file))
     result["step_s"] = statistics.median(result["step_times_s"][args.warmup:])
     result["pairs_per_s"] = args.batch_size / result["step_s"]
+    # On a shared machine wall time counts other people's work too; CPU seconds count only this process's.
+    result["pairs_per_cpu_s"] = args.batch_size / statistics.median(result["step_cpu_s"][args.warmup:])
     return result
 
 
@@ -264,9 +271,12 @@ def side_by_side(args, peak_flops_per_s: float) -> dict:
                   f"GFLOP/s ({100 * r['fraction_of_peak']:.0f}% of peak)  peak RSS "
                   f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if "trl" in report:
-        report["speedup"] = report["jaxdpo"]["pairs_per_s"] / report["trl"]["pairs_per_s"]
-        report["rss_ratio"] = report["jaxdpo"]["peak_rss_bytes"] / report["trl"]["peak_rss_bytes"]
-        print(f"jaxdpo / TRL: {report['speedup']:.2f}x pairs/s, {report['rss_ratio']:.2f}x peak RSS")
+        jaxdpo, trl = report["jaxdpo"], report["trl"]
+        report["speedup"] = jaxdpo["pairs_per_s"] / trl["pairs_per_s"]
+        report["speedup_per_cpu_s"] = jaxdpo["pairs_per_cpu_s"] / trl["pairs_per_cpu_s"]
+        report["rss_ratio"] = jaxdpo["peak_rss_bytes"] / trl["peak_rss_bytes"]
+        print(f"jaxdpo / TRL: {report['speedup']:.2f}x pairs/s ({report['speedup_per_cpu_s']:.2f}x pairs per CPU "
+              f"second), {report['rss_ratio']:.2f}x peak RSS")
     return report
 
 

@@ -24,75 +24,101 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(?P<name>[\w.\-]+) = (?P<type>.+?) (?P<opcode>[\w\-]+)\(")
-_METADATA = re.compile(r'op_name="(?P<op>[^"]*)"(?:.*?source_file="(?P<file>[^"]*)")?(?:.*?source_line=(?P<line>\d+))?')
-_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<type>.+?) (?P<opcode>[\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
+_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(?P<text>.*)"|\{(?P<fields>.*)\})$')
 
-# (part, where the instruction's source line is: a path fragment and optional function names' lines)
+# A part of the model -> (file under jaxdpo/, function names: the qualified name's first component; None = any).
+# An instruction belongs to the first part any frame of its call stack matches, in this order.
 PARTS = (
-    ("LoRA adapters", ("models/decoder.py", "lora_update")),
-    ("attention (scores, mask, softmax, PV)", ("ops/attention.py", None)),
-    ("LM head + logsumexp", ("ops/logprobs.py", "_chunk_logprobs")),
-    ("scored gather, pair sums", ("ops/logprobs.py", None)),
-    ("projections (q,k,v,o, MLP)", ("models/decoder.py", "_contract")),
-    ("norms, RoPE, residuals, MLP activation", ("models/decoder.py", None)),
-    ("optimizer (AdamW) and gradient sums", ("optax", None)),
-    ("optimizer (AdamW) and gradient sums", ("training/optim.py", None)),
-    ("optimizer (AdamW) and gradient sums", ("training/step.py", None)),
-    ("loss", ("preference/", None)),
-    ("decode loop (cache, sampling)", ("sampling/generate.py", None)),
+    ("LoRA adapters", "models/decoder.py", ("lora_update", "low_rank", "_low_rank_forward", "_low_rank_backward")),
+    ("attention mask", "ops/attention.py", ("make_attention_mask",)),
+    ("attention (scores, softmax, PV)", "ops/attention.py", None),
+    ("LM head + logsumexp", "ops/logprobs.py", ("_chunk_logprobs",)),
+    ("scored gather, pair sums", "ops/logprobs.py", None),
+    ("projections (q,k,v,o, MLP)", "models/decoder.py", ("_contract", "base_weight")),
+    ("embedding", "models/decoder.py", ("embed_tokens",)),
+    ("norms, RoPE, residuals, MLP activation", "models/decoder.py", None),
+    ("loss", "preference/", None),
+    ("decode loop (cache, sampling)", "sampling/generate.py", None),
+    ("optimizer (AdamW), gradient sums, finiteness", "training/", None),
 )
-COPY_OPCODES = {"copy", "transpose", "copy-start", "copy-done", "dynamic-update-slice", "dynamic-slice"}
+COPY_OPCODES = {"copy", "transpose"}
+
+
+def _tables(hlo_text: str) -> dict[str, dict[int, str]]:
+    """The module's FileNames, FunctionNames, FileLocations and StackFrames tables (id -> row text)."""
+    tables, current = {}, None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        m = _TABLE_ROW.match(line) if current is not None else None
+        if m:
+            current[int(m.group(1))] = m.group("text") if m.group("text") is not None else m.group("fields")
+        elif current is not None and line.strip() == "":
+            current = None
+    return tables
+
+
+def _fields(row: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", row)}
+
+
+def call_stacks(hlo_text: str) -> dict[int, list[tuple[str, str, int]]]:
+    """stack_frame_id -> its frames (file, function, line), innermost first."""
+    t = _tables(hlo_text)
+    files, functions = t.get("FileNames", {}), t.get("FunctionNames", {})
+    locations = {i: _fields(r) for i, r in t.get("FileLocations", {}).items()}
+    frames = {i: _fields(r) for i, r in t.get("StackFrames", {}).items()}
+    stacks = {}
+    for frame_id in frames:
+        stack, seen, current = [], set(), frame_id
+        while current in frames and current not in seen:
+            seen.add(current)
+            loc = locations.get(frames[current]["file_location_id"], {})
+            stack.append((files.get(loc.get("file_name_id"), ""), functions.get(loc.get("function_name_id"), ""),
+                          loc.get("line", 0)))
+            current = frames[current].get("parent_frame_id")
+        stacks[frame_id] = stack
+    return stacks
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
-    """name -> {opcode, op_name, file, line} for every instruction of a compiled module's text; a fusion or
-    call also lends its metadata to the instructions of the computation it calls that have none."""
+    """name -> {opcode, op_name, stack: [(file, function, line)], innermost first} for every instruction of a
+    compiled module's text (HLO names its thunks after these instructions)."""
+    stacks = call_stacks(hlo_text)
     table = {}
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
             continue
-        meta = _METADATA.search(line)
-        calls = _CALLS.search(line)
-        table[m.group("name")] = {"opcode": m.group("opcode"), "op_name": meta.group("op") if meta else "",
-                                  "file": (meta.group("file") or "") if meta else "",
-                                  "line": int(meta.group("line") or 0) if meta else 0,
-                                  "calls": calls.group(1) if calls else None,
-                                  "fused_opcodes": []}
+        op, frame = _OP_NAME.search(line), _FRAME_ID.search(line)
+        table[m.group("name")] = {"opcode": m.group("opcode"), "op_name": op.group("op") if op else "",
+                                  "stack": stacks.get(int(frame.group(1)), []) if frame else []}
     return table
 
 
-def _function_lines(path_fragment: str, function: str) -> range | None:
-    """The line range of `function` in the jaxdpo file ending in `path_fragment`."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdpo")
-    path = os.path.join(root, path_fragment)
-    if not os.path.exists(path):
-        return None
-    lines = open(path).read().splitlines()
-    start = next((i for i, l in enumerate(lines) if re.match(rf"\s*def {function}\(", l)), None)
-    if start is None:
-        return None
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    end = next((i for i in range(start + 1, len(lines))
-                if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent
-                and not lines[i].lstrip().startswith(("#", ")"))), len(lines))
-    return range(start + 1, end + 1)
+def part_of(name: str, info: dict) -> str:
+    """The model part an instruction belongs to (PARTS); a fusion that only moves data (XLA names it after
+    its copy or transpose) is "copy: " + that part."""
+    part = "other: " + (info["op_name"].rsplit("/", 1)[-1] or info["opcode"])
+    for label, fragment, functions in PARTS:
+        if any(fragment in f and "jaxdpo/" in f and (functions is None or fn.split(".")[0] in functions)
+               for f, fn, _ in info["stack"]):
+            part = label
+            break
+    moves_data = info["opcode"] in COPY_OPCODES or name.startswith(("copy", "transpose"))
+    return "copy: " + part if moves_data else part
 
 
-def part_of(info: dict) -> str:
-    """The model part an instruction belongs to (PARTS), "copies and layout changes" for data movement
-    that no part claims, else the JAX op name's last component."""
-    for part, (fragment, function) in PARTS:
-        if fragment in info["file"]:
-            if function is None:
-                return part
-            lines = _function_lines(fragment, function)
-            if lines is not None and info["line"] in lines:
-                return part
-    if info["opcode"] in COPY_OPCODES or "copy" in info["op_name"] or "transpose" in info["op_name"]:
-        return "copies and layout changes"
-    return "other: " + (info["op_name"].rsplit("/", 1)[-1] or info["opcode"])
+def source_of(info: dict) -> str:
+    """The innermost jaxdpo frame, as file:line (function)."""
+    for f, fn, line in info["stack"]:
+        if "jaxdpo/" in f:
+            return f"{f.split('jaxdpo/')[-1]}:{line} ({fn})"
+    return ""
 
 
 def thunk_self_times(trace_dir: str) -> dict[str, float]:
@@ -125,15 +151,15 @@ def thunk_self_times(trace_dir: str) -> dict[str, float]:
 def summarize(times: dict[str, float], hlo_text: str, calls: int, top: int = 10) -> dict:
     """Per-call seconds by part and the `top` ops, each with its part, opcode and source."""
     table = hlo_instructions(hlo_text)
-    unknown = {"opcode": "?", "op_name": "", "file": "", "line": 0}
+    unknown = {"opcode": "?", "op_name": "", "stack": []}
     parts = collections.Counter()
     ops = []
     for name, seconds in times.items():
         info = table.get(name, unknown)
-        part = part_of(info)
+        part = part_of(name, info)
         parts[part] += seconds / calls
         ops.append({"op": name, "seconds": seconds / calls, "part": part, "opcode": info["opcode"],
-                    "source": f"{info['file'].split('jaxdpo/')[-1]}:{info['line']}" if info["file"] else "",
+                    "source": source_of(info),
                     "jax_op": info["op_name"].rsplit("/", 1)[-1]})
     ops.sort(key=lambda o: -o["seconds"])
     total = sum(parts.values())
@@ -159,6 +185,8 @@ def profile_calls(run, hlo_text: str, trace_dir: str, calls: int = 1) -> dict:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             run()
+    with open(os.path.join(trace_dir, "hlo.txt"), "w") as f:
+        f.write(hlo_text)
     summary = summarize(thunk_self_times(trace_dir), hlo_text, calls)
     print_summary(summary)
     with open(os.path.join(trace_dir, "summary.json"), "w") as f:
@@ -200,11 +228,17 @@ if __name__ == "__main__":
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("decode",))
-    parser.add_argument("--model", required=True)
+    parser.add_argument("what", choices=("decode", "summarize"), help="decode: trace generate; summarize: "
+                        "read back a trace directory this module wrote (its trace and hlo.txt)")
+    parser.add_argument("--model", default="")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="/tmp/jaxdpo_profile_decode")
+    parser.add_argument("--calls", type=int, default=1, help="summarize: calls the trace holds")
     args = parser.parse_args()
-    profile_decode(args.model, args.batch, args.new_tokens, args.out, args.dtype)
+    if args.what == "summarize":
+        print_summary(summarize(thunk_self_times(args.out), open(os.path.join(args.out, "hlo.txt")).read(),
+                                args.calls))
+    else:
+        profile_decode(args.model, args.batch, args.new_tokens, args.out, args.dtype)

@@ -13,6 +13,7 @@ v vocab, l layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -196,6 +197,36 @@ def lora_dropout(x, rate: float, key):
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def low_rank(dims: tuple[str, str], x, lora_a, lora_b):
+    """(x A) B without dropout: x [B,T,in...], A [in..., r], B [r, out...], `dims` the einsum letters of the
+    in and out dims. Its backward (_low_rank_backward) keeps XLA:CPU from transposing activations."""
+    ins, outs = dims
+    return jnp.einsum(f"btr,r{outs}->bt{outs}", jnp.einsum(f"bt{ins},{ins}r->btr", x, lora_a), lora_b)
+
+
+def _low_rank_forward(dims, x, lora_a, lora_b):
+    ins, outs = dims
+    down = jnp.einsum(f"bt{ins},{ins}r->btr", x, lora_a)
+    return jnp.einsum(f"btr,r{outs}->bt{outs}", down, lora_b), (x, lora_a, lora_b, down)
+
+
+def _low_rank_backward(dims, residuals, g):
+    """The adapters' gradients contract over the tokens. Written as rank-first products (down^T g, then
+    (g B^T)^T x and a transpose of that [r, in] result), the large operands g and x are read as stored;
+    autodiff's x^T (g B^T) and down^T g made XLA:CPU write a transposed copy of a [tokens, features]
+    activation for each adapter first, the step's largest copies (DEVELOPING.md, Profile)."""
+    ins, outs = dims
+    x, lora_a, lora_b, down = residuals
+    g_down = jnp.einsum(f"bt{outs},r{outs}->btr", g, lora_b)
+    d_b = jnp.einsum(f"btr,bt{outs}->r{outs}", down, g)
+    d_a = jnp.moveaxis(jnp.einsum(f"btr,bt{ins}->r{ins}", g_down, x), 0, -1)
+    return jnp.einsum(f"btr,{ins}r->bt{ins}", g_down, lora_a), d_a, d_b
+
+
+low_rank.defvjp(_low_rank_forward, _low_rank_backward)
+
+
 def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, dropout_key=None):
     """(x A) B for the base projection `spec` ("btd,dnh->btnh"): A [in..., r] takes the base weight's input
     dims, B [r, out...] gives its output dims (jaxdpo.models.lora adds them; r is the rank). With a
@@ -204,19 +235,16 @@ def lora_update(x, lora_a, lora_b, spec: str, *, dropout_rate: float = 0.0, drop
     x_dims = inputs.split(",")[0]
     in_dims = x_dims[2:]
 
-    def down_projection(x, lora_a):
-        return jnp.einsum(f"{x_dims},{in_dims}r->btr", x, lora_a)
-
     if dropout_key is None or dropout_rate == 0:
-        down = down_projection(x, lora_a)
-    else:
-        # Rematerialized: the backward pass regenerates the mask from the key instead of keeping the
-        # dropped input, so dropout adds no [B,T,in] activation per adapter (x itself is kept anyway).
-        @jax.checkpoint
-        def dropped_down_projection(x, lora_a, key):
-            return down_projection(lora_dropout(x, dropout_rate, key), lora_a)
+        return low_rank((in_dims, out_dims[2:]), x, lora_a, lora_b)
 
-        down = dropped_down_projection(x, lora_a, dropout_key)
+    # Rematerialized: the backward pass regenerates the mask from the key instead of keeping the
+    # dropped input, so dropout adds no [B,T,in] activation per adapter (x itself is kept anyway).
+    @jax.checkpoint
+    def dropped_down_projection(x, lora_a, key):
+        return jnp.einsum(f"{x_dims},{in_dims}r->btr", lora_dropout(x, dropout_rate, key), lora_a)
+
+    down = dropped_down_projection(x, lora_a, dropout_key)
     return jnp.einsum(f"btr,r{out_dims[2:]}->{out_dims}", down, lora_b)
 
 

@@ -142,7 +142,33 @@ def attention(q, k, v, *, mask=None, scale, logit_softcap=None, backend="xla", s
                                        branch_ids=branch_ids if backend == "splash_branches" else None)
     if backend != "xla":
         raise ValueError(f"attention backend {backend!r} is not available; choose one of {KERNELS}")
-    return grouped_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap)
+    if mask is None:
+        return grouped_attention(q, k, v, scale=scale, logit_softcap=logit_softcap)
+    return causal_blocked_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap)
+
+
+# Query rows per block of causal_blocked_attention.
+CAUSAL_BLOCK = 128
+
+
+def causal_blocked_attention(q, k, v, *, mask, scale, logit_softcap=None, block: int = CAUSAL_BLOCK):
+    """grouped_attention for self-attention under a causal mask (every mask make_attention_mask builds):
+    query rows [s, e) can only see keys before e, so each block of `block` query rows is scored against
+    the keys [0, e) alone instead of all T: about half the scores, softmax and backward of a long row,
+    with the same values (the keys left out were masked, exp gives them exactly 0). Each block is
+    rematerialized: the backward recomputes its [heads, block, e] scores from q, k, v instead of keeping
+    them, so no layer holds a [heads, T, T] array for the backward pass. Query rows that see nothing
+    (padding) average a shorter prefix, as meaningless as before."""
+    t = q.shape[1]
+    if t <= block:
+        return grouped_attention(q, k, v, mask=mask, scale=scale, logit_softcap=logit_softcap)
+    attend = jax.checkpoint(lambda q, k, v, mask: grouped_attention(q, k, v, mask=mask, scale=scale,
+                                                                    logit_softcap=logit_softcap))
+    outputs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
+    return jnp.concatenate(outputs, axis=1)
 
 
 def grouped_attention(q, k, v, *, mask=None, scale, logit_softcap=None, cache_layout: bool = False):

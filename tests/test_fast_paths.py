@@ -1,0 +1,66 @@
+"""The step's faster formulations give what the plain ones give: query-blocked causal attention
+(ops.attention.causal_blocked_attention) equals full attention on every real query row, values and gradients,
+and LoRA's low-rank update with its own backward (models.decoder.low_rank) equals autodiff of (x A) B."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdpo.models.decoder import low_rank
+from jaxdpo.ops.attention import causal_blocked_attention, grouped_attention, make_attention_mask
+
+
+def prefix_shared_rows(rows: int, t: int):
+    """Rows of prompt | chosen | rejected and padding, the branches at varied places."""
+    segment_ids, branch_ids = np.zeros((rows, t), np.int32), np.zeros((rows, t), np.int32)
+    for r in range(rows):
+        prompt, chosen, rejected = 90 + 20 * r, 60 + 7 * r, 40 + 5 * r
+        segment_ids[r, :prompt + chosen + rejected] = 1
+        branch_ids[r, prompt:prompt + chosen] = 1
+        branch_ids[r, prompt + chosen:prompt + chosen + rejected] = 2
+    return segment_ids, branch_ids, np.tile(np.arange(t, dtype=np.int32), (rows, 1))
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_blocked_attention_equals_full_attention_on_real_rows(block):
+    rows, t, heads, kv_heads, head_dim = 3, 300, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (rows, t, heads, head_dim))
+    k, v = (jax.random.normal(key, (rows, t, kv_heads, head_dim)) for key in keys[1:3])
+    segment_ids, branch_ids, positions = prefix_shared_rows(rows, t)
+    mask = make_attention_mask(jnp.asarray(segment_ids), jnp.asarray(branch_ids), jnp.asarray(positions))
+    real = jnp.asarray(segment_ids > 0)[:, :, None, None]
+    cotangent = jnp.where(real, jax.random.normal(keys[3], q.shape), 0.0)  # padding rows are never read
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, mask=mask, scale=0.25) * cotangent)
+
+    blocked = lambda q, k, v, **kw: causal_blocked_attention(q, k, v, block=block, **kw)  # noqa: E731
+    full_out = grouped_attention(q, k, v, mask=mask, scale=0.25)
+    blocked_out = blocked(q, k, v, mask=mask, scale=0.25)
+    np.testing.assert_allclose(np.where(real, blocked_out, 0), np.where(real, full_out, 0), rtol=1e-5, atol=1e-6)
+    full_grads = jax.grad(loss(grouped_attention), argnums=(0, 1, 2))(q, k, v)
+    blocked_grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+    for full_grad, blocked_grad in zip(full_grads, blocked_grads):
+        np.testing.assert_allclose(blocked_grad, full_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims, x_shape, a_shape, b_shape", [
+    (("d", "nh"), (2, 5, 8), (8, 3), (3, 4, 2)),  # q_proj: one input dim, (heads, head_dim) out
+    (("i", "d"), (2, 5, 8), (8, 3), (3, 6)),  # o_proj after its (heads, head_dim) input is merged
+])
+def test_low_rank_backward_equals_autodiff(dims, x_shape, a_shape, b_shape):
+    keys = jax.random.split(jax.random.key(1), 4)
+    x, a, b = (jax.random.normal(key, shape) for key, shape in zip(keys, (x_shape, a_shape, b_shape)))
+    ins, outs = dims
+
+    def plain(x, a, b):
+        return jnp.einsum(f"btr,r{outs}->bt{outs}", jnp.einsum(f"bt{ins},{ins}r->btr", x, a), b)
+
+    weights = jax.random.normal(keys[3], plain(x, a, b).shape)
+    np.testing.assert_allclose(low_rank(dims, x, a, b), plain(x, a, b), rtol=1e-6)
+    expected = jax.grad(lambda *args: jnp.sum(plain(*args) * weights), argnums=(0, 1, 2))(x, a, b)
+    got = jax.grad(lambda *args: jnp.sum(low_rank(dims, *args) * weights), argnums=(0, 1, 2))(x, a, b)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

@@ -415,7 +415,7 @@ def test_a_round_counts_the_samples_its_judge_failed_on_and_stops_only_when_all_
             "sample is skipped") in lines
     line = rounds.round_line(0, summary)
     assert line.startswith("round 0: 2 pairs, 0 ties") and "6 samples skipped" in line
-    audit = [json.loads(line) for line in open(tmp_path / "rounds" / "0.samples.jsonl")]
+    audit = rounds.read_jsonl(str(tmp_path / "rounds" / "0.samples.jsonl"))
     assert all(row["scores"][3] is None for row in audit)
     judge.function = _raises_on(set(prompts))
     with pytest.raises(ConfigError, match="judge rules:fragile failed on every one of the 12 samples of round 1"):

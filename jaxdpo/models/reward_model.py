@@ -41,8 +41,8 @@ from jaxdpo.models import families
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models.decoder import Decoder
 from jaxdpo.models.hf_io import (
-    from_pretrained_classifier,
     SCORE_HEAD,
+    from_pretrained_classifier,
     from_pretrained_scorer,
     place_on_mesh,
     save_pretrained,

@@ -32,8 +32,8 @@ from jaxdpo.data.layouts import KIND_KEYS
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
-from jaxdpo.models.config import DTYPES
 from jaxdpo.models import reward_model
+from jaxdpo.models.config import DTYPES
 from jaxdpo.models.decoder import Decoder, LoRAParam, layer_param_specs, top_param_specs
 from jaxdpo.ops.attention import select_backend
 from jaxdpo.parallel import distributed, sharding

@@ -32,9 +32,9 @@ from jaxdpo.data import identity
 from jaxdpo.models import hub
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import save_pretrained
+from jaxdpo.models.reward_model import save_scorer
 from jaxdpo.parallel.distributed import barrier
 from jaxdpo.sampling import samples
-from jaxdpo.models.reward_model import save_scorer
 from jaxdpo.training import batches, build, faults, objectives, trackers
 from jaxdpo.training.divergence import BadStepWatch
 from jaxdpo.training.metrics import WINDOW_META_KEY, MetricsLogger, MetricsWindow

@@ -1,6 +1,6 @@
 """Reward models trained here (objective = "reward_model", jaxdpo/training/objectives.py): the first step's
 loss equals TRL 1.16 RewardTrainer's on the same model and pairs (padded and prefix_shared, with
-center_rewards_coefficient; the margin column's term at the objective), the export is a
+center_rewards_coefficient; a batch margin at the objective: the data reader does not fill it yet), the export is a
 *ForSequenceClassification dir whose transformers scores equal the trained scorer's and that the reward-model
 judge reads, LoRA exports merged with the score head, a causal LM gets a new head in one line, and an
 on-policy round judged by a trained reward model runs end to end."""
@@ -91,7 +91,7 @@ def test_first_step_loss_equals_trl_reward_trainer(train, classifier, layout, tm
     assert 0.0 <= final_eval["eval/accuracy"] <= 1.0 and "eval/margin" in final_eval
 
 
-def test_the_margin_column_shifts_the_loss_as_trl(classifier, assets, tmp_path, train):
+def test_a_batch_margin_shifts_the_loss_as_trl(classifier, assets, tmp_path, train):
     run, _ = train("padded", {**REWARD, "model.path": classifier, "data.layout": "padded"})
     scorer = reward_model.load_scorer(classifier, seed=0, log=print)
     graphdef, params, frozen = nnx.split(scorer, nnx.Param, ...)

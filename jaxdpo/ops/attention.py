@@ -1,8 +1,8 @@
 """Attention with segment / prefix-sharing / sliding-window masks.
 
 `make_attention_mask` implements the one rule in DEVELOPING.md for every batch layout; `attention` is the
-single entry every model calls: the XLA reference path (einsum, fp32 softmax), or a fused kernel that
-`select_backend` found to express the run's mask exactly (cuDNN on GPU, splash on TPU: jaxdpo/ops/splash.py).
+single entry every model calls: the XLA path (einsum, fp32 softmax; long rows in causal query blocks), or a
+fused kernel that `select_backend` found to express the run's mask exactly (cuDNN on GPU, splash on TPU: jaxdpo/ops/splash.py).
 GQA groups the query heads onto their shared K/V head with a reshape, so K and V are never repeated in memory.
 """
 

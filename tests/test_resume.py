@@ -250,7 +250,8 @@ def test_described_state_is_the_fresh_state_without_values(run_assets, tmp_path,
         config = tiny_run_config(run_assets, str(tmp_path), **IN_PROCESS, **MODES[name],
                                  **{"mesh.fsdp": 4, "mesh.tensor": 2})
         mesh = build.make_mesh(config)
-        data = types.SimpleNamespace(total_steps=IN_PROCESS["train.steps"])  # all these builders need of it
+        # all these builders need of the data (a preference objective reads no tokenizer)
+        data = types.SimpleNamespace(total_steps=IN_PROCESS["train.steps"], tokenizer=None)
         policy = build.build_policy(config, mesh, resuming=resuming)
         reference = build.build_reference(config, mesh, policy, data)
         steps = build.build_steps(config, mesh, policy, reference, data)

@@ -145,3 +145,30 @@ def test_unknown_mode_and_missing_package_are_one_line(assets, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"logging.mlflow.enabled is set but mlflow is not installed: "
                                           r"pip install 'jaxdpo\[mlflow\]'"):
         trackers.check_config(config.logging)
+
+
+def test_on_policy_rounds_reach_mlflow_as_metrics_and_sample_tables(assets, tmp_path, monkeypatch):
+    """The rounds' own records (pairs, ties, win rate) at steps 1..R and each round's judged samples as a
+    table, in the run opened in the online WORKDIR (each round's training logs to a run of its own)."""
+    import mlflow
+
+    from jaxdpo.online.rounds import run_online
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store, workdir = f"file:{tmp_path / 'mlruns'}", str(tmp_path / "online")
+    run_online(tiny_run_config(assets, workdir, **{
+        "train.steps": 1, "train.save_every": 1, "data.eval_files": "", "sampling.max_new_tokens": 4,
+        "judge.function": "tests.judge_functions:shorter", "judge.prompts": 2, "online.rounds": 2,
+        "online.prompts_per_round": 8, "online.samples_per_prompt": 2, "online.max_new_tokens": 4,
+        "online.prompts": assets["train"], "logging.mlflow.enabled": True,
+        "logging.mlflow.tracking_uri": store, "logging.mlflow.experiment": "online"}))
+    expected = jsonl_series(workdir)
+    assert sorted(expected) == [1, 2] and "online/pairs" in expected[1]
+    run_id = json.load(open(os.path.join(workdir, trackers.IDS_FILE)))["mlflow"]
+    assert_same_series(mlflow_history(store, run_id, set().union(*expected.values())), expected)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    for r in (0, 1):
+        rows = json.load(open(client.download_artifacts(run_id, f"rounds/samples/step_{r + 1}.json")))
+        audit = [json.loads(line) for line in open(os.path.join(workdir, "rounds", f"{r}.samples.jsonl"))]
+        assert [(row["completion"], row["score"]) for row in rows] == [
+            (c, s) for a in audit for c, s in zip(a["completions"], a["scores"])]

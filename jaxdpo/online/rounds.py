@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -51,7 +52,7 @@ from jaxdpo.parallel.distributed import (
 )
 from jaxdpo.sampling import prompts as prompts_lib
 from jaxdpo.sampling import samples
-from jaxdpo.training import build, faults
+from jaxdpo.training import build, faults, trackers
 from jaxdpo.training.metrics import MetricsLogger
 
 REFERENCES = ("previous", "initial")
@@ -369,7 +370,9 @@ def run_online(config):
     check_rounds_fingerprint(config, len(prompts))
     judge = judges.make_judge(config, mesh)
     loader = PolicyLoader(config, mesh, tokenizer)
-    logger = MetricsLogger(config.workdir)
+    # the rounds' records (and their samples, as tables) go to W&B / MLflow too; each round's training logs
+    # to runs of its own, under rounds/N
+    logger = MetricsLogger(config.workdir, trackers=functools.partial(trackers.from_config, config))
     done = finished_rounds(config)
     build.log(f"on-policy DPO: {config.online.rounds} rounds of {config.online.prompts_per_round} prompts x "
               f"{config.online.samples_per_prompt} samples (of {len(prompts)} prompts), judge {judge.name}, "
@@ -399,10 +402,19 @@ def run_online(config):
             record = summary | win_rate_against_initial(config, loader, judge, eval_prompts,
                                                         policy_after(config, done), str(r))
         logger.write(r + 1, record)
+        logger.write_table(r + 1, "rounds/samples", round_table(config, r))
         write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
         build.log(round_line(r, record) + " (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     logger.close()
     return last_run
+
+
+def round_table(config, round_index: int) -> list[dict]:
+    """Round r's judged samples, one row per completion, for the trackers' tables."""
+    audit = read_jsonl(os.path.join(rounds_dir(config), f"{round_index}.samples.jsonl"))
+    return [{"round": round_index, "prompt_index": row["prompt_index"], "prompt": json.dumps(row["prompt"]),
+             "completion": completion, "score": score}
+            for row in audit for completion, score in zip(row["completions"], row["scores"])]
 
 
 @contextlib.contextmanager

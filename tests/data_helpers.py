@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import ml_collections
 import numpy as np
@@ -12,6 +13,12 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CORPUS = ["What color is the sky? The sky is blue.", "Human: hello there Assistant: hi, how can I help?",
           "Paris is the capital of France.", "2+2=4 and 2+2 is not 5", "The cat sat on the mat."] * 3
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
 
 
 def make_tokenizer(add_bos: bool = True, corpus: list[str] = CORPUS):

@@ -17,7 +17,7 @@ from jaxdpo.data.formats import normalize_row
 from jaxdpo.data.loading import load_rows
 from jaxdpo.data.tokenize import make_spec, tokenize_pair
 from jaxdpo.preference import reference_cache
-from tests.data_helpers import data_config, make_tokenizer
+from tests.data_helpers import data_config, make_tokenizer, write_jsonl
 from tests.helpers import damage
 
 ROWS = [{"prompt": "What color is the sky?", "chosen": "The sky is blue.", "rejected": "The cat sat."},
@@ -33,12 +33,6 @@ TRL_CORPUS = ["What color is the sky? The sky is blue.", "Is it late? The cat sa
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------ content identity

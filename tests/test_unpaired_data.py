@@ -4,8 +4,6 @@ make in every layout, and bad input (missing or non-boolean labels, files mixing
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ from jaxdpo.config import ConfigError
 from jaxdpo.data import ExampleKind, PairBatcher, UnpairedExamples, load_preference_data
 from jaxdpo.data.examples import kl_partners, pairs_of_origin
 from jaxdpo.data.formats import UNPAIR_CHUNK, unpair_order
-from tests.data_helpers import data_config, make_tokenizer
+from tests.data_helpers import data_config, make_tokenizer, write_jsonl
 
 UNPAIRED = ExampleKind.UNPAIRED
 PAIRS = [{"prompt": "What color is the sky?", "chosen": "The sky is blue.", "rejected": "The cat sat."},
@@ -28,12 +26,6 @@ ROWS = [{"prompt": "What color is the sky?", "completion": "The sky is blue.", "
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
 
 
 def load(tokenizer, path, **overrides):

@@ -395,10 +395,7 @@ def main(argv=None) -> dict:
         return report
     n = (args.warmup + args.steps) * args.batch_size
     if args.data:
-        rows = [json.loads(line) for line in open(args.data) if line.strip()][:n]
-        if len(rows) < n:
-            sys.exit(f"--data {args.data} has {len(rows)} rows; {n} are needed for "
-                     f"(warmup+steps)*batch_size = ({args.warmup}+{args.steps})*{args.batch_size}")
+        rows = bench_real.data_rows(args, n)
     else:
         rows = synthetic_rows(n, shape["vocab"], args.prompt_len, args.completion_len, args.jitter, seed=0)
     train_file = os.path.join(tmp, "train.jsonl")

@@ -79,14 +79,20 @@ def conversational_rows(tokenizer, n: int, prompt_tokens: int, chosen_tokens: in
     return rows
 
 
+def data_rows(args, n: int) -> list[dict]:
+    """The first `n` rows of --data; exits naming the file when it holds fewer."""
+    rows = [json.loads(line) for line in open(args.data) if line.strip()][:n]
+    if len(rows) < n:
+        sys.exit(f"--data {args.data} has {len(rows)} rows; {n} are needed for "
+                 f"(warmup+steps)*batch_size = ({args.warmup}+{args.steps})*{args.batch_size}")
+    return rows
+
+
 def write_rows(args, path: str) -> int:
     """The benchmarked rows -> path (JSONL); how many."""
     n = (args.warmup + args.steps) * args.batch_size
     if args.data:
-        rows = [json.loads(line) for line in open(args.data) if line.strip()][:n]
-        if len(rows) < n:
-            sys.exit(f"--data {args.data} has {len(rows)} rows; {n} are needed for "
-                     f"(warmup+steps)*batch_size = ({args.warmup}+{args.steps})*{args.batch_size}")
+        rows = data_rows(args, n)
     else:
         from transformers import AutoTokenizer
 

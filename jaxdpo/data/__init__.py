@@ -75,6 +75,20 @@ def _bad(row: RawRow, reason: str, key: str | None, detail: str, on_bad_row: str
     dropped[reason] += 1
 
 
+def _with_progress(items, progress: bool, label: str):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+
+
+def _section(rows: list[RawRow], kept, dropped: collections.Counter, prefix_mismatch: int) -> dict:
+    """A source's report section: rows read, examples kept, why the others were dropped."""
+    return {"rows": len(rows), "kept": len(kept), "dropped": dict(sorted(dropped.items())),
+            "prefix_mismatch": prefix_mismatch}
+
+
 def _check_on_bad_row(data_cfg) -> str:
     if data_cfg.on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row={data_cfg.on_bad_row!r}; use error or skip")
@@ -116,10 +130,7 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
     pairs = TokenizedPairs.empty()
     dropped: collections.Counter = collections.Counter()
     prefix_mismatch = 0
-    if progress:
-        from tqdm.auto import tqdm
-
-        rows = tqdm(rows, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+    rows = _with_progress(rows, progress, label)
     for row in rows:
         if row.error is not None:
             _bad(row, row.error, None, row.detail, on_bad_row, dropped)
@@ -139,9 +150,7 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
             dropped["truncated_to_empty"] += 1  # a length setting, not a bad row: always counted, never fatal
             continue
         pairs.append(*truncated, (row.file, row.row))
-    section = {"rows": len(rows), "kept": len(pairs), "dropped": dict(sorted(dropped.items())),
-               "prefix_mismatch": prefix_mismatch}
-    return pairs, section
+    return pairs, _section(rows, pairs, dropped, prefix_mismatch)
 
 
 def _normalized_unpaired(rows: list[RawRow], shapes: list[bool], data_cfg, on_bad_row: str,
@@ -180,10 +189,7 @@ def tokenize_unpaired_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *,
     on_bad_row = _check_on_bad_row(data_cfg)
     dropped: collections.Counter = collections.Counter()
     normalized = _normalized_unpaired(rows, row_shapes(rows, data_cfg), data_cfg, on_bad_row, dropped)
-    if progress:
-        from tqdm.auto import tqdm
-
-        normalized = tqdm(normalized, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+    normalized = _with_progress(normalized, progress, label)
     out, prefix_mismatch = TokenizedRows.empty(), 0
     for item, row in normalized:
         try:
@@ -201,9 +207,7 @@ def tokenize_unpaired_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *,
             dropped["truncated_to_empty"] += 1
             continue
         out.append(*truncated, item.label, (row.file, row.row))
-    section = {"rows": len(rows), "kept": len(out), "dropped": dict(sorted(dropped.items())),
-               "prefix_mismatch": prefix_mismatch}
-    return out, section
+    return out, _section(rows, out, dropped, prefix_mismatch)
 
 
 def _normalized_group(row: RawRow, data_cfg):
@@ -226,10 +230,7 @@ def tokenize_group_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, pr
     completion) is one error naming file, row and key, or skipped and counted (data.on_bad_row)."""
     on_bad_row = _check_on_bad_row(data_cfg)
     out, dropped, prefix_mismatch = TokenizedGroups.empty(), collections.Counter(), 0
-    if progress:
-        from tqdm.auto import tqdm
-
-        rows = tqdm(rows, desc=f"tokenizing {label}", unit="row", leave=False, mininterval=1.0)
+    rows = _with_progress(rows, progress, label)
     for row in rows:
         if row.error is not None:
             _bad(row, row.error, None, row.detail, on_bad_row, dropped)
@@ -250,9 +251,7 @@ def tokenize_group_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, pr
             dropped["truncated_to_empty"] += 1
             continue
         out.append(*truncated, group.scores, (row.file, row.row))
-    section = {"rows": len(rows), "kept": len(out), "dropped": dict(sorted(dropped.items())),
-               "prefix_mismatch": prefix_mismatch}
-    return out, section
+    return out, _section(rows, out, dropped, prefix_mismatch)
 
 
 TOKENIZE = {ExampleKind.PAIR: tokenize_rows, ExampleKind.UNPAIRED: tokenize_unpaired_rows,

@@ -30,7 +30,8 @@ ONLINE = {"train.steps": 2, "train.save_every": 1, "train.log_every": 1, "train.
           "sampling.max_new_tokens": 8, "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4,
           "online.rounds": ROUNDS, "online.prompts_per_round": 16, "online.samples_per_prompt": 2,
           "online.max_new_tokens": 8}
-TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s")
+TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s", "online/seconds_sample", "online/seconds_judge",
+               "online/seconds_train", "online/seconds_other")
 
 def test_round_prompts_are_a_pure_function_of_seed_and_round():
     rounds = [online.round_prompt_indices(10, 4, seed=3, round_index=r) for r in range(5)]

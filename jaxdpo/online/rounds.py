@@ -27,13 +27,11 @@ training from its checkpoint, so a run killed anywhere ends bit-identical to an 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -46,6 +44,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.judging import failures, judges
 from jaxdpo.judging.pairs import form_pairs, pair_rows
 from jaxdpo.judging.win_rate import win_rate
+from jaxdpo.online.phases import PhaseClock, phases_text
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel.distributed import (
     write_jsonl,  # process 0 writes, every host reads
@@ -246,16 +245,18 @@ def round_rows(config, round_index: int, prompts: list, completions: list[list[s
             if nonblank(row["chosen"]) and nonblank(row["rejected"])]
 
 
-def sample_round(config, round_index: int, prompts: list, judge, sampler, states) -> None:
+def sample_round(config, round_index: int, prompts: list, judge, sampler, states, clock: PhaseClock) -> None:
     """Round r's completions, scores and training rows -> rounds/r.samples.jsonl (every completion) and
     rounds/r.jsonl (the rows of online.pairs: pairs, or groups with scores)."""
     o, k = config.online, config.online.samples_per_prompt
     indices = round_prompt_indices(len(prompts), o.prompts_per_round, seed=config.seed, round_index=round_index)
     chosen = [prompts[i] for i in indices]
     expanded = [p for p in chosen for _ in range(k)]
-    rows = sampler.complete(states, expanded, samples.sampling_settings(o, seed=round_seed(config.seed, round_index)))
+    with clock.phase("sample"):
+        rows = sampler.complete(states, expanded, samples.sampling_settings(o, seed=round_seed(config.seed, round_index)))
     texts = [r["completion"] for r in rows]
-    scores = judge.score(expanded, texts).reshape(len(chosen), k)  # NaN: a sample the judge failed on
+    with clock.phase("judge"):
+        scores = judge.score(expanded, texts).reshape(len(chosen), k)  # NaN: a sample the judge failed on
     failures.require_scored(scores.ravel(), judge.name, f"round {round_index}")
     completions = [texts[i * k:(i + 1) * k] for i in range(len(chosen))]
     kept = round_rows(config, round_index, chosen, completions, scores)
@@ -327,7 +328,7 @@ def final_policy(workdir: str) -> str | None:
 # ----- win rate against the initial policy ---------------------------------------------------------------
 
 def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_path: str,
-                             name: str) -> dict[str, float]:
+                             name: str, clock: PhaseClock) -> dict[str, float]:
     """eval/* win rate of `policy_path` against model.path on the held-out prompts (sampling.* settings;
     the initial policy's completions drawn once and stored in rounds/eval_reference.jsonl). Both sides'
     completions and scores go to rounds/<name>.eval.jsonl."""
@@ -339,13 +340,16 @@ def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_p
     reference = samples.read_reference_rows(path, key)
     if reference is None:
         sampler, states = loader.load(config.model.path)
-        reference = sampler.complete(states, eval_prompts, settings)
+        with clock.phase("sample"):
+            reference = sampler.complete(states, eval_prompts, settings)
         samples.write_reference_rows(path, key, reference)
     sampler, states = loader.load(policy_path)
     policy_settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "policy"))
-    policy = sampler.complete(states, eval_prompts, policy_settings)
-    policy_scores = judge.score(eval_prompts, [r["completion"] for r in policy])
-    reference_scores = judge.score(eval_prompts, [r["completion"] for r in reference])
+    with clock.phase("sample"):
+        policy = sampler.complete(states, eval_prompts, policy_settings)
+    with clock.phase("judge"):
+        policy_scores = judge.score(eval_prompts, [r["completion"] for r in policy])
+        reference_scores = judge.score(eval_prompts, [r["completion"] for r in reference])
     write_jsonl(os.path.join(rounds_dir(config), f"{name}.eval.jsonl"), [
         {"prompt": p, "policy": a["completion"], "policy_score": float(x), "reference": b["completion"],
          "reference_score": float(y)} for p, a, b, x, y in zip(eval_prompts, policy, reference, policy_scores,
@@ -379,32 +383,32 @@ def run_online(config):
               f"{len(eval_prompts)} held-out prompts; {len(done)} round(s) already done")
     logger.truncate_after(len(done) if done else -1)  # a rerun rewrites what came after its last round
     if not done and eval_prompts:
-        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path, "initial"))
+        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path, "initial",
+                                                 PhaseClock()))
     last_run = None
     for r in range(len(done), config.online.rounds):
-        start_policy, seconds = policy_after(config, done), {}
-        with timed(seconds, "sample"):
-            if not everywhere(os.path.join(rounds_dir(config), f"{r}.jsonl")):
-                sample_round(config, r, prompts, judge, *loader.load(start_policy))
+        start_policy, clock = policy_after(config, done), PhaseClock()
+        if not everywhere(os.path.join(rounds_dir(config), f"{r}.jsonl")):
+            sample_round(config, r, prompts, judge, *loader.load(start_policy), clock)
         summary = round_summary(config, r)
         trained = summary["online/pairs"] >= config.train.batch_size
-        with timed(seconds, "train"):
-            if trained:
-                loader.release()  # the round's training loads its own copy
+        if trained:
+            loader.release()  # the round's training loads its own copy
+            with clock.phase("train"):
                 last_run = train_and_evaluate(round_config(config, r, start_policy))
-            else:
-                build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = "
-                          f"{config.train.batch_size}: the policy is kept as it was")
+        else:
+            build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = "
+                      f"{config.train.batch_size}: the policy is kept as it was")
         if last_run is not None and last_run.preempted:
             break
         done.append({"trained": trained, **summary})
-        with timed(seconds, "judge"):
-            record = summary | win_rate_against_initial(config, loader, judge, eval_prompts,
-                                                        policy_after(config, done), str(r))
+        record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done),
+                                                    str(r), clock)
+        record |= clock.record()
         logger.write(r + 1, record)
         logger.write_table(r + 1, "rounds/samples", round_table(config, r))
         write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
-        build.log(round_line(r, record) + " (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
+        build.log(f"{round_line(r, record)} ({phases_text(record)})")
     logger.close()
     return last_run
 
@@ -415,14 +419,6 @@ def round_table(config, round_index: int) -> list[dict]:
     return [{"round": round_index, "prompt_index": row["prompt_index"], "prompt": json.dumps(row["prompt"]),
              "completion": completion, "score": score}
             for row in audit for completion, score in zip(row["completions"], row["scores"])]
-
-
-@contextlib.contextmanager
-def timed(seconds: dict, phase: str):
-    """Adds the wall time of the block to seconds[phase] (the round's log line reports them)."""
-    start = time.perf_counter()
-    yield
-    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def round_line(round_index: int, record: dict) -> str:

@@ -59,13 +59,13 @@ def test_pairs_are_reproducible_under_the_seed_and_ties_are_counted():
 
 def test_a_round_trains_its_pairs_from_its_starting_policy(tiny_config, tmp_path):
     config = tiny_config(tmp_path / "run", **{"online.rounds": 2, "lora.rank": 4})
-    round_1 = online.round_config(config, 1, "/prev/hf")
+    round_1 = online.round_config(config, 1)
     assert round_1.workdir == str(tmp_path / "run" / "rounds" / "1")
     assert round_1.data.train_files == str(tmp_path / "run" / "rounds" / "1.jsonl") and not round_1.data.eval_files
-    assert round_1.model.path == "/prev/hf" and round_1.model.tokenizer == config.model.path
-    assert round_1.lora.export_merged and round_1.online.rounds == 0 and not round_1.reference.path
-    initial = online.round_config(tiny_config(tmp_path / "full", **{"online.reference": "initial"}), 1, "/prev/hf")
-    assert initial.reference.path == config.model.path and initial.model.path == "/prev/hf"
+    assert round_1.model.path == config.model.path and not round_1.train.export_hf  # the policy comes from memory
+    assert round_1.online.rounds == 0 and not round_1.reference.path
+    initial = online.round_config(tiny_config(tmp_path / "full", **{"online.reference": "initial"}), 1)
+    assert initial.reference.path == config.model.path
     assert config.workdir == str(tmp_path / "run") and config.online.rounds == 2  # the run's config is unchanged
 
 
@@ -180,3 +180,56 @@ def test_sample_cli_on_an_online_workdir_samples_the_last_rounds_policy(uninterr
     final = os.path.join(workdir, "rounds", str(ROUNDS - 1), "hf")
     assert sample.main([f"--model={final}", *flags, f"--output={tmp_path / 'final.jsonl'}"]) == 0
     assert (tmp_path / "workdir.jsonl").read_text() == (tmp_path / "final.jsonl").read_text()
+
+
+LORA_ROUNDS = {**ONLINE, "online.rounds": 2, "lora.rank": 4, "data.eval_files": ""}
+
+
+@pytest.fixture(scope="module")
+def lora_rounds(assets, tmp_path_factory):
+    """Two LoRA rounds in this process, with the jitted train step's and sampler's cache sizes at each round's
+    end (a retrace or a recompile grows them)."""
+    from jaxdpo.sampling import generate
+    from tests.tiny_assets import tiny_run_config
+
+    workdir, cache_sizes = str(tmp_path_factory.mktemp("lora_rounds")), []
+    built = []
+    finish_round, build_steps = online.finish_round, online.build.build_steps
+
+    def counting_build_steps(*args, **kwargs):
+        built.append(build_steps(*args, **kwargs))
+        return built[-1]
+
+    def finish_and_count(*args, **kwargs):
+        cache_sizes.append((built[-1].train_step._cache_size(), generate._run_jitted._cache_size()))
+        finish_round(*args, **kwargs)
+
+    overrides = {**LORA_ROUNDS, "online.prompts": assets["train"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(online, "finish_round", finish_and_count)
+        patch.setattr(online.build, "build_steps", counting_build_steps)
+        online.run_online(tiny_run_config(assets, workdir, **overrides))
+    return workdir, overrides, len(built), cache_sizes
+
+
+def test_round_two_reuses_the_compiled_steps_and_sampler_and_only_the_last_round_exports(lora_rounds):
+    workdir, _, steps_built, cache_sizes = lora_rounds
+    assert steps_built == 1 and cache_sizes[0][0] == 1
+    assert cache_sizes[1] == cache_sizes[0]  # round 1 traced and compiled nothing new
+    rounds = os.path.join(workdir, "rounds")
+    assert not os.path.exists(os.path.join(rounds, "0", "hf"))
+    assert os.path.isfile(os.path.join(rounds, "1", "hf", "model.safetensors"))
+    assert online.final_policy(workdir) == os.path.join(rounds, "1", "hf")
+    records = online.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert all(set(TIMING_KEYS[2:]) <= set(r) for r in records[1:])
+
+
+def test_a_lora_run_extended_by_a_round_rebuilds_the_folded_base_bit_identically(lora_rounds, assets, tmp_path):
+    from tests.tiny_assets import tiny_run_config
+
+    workdir, overrides, _, _ = lora_rounds
+    extended = str(tmp_path / "extended")
+    online.run_online(tiny_run_config(assets, extended, **{**overrides, "online.rounds": 1}))
+    online.run_online(tiny_run_config(assets, extended, **overrides))  # rebuilds round 1's start from round 0
+    final = os.path.join("rounds", "1", "hf", "model.safetensors")
+    assert open(os.path.join(extended, final), "rb").read() == open(os.path.join(workdir, final), "rb").read()

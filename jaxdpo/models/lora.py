@@ -23,6 +23,7 @@ Export follows PEFT: `adapter_config.json` + `adapter_model.safetensors` with ke
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -130,6 +131,29 @@ def merged_weight(weight, lora_a, lora_b, scale: float, target: str):
     ins, outs = "ijk"[:k], "xyz"[:weight.ndim - 1 - k]
     delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", lora_a.astype(jnp.float32), lora_b.astype(jnp.float32))
     return (weight.astype(jnp.float32) + scale * delta).astype(weight.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="settings")
+def fold_adapters(adapter_layers: dict, base_layers: dict, settings: LoRASettings) -> dict:
+    """The stacked layer weights of a base with the adapters folded in, stored as the base was: each target
+    W + scale A B (products in float32); a quantized base is dequantized to float32, added to and quantized
+    again (one more rounding of its format per fold). Every other layer weight is passed through."""
+    fmt = quantize.format_named(settings.base_dtype)
+    folded = dict(base_layers)
+    for target in settings.targets:
+        axis = PROJECTIONS[target]
+        if fmt is None:
+            weight = base_layers[target]
+        else:
+            weight = quantize.dequantize(base_layers[f"{target}_codes"], base_layers[f"{target}_scales"], axis,
+                                         jnp.float32)
+        merged = merged_weight(weight, adapter_layers[f"{target}_lora_a"], adapter_layers[f"{target}_lora_b"],
+                               settings.scale, target)
+        if fmt is None:
+            folded[target] = merged
+        else:
+            folded[f"{target}_codes"], folded[f"{target}_scales"] = quantize.quantize(merged, fmt, axis)
+    return folded
 
 
 def merge_adapters(model: Decoder, settings: LoRASettings) -> Decoder:

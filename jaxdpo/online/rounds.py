@@ -33,9 +33,7 @@ import functools
 import json
 import os
 
-import jax
 import numpy as np
-from flax import nnx
 
 from jaxdpo.checkpoint.fingerprint import fingerprint_differences, jsonable
 from jaxdpo.data.identity import files_identity
@@ -44,6 +42,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.judging import failures, judges
 from jaxdpo.judging.pairs import form_pairs, pair_rows
 from jaxdpo.judging.win_rate import win_rate
+from jaxdpo.online import policy as held_policy
 from jaxdpo.online.phases import PhaseClock, phases_text
 from jaxdpo.parallel import distributed
 from jaxdpo.parallel.distributed import (
@@ -52,6 +51,7 @@ from jaxdpo.parallel.distributed import (
 from jaxdpo.sampling import prompts as prompts_lib
 from jaxdpo.sampling import samples
 from jaxdpo.training import build, faults, trackers
+from jaxdpo.training.loop import train_and_evaluate
 from jaxdpo.training.metrics import MetricsLogger
 
 REFERENCES = ("previous", "initial")
@@ -117,22 +117,19 @@ def rounds_dir(config) -> str:
     return os.path.join(config.workdir, "rounds")
 
 
-def round_config(config, round_index: int, start_policy: str):
-    """The config of round r's training run: the run's own, on the round's pairs and starting policy."""
+def round_config(config, round_index: int):
+    """The config of round r's training run: the run's own, on the round's pairs. Its policy comes from
+    memory (online.policy.HeldPolicy.start); model.path still names the architecture and tokenizer."""
     c = copy.deepcopy(config)
     c.workdir = os.path.join(rounds_dir(config), str(round_index))
-    c.model.path = start_policy
-    c.model.tokenizer = config.model.tokenizer or config.model.path
     c.data.train_files = os.path.join(rounds_dir(config), f"{round_index}.jsonl")
     c.data.eval_files, c.data.eval_fraction = "", 0.0
-    c.train.export_hf = True
+    c.train.export_hf = False  # the rounds export the final policy once, at the end
     c.train.sample_every = 0  # the rounds' files show every sample; the win rate is measured per round
     judges.clear_judge(c)  # the rounds do the judging; a round's training computes no win rate
     c.online.rounds = 0
     if config.online.reference == "initial":
         c.reference.path = config.model.path
-    if "lora" in c and c.lora.rank > 0:
-        c.lora.export_merged = True  # the next round starts from the merged policy
     return c
 
 
@@ -175,32 +172,6 @@ def check_rounds_fingerprint(config, num_prompts: int) -> None:
     else:
         os.makedirs(rounds_dir(config), exist_ok=True)
         write_jsonl(path, [now])
-
-
-# ----- a policy from a HF directory, for sampling ------------------------------------------------------
-
-class PolicyLoader:
-    """Loads HF directories as (Sampler, states) on the run's mesh; keeps the last one (a round's policy
-    is judged and then samples the next round)."""
-
-    def __init__(self, config, mesh, tokenizer):
-        self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
-        self._last = (None, None)
-
-    def load(self, path: str):
-        if self._last[0] != path:
-            self._last = (None, None)  # let go of the previous weights first
-            with jax.set_mesh(self.mesh):
-                model = build.load_weights(self.config, path, self.mesh)
-            graphdef, state = nnx.split(model)
-            sampler = samples.Sampler.for_model(graphdef, model.config, tokenizer=self.tokenizer, mesh=self.mesh,
-                                                model_dir=self.config.model.path, data_cfg=self.config.data,
-                                                batch_size=int(self.config.sampling.batch_size))
-            self._last = (path, (sampler, (state,)))
-        return self._last[1]
-
-    def release(self) -> None:
-        self._last = (None, None)
 
 
 # ----- one round -----------------------------------------------------------------------------------------
@@ -307,31 +278,26 @@ def done_markers(rounds: str, *, exists=os.path.exists) -> list[dict]:
     return done
 
 
-def trained_export(rounds: str, done: list[dict]) -> str | None:
-    """The HF export of the last trained round among the finished ones, or None when none trained."""
-    trained = [i for i, marker in enumerate(done) if marker["trained"]]
-    return os.path.join(rounds, str(trained[-1]), "hf") if trained else None
-
-
-def policy_after(config, done: list[dict]) -> str:
-    """The policy the finished rounds ended with: the last trained round's export, else model.path."""
-    return trained_export(rounds_dir(config), done) or config.model.path
+def export_dir(rounds: str, round_index: int) -> str:
+    """Where the policy a run ended with is exported: under the round that ended it."""
+    return os.path.join(rounds, str(round_index), "hf")
 
 
 def final_policy(workdir: str) -> str | None:
-    """The policy an on-policy run in `workdir` ended with (its last finished, trained round's export), or None
-    when `workdir` holds no trained round."""
+    """The policy an on-policy run in `workdir` ended with (the export of its newest finished round that
+    wrote one: the last round of a run), or None when `workdir` holds none."""
     rounds = os.path.join(workdir, "rounds")
-    return trained_export(rounds, done_markers(rounds))
+    exported = [export_dir(rounds, r) for r in range(len(done_markers(rounds)))]
+    return next((path for path in reversed(exported) if os.path.isdir(path)), None)
 
 
 # ----- win rate against the initial policy ---------------------------------------------------------------
 
-def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_path: str,
+def win_rate_against_initial(config, sampler, judge, eval_prompts: list, policy_states, *, initial_states,
                              name: str, clock: PhaseClock) -> dict[str, float]:
-    """eval/* win rate of `policy_path` against model.path on the held-out prompts (sampling.* settings;
-    the initial policy's completions drawn once and stored in rounds/eval_reference.jsonl). Both sides'
-    completions and scores go to rounds/<name>.eval.jsonl."""
+    """eval/* win rate of the policy in `policy_states` against model.path's on the held-out prompts (sampling.*
+    settings; the initial policy's completions drawn once, from the states `initial_states()` gives, and stored
+    in rounds/eval_reference.jsonl). Both sides' completions and scores go to rounds/<name>.eval.jsonl."""
     if not eval_prompts:
         return {}
     settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "reference"))
@@ -339,14 +305,13 @@ def win_rate_against_initial(config, loader, judge, eval_prompts: list, policy_p
     path = os.path.join(rounds_dir(config), "eval_reference.jsonl")
     reference = samples.read_reference_rows(path, key)
     if reference is None:
-        sampler, states = loader.load(config.model.path)
+        states = initial_states()
         with clock.phase("sample"):
             reference = sampler.complete(states, eval_prompts, settings)
         samples.write_reference_rows(path, key, reference)
-    sampler, states = loader.load(policy_path)
     policy_settings = samples.sampling_settings(config.sampling, seed=samples.side_seed(config.sampling.seed, "policy"))
     with clock.phase("sample"):
-        policy = sampler.complete(states, eval_prompts, policy_settings)
+        policy = sampler.complete(policy_states, eval_prompts, policy_settings)
     with clock.phase("judge"):
         policy_scores = judge.score(eval_prompts, [r["completion"] for r in policy])
         reference_scores = judge.score(eval_prompts, [r["completion"] for r in reference])
@@ -364,8 +329,6 @@ def run_online(config):
     round was already finished or none trained). Stops after a round's training was preempted."""
     from transformers import AutoTokenizer
 
-    from jaxdpo.training.loop import train_and_evaluate
-
     mesh = build.make_mesh(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
     prompts = prompts_lib.read_prompts(config.online.prompts, config.data, config_key="online.prompts")
@@ -373,7 +336,6 @@ def run_online(config):
                                             distinct=True)[:config.judge.prompts] if config.online.eval_prompts else []
     check_rounds_fingerprint(config, len(prompts))
     judge = judges.make_judge(config, mesh)
-    loader = PolicyLoader(config, mesh, tokenizer)
     # the rounds' records (and their samples, as tables) go to W&B / MLflow too; each round's training logs
     # to runs of its own, under rounds/N
     logger = MetricsLogger(config.workdir, trackers=functools.partial(trackers.from_config, config))
@@ -382,35 +344,47 @@ def run_online(config):
               f"{config.online.samples_per_prompt} samples (of {len(prompts)} prompts), judge {judge.name}, "
               f"{len(eval_prompts)} held-out prompts; {len(done)} round(s) already done")
     logger.truncate_after(len(done) if done else -1)  # a rerun rewrites what came after its last round
+    held = held_policy.rebuild(config, mesh, rounds_dir(config), done)
+    sampler = samples.Sampler.for_model(held.policy.graphdef, held.policy.model_config, tokenizer=tokenizer, mesh=mesh,
+                                        model_dir=config.model.path, data_cfg=config.data,
+                                        batch_size=int(config.sampling.batch_size))
+    evaluate = functools.partial(win_rate_against_initial, config, sampler, judge, eval_prompts)
     if not done and eval_prompts:
-        logger.write(0, win_rate_against_initial(config, loader, judge, eval_prompts, config.model.path, "initial",
-                                                 PhaseClock()))
-    last_run = None
+        logger.write(0, evaluate(held.states(), initial_states=held.states, name="initial", clock=PhaseClock()))
+    # the initial policy again only where its held-out completions must be drawn anew (changed sampling.*)
+    initial_states = lambda: held_policy.initial(config, mesh).states()  # noqa: E731
+    steps, last_run = None, None
     for r in range(len(done), config.online.rounds):
-        start_policy, clock = policy_after(config, done), PhaseClock()
+        clock = PhaseClock()
         if not everywhere(os.path.join(rounds_dir(config), f"{r}.jsonl")):
-            sample_round(config, r, prompts, judge, *loader.load(start_policy), clock)
+            sample_round(config, r, prompts, judge, sampler, held.states(), clock)
         summary = round_summary(config, r)
         trained = summary["online/pairs"] >= config.train.batch_size
         if trained:
-            loader.release()  # the round's training loads its own copy
             with clock.phase("train"):
-                last_run = train_and_evaluate(round_config(config, r, start_policy))
+                last_run = train_and_evaluate(round_config(config, r), start=held.start(steps))
+            if last_run.preempted:
+                break
+            held, steps = held_policy.after_round(held, last_run.state["params"]), last_run.steps
         else:
             build.log(f"round {r}: {summary['online/pairs']} pairs < train.batch_size = "
                       f"{config.train.batch_size}: the policy is kept as it was")
-        if last_run is not None and last_run.preempted:
-            break
         done.append({"trained": trained, **summary})
-        record = summary | win_rate_against_initial(config, loader, judge, eval_prompts, policy_after(config, done),
-                                                    str(r), clock)
-        record |= clock.record()
-        logger.write(r + 1, record)
-        logger.write_table(r + 1, "rounds/samples", round_table(config, r))
-        write_jsonl(done_path(config, r), [done[-1]])  # one JSON line, read back by finished_rounds
-        build.log(f"{round_line(r, record)} ({phases_text(record)})")
+        record = summary | evaluate(held.states(), initial_states=initial_states, name=str(r), clock=clock)
+        if r == config.online.rounds - 1 and any(marker["trained"] for marker in done):
+            held_policy.export(held, export_dir(rounds_dir(config), r), tokenizer)
+            distributed.barrier("export")  # every process may read it once the run returns
+        finish_round(config, logger, r, record | clock.record(), done[-1])
     logger.close()
     return last_run
+
+
+def finish_round(config, logger, round_index: int, record: dict, marker: dict) -> None:
+    """Round r's record and samples to the metrics, its done marker, its line."""
+    logger.write(round_index + 1, record)
+    logger.write_table(round_index + 1, "rounds/samples", round_table(config, round_index))
+    write_jsonl(done_path(config, round_index), [marker])  # one JSON line, read back by finished_rounds
+    build.log(f"{round_line(round_index, record)} ({phases_text(record)})")
 
 
 def round_table(config, round_index: int) -> list[dict]:

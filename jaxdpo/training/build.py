@@ -290,6 +290,24 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
                   num_params=num_params, num_trainable=sum(x.size for x in jax.tree.leaves(params)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a run takes from memory instead of building it (an on-policy round): `policy` as build_policy
+    returns it, its params the run's to donate; `steps`, an earlier run's, reused where `steps_for` allows."""
+    policy: Policy
+    steps: Steps | None = None
+
+    def policy_for(self, config, *, resuming: bool) -> Policy:
+        """The policy as build_policy(resuming=...) returns it: on a resume the params only described, and kept
+        as `initial_params` where the reference is built from the initial policy's weights."""
+        if not resuming:
+            return self.policy
+        kind, _ = reference_lib.reference_kind(config, lora_on=self.policy.lora is not None)
+        keep_initial = kind.uses_weights and not config.reference.path
+        return dataclasses.replace(self.policy, params=described(self.policy.params, None),
+                                   initial_params=self.policy.params if keep_initial else None)
+
+
 # ----- the reference -------------------------------------------------------------------------------
 
 def build_reference(config, mesh, policy: Policy, data: Data) -> Reference:
@@ -329,6 +347,7 @@ class Steps:
     eval_batch_shardings: dict
     optimizer: Any
     schedule: Any
+    built_for: tuple  # (total steps, reference mode): what the jitted steps close over besides the config
 
 
 def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) -> Steps:
@@ -361,7 +380,17 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
                                        origin_pairs=pairs_of_origin(data.eval_pairs.rows) if unpaired and
                                        data.eval_pairs is not None else None),
         init=init, state_shardings=state_shardings, train_batch_shardings=train_batch_shardings,
-        eval_batch_shardings=eval_batch_shardings, optimizer=optimizer, schedule=schedule)
+        eval_batch_shardings=eval_batch_shardings, optimizer=optimizer, schedule=schedule,
+        built_for=(data.total_steps, reference.mode))
+
+
+def steps_for(config, mesh, policy: Policy, reference: Reference, data: Data, *, earlier: Steps | None) -> Steps:
+    """`earlier` (a previous run's steps, on the same mesh, graphdef and config but its data) when they were built
+    for this run's schedule length and reference kind: jax then finds their traces and executables in the
+    jitted functions' own caches. Else new steps."""
+    if earlier is not None and earlier.built_for == (data.total_steps, reference.mode):
+        return earlier
+    return build_steps(config, mesh, policy, reference, data)
 
 
 def fresh_state(init, shardings, params):

@@ -72,8 +72,9 @@ class Run:
     preempted: bool
 
 
-def train_and_evaluate(config, *, devices=None) -> Run:
-    ctx, state, start_step, window = start_run(config, devices)
+def train_and_evaluate(config, *, devices=None, start: build.Start | None = None) -> Run:
+    """`start`: the policy (and steps to reuse) from memory instead of model.path's weights."""
+    ctx, state, start_step, window = start_run(config, devices, start=start)
     eval_metrics = evaluate_and_sample(ctx, state, 0) if start_step == 0 else {}
     total = ctx.data.total_steps
     bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
@@ -111,8 +112,9 @@ def train_and_evaluate(config, *, devices=None) -> Run:
     return ended(ctx, state, eval_metrics, preempted=False)
 
 
-def start_run(config, devices=None):
-    """(context, state, start step, logging window): everything built once, the state restored or fresh."""
+def start_run(config, devices=None, *, start: build.Start | None = None):
+    """(context, state, start step, logging window): everything built once, the state restored or fresh.
+    `start`: the policy and steps held in memory (build.Start), used instead of building them."""
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save; the console is the bar's
     build.prepare_workdir(config.workdir)  # a file or a read-only path: one line before anything is built
     mesh = build.make_mesh(config, devices)
@@ -121,10 +123,10 @@ def start_run(config, devices=None):
     checkpoints = checkpoint.Checkpointer(os.path.join(config.workdir, "checkpoints"),
                                           keep=config.train.keep_checkpoints, save_every=config.train.save_every)
     resuming = checkpoints.resumable_step() is not None  # a directory listing: no array is read
-    policy, reference, steps, state = build_pieces(config, mesh, data, resuming=resuming)
+    policy, reference, steps, state = build_pieces(config, mesh, data, resuming=resuming, start=start)
     _banner(config, mesh, data, policy, reference)
     policy, reference, steps, state, start_step, window = restore_or_start(
-        config, mesh, data, checkpoints, (policy, reference, steps, state), resuming=resuming)
+        config, mesh, data, checkpoints, (policy, reference, steps, state), resuming=resuming, start=start)
     logger = MetricsLogger(config.workdir, trackers=functools.partial(trackers.from_config, config))
     logger.truncate_after(start_step)  # a resumed run rewrites what came after its checkpoint
     if start_step:
@@ -174,16 +176,20 @@ def stop_diverged(ctx: RunContext, done: int, state, window) -> None:
     raise ctx.bad_steps.stop(ctx.checkpoints.latest_step(), ctx.checkpoints.directory)
 
 
-def build_pieces(config, mesh, data, *, resuming: bool):
-    """(policy, reference, steps, state): the trainable state only described when `resuming`."""
-    policy = build.build_policy(config, mesh, resuming=resuming)
+def build_pieces(config, mesh, data, *, resuming: bool, start: build.Start | None = None):
+    """(policy, reference, steps, state): the trainable state only described when `resuming`; the policy and
+    steps taken from `start` when given."""
+    if start is None:
+        policy = build.build_policy(config, mesh, resuming=resuming)
+    else:
+        policy = start.policy_for(config, resuming=resuming)
     reference = build.build_reference(config, mesh, policy, data)
-    steps = build.build_steps(config, mesh, policy, reference, data)
+    steps = build.steps_for(config, mesh, policy, reference, data, earlier=start.steps if start else None)
     state = build.train_state(policy, steps, resuming=resuming)
     return policy, reference, steps, state
 
 
-def restore_or_start(config, mesh, data, checkpoints, pieces, *, resuming: bool):
+def restore_or_start(config, mesh, data, checkpoints, pieces, *, resuming: bool, start: build.Start | None = None):
     """Resume from the newest good checkpoint, if any, into the state as it is (described or built):
     (policy, reference, steps, state, start step, logging window)."""
     policy, reference, steps, state = pieces
@@ -195,7 +201,7 @@ def restore_or_start(config, mesh, data, checkpoints, pieces, *, resuming: bool)
             # builds, after letting go of what was built for the resume.
             build.log("  no checkpoint left to resume from: starting from model.path")
             del pieces, policy, reference, steps, state
-            policy, reference, steps, state = build_pieces(config, mesh, data, resuming=False)
+            policy, reference, steps, state = build_pieces(config, mesh, data, resuming=False, start=start)
         return policy, reference, steps, state, 0, MetricsWindow()
     step, state, meta = restored
     build.log(f"  resumed    from checkpoint step {step} (data position {meta.get('data_position', step)})")

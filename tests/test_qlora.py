@@ -169,6 +169,27 @@ def test_sharded_quantized_model_equals_one_device():
     assert held == base_bytes_per_device(TINY64, mesh, base_dtypes=("nf4",))["nf4"]["projections"]
 
 
+def test_an_online_round_folds_its_adapters_into_a_quantized_base_stored_as_before():
+    """The next round's base (online.policy.folded_base): the adapters folded into the dequantized base and
+    quantized again, in the same codes and shapes, as close to the merged policy as the format allows."""
+    from jaxdpo.models.lora import merge_adapters
+    from jaxdpo.online.policy import folded_base
+
+    ids = np.random.default_rng(2).integers(0, TINY64.vocab_size, (2, 24)).astype(np.int32)
+    for base_dtype, bound in (("int8", 0.03), ("nf4", 0.3)):  # the bounds of test_quantized_logits_against_fp32
+        model = _adapted(TINY64, base_dtype)
+        merged = np.asarray(merge_adapters(model, LoRASettings(4, 8.0, ALL, base_dtype=base_dtype))(ids), np.float64)
+        graphdef, adapters, base = nnx.split(model, LoRAParam, ...)
+        folded = folded_base(base, adapters, LoRASettings(4, 8.0, ALL, base_dtype=base_dtype))
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(folded)) == \
+            jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(base))
+        changed = folded["layers"]["q_proj_codes"][...] != base["layers"]["q_proj_codes"][...]
+        assert bool(jnp.any(changed))
+        adapters_off = jax.tree.map(jnp.zeros_like, adapters)
+        next_start = np.asarray(nnx.merge(graphdef, adapters_off, folded)(ids), np.float64)
+        assert 0 < np.abs(next_start - merged).max() < bound
+
+
 def test_merge_uses_the_dequantized_base():
     from jaxdpo.models.lora import merge_adapters
 

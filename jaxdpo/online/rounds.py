@@ -9,20 +9,31 @@
      completions as one group with their scores (for loss.group). Every completion and score goes to
      `r.samples.jsonl`, the rows to `r.jsonl`; each file is written whole, then renamed.
   2. Training: `loop.train_and_evaluate` (the same builders and loop as offline DPO) on `round_config`:
-     workdir `rounds/r/`, data.train_files `rounds/r.jsonl`, model.path the round's starting policy, train.*
-     as configured (steps or epochs per round). Its checkpoints make a stopped round resume exactly.
-  3. `rounds/r/hf`: the trained policy (merged under LoRA: the next round puts fresh adapters on it) starts
-     round r+1; `rounds/r.done` marks the round finished. online.reference = previous: each round's
-     reference is its starting policy (the run's reference.mode on it); initial: model.path.
+     workdir `rounds/r/`, data.train_files `rounds/r.jsonl`, train.* as configured (steps or epochs per
+     round), its policy taken from memory (`build.Start`, see 3). Its checkpoints make a stopped round
+     resume exactly.
+  3. The round's policy stays on the mesh (jaxdpo/online/policy.py): sampling uses its params in place with
+     one jitted Sampler over the training graphdef, and the next round starts from what this one ended
+     with (LoRA: the adapters folded into the base in memory, fresh adapters on it; a quantized base is
+     dequantized, folded and quantized again). Rounds 1 on reuse round 0's jitted train step
+     (`build.steps_for`: same schedule length and reference kind), so nothing is traced or compiled again
+     while shapes stay the same. online.reference = previous: each round's reference is its starting policy
+     (under LoRA with reference.mode = device the folded base with the adapters off, no copy; else a copy
+     the round's training makes before its first update); initial: model.path's weights, which each round's
+     training reads. `rounds/r.done` marks the
+     round finished; only the last round exports the policy, to `rounds/r/hf` (`final_policy`).
   4. The round's policy against the initial policy on `online.eval_prompts` (`judge.prompts` of them,
      sampled with `sampling.*`): eval/win_rate and its interval in WORKDIR/metrics.jsonl (step = rounds
-     done; step 0 is the initial policy against itself), with the round's pair counts and mean score;
-     both sides' completions and scores in r.eval.jsonl (initial.eval.jsonl for step 0).
+     done; step 0 is the initial policy against itself), with the round's pair counts, mean score and
+     where its time went (online/seconds_sample, _judge, _train, _other; jaxdpo/online/phases.py); both
+     sides' completions and scores in r.eval.jsonl (initial.eval.jsonl for step 0).
 
 Exact resume: every draw is a pure function of (seed, round, index): the round's prompts, the sampling
 keys (seed derived from (seed, round), keyed by the row's index) and tie-breaking in form_pairs. A rerun
-skips finished rounds, reads an existing r.jsonl instead of sampling again, and resumes the round's
-training from its checkpoint, so a run killed anywhere ends bit-identical to an uninterrupted one.
+rebuilds the policy the finished rounds ended with from model.path and their final checkpoints (the same
+jitted fold, in the same order, on the same shardings: `policy.rebuild`), reads an existing r.jsonl instead
+of sampling again, and resumes the round's training from its checkpoint, so a run killed anywhere ends
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -84,14 +84,15 @@ def load_model(path: str, *, dtype: str, base: str | None):
 
 def _online_final_policy(path: str) -> str:
     """An on-policy run's WORKDIR (rounds/ and no checkpoints/ of its own) stands for its final policy: the
-    last finished round's export."""
+    export, which the run's last round writes."""
     if not os.path.isdir(os.path.join(path, "rounds")) or os.path.isdir(os.path.join(path, "checkpoints")):
         return path
     from jaxdpo.online import rounds
 
     final = rounds.final_policy(path)
     if final is None:
-        raise ConfigError(f"--model: {path} is an on-policy run with no finished, trained round yet")
+        raise ConfigError(f"--model: {path} is an on-policy run that has not exported its policy yet (its last "
+                          f"round does, when some round trained)")
     return final
 
 

@@ -342,9 +342,7 @@ def run_online(config):
 
     mesh = build.make_mesh(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
-    prompts = prompts_lib.read_prompts(config.online.prompts, config.data, config_key="online.prompts")
-    eval_prompts = prompts_lib.read_prompts(config.online.eval_prompts, config.data, config_key="online.eval_prompts",
-                                            distinct=True)[:config.judge.prompts] if config.online.eval_prompts else []
+    prompts, eval_prompts = round_prompts(config)
     check_rounds_fingerprint(config, len(prompts))
     judge = judges.make_judge(config, mesh)
     # the rounds' records (and their samples, as tables) go to W&B / MLflow too; each round's training logs
@@ -355,10 +353,11 @@ def run_online(config):
               f"{config.online.samples_per_prompt} samples (of {len(prompts)} prompts), judge {judge.name}, "
               f"{len(eval_prompts)} held-out prompts; {len(done)} round(s) already done")
     logger.truncate_after(len(done) if done else -1)  # a rerun rewrites what came after its last round
+    if len(done) >= config.online.rounds:
+        logger.close()
+        return None
     held = held_policy.rebuild(config, mesh, rounds_dir(config), done)
-    sampler = samples.Sampler.for_model(held.policy.graphdef, held.policy.model_config, tokenizer=tokenizer, mesh=mesh,
-                                        model_dir=config.model.path, data_cfg=config.data,
-                                        batch_size=int(config.sampling.batch_size))
+    sampler = policy_sampler(config, held.policy, tokenizer, mesh)
     evaluate = functools.partial(win_rate_against_initial, config, sampler, judge, eval_prompts)
     if not done and eval_prompts:
         logger.write(0, evaluate(held.states(), initial_states=held.states, name="initial", clock=PhaseClock()))
@@ -388,6 +387,22 @@ def run_online(config):
         finish_round(config, logger, r, record | clock.record(), done[-1])
     logger.close()
     return last_run
+
+
+def round_prompts(config) -> tuple[list, list]:
+    """online.prompts, and the first judge.prompts distinct online.eval_prompts (none when unset)."""
+    prompts = prompts_lib.read_prompts(config.online.prompts, config.data, config_key="online.prompts")
+    if not config.online.eval_prompts:
+        return prompts, []
+    return prompts, prompts_lib.read_prompts(config.online.eval_prompts, config.data, config_key="online.eval_prompts",
+                                             distinct=True)[:config.judge.prompts]
+
+
+def policy_sampler(config, policy: build.Policy, tokenizer, mesh) -> samples.Sampler:
+    """The rounds' one Sampler: the training graphdef, so every round's params sample through one jit."""
+    return samples.Sampler.for_model(policy.graphdef, policy.model_config, tokenizer=tokenizer, mesh=mesh,
+                                     model_dir=config.model.path, data_cfg=config.data,
+                                     batch_size=int(config.sampling.batch_size))
 
 
 def finish_round(config, logger, round_index: int, record: dict, marker: dict) -> None:

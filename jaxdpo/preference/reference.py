@@ -25,6 +25,7 @@ numbers are the same; only the copy is elided (tools/memory_report.py reads what
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -66,6 +67,13 @@ class Reference:
     def attach(self, split: str, batch: dict) -> dict:
         """The host batch of `split` ("train" / "eval") with whatever this reference reads from batches."""
         return batch
+
+    def without_weights(self) -> "Reference":
+        """This reference without its weights, for a jitted step to close over (they reach the step as its
+        argument): steps that a later run reuses keep no earlier run's weights alive."""
+        shell = copy.copy(self)
+        shell.params = None
+        return shell
 
     @classmethod
     def check_mesh(cls, mesh) -> None:

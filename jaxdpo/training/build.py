@@ -366,7 +366,8 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     common = dict(frozen_shardings=shardings_of(policy.frozen), replicated=replicated,
                   reference_shardings=shardings_of(reference.params) if reference.params is not None else None)
     with_dropout = policy.lora is not None and policy.lora.dropout > 0
-    objective = objectives.objective_kind(cfg).make(cfg, reference=reference, tokenizer=data.tokenizer)
+    objective = objectives.objective_kind(cfg).make(cfg, reference=reference.without_weights(),
+                                                    tokenizer=data.tokenizer)
     train_step = make_train_step(policy.graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
                                  num_pairs=cfg.train.micro_batch_size,
                                  dropout_seed=cfg.seed if with_dropout else None)  # masks: (seed, step, micro)

@@ -2,7 +2,7 @@
 files, and a run stopped mid-round (SIGKILL in training, SIGTERM in training, SIGKILL between a round's
 samples and its pairs) that ends bit-identical to an uninterrupted run.
 
-The end-to-end runs are `python -m jaxdpo.train` processes on 8 simulated devices with a tiny Llama and a
+The end-to-end runs are `python -m jaxdpo.train` processes on 2 simulated devices (fsdp) with a tiny Llama and a
 function judge (shorter completions win: tiny random models give distinct scores). JAXDPO_FAULT
 (jaxdpo/training/faults.py) makes a process signal itself at an exact point: after a round's checkpoint
 save, or before a round's pairs file is written.
@@ -96,7 +96,7 @@ def _run(assets, workdir, fault=None):
                 return tiny_run_config({assets!r}, {str(workdir)!r}, **{overrides!r})
         """))
     command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
-    env = dict(os.environ, **({"JAXDPO_FAULT": fault} if fault else {}), **jax_env(devices=8))
+    env = dict(os.environ, **({"JAXDPO_FAULT": fault} if fault else {}), **jax_env(devices=2))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -18,7 +18,8 @@ from tests.helpers import assert_bit_equal, truncate_files
 from tests.processes import jax_env
 
 # ----- end to end: a real run killed or preempted, then resumed --------------------------------------------
-# Every run is `python -m jaxdpo.train` in its own process on 8 simulated devices. A run dies at an exact
+# Every run is `python -m jaxdpo.train` in its own process on 2 simulated devices (params and optimizer
+# state sharded over fsdp, so checkpoints are written and restored in shards). A run dies at an exact
 # point: JAXDPO_FAULT (jaxdpo/training/faults.py) makes it SIGKILL (or SIGTERM) itself right after a given
 # step's save call, so nothing depends on timing. The processes use the session's compile cache with the test
 # processes' XLA flags (tests/processes.py jax_env): the first compiles, the others load.
@@ -52,7 +53,7 @@ def _train(assets, workdir, *, signal_at: tuple[int, str] | None = None):
         """))
     command = [sys.executable, "-m", "jaxdpo.train", "--config=" + config_file]
     fault = {} if signal_at is None else {"JAXDPO_FAULT": f"{signal_at[1]}@checkpoints/{signal_at[0]}"}
-    env = dict(os.environ, **fault, **jax_env(devices=8))
+    env = dict(os.environ, **fault, **jax_env(devices=2))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

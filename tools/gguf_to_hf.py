@@ -13,6 +13,8 @@ replaces it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -72,13 +74,31 @@ def _recorded(out_dir: str) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file three times (config, tokenizer, weights) and rebuilds gguf's table of
+    tensor names once per tensor; both are pure functions of their arguments, so within one conversion each
+    is computed once. transformers imports both from the `gguf` module at call time, which is where they
+    are memoized."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(reader)
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _write_hf_dir(gguf_path: str, out_dir: str, *, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
     # The weights are already dequantized; without this the saved config would ask for the GGUF file again.
     model.config.quantization_config = None
     del model.config.quantization_config

@@ -6,6 +6,8 @@
     # context parallelism on 8 simulated devices: per-device memory, step time, longest row in a budget
     python tools/bench.py --shape llama-tiny --sequence 1,2,4,8 --max-length 32768 --budget-mib 1024
     python tools/bench.py --generate --model ckpt/smollm2-135m-instruct   # decode tokens/s vs transformers
+    # QLoRA: params per device and the compiled LoRA train step's memory with a float, int8 and nf4 base
+    python tools/bench.py --base-dtypes none,int8,nf4 --shape qwen2.5-0.5b --max-length 512 --max-prompt-length 256
     # a group of 4 answers in one shared row (loss.group=all_pairs) vs its 6 pairs as prefix_shared rows
     python tools/bench.py --shape llama-20m --groups 4 --batch-size 2 --prompt-len 300 --completion-len 100 \
         --jitter 0.1 --max-length 512 --max-prompt-length 384
@@ -51,6 +53,8 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab (+ family and
     # Qwen2.5-0.5B's shape (q/k/v biases, tied embeddings, a 151,936-token vocabulary), random weights.
     "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
                          family="qwen2", tie=True),
+    # head_dim 64: the smallest heads whose o_proj contracted dim holds a quantization block (--base-dtypes)
+    "llama-tiny-head64": dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256, vocab=96),
     "qwen2-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1000, family="qwen2",
                        tie=True),
 }
@@ -340,6 +344,11 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-threads", type=int, default=0, help="--generate: transformers' threads (0 = torch's)")
     p.add_argument("--groups", type=int, default=0, help="answers per group: --batch-size groups in one grouped "
                    "row each against their pairs as prefix_shared rows (0 = off)")
+    p.add_argument("--base-dtypes", default="", help="only QLoRA memory (tools/qlora_bench.py): for these "
+                   "lora.base_dtype values (e.g. none,int8,nf4) the params' bytes per device and the compiled "
+                   "LoRA train step's memory, of --model's config.json or --shape")
+    p.add_argument("--fsdp", type=int, default=1, help="--base-dtypes: mesh.fsdp (CPU: simulated devices)")
+    p.add_argument("--tensor", type=int, default=1, help="--base-dtypes: mesh.tensor (CPU: simulated devices)")
     p.add_argument("--json", default="", help="write every figure here")
     bench_real.add_arguments(p)
     args = p.parse_args(argv)
@@ -352,6 +361,9 @@ def main(argv=None) -> dict:
         report = {"args": vars(args), "sequence": sequence_bench.run(args, SHAPES[args.shape])}
         _write(args, report)
         return report
+
+    if args.base_dtypes:
+        return qlora_memory(args)
 
     import jax
 
@@ -446,6 +458,24 @@ def main(argv=None) -> dict:
             print(f"TRL DPOTrainer (torch {report['trl']['torch']}, {report['trl']['torch_threads']} threads): "
                   f"step {report['trl']['step_s'] * 1e3:.1f}ms  {report['trl']['pairs_per_s']:.2f} pairs/s; "
                   f"jaxdpo ({best['layout']}) / TRL = {report['trl']['jaxdpo_over_trl']:.2f}x")
+    _write(args, report)
+    return report
+
+
+def qlora_memory(args) -> dict:
+    """--base-dtypes: tools/qlora_bench.py's table for --model (its config.json) or --shape."""
+    from jaxdpo.errors import ConfigError
+    from tools import qlora_bench, sequence_bench
+
+    devices = args.fsdp * args.tensor
+    if devices > 1 and "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+        sequence_bench.simulated_devices_flags(os.environ, devices)
+    model_dir = args.model or qlora_bench.write_shape_config(SHAPES[args.shape], tempfile.mkdtemp(prefix="jaxdpo_qlora_"))
+    try:
+        report = {"args": vars(args), "qlora": qlora_bench.run(args, model_dir)}
+    except ConfigError as error:
+        sys.exit(f"tools/bench.py --base-dtypes: {error}")
+    print(qlora_bench.table(report["qlora"]))
     _write(args, report)
     return report
 

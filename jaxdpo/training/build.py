@@ -281,9 +281,7 @@ def build_policy(config, mesh, *, resuming: bool) -> Policy:
     if settings is not None:
         with jax.set_mesh(mesh):
             model = lora_lib.quantize_base(model, settings, mesh)  # the frozen targets as lora.base_dtype says
-    # Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`.
-    trainable = nnx.Param if settings is None else (LoRAParam, reward_model.ScoreHead)  # a scorer's head trains too
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    graphdef, params, frozen = nnx.split(model, _trainable(settings), ...)
     del model
     return Policy(graphdef=graphdef, params=described(params, mesh) if resuming else params, frozen=frozen,
                   initial_params=params if keep_initial else None, model_config=model_config, lora=settings,
@@ -306,6 +304,30 @@ class Start:
         keep_initial = kind.uses_weights and not config.reference.path
         return dataclasses.replace(self.policy, params=described(self.policy.params, None),
                                    initial_params=self.policy.params if keep_initial else None)
+
+
+def _trainable(settings):
+    """Under LoRA only the adapters train (and get optimizer state); the base weights are `frozen`."""
+    return nnx.Param if settings is None else (LoRAParam, reward_model.ScoreHead)  # a scorer's head trains too
+
+
+def describe_policy(config, mesh) -> Policy:
+    """The policy of a fresh causal-LM run with every param and frozen weight described (shapes, dtypes,
+    shardings on `mesh`), the frozen base quantized as lora.base_dtype says: what lowering the train step
+    needs, with no weight read or allocated (only model.path's config.json is read)."""
+    check_mesh_fits_model(config, mesh)
+    settings = lora_lib.lora_settings(config.lora) if "lora" in config else None
+    model_config = hf_io.load_config(config.model.path)
+    fields = _decoder_fields(config, model_config, settings)
+    with jax.set_mesh(mesh):
+        model = nnx.eval_shape(lambda: Decoder(model_config, **fields, rngs=nnx.Rngs(0)))
+        num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # before any quantizing
+        if settings is not None:
+            model = nnx.eval_shape(lambda m: lora_lib.quantize_base(m, settings, mesh), model)
+    graphdef, params, frozen = nnx.split(model, _trainable(settings), ...)
+    return Policy(graphdef=graphdef, params=described(params, mesh), frozen=described(frozen, mesh),
+                  initial_params=None, model_config=model_config, lora=settings, num_params=num_params,
+                  num_trainable=sum(x.size for x in jax.tree.leaves(params)))
 
 
 # ----- the reference -------------------------------------------------------------------------------

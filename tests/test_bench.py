@@ -77,7 +77,7 @@ def test_bench_reports_every_figure_for_two_layouts(tmp_path):
 
 
 def test_qlora_memory_per_base_dtype(tmp_path):
-    """--base-dtypes: the quantized projections' bytes per device are the codes plus their float32 scales
+    """--base-dtypes on fsdp 2: the quantized projections' bytes per device are the codes plus their float32 scales
     (the acceptance bounds 0.27x and 0.15x of fp32), every param's bytes equal tools/memory_report.py's count
     from config.json alone, and the compiled step's arguments are exactly the described state, frozen base and
     batch: the analysis is of the step that holds the quantized base."""
@@ -86,7 +86,7 @@ def test_qlora_memory_per_base_dtype(tmp_path):
     from tools.memory_report import base_bytes_per_device
 
     report = bench.main(["--base-dtypes", "none,int8,nf4", "--shape", "llama-tiny-head64", "--batch-size", "2",
-                         "--max-length", "16", "--max-prompt-length", "8", "--json", str(tmp_path / "q.json")])
+                         "--max-length", "16", "--max-prompt-length", "8", "--fsdp", "2", "--json", str(tmp_path / "q.json")])
     qlora = report["qlora"]
     rows = {r["base_dtype"]: r for r in qlora["rows"]}
     assert rows.keys() == {"none", "int8", "nf4"}
@@ -95,7 +95,7 @@ def test_qlora_memory_per_base_dtype(tmp_path):
     assert rows["nf4"]["projections_vs_float"] == rows["nf4"]["projection_bytes"] / fp32 == (0.5 + 4 / 64) / 4
     assert rows["int8"]["projections_vs_float"] <= 0.27 and rows["nf4"]["projections_vs_float"] <= 0.15
 
-    mesh = make_mesh(1, 1, 1, jax.devices()[:1])
+    mesh = make_mesh(1, 2, 1, jax.devices()[:2])
     expected = base_bytes_per_device(load_config(qlora["model"]), mesh, rank=16)
     for name, r in rows.items():
         assert (r["projection_bytes"], r["param_bytes"]) == (expected[name]["projections"], expected[name]["params"])
@@ -103,5 +103,7 @@ def test_qlora_memory_per_base_dtype(tmp_path):
         memory = r["memory_analysis"]
         assert memory["argument_size_in_bytes"] == r["state_bytes"] + r["frozen_bytes"] + r["batch_bytes"]
         assert memory["output_size_in_bytes"] >= r["state_bytes"] > 0 and memory["temp_size_in_bytes"] > 0
+        assert r["compiled_bytes"] == (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                                       - memory["alias_size_in_bytes"] + memory["temp_size_in_bytes"])
     # the adapters and their optimizer state do not depend on how the base is stored
     assert rows["none"]["state_bytes"] == rows["int8"]["state_bytes"] == rows["nf4"]["state_bytes"]

@@ -238,6 +238,24 @@ def qlora_assets(assets, tmp_path_factory):
     return {**assets, "model": str(root / "model")}
 
 
+@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
+def test_described_policy_is_the_loaded_one_as_shapes(qlora_assets, tmp_path, base_dtype):
+    """build.describe_policy (what tools/bench.py --base-dtypes lowers the step with) has the structure,
+    shapes, dtypes and shardings of the policy build_policy loads and quantizes, on fsdp 2 (its one KV head
+    cannot split over tensor)."""
+    from jaxdpo.training import build
+
+    config = tiny_run_config(qlora_assets, str(tmp_path), **{**QLORA, "lora.base_dtype": base_dtype,
+                                                            "mesh.fsdp": 2})
+    mesh = build.make_mesh(config, jax.devices()[:2])
+    loaded, described = build.build_policy(config, mesh, resuming=False), build.describe_policy(config, mesh)
+    as_shape = lambda x: (x.shape, x.dtype, x.sharding.spec)  # noqa: E731
+    for part in ("params", "frozen"):
+        assert jax.tree.map(as_shape, nnx.to_pure_dict(getattr(described, part))) == \
+            jax.tree.map(as_shape, nnx.to_pure_dict(getattr(loaded, part)))
+    assert (described.num_params, described.num_trainable) == (loaded.num_params, loaded.num_trainable)
+
+
 def test_cached_reference_is_the_quantized_base_under_its_own_key(qlora_assets, tmp_path):
     from jaxdpo.preference.reference import LoRABaseReference
     from jaxdpo.training.loop import train_and_evaluate

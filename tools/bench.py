@@ -363,7 +363,11 @@ def main(argv=None) -> dict:
         return report
 
     if args.base_dtypes:
-        return qlora_memory(args)
+        from tools import qlora_bench
+
+        report = {"args": vars(args), "qlora": qlora_bench.bench(args, SHAPES)}
+        _write(args, report)
+        return report
 
     import jax
 
@@ -458,24 +462,6 @@ def main(argv=None) -> dict:
             print(f"TRL DPOTrainer (torch {report['trl']['torch']}, {report['trl']['torch_threads']} threads): "
                   f"step {report['trl']['step_s'] * 1e3:.1f}ms  {report['trl']['pairs_per_s']:.2f} pairs/s; "
                   f"jaxdpo ({best['layout']}) / TRL = {report['trl']['jaxdpo_over_trl']:.2f}x")
-    _write(args, report)
-    return report
-
-
-def qlora_memory(args) -> dict:
-    """--base-dtypes: tools/qlora_bench.py's table for --model (its config.json) or --shape."""
-    from jaxdpo.errors import ConfigError
-    from tools import qlora_bench, sequence_bench
-
-    devices = args.fsdp * args.tensor
-    if devices > 1 and "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-        sequence_bench.simulated_devices_flags(os.environ, devices)
-    model_dir = args.model or qlora_bench.write_shape_config(SHAPES[args.shape], tempfile.mkdtemp(prefix="jaxdpo_qlora_"))
-    try:
-        report = {"args": vars(args), "qlora": qlora_bench.run(args, model_dir)}
-    except ConfigError as error:
-        sys.exit(f"tools/bench.py --base-dtypes: {error}")
-    print(qlora_bench.table(report["qlora"]))
     _write(args, report)
     return report
 

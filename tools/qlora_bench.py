@@ -1,7 +1,8 @@
 """QLoRA memory per base dtype (`python tools/bench.py --base-dtypes none,int8,nf4 ...`): for each
 `lora.base_dtype`, the bytes one device holds of the frozen projections (codes and block scales when
 quantized) and of every param (embeddings, norms, adapters included), and XLA's memory analysis of the
-compiled LoRA train step.
+compiled LoRA train step (argument, output, temp, generated code; step total = argument + output - aliased
+output + temp, as tools/bench.py's compiled_memory_bytes).
 
 The run is configs/dpo.py with LoRA on every projection and reference.mode = device (under LoRA the base with
 the adapters off: no copy). The policy, reference and train step come from jaxdpo.training.build, the
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import tempfile
 
 import numpy as np
 
@@ -132,13 +135,20 @@ def base_dtype_row(config, mesh) -> dict:
     compiled = steps.train_step.lower(state, policy.frozen, reference.params, batch).compile()
     analysis = compiled.memory_analysis()
     rows = jax.tree.leaves(batch)[0].shape
+    memory = {name: int(getattr(analysis, name)) for name in MEMORY_FIELDS}
     return {"base_dtype": config.lora.base_dtype, "reference": reference.mode,
             "projection_bytes": bytes_per_device(frozen_projections(policy.frozen)),
             "frozen_bytes": bytes_per_device(policy.frozen),
             "param_bytes": bytes_per_device((policy.params, policy.frozen)),
             "state_bytes": bytes_per_device(state), "batch_bytes": bytes_per_device(batch),
             "micro_batches": rows[0], "rows": rows[1], "row_length": rows[2],
-            "memory_analysis": {name: int(getattr(analysis, name)) for name in MEMORY_FIELDS}}
+            "memory_analysis": memory, "compiled_bytes": compiled_total(memory)}
+
+
+def compiled_total(memory: dict) -> int:
+    """What the step needs at once: its arguments, outputs not written over a donated argument, and temps."""
+    return (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"]
+            + memory["temp_size_in_bytes"])
 
 
 def run(args, model_dir: str) -> dict:
@@ -147,12 +157,11 @@ def run(args, model_dir: str) -> dict:
 
     from jaxdpo.training import build
 
-    mesh = None
-    rows = []
-    for base_dtype in args.base_dtypes.split(","):
-        config = bench_config(args, model_dir, base_dtype)
-        mesh = mesh or build.make_mesh(config, jax.devices()[:args.fsdp * args.tensor])
-        rows.append(base_dtype_row(config, mesh))
+    configs = [bench_config(args, model_dir, base_dtype) for base_dtype in args.base_dtypes.split(",")]
+    mesh = build.make_mesh(configs[0], jax.devices()[:args.fsdp * args.tensor])
+    for config in configs:  # every bad value before the first compile
+        build.check_config(config, mesh)
+    rows = [base_dtype_row(config, mesh) for config in configs]
     float_bytes = next((r["projection_bytes"] for r in rows if r["base_dtype"] == "none"), None)
     for r in rows:
         r["projections_vs_float"] = r["projection_bytes"] / float_bytes if float_bytes else None
@@ -165,12 +174,32 @@ def table(report: dict) -> str:
     first = report["rows"][0]
     lines = [f"mesh {report['mesh']}; step of {first['micro_batches']} x {first['rows']} rows x "
              f"{first['row_length']} tokens; MiB per device",
-             "| base dtype | projections | x float | all params | argument | output | temp | code |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| base dtype | projections | x float | all params | argument | output | temp | code | step total |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         m = r["memory_analysis"]
         ratio = f"{r['projections_vs_float']:.4f}" if r["projections_vs_float"] else "-"
         lines.append(f"| {r['base_dtype']} | {mib(r['projection_bytes'])} | {ratio} | {mib(r['param_bytes'])} | "
                      f"{mib(m['argument_size_in_bytes'])} | {mib(m['output_size_in_bytes'])} | "
-                     f"{mib(m['temp_size_in_bytes'])} | {mib(m['generated_code_size_in_bytes'])} |")
+                     f"{mib(m['temp_size_in_bytes'])} | {mib(m['generated_code_size_in_bytes'])} | "
+                     f"{mib(r['compiled_bytes'])} |")
     return "\n".join(lines)
+
+
+def bench(args, shapes: dict) -> dict:
+    """tools/bench.py --base-dtypes: the table for --model (its config.json) or --shape (a `shapes` entry),
+    printed and returned; a bad model or mesh is one line and exit status 2."""
+    from jaxdpo.errors import ConfigError
+    from tools import sequence_bench
+
+    devices = args.fsdp * args.tensor
+    if devices > 1 and "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+        sequence_bench.simulated_devices_flags(os.environ, devices)
+    model_dir = args.model or write_shape_config(shapes[args.shape], tempfile.mkdtemp(prefix="jaxdpo_qlora_"))
+    try:
+        report = run(args, model_dir)
+    except ConfigError as error:
+        print(f"tools/bench.py --base-dtypes: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(table(report))
+    return report

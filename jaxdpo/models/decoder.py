@@ -395,10 +395,14 @@ class LayerStack(nnx.Module):
 
     def hold_quantized(self, name: str, codes, scales) -> None:
         """Hold the projection `name` as its quantized codes and block scales (jaxdpo.models.quantize)
-        instead of its float weight, which is dropped."""
+        instead of its float weight, which is dropped. They keep the weight's sharding names, which place
+        them where a mesh is active and describe their sharding where they are only shapes (nnx.eval_shape)."""
+        out_sharding = getattr(self, name).get_metadata()["out_sharding"]
         delattr(self, name)
-        setattr(self, f"{name}_codes", QuantizedBase(codes))
-        setattr(self, f"{name}_scales", QuantizedBase(scales))
+        mesh_active = not jax.sharding.get_abstract_mesh().empty
+        for suffix, value in (("codes", codes), ("scales", scales)):
+            setattr(self, f"{name}_{suffix}", QuantizedBase(value, out_sharding=out_sharding,
+                                                            eager_sharding=mesh_active))
         self.names = tuple(n for n in self.names if n != name) + (f"{name}_codes", f"{name}_scales")
 
 

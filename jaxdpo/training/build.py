@@ -6,6 +6,7 @@ The training loop (jaxdpo/training/loop.py) calls them in this order; tools call
   check_config(config, mesh)               every check that needs only configs: seconds, before tokenizing
   data = build_data(config, mesh)          tokenized pairs, batchers, row length, total steps
   policy = build_policy(config, mesh, resuming=...)     graphdef, trainable params, frozen weights
+           (describe_policy(config, mesh): the same as shapes and shardings only, for lowering without weights)
   reference = build_reference(config, mesh, policy, data)   one jaxdpo.preference.reference.Reference
   steps = build_steps(config, mesh, policy, reference, data)  jitted train/eval steps and their shardings
   state = train_state(policy, steps, resuming=...)      the step-0 state, or its description to restore into

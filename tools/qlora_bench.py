@@ -95,9 +95,9 @@ def synthetic_data(config, mesh, vocab: int):
 
 def described_batch(data, reference, shardings: dict) -> dict:
     """Step 0's batch as the train step takes it ([A, ...] stacked micro-batches), described, not placed."""
-    from jaxdpo.training.batches import stack_micro_batches
-
     import jax
+
+    from jaxdpo.training.batches import stack_micro_batches
 
     local = stack_micro_batches([reference.attach("train", m) for m in data.batcher.train_batch(0)])
     return {k: jax.ShapeDtypeStruct(local[k].shape, local[k].dtype, sharding=s) for k, s in shardings.items()}
@@ -172,8 +172,9 @@ def table(report: dict) -> str:
     """The rows as a Markdown table, MiB per device."""
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     first = report["rows"][0]
-    lines = [f"mesh {report['mesh']}; step of {first['micro_batches']} x {first['rows']} rows x "
-             f"{first['row_length']} tokens; MiB per device",
+    caption = (f"mesh {report['mesh']}; step of {first['micro_batches']} x {first['rows']} rows x "
+               f"{first['row_length']} tokens; MiB per device")
+    lines = [caption,
              "| base dtype | projections | x float | all params | argument | output | temp | code | step total |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

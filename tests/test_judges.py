@@ -21,6 +21,7 @@ from jaxdpo.judging.pairs import form_pairs, pair_rows
 from jaxdpo.judging.reward_model_judge import RewardModelJudge
 from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.models.reward_model import RewardModel, bucket_length, last_token_index
+from jaxdpo.online.phases import PhaseClock
 from jaxdpo.online.rounds import ROUND_KEYS
 from jaxdpo.parallel.sharding import make_mesh
 from tests.hf_models import randomized
@@ -403,7 +404,7 @@ def test_a_round_counts_the_samples_its_judge_failed_on_and_stops_only_when_all_
     prompts = ["p0", "p1", "p2"]
     judge = FunctionJudge("tests.judge_functions:shorter")
     judge.name, judge.function = "rules:fragile", _raises_on({"p1"})
-    rounds.sample_round(config, 0, prompts, judge, _Sampler(), states=None)
+    rounds.sample_round(config, 0, prompts, judge, _Sampler(), states=None, clock=PhaseClock())
     summary = rounds.round_summary(config, 0)
     # p0, p2: answers 0..2 scored, answer 3 failed; p1: every sample failed
     assert summary["online/pairs"] == 2 and summary["online/ties"] == 0 and summary["online/blank"] == 0
@@ -419,5 +420,5 @@ def test_a_round_counts_the_samples_its_judge_failed_on_and_stops_only_when_all_
     assert all(row["scores"][3] is None for row in audit)
     judge.function = _raises_on(set(prompts))
     with pytest.raises(ConfigError, match="judge rules:fragile failed on every one of the 12 samples of round 1"):
-        rounds.sample_round(config, 1, prompts, judge, _Sampler(), states=None)
+        rounds.sample_round(config, 1, prompts, judge, _Sampler(), states=None, clock=PhaseClock())
     assert not (tmp_path / "rounds" / "1.jsonl").exists()

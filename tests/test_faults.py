@@ -1,8 +1,12 @@
 """Fault injection through the real entry point (`python -m jaxdpo.train`): changed data on
-resume, damaged caches and checkpoints, broken model files, a bad workdir or a full disk, divergence,
-preemption, a half-written metrics line, too little data. Every run is its own process on one CPU
-device; they share one compile cache, so only the first run compiles. The base run trains 4 steps with
-relative data paths and a cached reference; every later test works on a copy of its workdir."""
+resume, damaged caches and checkpoints, a bad workdir or a full disk, divergence, preemption, a
+half-written metrics line. Every run is its own process on one CPU device; they share one compile cache,
+so only the first run compiles. The base run trains 4 steps with relative data paths and a cached
+reference; every later test works on a copy of its workdir.
+
+Broken model files and too little data stop a run while it loads, before anything is compiled: those
+tests build the run in this process and check the ConfigError it stops with, which the entry point prints
+as one `jaxdpo:` line with exit status 2 (tests/test_config_errors.py and the runs here check that path)."""
 
 import json
 import os
@@ -60,6 +64,20 @@ def train_command(config_file: str, *flags: str) -> list[str]:
 def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
     return subprocess.run(train_command(config_file, *flags), cwd=cwd or root, env=train_env(root),
                           capture_output=True, text=True, timeout=600)
+
+
+def load_error(root: str, name: str, **overrides) -> str:
+    """The ConfigError a run in root/name stops with while it loads (tiny assets, absolute data paths)."""
+    from jaxdpo.errors import ConfigError
+    from jaxdpo.training.loop import train_and_evaluate
+    from tests.tiny_assets import tiny_run_config
+
+    assets = {"model": os.path.join(root, "model"), "train": os.path.join(root, "data", "train.jsonl"),
+              "eval": os.path.join(root, "data", "eval.jsonl")}
+    config = tiny_run_config(assets, os.path.join(root, name), **{**OVERRIDES, **overrides})
+    with pytest.raises(ConfigError) as stopped:
+        train_and_evaluate(config)
+    return str(stopped.value)
 
 
 def one_line_error(result) -> str:
@@ -135,7 +153,7 @@ def broken_model(root: str, name: str, edit) -> str:
     return model
 
 
-def test_config_json_missing_a_key_is_one_line(root, base):
+def test_config_json_missing_a_key_is_one_line(root):
     def drop_key(model):
         path = os.path.join(model, "config.json")
         config = json.load(open(path))
@@ -143,38 +161,37 @@ def test_config_json_missing_a_key_is_one_line(root, base):
         json.dump(config, open(path, "w"))
 
     model = broken_model(root, "model_no_layers", drop_key)
-    line = one_line_error(train(root, write_config(root, "no_layers"), f"--config.model.path={model}"))
+    line = load_error(root, "no_layers", **{"model.path": model})
     assert "config.json" in line and "num_hidden_layers" in line
 
 
-def test_garbage_safetensors_is_one_line(root, base):
+def test_garbage_safetensors_is_one_line(root):
     def garbage(model):
         with open(os.path.join(model, "model.safetensors"), "wb") as f:
             f.write(os.urandom(4096))
 
     model = broken_model(root, "model_garbage", garbage)
-    line = one_line_error(train(root, write_config(root, "garbage"), f"--config.model.path={model}"))
+    line = load_error(root, "garbage", **{"model.path": model})
     assert "model.safetensors" in line
 
 
-def test_truncated_safetensors_is_one_line(root, base):
+def test_truncated_safetensors_is_one_line(root):
     def truncate(model):
         path = os.path.join(model, "model.safetensors")
         data = open(path, "rb").read()
         open(path, "wb").write(data[:len(data) // 2])
 
     model = broken_model(root, "model_truncated", truncate)
-    line = one_line_error(train(root, write_config(root, "truncated"), f"--config.model.path={model}"))
+    line = load_error(root, "truncated", **{"model.path": model})
     assert "model.safetensors" in line
 
 
 # ------------------------------------------------------------------------------ too little data
-def test_fewer_pairs_than_one_batch_fails_before_compiling(root, base):
-    result = train(root, write_config(root, "small", **{"train.batch_size": 32, "train.micro_batch_size": 32,
-                                                        "train.eval_batch_size": 8}))
-    line = one_line_error(result)
+def test_fewer_pairs_than_one_batch_fails_before_compiling(root, capsys):
+    line = load_error(root, "small", **{"train.batch_size": 32, "train.micro_batch_size": 32,
+                                        "train.eval_batch_size": 8})
     assert "train.batch_size=32" in line and "data/train.jsonl" in line
-    assert "pairs/step" not in result.stdout  # found while building the data: no banner, no step, no eval
+    assert "pairs/step" not in capsys.readouterr().out  # found while building the data: no banner, no step
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints

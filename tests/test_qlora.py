@@ -8,6 +8,7 @@ transformers; bad input is one line."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ from jaxdpo.models import Decoder, ModelConfig
 from jaxdpo.models import quantize as q
 from jaxdpo.models.lora import LoRAParam, LoRASettings, quantize_base
 from jaxdpo.parallel.sharding import make_mesh
+from jaxdpo.training.loop import train_and_evaluate
 from tests.helpers import assert_bit_equal
 from tests.processes import jax_env
 from tests.tiny_assets import set_overrides, tiny_run_config
@@ -328,8 +330,11 @@ def test_qlora_run_resumes_bit_identically_and_exports(qlora_assets, tmp_path):
     assert {k.split("_lora_")[0] for k in params["layers"]} == set(ALL)  # adapters only, no codes
     assert all(k.endswith(("_lora_a", "_lora_b")) for k in params["layers"]) and set(params) == {"layers"}
 
-    other = _train(qlora_assets, tmp_path / "killed", **{"lora.base_dtype": "int8", "train.steps": 6})
-    assert other.returncode == 2 and "lora.base_dtype: checkpoint='nf4' now='int8'" in other.stderr
+    # a resume with another quantization is refused (a ConfigError: one line, exit 2 from the CLI)
+    other = tiny_run_config(qlora_assets, str(tmp_path / "killed"),
+                            **{**QLORA, "lora.base_dtype": "int8", "train.steps": 6})
+    with pytest.raises(ConfigError, match=re.escape("lora.base_dtype: checkpoint='nf4' now='int8'")):
+        train_and_evaluate(other, devices=jax.devices()[:1])
 
     _check_export_and_sampling(qlora_assets, tmp_path / "whole")
 

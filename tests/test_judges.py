@@ -348,6 +348,44 @@ def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
         correct_sum("Why is the sky blue?", "Rayleigh scattering.")
 
 
+@pytest.mark.parametrize("question", ["What is 37 + 45?", "Compute 37 plus 45.", "Add 37 and 45.",
+                                      "What's the sum of 37 and 45?", "Calculate 37 + 45.", "What is 37 plus 45?",
+                                      "Find the sum of 37 and 45.", "37 + 45 = ?", "what is 45+37"])
+def test_correct_sum_reads_every_phrasing_of_the_addition_prompts(question):
+    from jaxdpo.judging.rules import asked_sum, correct_sum
+
+    assert asked_sum([{"role": "user", "content": question}]) == 82
+    assert correct_sum(question, "82") == pytest.approx(1.1) and correct_sum(question, "83") == pytest.approx(0.1)
+
+
+def test_every_phrasing_of_the_prompt_tool_is_read_by_correct_sum():
+    from jaxdpo.judging.rules import asked_sum
+    from tools.make_addition_prompts import PHRASINGS
+
+    assert all(asked_sum(phrasing.format(a=a, b=b)) == a + b for phrasing in PHRASINGS for a, b in [(10, 99), (58, 7)])
+
+
+@pytest.mark.parametrize("answer, number", [
+    ("37 + 45 = 82.", 82), ("The sum of 37 and 45 is 82.", 82), ("The answer is **82**.", 82),
+    ("37 + 45 equals 82", 82), ("The answer is 37 + 45 = 82.", 82),  # "is 37 + ..." starts an expression
+    ("We add 37 and 45, which results in 82. This is the sum of 37 and 45.", 82),
+    ("37 + 45 = 82. 82 is 2 more than 80.", 82),  # the first stated number, not the rambling after it
+    ("37 + 45 = 72\n\nSo 82 is wrong.", 72), ("I think 82", 82), ("45 and 37 make 82 in all", 82),
+    ("eighty-two", None), ("", None)])
+def test_correct_sum_takes_the_number_an_answer_states(answer, number):
+    from jaxdpo.judging.rules import answer_number, correct_sum
+
+    assert answer_number(answer) == number
+    assert (correct_sum("Add 37 and 45.", answer) >= 1.0) == (number == 82)
+
+
+def test_greedy_accuracy_thresholds_the_judges_scores():
+    from jaxdpo.judging.greedy import share_correct
+
+    assert share_correct(np.array([1.1, 0.1, 1.0, np.nan]), 1.0) == 0.5  # a score the judge failed on: not right
+    assert share_correct(np.array([-3.0, -5.0]), -4.0) == 0.5 and np.isnan(share_correct(np.array([]), 1.0))
+
+
 # ---- judge faults -----------------------------------------------------------------------------------------
 
 def fussy(prompt, completion: str) -> float:

@@ -1,9 +1,14 @@
 """Rule judges: verifiable rewards as plain functions `function(prompt, completion) -> float`, for
 `judge.function = "jaxdpo.judging.rules:<name>"`.
 
-`correct_sum` checks the content of an answer: for prompts that ask for a sum "a + b" (the addition data
-of configs/smollm2.py, assets/smollm2), the answer must be that sum: the first integer after the first
-"=" ("59 + 63 = 122. That's 3 more than 119" answers 122), else the last integer.
+`correct_sum` checks the content of an answer: for prompts that ask for a sum (the addition data of
+configs/smollm2.py and configs/online_addition.py: "a + b", "a plus b", "the sum of a and b", "add a and b"),
+the answer must be that sum. The number an answer gives is the first integer that directly follows an
+answer word ("=", "is", "equals", "equal to", "results in"; a "$" or "**" between them is allowed) and does
+not start an expression ("The answer is 27 + 82 = 109" gives 109, not 27); without one, the last integer.
+So "59 + 63 = 122. That's 3 more than 119" gives 122, "The sum of 37 and 45 is 82." gives 82, and
+"To add 7 and 5, which results in 12, ..." gives 12. First rather than last: an answer that states a sum
+and then rambles on ("82 is 2 more than 80") is judged by the sum it stated.
 
 `short_answer` is the judge of the on-policy demo (configs/online_smollm2.py): it rewards answers of at
 most MAX_WORDS words, a behaviour the prompts do not ask for and SmolLM2-135M-Instruct rarely shows at the
@@ -21,9 +26,13 @@ import re
 from jaxdpo.errors import ConfigError
 
 MAX_WORDS = 40
-_SUM = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
+# The operands a prompt asks to add: "a + b" / "a plus b", or "sum of a and b" / "add a and b".
+_SUM = re.compile(r"(-?\d+)\s*(?:\+|\bplus\b)\s*(-?\d+)"
+                  r"|\b(?:sum of|add|total of)\s+(-?\d+)\s+and\s+(-?\d+)", re.IGNORECASE)
 _INTEGER = re.compile(r"-?\d+")
-_EQUALS_INTEGER = re.compile(r"=\s*(-?\d+)")
+# An answer word, then an integer that is not the first operand of an expression ("is 27 + 82 = ..").
+_ANSWER_INTEGER = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bresults in\b)[\s$*]*(-?\d+)\b"
+                             r"(?!\s*[-+*/x\u00d7]\s*\d)", re.IGNORECASE)
 
 
 def word_count(text: str) -> int:
@@ -50,22 +59,28 @@ def prompt_text(prompt) -> str:
 
 
 def correct_sum(prompt, completion: str) -> float:
-    """1.0 when the completion's answer (see the module docstring) is the sum a + b that the prompt asks
-    for, else 0.0; plus a tenth of `short_answer`, so that among right (or among wrong) answers the shorter
-    one wins and a round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a wrong
-    answer. A prompt without "a + b" is a config error (this judge is for other data)."""
+    """1.0 when the completion's answer (see the module docstring) is the sum that the prompt asks for,
+    else 0.0; plus a tenth of `short_answer`, so that among right (or among wrong) answers the shorter one
+    wins and a round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a
+    wrong answer. A prompt that asks for no sum is a config error (this judge is for other data)."""
+    return float(answer_number(completion) == asked_sum(prompt)) + 0.1 * short_answer(prompt, completion)
+
+
+def asked_sum(prompt) -> int:
+    """The sum the prompt asks for (its first "a + b", "a plus b", "sum of a and b" or "add a and b")."""
     asked = _SUM.search(prompt_text(prompt))
     if asked is None:
         raise ConfigError(f"judge correct_sum: the prompt {prompt_text(prompt)[:80]!r} asks for no sum "
-                          f"'a + b'; use it with addition prompts such as assets/smollm2")
-    right = _answer(completion) == int(asked.group(1)) + int(asked.group(2))
-    return float(right) + 0.1 * short_answer(prompt, completion)
+                          f"('a + b', 'a plus b', 'the sum of a and b', 'add a and b'); use it with addition "
+                          f"prompts such as assets/online_addition")
+    a, b = (int(x) for x in asked.groups() if x is not None)
+    return a + b
 
 
-def _answer(completion: str) -> int | None:
-    """The integer an arithmetic answer gives: the first after the first "=", else the last one."""
-    if "=" in completion:
-        after = _EQUALS_INTEGER.search(completion[completion.index("="):])
-        return int(after.group(1)) if after else None
+def answer_number(completion: str) -> int | None:
+    """The integer an arithmetic answer gives: the first after an answer word, else the last one."""
+    stated = _ANSWER_INTEGER.search(completion)
+    if stated:
+        return int(stated.group(1))
     integers = _INTEGER.findall(completion)
     return int(integers[-1]) if integers else None

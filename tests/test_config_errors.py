@@ -88,6 +88,7 @@ def good_config(assets, tmp_path, **overrides):
     ({"reference.mode": "none", "reference.path": "/x"}, "reference.path = '/x' is set but reference.mode = 'none'"),
     ({"reference.mode": "lora_base"}, "reference.mode = 'lora_base' needs LoRA"),
     ({"loss.types": ("sigmod",)}, "loss.types has unknown loss 'sigmod'; did you mean 'sigmoid'?"),
+    ({"judge.correct_score": float("nan")}, "judge.correct_score = nan must be a finite number, or None"),
 ])
 def test_validate_rejects(assets, tmp_path, overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -29,7 +29,7 @@ ROUNDS = 3
 ONLINE = {"train.steps": 2, "train.save_every": 1, "train.log_every": 1, "train.keep_checkpoints": 2,
           "sampling.max_new_tokens": 8, "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4,
           "online.rounds": ROUNDS, "online.prompts_per_round": 16, "online.samples_per_prompt": 2,
-          "online.max_new_tokens": 8}
+          "online.max_new_tokens": 8, "judge.correct_score": -24.0}
 TIMING_KEYS = ("train/pairs_per_s", "train/tokens_per_s", "online/seconds_sample", "online/seconds_judge",
                "online/seconds_train", "online/seconds_other")
 
@@ -147,6 +147,19 @@ def test_rounds_files_metrics_and_win_rate(uninterrupted):
         assert_win_rate_metrics(record, [row["policy_score"] for row in judged],
                                 [row["reference_score"] for row in judged])
     assert all(r["online/pairs"] + r["online/ties"] + r["online/blank"] == 16 for r in records[1:])
+
+
+def test_rounds_measure_greedy_accuracy_under_the_judge(uninterrupted):
+    """eval/greedy_correct per round: the share of held-out greedy answers whose judge score (minus their
+    length) reaches judge.correct_score; the answers, scores and verdicts in rounds/<name>.greedy.jsonl."""
+    workdir, _ = uninterrupted
+    records = online.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    for record in records:
+        name = "initial" if record["step"] == 0 else str(record["step"] - 1)
+        answers = online.read_jsonl(os.path.join(workdir, "rounds", f"{name}.greedy.jsonl"))
+        assert len(answers) == ONLINE["judge.prompts"]
+        assert all(row["score"] == -len(row["answer"]) and row["right"] == (row["score"] >= -24.0) for row in answers)
+        assert record["eval/greedy_correct"] == pytest.approx(np.mean([row["right"] for row in answers]))
 
 
 def test_a_run_stopped_mid_round_ends_bit_identical(uninterrupted, assets, tmp_path):

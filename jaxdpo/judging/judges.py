@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import ml_collections
 import numpy as np
 
 from jaxdpo.errors import ConfigError
+from jaxdpo.judging import greedy
 from jaxdpo.judging.function_judge import FunctionJudge
 from jaxdpo.judging.reward_model_judge import RewardModelJudge
 from jaxdpo.sampling.prompts import Prompt
@@ -52,7 +54,8 @@ SELECTOR_KEYS = tuple(f"judge.{kind.selector}" for kind in KINDS)
 
 
 # Keys every kind shares: key -> (default, doc).
-SHARED_SETTINGS = {"prompts": (32, "held-out prompts judged for the win rate (the first distinct ones)")}
+SHARED_SETTINGS = {"prompts": (32, "held-out prompts judged for the win rate (the first distinct ones)"),
+                   **greedy.SETTING}
 
 
 def config_defaults() -> dict:
@@ -60,7 +63,9 @@ def config_defaults() -> dict:
     settings = dict(SHARED_SETTINGS)
     for kind in KINDS:
         settings.update(kind.settings)
-    return {key: default for key, (default, _) in settings.items()}
+    # a None default takes no value from flags unless its reference says the type it may hold
+    return {key: default for key, (default, _) in settings.items()} | {
+        "correct_score": ml_collections.FieldReference(None, field_type=float)}
 
 
 def judge_kind(config) -> type[JudgeKind] | None:
@@ -86,6 +91,7 @@ def check_config(config) -> None:
     prompts = config.judge.prompts
     if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
         raise ConfigError(f"judge.prompts = {prompts!r} must be positive")
+    greedy.check_config(config)
     kind = judge_kind(config)
     if kind is not None:
         kind.check_config(config)

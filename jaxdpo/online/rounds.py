@@ -50,7 +50,7 @@ from jaxdpo.checkpoint.fingerprint import fingerprint_differences, jsonable
 from jaxdpo.data.identity import files_identity
 from jaxdpo.data.loading import is_hub_name, parse_sources, resolve_paths
 from jaxdpo.errors import ConfigError
-from jaxdpo.judging import failures, judges
+from jaxdpo.judging import failures, greedy, judges
 from jaxdpo.judging.pairs import form_pairs, pair_rows
 from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.online import policy as held_policy
@@ -333,6 +333,18 @@ def win_rate_against_initial(config, sampler, judge, eval_prompts: list, policy_
     return win_rate(policy_scores, reference_scores).metrics(prefix="eval/")
 
 
+def held_out_record(config, sampler, judge, eval_prompts: list, policy_states, *, initial_states, name: str,
+                    clock: PhaseClock) -> dict[str, float]:
+    """The win rate against the initial policy and, with judge.correct_score set, eval/greedy_correct (the
+    greedy answers in rounds/<name>.greedy.jsonl)."""
+    record = win_rate_against_initial(config, sampler, judge, eval_prompts, policy_states,
+                                      initial_states=initial_states, name=name, clock=clock)
+    if eval_prompts and greedy.is_measured(config):
+        record |= greedy.greedy_correct(config, judge, eval_prompts, sampler, policy_states, clock,
+                                        os.path.join(rounds_dir(config), f"{name}.greedy.jsonl"))
+    return record
+
+
 # ----- the rounds ----------------------------------------------------------------------------------------
 
 def run_online(config):
@@ -358,7 +370,7 @@ def run_online(config):
         return None
     held = held_policy.rebuild(config, mesh, rounds_dir(config), done)
     sampler = policy_sampler(config, held.policy, tokenizer, mesh)
-    evaluate = functools.partial(win_rate_against_initial, config, sampler, judge, eval_prompts)
+    evaluate = functools.partial(held_out_record, config, sampler, judge, eval_prompts)
     if not done and eval_prompts:
         logger.write(0, evaluate(held.states(), initial_states=held.states, name="initial", clock=PhaseClock()))
     # the initial policy again only where its held-out completions must be drawn anew (changed sampling.*)

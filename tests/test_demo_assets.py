@@ -120,3 +120,19 @@ def test_model_loads_and_prefers_the_trained_format(tokenizer):
     salad = completion_logprob("Oslo Oslo in lives Anna.")
     assert in_format > salad + 5.0, (in_format, salad)
     assert in_format > -10.0, in_format
+
+
+def test_addition_prompts_are_the_tools_output_and_held_out_by_pair_of_numbers():
+    """assets/online_addition is what tools/make_addition_prompts.py writes, and no pair of numbers {a, b} of
+    a held-out prompt is asked in training, in either order (the judge's reading of the prompts)."""
+    from jaxdpo.judging.rules import asked_operands
+    from tools.make_addition_prompts import split_prompts
+
+    folder = os.path.join(REPO, "assets", "online_addition")
+    train_rows, eval_rows = split_prompts()
+    assert read_jsonl(os.path.join(folder, "prompts.jsonl")) == train_rows
+    assert read_jsonl(os.path.join(folder, "eval_prompts.jsonl")) == eval_rows
+    train_pairs = {frozenset(asked_operands(row["prompt"])) for row in train_rows}
+    eval_pairs = [frozenset(asked_operands(row["prompt"])) for row in eval_rows]
+    assert len(train_pairs) == len(train_rows) == 1024 and len(set(eval_pairs)) == len(eval_rows) == 128
+    assert not train_pairs & set(eval_pairs)

@@ -352,17 +352,17 @@ def test_correct_sum_rule_ranks_right_answers_first_then_shorter():
                                       "What's the sum of 37 and 45?", "Calculate 37 + 45.", "What is 37 plus 45?",
                                       "Find the sum of 37 and 45.", "37 + 45 = ?", "what is 45+37"])
 def test_correct_sum_reads_every_phrasing_of_the_addition_prompts(question):
-    from jaxdpo.judging.rules import asked_sum, correct_sum
+    from jaxdpo.judging.rules import asked_operands, correct_sum
 
-    assert asked_sum([{"role": "user", "content": question}]) == 82
+    assert sorted(asked_operands([{"role": "user", "content": question}])) == [37, 45]
     assert correct_sum(question, "82") == pytest.approx(1.1) and correct_sum(question, "83") == pytest.approx(0.1)
 
 
 def test_every_phrasing_of_the_prompt_tool_is_read_by_correct_sum():
-    from jaxdpo.judging.rules import asked_sum
+    from jaxdpo.judging.rules import asked_operands
     from tools.make_addition_prompts import PHRASINGS
 
-    assert all(asked_sum(phrasing.format(a=a, b=b)) == a + b for phrasing in PHRASINGS for a, b in [(10, 99), (58, 7)])
+    assert all(asked_operands(phrasing.format(a=a, b=b)) == (a, b) for phrasing in PHRASINGS for a, b in [(10, 99), (58, 7)])
 
 
 @pytest.mark.parametrize("answer, number", [

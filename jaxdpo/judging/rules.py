@@ -63,18 +63,18 @@ def correct_sum(prompt, completion: str) -> float:
     else 0.0; plus a tenth of `short_answer`, so that among right (or among wrong) answers the shorter one
     wins and a round still forms pairs. Correctness always outranks length: 1.0 + 0.1 * brevity > 0.1 >= a
     wrong answer. A prompt that asks for no sum is a config error (this judge is for other data)."""
-    return float(answer_number(completion) == asked_sum(prompt)) + 0.1 * short_answer(prompt, completion)
+    return float(answer_number(completion) == sum(asked_operands(prompt))) + 0.1 * short_answer(prompt, completion)
 
 
-def asked_sum(prompt) -> int:
-    """The sum the prompt asks for (its first "a + b", "a plus b", "sum of a and b" or "add a and b")."""
+def asked_operands(prompt) -> tuple[int, int]:
+    """The two numbers the prompt asks to add (its first "a + b", "a plus b", "sum of a and b", "add a and b")."""
     asked = _SUM.search(prompt_text(prompt))
     if asked is None:
         raise ConfigError(f"judge correct_sum: the prompt {prompt_text(prompt)[:80]!r} asks for no sum "
                           f"('a + b', 'a plus b', 'the sum of a and b', 'add a and b'); use it with addition "
                           f"prompts such as assets/online_addition")
     a, b = (int(x) for x in asked.groups() if x is not None)
-    return a + b
+    return a, b
 
 
 def answer_number(completion: str) -> int | None:

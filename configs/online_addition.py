@@ -10,7 +10,7 @@ in common with the train prompts) are answered greedily: eval/greedy_correct in 
 the share answered right (the judge's score >= judge.correct_score), beside the sampled eval/win_rate
 against the initial model.
 
-    python tools/get_model.py ckpt/smollm2-135m-instruct     # see README, Real models
+    python tools/get_model.py smollm2 ckpt/smollm2-135m-instruct   # once (see README)
     python -m jaxdpo.train --config=configs/online_addition.py
 """
 
@@ -28,6 +28,9 @@ def get_config():
     c.data.max_length = 96
     c.data.layout = "grouped"  # a group's prompt once, its k answers as branches after it
     c.loss.group = "all_pairs"  # every pair of a group's answers with different scores: right over wrong first
+    # RPO: the NLL of each pair's chosen answer (here the right ones) beside DPO's margin; DPO alone pushes the
+    # wrong answers down more than the right ones up, and a few pairs per round drift the policy's wording.
+    c.loss.nll_coef = 1.0
     c.reference.mode = "device"  # with LoRA: the round's base model with the adapters off (no copy)
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 0  # a round is a few steps: every one at the full rate
@@ -46,13 +49,17 @@ def get_config():
     c.judge.function = "jaxdpo.judging.rules:correct_sum"
     c.judge.correct_score = 1.0
     c.judge.prompts = 64
+    # Three rounds: greedy accuracy 0.05 -> 0.20 -> 0.34 -> 0.64 in 29 min on the shared 2-core CPU (README);
+    # each round costs ~6 to 10 min there (sampling, a training compile, the merged export and its reload).
     c.online.rounds = 3
     c.online.prompts = "assets/online_addition/prompts.jsonl"
     c.online.eval_prompts = "assets/online_addition/eval_prompts.jsonl"
     c.online.prompts_per_round = 32
-    c.online.samples_per_prompt = 6
+    # The base model answers ~4% of samples right: 8 answers per prompt find a right one for a third of the
+    # prompts; a prompt whose answers all tie (all wrong, all brief) trains nothing.
+    c.online.samples_per_prompt = 8
     c.online.max_new_tokens = 48  # as the greedy eval: what is not answered in 48 tokens is not answered
-    c.online.temperature = 1.0
+    c.online.temperature = 1.0  # the model's own distribution: its rare right answers are what a round learns from
     c.online.pairs = "group"
     c.online.reference = "previous"
     return c

@@ -362,7 +362,8 @@ def test_every_phrasing_of_the_prompt_tool_is_read_by_correct_sum():
     from jaxdpo.judging.rules import asked_operands
     from tools.make_addition_prompts import PHRASINGS
 
-    assert all(asked_operands(phrasing.format(a=a, b=b)) == (a, b) for phrasing in PHRASINGS for a, b in [(10, 99), (58, 7)])
+    assert all(asked_operands(phrasing.format(a=a, b=b)) == (a, b)
+               for phrasing in PHRASINGS for a, b in [(10, 99), (58, 7)])
 
 
 @pytest.mark.parametrize("answer, number", [

@@ -17,8 +17,8 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.parallel.distributed import write_jsonl
 from jaxdpo.sampling import generate
 
-SETTING = {"correct_score": (None, "a greedy answer of the held-out prompts is right when its judge score is at "
-                                   "least this: eval/greedy_correct per online round; None = not measured")}
+SETTING = {"correct_score": (None, ("a greedy answer of the held-out prompts is right when its judge score is at "
+                                    "least this: eval/greedy_correct per online round; None = not measured"))}
 
 
 def check_config(config) -> None:

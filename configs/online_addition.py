@@ -49,8 +49,8 @@ def get_config():
     c.judge.function = "jaxdpo.judging.rules:correct_sum"
     c.judge.correct_score = 1.0
     c.judge.prompts = 64
-    # Three rounds: greedy accuracy 0.05 -> 0.20 -> 0.34 -> 0.64 in 29 min on the shared 2-core CPU (README);
-    # each round costs ~6 to 10 min there (sampling, a training compile, the merged export and its reload).
+    # Three rounds: greedy accuracy 0.05 -> 0.20 -> 0.34 -> 0.64 in 18 min on the shared 2-core CPU (README);
+    # each round costs ~5 min there, most of it sampling.
     c.online.rounds = 3
     c.online.prompts = "assets/online_addition/prompts.jsonl"
     c.online.eval_prompts = "assets/online_addition/eval_prompts.jsonl"

@@ -274,10 +274,22 @@ def base_weight(p: dict, name: str, dtype):
     return p[name].astype(dtype)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(0, 4, 5, 6))
+def _quantized_product(spec: str, y, codes, scales, name: str, dtype, contraction_ways: int):
+    """y W with W dequantized from its codes: under jax.checkpoint, the backward pass dequantizes W again
+    instead of keeping it from the forward (saved, every layer's W would be held in full precision, the
+    memory the quantized base exists to save)."""
+    weight = dequantize(codes, scales, PROJECTIONS[name] - 1, dtype)
+    return _contract(spec, y, weight, contraction_ways)
+
+
 def _project(p: dict, spec: str, y, name: str, *, dtype, lora_scale: float, lora_dropout_rate: float,
              lora_dropout_key, contraction_ways: int = 1):
     """y W for the projection `name`, plus lora_scale * (y A) B when p holds its adapter."""
-    out = _contract(spec, y, base_weight(p, name, dtype), contraction_ways)
+    if f"{name}_codes" in p:
+        out = _quantized_product(spec, y, p[f"{name}_codes"], p[f"{name}_scales"], name, dtype, contraction_ways)
+    else:
+        out = _contract(spec, y, base_weight(p, name, dtype), contraction_ways)
     if f"{name}_lora_a" in p:
         key = None
         if lora_dropout_key is not None:

@@ -1,6 +1,7 @@
 """Reward models trained here (objective = "reward_model", jaxdpo/training/objectives.py): the first step's
 loss equals TRL 1.16 RewardTrainer's on the same model and pairs (padded and prefix_shared, with
-center_rewards_coefficient; a batch margin at the objective: the data reader does not fill it yet), the export is a
+center_rewards_coefficient, and with a data file's margin column in both layouts; a bad margin is one line naming
+file and row), the export is a
 *ForSequenceClassification dir whose transformers scores equal the trained scorer's and that the reward-model
 judge reads, LoRA exports merged with the score head, a causal LM gets a new head in one line, and an
 on-policy round judged by a trained reward model runs end to end."""
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from jaxdpo import config as config_lib
 from jaxdpo.errors import ConfigError
@@ -91,18 +91,51 @@ def test_first_step_loss_equals_trl_reward_trainer(train, classifier, layout, tm
     assert 0.0 <= final_eval["eval/accuracy"] <= 1.0 and "eval/margin" in final_eval
 
 
-def test_a_batch_margin_shifts_the_loss_as_trl(classifier, assets, tmp_path, train):
-    run, _ = train("padded", {**REWARD, "model.path": classifier, "data.layout": "padded"})
-    scorer = reward_model.load_scorer(classifier, seed=0, log=print)
-    graphdef, params, frozen = nnx.split(scorer, nnx.Param, ...)
-    micro = run.data.batcher.train_batch(0)[0]
-    margins = np.linspace(-1.0, 2.0, len(micro["pair_valid"])).astype(np.float32)
-    objective = RewardObjective(center_rewards_coefficient=CENTER, score_pad_id=run.data.tokenizer.pad_token_id)
-    values = objective.make_values(graphdef, num_pairs=len(margins))(params, frozen, None, dict(micro, margin=margins))
-    loss, _ = objective.loss(values, micro["pair_valid"])
-    pairs = pair_ids(run, run.data.batcher.step_indices(0))
-    expected = trl_first_loss(classifier, run.data.tokenizer, pairs, tmp_path, margins=margins)
-    assert float(loss) / len(margins) == pytest.approx(expected, abs=1e-5)
+def with_margins(source: str, target, margins) -> str:
+    """`source`'s rows written to `target` with a `margin` column (None: that row's key left out)."""
+    with open(source) as f:
+        rows = [json.loads(line) for line in f]
+    with open(target, "w") as f:
+        for row, margin in zip(rows, margins):
+            f.write(json.dumps(row if margin is None else dict(row, margin=margin)) + "\n")
+    return str(target)
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_a_margin_column_in_the_data_shifts_the_loss_as_trl(train, classifier, assets, layout, tmp_path_factory):
+    margins = np.round(np.linspace(-1.0, 2.0, 64), 3).tolist()
+    data = with_margins(assets["train"], tmp_path_factory.mktemp("margins") / "train.jsonl", margins)
+    run, records = train(f"margin-{layout}", {**REWARD, "model.path": classifier, "data.layout": layout,
+                                              "data.train_files": data, "train.steps": 1})
+    indices = run.data.batcher.step_indices(0)
+    batch_margins = [margins[run.data.train_pairs.source[int(i)][1] - 1] for i in indices]  # rows are 1-based
+    assert len(set(batch_margins)) > 1
+    expected = trl_first_loss(classifier, run.data.tokenizer, pair_ids(run, indices),
+                              tmp_path_factory.mktemp("trl"), margins=batch_margins)
+    without = trl_first_loss(classifier, run.data.tokenizer, pair_ids(run, indices), tmp_path_factory.mktemp("trl"))
+    first = next(r for r in records if "train/loss" in r)
+    print(f"{layout}: first-step loss with margins {first['train/loss']:.7f}, TRL {expected:.7f} (without {without:.7f})")
+    assert first["train/loss"] == pytest.approx(expected, abs=1e-5) and abs(expected - without) > 1e-2
+
+
+def test_a_bad_or_missing_margin_is_one_line_naming_file_and_row(assets, tiny_config, tmp_path):
+    from jaxdpo.data import load_preference_data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets["model"])
+    good = [0.5] * 64
+    for name, margins, message in [("text", good[:2] + ["big"] + good[3:], r"row 3, key 'margin'\): bad_margin"),
+                                   ("nan", good[:4] + [float("nan")] + good[5:], r"row 5, key 'margin'\): bad_margin"),
+                                   ("missing", good[:1] + [None] + good[2:], r"row 2, key 'margin'\): missing_margin")]:
+        data = with_margins(assets["train"], tmp_path / f"{name}.jsonl", margins)
+        with pytest.raises(ConfigError, match=f"{name}.jsonl, {message}") as info:
+            load_preference_data(tiny_config(tmp_path / name, **{"data.train_files": data}).data, tokenizer, log=None)
+        assert "\n" not in str(info.value)
+    data = with_margins(assets["train"], tmp_path / "good.jsonl", np.arange(64) / 8)
+    config = tiny_config(tmp_path / "good", **{"data.train_files": data, "data.eval_files": ""})
+    fresh, _, report = load_preference_data(config.data, tokenizer, log=None)
+    cached, _, cached_report = load_preference_data(config.data, tokenizer, log=None)
+    assert not report["train"]["sources"][0]["cached"] and cached_report["train"]["sources"][0]["cached"]
+    assert fresh.margins == cached.margins == [(row - 1) / 8 for _, row in fresh.source]
 
 
 def test_the_export_scores_as_transformers_and_the_judge_reads_it(train, classifier):

@@ -29,12 +29,14 @@ from jaxdpo.data.formats import (
     BadRow,
     Pair,
     check_prompt_key,
+    files_with_margins,
     is_group_row,
     is_unpaired_row,
     normalize_group_row,
     normalize_row,
     pair_as_group,
     normalize_unpaired_row,
+    pair_margin,
     unpair,
     unpair_order,
 )
@@ -124,9 +126,10 @@ def _refuse_unpaired(rows: list[RawRow], shapes: list[bool], data_cfg) -> None:
 
 def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress: bool = False,
                   label: str = "") -> tuple[TokenizedPairs, dict]:
-    """Normalize, tokenize and truncate raw rows; -> pairs and their report section."""
+    """Normalize, tokenize and truncate raw rows; -> pairs (with their margins) and their report section."""
     on_bad_row = _check_on_bad_row(data_cfg)
     _refuse_unpaired(rows, row_shapes(rows, data_cfg), data_cfg)
+    with_margins = files_with_margins(rows)
     pairs = TokenizedPairs.empty()
     dropped: collections.Counter = collections.Counter()
     prefix_mismatch = 0
@@ -138,6 +141,7 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
         try:
             pair: Pair = normalize_row(row.data, prompt_key=data_cfg.prompt_key, chosen_key=data_cfg.chosen_key,
                                        rejected_key=data_cfg.rejected_key)
+            margin = pair_margin(row.data, has_column=row.file in with_margins)
             prompt, chosen, rejected, mismatches = tokenize_pair(spec, pair)
         except BadRow as e:
             _bad(row, e.reason, e.key, e.detail, on_bad_row, dropped)
@@ -149,7 +153,7 @@ def tokenize_rows(rows: list[RawRow], data_cfg, spec: TokenizerSpec, *, progress
         if truncated is None:
             dropped["truncated_to_empty"] += 1  # a length setting, not a bad row: always counted, never fatal
             continue
-        pairs.append(*truncated, (row.file, row.row))
+        pairs.append(*truncated, (row.file, row.row), margin)
     return pairs, _section(rows, pairs, dropped, prefix_mismatch)
 
 

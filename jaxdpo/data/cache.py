@@ -23,7 +23,7 @@ from jaxdpo.data.examples import ExampleKind
 from jaxdpo.data.tokenize import TokenizedGroups, TokenizedPairs, TokenizedRows, TokenizerSpec
 
 # Bump when the tokenized output of the same inputs changes (tokenize.py, formats.py, truncation).
-CACHE_VERSION = 2  # 2: keys on content digests; standard rows tokenized as TRL 1.x
+CACHE_VERSION = 3  # 3: pairs' entries hold their margins; 2: keys on content digests, rows tokenized as TRL 1.x
 # What reading a damaged .npz raises: a zip with no directory or a bad CRC, a short read, bad JSON.
 NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
@@ -93,12 +93,12 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-# The id sequences of each kind's tokenized examples (TokenizedRows also stores its labels; TokenizedGroups
-# its completions one after another, with each group's size and its scores).
+# The id sequences of each kind's tokenized examples (TokenizedPairs also stores its margins, TokenizedRows
+# its labels; TokenizedGroups its completions one after another, with each group's size and its scores).
 _ARRAYS = {ExampleKind.PAIR: ("prompt_ids", "chosen_ids", "rejected_ids"),
            ExampleKind.UNPAIRED: ("prompt_ids", "completion_ids"),
            ExampleKind.GROUP: ("prompt_ids", "completion_ids")}
-_EXTRA = {ExampleKind.PAIR: (), ExampleKind.UNPAIRED: ("labels",), ExampleKind.GROUP: ("group_sizes", "scores")}
+_EXTRA = {ExampleKind.PAIR: ("margins",), ExampleKind.UNPAIRED: ("labels",), ExampleKind.GROUP: ("group_sizes", "scores")}
 
 
 def _group_arrays(groups: TokenizedGroups) -> dict[str, np.ndarray]:
@@ -130,6 +130,8 @@ def save(path: str, pairs: TokenizedPairs | TokenizedRows | TokenizedGroups, sec
             arrays[name], arrays[name + "_lengths"] = _flatten(getattr(pairs, name))
     if unpaired:
         arrays["labels"] = np.asarray(pairs.labels, bool)
+    elif isinstance(pairs, TokenizedPairs):
+        arrays["margins"] = np.asarray(pairs.margins, np.float32)
     index = {f: i for i, f in enumerate(files)}
     arrays["source_file"] = np.array([index[f] for f, _ in pairs.source], np.int32)
     arrays["source_row"] = np.array([r for _, r in pairs.source], np.int64)
@@ -152,4 +154,4 @@ def load(path: str, files: list[str], kind: ExampleKind = ExampleKind.PAIR, *,
         return TokenizedRows(*seqs, [bool(x) for x in z["labels"]], source), section
     if kind is ExampleKind.GROUP:
         return _groups_of(z, *seqs, source), section
-    return TokenizedPairs(*seqs, source), section
+    return TokenizedPairs(*seqs, source, [float(m) for m in z["margins"]]), section

@@ -15,6 +15,8 @@ assistant message.
 
 Unpaired rows (TRL's unpaired format) hold one completion and a boolean label, and an explicit prompt:
   {"prompt": "2+2=", "completion": "4", "label": true}   (strings or message lists, as above)
+A pair may carry a `margin` (TRL RewardTrainer's optional column, a finite number the reward objective
+subtracts from r_chosen - r_rejected); a file gives it for every pair or for none.
 A file holds one shape or the other; `unpair` turns pairs into unpaired rows as TRL's
 `unpair_preference_dataset` does.
 
@@ -41,6 +43,8 @@ KNOWN_ROLES = ("system", "user", "assistant", "tool")
 ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:")
 
 Messages = list[dict[str, str]]
+# TRL's optional per-pair column: the reward objective wants r_chosen - r_rejected above it.
+MARGIN_KEY = "margin"
 # data.prompt_key's default: a file without that column has implicit prompts. Any other name is the
 # user's statement that the column exists, so a file without it is an error, not implicit prompts.
 DEFAULT_PROMPT_KEY = "prompt"
@@ -164,6 +168,25 @@ def check_prompt_key(rows, prompt_key: str) -> None:
             raise ConfigError(f"{file}: data.prompt_key={prompt_key!r} names no column of this file (columns: "
                               f"{sorted(keys)}); name the prompt column, or set data.prompt_key={DEFAULT_PROMPT_KEY!r} "
                               "for implicit prompts (the shared start of chosen and rejected)")
+
+
+def files_with_margins(rows) -> set[str]:
+    """The files among `rows` (RawRow) that have a margin column: any of their rows has the key."""
+    return {row.file for row in rows if row.data is not None and MARGIN_KEY in row.data}
+
+
+def pair_margin(data: dict[str, Any], *, has_column: bool) -> float:
+    """A pair's margin: 0.0 in a file without the column; else its value, which must be a finite number
+    (a missing one is an error too: TRL's column holds a margin for every pair)."""
+    if not has_column:
+        return 0.0
+    value = data.get(MARGIN_KEY)
+    if value is None:
+        raise BadRow("missing_margin", MARGIN_KEY, f"other rows of this file have {MARGIN_KEY!r}; give every pair "
+                                                   "one (0 for no margin), or remove the column")
+    if not _finite_score(value):
+        raise BadRow("bad_margin", MARGIN_KEY, f"{MARGIN_KEY!r} is {value!r}; it must be a finite number")
+    return float(value)
 
 
 def common_prefix_length(a: list | str, b: list | str) -> int:

@@ -35,9 +35,10 @@ ROW_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "targets", "p
 STEP_ROW_KEYS = ROW_KEYS + ("scored_index",)
 # [P] arrays (one value per pair, not per row): the batcher adds pair_ids, the cached reference ref_*.
 PAIR_KEYS = ("pair_valid", "ref_chosen", "ref_rejected", "pair_ids")
-# Per-example arrays an example kind adds (examples.py): the label [P] of unpaired rows, the scores and
-# completion mask [P, N] of groups.
-EXAMPLE_KEYS = ("label", "group_scores", "group_mask")
+# Per-example arrays an example kind adds (examples.py): the margin [P] of pairs (which the reward objective
+# reads and the preference losses do not), the label [P] of unpaired rows, the scores and completion mask
+# [P, N] of groups.
+EXAMPLE_KEYS = ("margin", "label", "group_scores", "group_mask")
 KIND_KEYS = {ExampleKind.PAIR: (), ExampleKind.UNPAIRED: ("label",),
              ExampleKind.GROUP: ("group_scores", "group_mask")}
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch ids; CHOSEN/REJECTED double as `side` values

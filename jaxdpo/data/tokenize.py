@@ -31,12 +31,18 @@ from jaxdpo.errors import ConfigError
 
 @dataclasses.dataclass
 class TokenizedPairs:
-    """Token ids of every pair, in order. `source[i]` = (file, row) the pair came from."""
+    """Token ids of every pair, in order. `source[i]` = (file, row) the pair came from; `margins[i]` its
+    margin (formats.pair_margin; all 0 when not given)."""
 
     prompt_ids: list[np.ndarray]
     chosen_ids: list[np.ndarray]
     rejected_ids: list[np.ndarray]
     source: list[tuple[str, int]]
+    margins: list[float] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.margins:
+            self.margins = [0.0] * len(self.prompt_ids)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -46,7 +52,8 @@ class TokenizedPairs:
 
     def subset(self, indices: Sequence[int]) -> "TokenizedPairs":
         return TokenizedPairs([self.prompt_ids[i] for i in indices], [self.chosen_ids[i] for i in indices],
-                              [self.rejected_ids[i] for i in indices], [self.source[i] for i in indices])
+                              [self.rejected_ids[i] for i in indices], [self.source[i] for i in indices],
+                              [self.margins[i] for i in indices])
 
     @classmethod
     def empty(cls) -> "TokenizedPairs":
@@ -60,21 +67,25 @@ class TokenizedPairs:
             out.chosen_ids += part.chosen_ids
             out.rejected_ids += part.rejected_ids
             out.source += part.source
+            out.margins += part.margins
         return out
 
-    def append(self, prompt, chosen, rejected, source) -> None:
+    def append(self, prompt, chosen, rejected, source, margin: float = 0.0) -> None:
         self.prompt_ids.append(np.asarray(prompt, np.int32))
         self.chosen_ids.append(np.asarray(chosen, np.int32))
         self.rejected_ids.append(np.asarray(rejected, np.int32))
         self.source.append(source)
+        self.margins.append(float(margin))
 
     kind = ExampleKind.PAIR
     completions = 2  # an example is (prompt, chosen, rejected): jaxdpo/data/examples.py
 
     def example_arrays(self, indices: Sequence[int], size: int) -> dict[str, np.ndarray]:
-        """Pairs carry no per-example arrays besides validity and ids: their order is their preference."""
-        del indices, size
-        return {}
+        """`margin` [size] (float32; 0 on the padding pairs after `indices`): only the reward objective reads
+        it (layouts.EXAMPLE_KEYS); a pair's preference is its order."""
+        margin = np.zeros((size,), np.float32)
+        margin[:len(indices)] = [self.margins[int(i)] for i in indices]
+        return {"margin": margin}
 
 
 @dataclasses.dataclass

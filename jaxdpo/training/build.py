@@ -29,7 +29,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdpo.data.examples import ExampleKind, pairs_of_origin
-from jaxdpo.data.layouts import KIND_KEYS
 from jaxdpo.errors import ConfigError
 from jaxdpo.models import hf_io
 from jaxdpo.models import lora as lora_lib
@@ -383,14 +382,14 @@ def build_steps(config, mesh, policy: Policy, reference: Reference, data: Data) 
     state_shardings["opt_state"] = sharding.optimizer_state_shardings(optimizer, policy.params, replicated)
     shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     unpaired = losses.example_kind(cfg.loss) is ExampleKind.UNPAIRED
-    keys = batches.batch_keys(reference, KIND_KEYS[losses.example_kind(cfg.loss)])
+    objective = objectives.objective_kind(cfg).make(cfg, reference=reference.without_weights(),
+                                                    tokenizer=data.tokenizer)
+    keys = batches.batch_keys(reference, objective.example_keys)
     train_batch_shardings = batches.batch_shardings(mesh, keys, stacked=True)
     eval_batch_shardings = batches.batch_shardings(mesh, keys, stacked=False)
     common = dict(frozen_shardings=shardings_of(policy.frozen), replicated=replicated,
                   reference_shardings=shardings_of(reference.params) if reference.params is not None else None)
     with_dropout = policy.lora is not None and policy.lora.dropout > 0
-    objective = objectives.objective_kind(cfg).make(cfg, reference=reference.without_weights(),
-                                                    tokenizer=data.tokenizer)
     train_step = make_train_step(policy.graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
                                  num_pairs=cfg.train.micro_batch_size,
                                  dropout_seed=cfg.seed if with_dropout else None)  # masks: (seed, step, micro)

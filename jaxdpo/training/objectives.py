@@ -13,6 +13,7 @@ An objective, as the steps see it:
       reading pair_valid and `count_keys`
   metric_means(metric sums, count) -> the logged metrics
   batch_level: whether the loss couples the examples of a batch (the step then takes two passes)
+  example_keys: the data's per-example arrays the steps read (layouts.EXAMPLE_KEYS)
   value_keys: the per-example values an eval keeps to compute its metrics over every eval example
 
 The run-level questions (which model class trains, whether a reference model is needed, the checks) are
@@ -46,6 +47,7 @@ class PreferenceObjective:
         self.batch_level = losses.is_batch_level(loss_cfg)
         self.kind = losses.example_kind(loss_cfg)
         self.count_keys = KIND_KEYS[self.kind]  # what example_count reads besides pair_valid
+        self.example_keys = self.count_keys
 
     def make_values(self, graphdef, *, num_pairs: int) -> Callable:
         return make_pair_values(graphdef, reference=self.reference, num_pairs=num_pairs, chunk_size=self.chunk_size,
@@ -65,12 +67,14 @@ class RewardObjective:
     """TRL 1.16 RewardTrainer's loss on a scorer's rewards r (one per completion, read where
     transformers' *ForSequenceClassification reads it):
         -logsigmoid(r_chosen - r_rejected - margin) + center_rewards_coefficient * (r_chosen + r_rejected)^2
-    averaged over the pairs; `margin` is the batch's per-pair margin when the data has one, else 0. Metrics
+    averaged over the pairs; `margin` is the batch's per-pair margin (the data's margin column; 0 without one,
+and where a batch has no `margin` array). Metrics
     as TRL names them: accuracy (r_chosen > r_rejected), margin (r_chosen - r_rejected), mean_reward."""
 
     batch_level = False
     value_keys = ("reward_chosen", "reward_rejected", "margin")
     count_keys = ()
+    example_keys = ("margin",)
 
     def __init__(self, *, center_rewards_coefficient: float, score_pad_id: int | None):
         self.center = float(center_rewards_coefficient)

@@ -114,7 +114,6 @@ def test_a_margin_column_in_the_data_shifts_the_loss_as_trl(train, classifier, a
                               tmp_path_factory.mktemp("trl"), margins=batch_margins)
     without = trl_first_loss(classifier, run.data.tokenizer, pair_ids(run, indices), tmp_path_factory.mktemp("trl"))
     first = next(r for r in records if "train/loss" in r)
-    print(f"{layout}: first-step loss with margins {first['train/loss']:.7f}, TRL {expected:.7f} (without {without:.7f})")
     assert first["train/loss"] == pytest.approx(expected, abs=1e-5) and abs(expected - without) > 1e-2
 
 

@@ -4,8 +4,8 @@ half-written metrics line. Every run is its own process on one CPU device; they 
 so only the first run compiles. The base run trains 4 steps with relative data paths and a cached
 reference; every later test works on a copy of its workdir.
 
-Broken model files and too little data stop a run while it loads, before anything is compiled: those
-tests build the run in this process and check the ConfigError it stops with, which the entry point prints
+Broken model files, too little data, a workdir that is a file and a resume refused for changed data or
+settings stop a run while it loads, before anything is compiled: those tests build the run in this process and check the ConfigError it stops with, which the entry point prints
 as one `jaxdpo:` line with exit status 2 (tests/test_config_errors.py and the runs here check that path)."""
 
 import json
@@ -66,17 +66,21 @@ def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
                           capture_output=True, text=True, timeout=600)
 
 
-def load_error(root: str, name: str, **overrides) -> str:
-    """The ConfigError a run in root/name stops with while it loads (tiny assets, absolute data paths)."""
+def load_error(root: str, name: str, *, data: str = "", **overrides) -> str:
+    """The ConfigError a run in root/name stops with while it loads, on one device as the CLI runs (tiny
+    assets; data files by absolute path, from `data` or root/data)."""
+    import jax
+
     from jaxdpo.errors import ConfigError
     from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
-    assets = {"model": os.path.join(root, "model"), "train": os.path.join(root, "data", "train.jsonl"),
-              "eval": os.path.join(root, "data", "eval.jsonl")}
+    data = data or os.path.join(root, "data")
+    assets = {"model": os.path.join(root, "model"), "train": os.path.join(data, "train.jsonl"),
+              "eval": os.path.join(data, "eval.jsonl")}
     config = tiny_run_config(assets, os.path.join(root, name), **{**OVERRIDES, **overrides})
     with pytest.raises(ConfigError) as stopped:
-        train_and_evaluate(config)
+        train_and_evaluate(config, devices=jax.devices()[:1])
     return str(stopped.value)
 
 
@@ -115,7 +119,7 @@ def test_resume_accepts_the_same_file_by_its_absolute_path(root, base):
 
 
 def test_resume_refuses_swapped_chosen_and_rejected_in_a_same_size_file(root, base):
-    config = copy_run(root, base, "swapped")
+    copy_run(root, base, "swapped")
     path = os.path.join(root, "swapped", "data", "train.jsonl")
     stat = os.stat(path)
     rows = [json.loads(line) for line in open(path)]
@@ -124,7 +128,8 @@ def test_resume_refuses_swapped_chosen_and_rejected_in_a_same_size_file(root, ba
                      for r in rows)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size
-    line = one_line_error(train(root, config, cwd=os.path.join(root, "swapped")))
+    line = load_error(root, "swapped", data=os.path.join(root, "swapped", "data"),
+                      **{"data.cache_dir": os.path.join(root, "swapped", "cache")})
     assert "data/train.jsonl" in line and "changed" in line
 
 
@@ -266,8 +271,9 @@ def test_learning_rate_and_steps_may_change_on_resume(root, base):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "changed    optim.lr: 0.001 -> 0.0002 (from step 4 on)" in result.stdout
     assert {"step": 4, "resume/optim.lr": 2e-4, "resume/train.steps": 6.0} in read_metrics(workdir)
-    refused = train(root, config, "--config.optim.b2=0.9", "--config.train.steps=8", cwd=workdir)
-    assert refused.returncode == 2 and "optim.b2" in refused.stderr
+    refused = load_error(root, "new_lr", data=os.path.join(workdir, "data"),
+                         **{"data.cache_dir": os.path.join(workdir, "cache"), "optim.b2": 0.9, "train.steps": 8})
+    assert "optim.b2" in refused
 
 
 # ------------------------------------------------------------------------------ preemption exit status
@@ -309,7 +315,7 @@ def test_partial_last_metrics_line_does_not_block_resume(root, base):
 def test_workdir_that_is_a_file_is_one_line(root, base):
     path = os.path.join(root, "a_file")
     open(path, "w").write("not a directory")
-    line = one_line_error(train(root, write_config(root, "file_workdir"), f"--config.workdir={path}"))
+    line = load_error(root, "a_file")
     assert path in line and "is a file" in line
 
 

@@ -319,7 +319,7 @@ def _final(workdir):
 def test_qlora_run_resumes_bit_identically_and_exports(qlora_assets, tmp_path):
     whole = _train(qlora_assets, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert "nf4-dequantized base" in whole.stdout
+    assert "nf4-dequantized base" in whole.stdout and "frozen base stored nf4" in whole.stdout
     killed = _train(qlora_assets, tmp_path / "killed", kill_at=2)
     assert killed.returncode < 0, killed.stderr[-3000:]
     resumed = _train(qlora_assets, tmp_path / "killed")

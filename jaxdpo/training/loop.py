@@ -323,7 +323,9 @@ def _banner(config, mesh, data, policy, reference) -> None:
         "jaxdpo",
         f"  model      {hub.describe(cfg.model.path)}  ({policy.num_params / 1e6:.2f}M params, {cfg.model.param_dtype})"
         + (f", LoRA r={settings.rank} alpha={settings.alpha:g} on {','.join(settings.targets)}: "
-           f"{policy.num_trainable / 1e6:.3f}M trained" if settings is not None else ""),
+           f"{policy.num_trainable / 1e6:.3f}M trained" if settings is not None else "")
+        + (f", frozen base stored {settings.base_dtype}" if settings is not None and settings.base_dtype != "none"
+           else ""),
         f"  devices    {jax.device_count()} x {jax.devices()[0].platform}, {jax.process_count()} process(es), "
         f"mesh {dict(mesh.shape)}",
         f"  data       {len(data.train_pairs)} train pairs, "

@@ -1,13 +1,13 @@
 """The step's faster formulations give what the plain ones give: query-blocked causal attention
 (ops.attention.causal_blocked_attention) equals full attention on every real query row, values and gradients,
-and LoRA's low-rank update with its own backward (models.decoder.low_rank) equals autodiff of (x A) B."""
+and LoRA's low-rank update with its own backward (models.low_rank.low_rank) equals autodiff of (x A) B."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdpo.models.decoder import low_rank
+from jaxdpo.models.low_rank import low_rank
 from jaxdpo.ops.attention import causal_blocked_attention, grouped_attention, make_attention_mask
 
 

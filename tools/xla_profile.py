@@ -32,7 +32,7 @@ _TABLE_ROW = re.compile(r'^(\d+) (?:"(?P<text>.*)"|\{(?P<fields>.*)\})$')
 # A part of the model -> (file under jaxdpo/, function names: the qualified name's first component; None = any).
 # An instruction belongs to the first part any frame of its call stack matches, in this order.
 PARTS = (
-    ("LoRA adapters", "models/decoder.py", ("lora_update", "low_rank", "_low_rank_forward", "_low_rank_backward")),
+    ("LoRA adapters", "models/low_rank.py", ("lora_update", "low_rank", "_low_rank_forward", "_low_rank_backward")),
     ("attention mask", "ops/attention.py", ("make_attention_mask",)),
     ("attention (scores, softmax, PV)", "ops/attention.py", None),
     ("LM head + logsumexp", "ops/logprobs.py", ("_chunk_logprobs",)),

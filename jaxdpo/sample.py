@@ -107,7 +107,7 @@ def sample_file(args) -> dict:
 
     from jaxdpo.models import hub
     from jaxdpo.parallel import sharding
-    from jaxdpo.sampling import generate
+    from jaxdpo.sampling import generate, text
 
     settings = generate.SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -123,9 +123,9 @@ def sample_file(args) -> dict:
     mesh = sharding.make_mesh(data=jax.device_count() // fsdp, fsdp=fsdp)
     with jax.set_mesh(mesh):
         model = _sharded(model, mesh)
-        eos_ids = generate.stop_ids(tokenizer, model.config, model_dir)
+        eos_ids = text.stop_ids(tokenizer, model.config, model_dir)
         graphdef, state = nnx.split(model)
-        encoded = generate.encode_prompts(tokenizer, prompts, prompts_lib.PromptRoom(
+        encoded = text.encode_prompts(tokenizer, prompts, prompts_lib.PromptRoom(
             model.config.max_position, args.truncate_prompt), settings.max_new_tokens)
         bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not distributed.is_main_process())
         counted = {"tokens": 0}
@@ -135,7 +135,7 @@ def sample_file(args) -> dict:
             bar.update(rows)
 
         start = time.perf_counter()
-        rows = generate.completions_with_logprobs(graphdef, (state,), tokenizer, encoded.ids, settings,
+        rows = text.completions_with_logprobs(graphdef, (state,), tokenizer, encoded.ids, settings,
                                                   eos_ids=eos_ids, stop_strings=args.stop, batch_size=args.batch_size,
                                                   on_batch=on_batch)
         seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ from jaxdpo.models.decoder import Decoder, LoRASettings
 from jaxdpo.models.lora import merge_adapters
 from jaxdpo.parallel.sharding import make_mesh
 from jaxdpo.sampling import generate as gen
+from jaxdpo.sampling import text
 from tests.hf_models import CASES, build_hf_model
 
 EOS = 2
@@ -177,10 +178,10 @@ def test_stop_strings_cut_text_and_ids(tmp_path):
 
     tokenizer = make_tokenizer(str(tmp_path), ["The owl is red. Glad to help! The cat is blue."] * 20)
     ids = tokenizer("The owl is red. Glad to help! The cat", add_special_tokens=False)["input_ids"]
-    text, kept, stopped = gen.truncate_at_stop(tokenizer, ids, ["nothing here", " Glad"])
-    assert (text, stopped) == ("The owl is red.", True)
+    cut_text, kept, stopped = text.truncate_at_stop(tokenizer, ids, ["nothing here", " Glad"])
+    assert (cut_text, stopped) == ("The owl is red.", True)
     assert " Glad" in tokenizer.decode(kept) and " Glad" not in tokenizer.decode(kept[:-1])
-    assert gen.truncate_at_stop(tokenizer, ids, ["zebra"]) == (tokenizer.decode(ids), ids, False)
+    assert text.truncate_at_stop(tokenizer, ids, ["zebra"]) == (tokenizer.decode(ids), ids, False)
 
 
 @pytest.mark.parametrize("flags,row,message", [

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from jaxdpo import sample
 from jaxdpo.errors import ConfigError
 from jaxdpo.sampling import generate as gen
+from jaxdpo.sampling import text
 from jaxdpo.sampling import prompts as prompts_lib
 
 POSITIONS = 32  # the short model's, so that an over-long prompt is a few words
@@ -94,7 +95,7 @@ def test_a_prompt_too_long_for_the_positions_is_refused_with_its_index_and_lengt
     status, _, err = run_cli(capsys, f"--model={short_model}", f"--prompts={prompts}", "--max_new_tokens=4",
                              f"--output={tmp_path / 'o.jsonl'}")
     assert status == 2
-    n = len(gen.encode_prompt(AutoTokenizer.from_pretrained(short_model), LONG))
+    n = len(text.encode_prompt(AutoTokenizer.from_pretrained(short_model), LONG))
     assert n > POSITIONS
     assert_one_line(err, f"prompt 1 has {n} tokens; with max_new_tokens = 4 that is {n + 4} > the model's 32 positions",
                     "--truncate_prompt=keep_end|keep_start")

@@ -14,7 +14,7 @@ import torch
 from jaxdpo.data.formats import normalize_row
 from jaxdpo.data.tokenize import make_spec, tokenize_pair
 from jaxdpo.models import from_pretrained
-from jaxdpo.sampling.generate import encode_prompt
+from jaxdpo.sampling.text import encode_prompt
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 3?",
              "Write one sentence about the sea.", "How many legs does a spider have?",

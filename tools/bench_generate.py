@@ -79,7 +79,7 @@ def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repe
     import torch
     from transformers import AutoTokenizer
 
-    from jaxdpo.sampling.generate import encode_prompt
+    from jaxdpo.sampling.text import encode_prompt
 
     if torch_threads:
         torch.set_num_threads(torch_threads)

@@ -203,11 +203,11 @@ def profile_decode(model_dir: str, batch: int, new_tokens: int, trace_dir: str, 
 
     from bench_generate import QUESTIONS
     from jaxdpo.models import from_pretrained
-    from jaxdpo.sampling import generate
+    from jaxdpo.sampling import generate, text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [generate.encode_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+    prompts = [text.encode_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
                for i in range(batch)]
     graphdef, state = nnx.split(from_pretrained(model_dir, dtype=getattr(jnp, dtype)))
     settings = generate.SamplingSettings(max_new_tokens=new_tokens)

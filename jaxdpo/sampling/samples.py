@@ -35,7 +35,7 @@ from jaxdpo.errors import ConfigError
 from jaxdpo.judging import judges
 from jaxdpo.judging.win_rate import win_rate
 from jaxdpo.parallel import distributed
-from jaxdpo.sampling import generate
+from jaxdpo.sampling import generate, text
 from jaxdpo.sampling import prompts as prompts_lib
 
 SAMPLES_FILE = "samples.jsonl"
@@ -81,7 +81,7 @@ class Sampler:
     @classmethod
     def for_model(cls, graphdef, model_config, *, tokenizer, mesh, model_dir: str, data_cfg, batch_size: int):
         """The sampler of one model: its EOS ids (model_dir's configs and the tokenizer's), its positions."""
-        return cls(graphdef, tokenizer, mesh, tuple(generate.stop_ids(tokenizer, model_config, model_dir)),
+        return cls(graphdef, tokenizer, mesh, tuple(text.stop_ids(tokenizer, model_config, model_dir)),
                    batch_size, prompts_lib.PromptRoom(model_config.max_position, data_cfg.truncation))
 
     @property
@@ -90,10 +90,10 @@ class Sampler:
 
     def complete(self, states, prompts, settings) -> list[dict]:
         """One completion per prompt: dicts with prompt_ids, completion, completion_ids, finished."""
-        encoded = generate.encode_prompts(self.tokenizer, prompts, self.room, settings.max_new_tokens)
+        encoded = text.encode_prompts(self.tokenizer, prompts, self.room, settings.max_new_tokens)
         self._tell_cut(encoded.cut, len(prompts), settings.max_new_tokens)
         with jax.set_mesh(self.mesh):  # fewer prompts than a batch: one batch of them, not padded to batch_size
-            rows = generate.completions_with_logprobs(self.graphdef, states, self.tokenizer, encoded.ids, settings,
+            rows = text.completions_with_logprobs(self.graphdef, states, self.tokenizer, encoded.ids, settings,
                                                       eos_ids=self.eos_ids,
                                                       batch_size=min(self.batch_size, len(prompts)))
         return [{k: row[k] for k in ("prompt_ids", "completion", "completion_ids", "finished")} for row in rows]
@@ -236,7 +236,7 @@ def sample_record(step: int, index: int, prompt, policy: dict, reference: dict) 
 def samples_markdown(records: list[dict]) -> str:
     """One markdown table per step for tensorboard's text tab."""
     lines = ["| prompt | policy | reference |", "|---|---|---|"]
-    cell = lambda text: str(text).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    cell = lambda value: str(value).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     for r in records:
         prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
         described = [f"{cell(r[s]['completion'])}<br>*logp policy {r[s]['logp_policy']:.2f}, reference "

@@ -172,7 +172,7 @@ def with_b_zeroed(params):
 def test_dropout_only_in_the_policys_training_forward(dropout_run):
     from jaxdpo.training import batches
     from jaxdpo.training.objectives import PreferenceObjective
-    from jaxdpo.training.step import dropout_key, make_eval_step, make_micro_loss
+    from jaxdpo.training.step import dropout_key, make_eval_step
 
     trainer, _, _ = dropout_run
     frozen = trainer.policy.frozen

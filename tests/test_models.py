@@ -27,7 +27,7 @@ from jaxdpo.models import (
 from jaxdpo.models.hf_io import INDEX_FILE, ModelFileError, _SafetensorsReader
 from jaxdpo.ops.attention import make_attention_mask
 from jaxdpo.parallel.sharding import make_mesh
-from tests.hf_models import CASES, LENGTHS, TINY, build_hf_model
+from tests.hf_models import CASES, LENGTHS, build_hf_model
 
 
 @pytest.fixture(scope="module")

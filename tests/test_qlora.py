@@ -5,11 +5,8 @@ the quantized projections on SmolLM2- and Qwen2.5-0.5B-shaped models; logits of 
 a LoRA+nf4 run killed after a save resumes bit-identically, samples, and its merged export loads in
 transformers; bad input is one line."""
 
-import dataclasses
-import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +26,7 @@ from jaxdpo.parallel.sharding import make_mesh
 from jaxdpo.training.loop import train_and_evaluate
 from tests.helpers import assert_bit_equal
 from tests.processes import jax_env
-from tests.tiny_assets import set_overrides, tiny_run_config
+from tests.tiny_assets import tiny_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -5,12 +5,11 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from jaxdpo.preference import reference_cache
 from jaxdpo.training.loop import train_and_evaluate
 from jaxdpo.training.metrics import read_metrics
-from tests.tiny_assets import make_llama, make_run_assets, tiny_run_config
+from tests.tiny_assets import make_llama, tiny_run_config
 
 
 def run(assets, workdir, cache_dir, **overrides):

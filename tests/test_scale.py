@@ -157,7 +157,6 @@ def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(as
 
     from jaxdpo.config import ConfigError
     from jaxdpo.training import build
-    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     # tiny Llama: hidden 32, 4 heads, 2 kv heads, intermediate 64, vocab 300
@@ -184,7 +183,6 @@ def test_mesh_that_does_not_divide_the_model_is_a_config_error_before_loading(as
 def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(assets, tmp_path):
     from jaxdpo.config import ConfigError
     from jaxdpo.training import build
-    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
     mesh = lambda data, fsdp, tensor: tiny_run_config(

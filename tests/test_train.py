@@ -8,7 +8,7 @@ import pytest
 
 from jaxdpo.training.loop import train_and_evaluate
 from jaxdpo.training.metrics import read_metrics
-from tests.tiny_assets import make_run_assets, tiny_run_config
+from tests.tiny_assets import tiny_run_config
 
 
 def train(assets, workdir, devices=None, **overrides):

@@ -165,8 +165,8 @@ def test_offline_with_a_cache_and_an_unreachable_hub_fall_back_to_the_cache(asse
     ("acme/pickled", True, "model.path = 'acme/pickled': the repo has no .safetensors weights, only pickled "
                            "ones (pytorch_model.bin), which jaxdpo never loads"),
     (f"{REPO_ID}@v9", True, f"model.path = '{REPO_ID}@v9': {REPO_ID} has no revision 'v9'"),
-    (REPO_ID, "unreachable", f"model.path = '{REPO_ID}': http://127.0.0.1:"),
-    (REPO_ID, False, f"model.path = '{REPO_ID}': HF_HUB_OFFLINE is set and the Hugging Face cache"),
+    (REPO_ID, "unreachable", f"model.path = '{REPO_ID}': no local directory has that path, http://127.0.0.1:"),
+    (REPO_ID, False, f"model.path = '{REPO_ID}': no local directory has that path, HF_HUB_OFFLINE is set and the Hugging Face cache"),
 ])
 def test_bad_hub_names_are_one_line_and_write_nothing(assets, hub_env, fake_hub, monkeypatch, tmp_path, value,
                                                       online, message):

@@ -149,8 +149,8 @@ def _snapshot(value: str, key: str, repo: str, revision: str | None, *, local_on
                                  cache_dir=hub_cache_dir(), endpoint=endpoint(), local_files_only=local_only)
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline() else f"{endpoint()} cannot be reached"
-        raise ConfigError(f"{key} = {value!r}: {why} and the Hugging Face cache {hub_cache_dir()} has no copy "
-                          f"of it") from None
+        raise ConfigError(f"{key} = {value!r}: no local directory has that path, {why} and the Hugging Face "
+                          f"cache {hub_cache_dir()} has no copy of it") from None
 
 
 def _pinned_snapshot(value: str, key: str, pin: dict) -> str:

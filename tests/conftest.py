@@ -2,18 +2,12 @@
 
 import os
 
-# The concurrency-optimized CPU scheduler can order collectives differently on different simulated
-# devices, which deadlocks (all-reduce rendezvous never completes) on small machines.
+from tests.processes import TEST_XLA_FLAGS  # noqa: E402  (os only: jax does not load)
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
-    _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-# The suite compiles hundreds of small programs and runs each a few times on tiny models: LLVM's cheapest
-# optimization level compiles them ~1.5x faster, and their run time does not matter. The real-model tests
-# keep it too: their few steps and tokens run in less time than O2 would take to compile them.
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
+_flags += " " + " ".join(f for f in TEST_XLA_FLAGS.split() if f.split("=")[0] not in _flags)
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The compilation cache lives beside the SmolLM2 cache, outside the clone, so that every checkout and CI run

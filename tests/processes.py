@@ -5,14 +5,21 @@ import socket
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# XLA flags of every test process and JAX child process (device count aside):
+# - the concurrency-optimized CPU scheduler can order collectives differently on different simulated
+#   devices, which deadlocks (all-reduce rendezvous never completes) on small machines;
+# - the suite compiles hundreds of small programs and runs each a few times on tiny models, so compile
+#   time is what counts: LLVM's cheapest optimization level and XLA:CPU's older (elemental) fusion emitters
+#   compile them several times faster (DEVELOPING.md, "Tests"), and their run time does not matter.
+TEST_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0 "
+                  "--xla_cpu_use_fusion_emitters=false")
+
 
 def jax_env(devices: int) -> dict[str, str]:
     """The environment a JAX child process of the tests runs in: `devices` simulated CPU devices, the same
-    XLA flags as the test processes (conftest.py: LLVM's cheapest optimization level, the scheduler that
-    does not deadlock simulated devices) and the session's compilation cache, so that a child compiling a
-    program a test (or an earlier child) compiled loads it instead."""
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0",
+    XLA flags as the test processes (TEST_XLA_FLAGS) and the session's compilation cache, so that a child
+    compiling a program a test (or an earlier child) compiled loads it instead."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
             "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "true",
             "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"],
             "JAX_COMPILATION_CACHE_MAX_SIZE": "-1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -47,6 +47,73 @@ def test_values_and_gradients_match_naive(chunk_size, softcap):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
+def with_out_of_range_targets(targets):
+    return targets.at[0, :3].set(-100).at[1, 2].set(10_000)
+
+
+@pytest.mark.parametrize("chunk_size,softcap", [(4, None), (13, None), (5, 3.0)])
+def test_frozen_head_gradient_matches_rematerialized_path(chunk_size, softcap):
+    # The head held fixed (LoRA): d logp / d hidden formed in the forward equals the rematerialized
+    # backward's (the path taken when the head is differentiated too), out-of-range targets included.
+    hidden, head, targets = make_inputs()
+    targets = with_out_of_range_targets(targets)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+
+    def loss(h, w):
+        return jnp.sum(weights * token_logprobs(h, w, targets, chunk_size=chunk_size, logit_softcap=softcap))
+
+    value, frozen_head_grad = jax.value_and_grad(loss)(hidden, head)
+    both_value, (both_hidden_grad, _) = jax.value_and_grad(loss, argnums=(0, 1))(hidden, head)
+    np.testing.assert_allclose(value, both_value, rtol=1e-6)
+    assert np.all(np.isfinite(frozen_head_grad))
+    np.testing.assert_allclose(frozen_head_grad, both_hidden_grad, atol=1e-6, rtol=1e-5)
+    in_range = (targets >= 0) & (targets < head.shape[1])
+
+    def naive(h):
+        in_range_logprobs = naive_token_logprobs(h, head, jnp.where(in_range, targets, 0), softcap)
+        return jnp.sum(jnp.where(in_range, weights * in_range_logprobs, 0.0))
+    naive_grad = jax.grad(naive)(hidden)
+    row_in_range = np.asarray(in_range)
+    np.testing.assert_allclose(np.asarray(frozen_head_grad)[row_in_range], np.asarray(naive_grad)[row_in_range],
+                               atol=1e-5, rtol=1e-5)
+
+
+def vocab_matmuls(jaxpr, vocab):
+    """dot_generals (at any depth) with an operand or result holding a vocab-sized axis."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
+        count += eqn.primitive.name == "dot_general" and any(vocab in shape for shape in shapes)
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    count += vocab_matmuls(inner, vocab)
+    return count
+
+
+def test_frozen_head_takes_two_vocab_passes_and_forward_only_one():
+    hidden, head, targets = make_inputs(vocab=97)
+
+    def loss(h, w):
+        return jnp.sum(token_logprobs(h, w, targets, chunk_size=4))
+    forward = jax.make_jaxpr(lambda h, w: token_logprobs(h, w, targets, chunk_size=4))(hidden, head)
+    frozen_head = jax.make_jaxpr(jax.grad(loss))(hidden, head)
+    trained_head = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head)
+    assert vocab_matmuls(forward.jaxpr, 97) == 1
+    assert vocab_matmuls(frozen_head.jaxpr, 97) == 2
+    # forward, its recomputation in the backward, and the two gradient products
+    assert vocab_matmuls(trained_head.jaxpr, 97) == 4
+
+
+def test_frozen_head_gradient_keeps_a_bfloat16_hidden_dtype():
+    hidden, head, targets = make_inputs(time=8)
+    grad = jax.grad(lambda h: jnp.sum(token_logprobs(h, head, targets, chunk_size=3)))(hidden.astype(jnp.bfloat16))
+    want = jax.grad(lambda h: jnp.sum(naive_token_logprobs(h, head, targets)))(hidden)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad, np.float32), want, atol=0.05)
+
+
 def test_bfloat16_hidden_returns_float32_close_to_fp32():
     hidden, head, targets = make_inputs(time=8)
     got = token_logprobs(hidden.astype(jnp.bfloat16), head, targets, chunk_size=3)
@@ -171,6 +238,9 @@ def test_sharded_batch_and_vocab_match_naive():
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     for got, want in zip(grads, want_grads):
         np.testing.assert_allclose(got, want, atol=1e-5)
+    with jax.set_mesh(mesh):  # the head frozen: its gradient products contract the split vocab
+        frozen_head_grad = jax.jit(jax.grad(loss))(hidden, head)
+    np.testing.assert_allclose(frozen_head_grad, want_grads[0], atol=1e-5)
 
 
 def test_zero_softcap_means_off():

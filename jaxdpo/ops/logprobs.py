@@ -2,9 +2,11 @@
 segment sums that turn them into per-example completion logprobs (`pair_sums`: slots 1 and 2 of pairs and
 unpaired rows; `slot_sums`: the N slots of groups).
 
-The LM head and the fp32 logsumexp run over chunks of the time axis. Each chunk's computation is
-wrapped in `jax.checkpoint` and the chunks run in a `lax.map` (a scan), so the forward keeps only
-one chunk of logits alive and the backward recomputes one chunk at a time instead of saving them all.
+The LM head and the fp32 logsumexp run over chunks of the time axis in a `lax.map` (a scan), so only one
+chunk of logits is ever alive. Differentiated, the head's weight decides the passes over the vocabulary:
+frozen (LoRA), each chunk also forms d logp / d hidden while its logits are live, and the backward only
+scales it (two passes); trained, each chunk runs under `jax.checkpoint` and the backward recomputes it
+(three passes, and the head's gradient).
 """
 
 from __future__ import annotations
@@ -15,21 +17,109 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunk_logprobs(hidden_chunk, head_weight, target_chunk, logit_softcap):
-    """log p(target) for one chunk: hidden [B,C,D], head [D,V], targets [B,C] -> [B,C] float32."""
+def _chunk_logits(hidden_chunk, head_weight, logit_softcap):
+    """hidden [B,C,D] @ head [D,V] -> (logits [B,C,V] float32 after the softcap, the softcap's derivative
+    d logits / d pre-softcap logits, or None without one)."""
     # The matmul runs in the hidden's dtype (bf16 on accelerators) and accumulates in fp32.
     logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, head_weight.astype(hidden_chunk.dtype),
                         preferred_element_type=jnp.float32)
-    if logit_softcap:
-        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    # Pick the target logit with a one-hot mask and a sum over V rather than a gather: when V is
-    # split over the `tensor` axis this is a local select plus one all-reduce (no gather of the
-    # logits), and its backward is a select, not a scatter. A target outside [0, V) (-100 or a pad
-    # id on padding) matches nothing and gives a finite value that `pair_sums` never counts.
+    if not logit_softcap:
+        return logits, None
+    capped = jnp.tanh(logits / logit_softcap)
+    return logit_softcap * capped, 1.0 - capped * capped
+
+
+def _is_target(logits, target_chunk):
+    """[B,C,V] bool, True at each position's target. A one-hot mask rather than a gather: when V is split
+    over the `tensor` axis the pick is a local select plus one all-reduce (no gather of the logits), and
+    its backward is a select, not a scatter. A target outside [0, V) (-100 or a pad id on padding)
+    matches nothing and gives a finite value that `pair_sums` never counts."""
     vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    target_logits = jnp.sum(jnp.where(vocab_ids == target_chunk[..., None], logits, 0.0), axis=-1)
-    return target_logits - log_normalizer
+    return vocab_ids == target_chunk[..., None]
+
+
+def _chunk_logprobs(hidden_chunk, head_weight, target_chunk, logit_softcap):
+    """log p(target) for one chunk: hidden [B,C,D], head [D,V], targets [B,C] -> [B,C] float32."""
+    logits, _ = _chunk_logits(hidden_chunk, head_weight, logit_softcap)
+    target_logits = jnp.sum(jnp.where(_is_target(logits, target_chunk), logits, 0.0), axis=-1)
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _chunk_logprobs_and_hidden_grad(hidden_chunk, head_weight, target_chunk, logit_softcap):
+    """log p(target) [B,C] and its gradient w.r.t. the hidden chunk [B,C,D] (both float32), the head held
+    fixed: d log p(y) / d h = W (onehot(y) - softmax) (times the softcap's derivative per logit), formed
+    while the chunk's logits are live, so no backward pass has to recompute them."""
+    logits, softcap_slope = _chunk_logits(hidden_chunk, head_weight, logit_softcap)
+    is_target = _is_target(logits, target_chunk)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    logprobs = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1) - log_normalizer
+    logit_grads = is_target.astype(jnp.float32) - jnp.exp(logits - log_normalizer[..., None])
+    if softcap_slope is not None:
+        logit_grads = logit_grads * softcap_slope
+    head = head_weight.astype(hidden_chunk.dtype)
+    hidden_grads = jnp.einsum("bcv,dv->bcd", logit_grads.astype(head.dtype), head,
+                              preferred_element_type=jnp.float32)
+    return logprobs, hidden_grads
+
+
+def _over_chunks(chunk_fn, hidden, targets, chunk):
+    """`chunk_fn(hidden [B,C,D], targets [B,C])` mapped over time chunks of C positions -> its outputs
+    with the chunks joined back into [B,T,...]. T is padded to whole chunks and the padding sliced off."""
+    batch, time, _ = hidden.shape
+    num_chunks = -(-time // chunk)
+    padded_time = num_chunks * chunk
+    if padded_time != time:
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded_time - time), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padded_time - time)))
+    # [B, N*C, ...] -> [N, B, C, ...]: the chunk axis leads so lax.map walks over it.
+    hidden_chunks = jnp.moveaxis(hidden.reshape(batch, num_chunks, chunk, -1), 1, 0)
+    target_chunks = jnp.moveaxis(targets.reshape(batch, num_chunks, chunk), 1, 0)
+    outputs = jax.lax.map(lambda hy: chunk_fn(hy[0], hy[1]), (hidden_chunks, target_chunks))
+
+    def joined(chunked):
+        return jnp.moveaxis(chunked, 0, 1).reshape(batch, padded_time, *chunked.shape[3:])[:, :time]
+    return jax.tree.map(joined, outputs)
+
+
+def _rematerialized_logprobs(hidden, head_weight, targets, chunk, logit_softcap):
+    """The logprobs differentiable in both hidden and head: each chunk under `jax.checkpoint`, so the
+    forward keeps one chunk of logits alive and the backward recomputes one chunk at a time (forward,
+    recompute, and the two gradient products). The head is an explicit argument of the checkpointed
+    function, so its gradient is accumulated chunk by chunk by the scan's transpose."""
+    chunk_fn = jax.checkpoint(functools.partial(_chunk_logprobs, logit_softcap=logit_softcap))
+    return _over_chunks(lambda h, y: chunk_fn(h, head_weight, y), hidden, targets, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head_logprobs(hidden, head_weight, targets, chunk, logit_softcap):
+    """[B,T] float32 logprobs; undifferentiated (reference passes, eval, scoring) the forward alone."""
+    chunk_fn = functools.partial(_chunk_logprobs, head_weight=head_weight, logit_softcap=logit_softcap)
+    return _over_chunks(lambda h, y: chunk_fn(h, target_chunk=y), hidden, targets, chunk)
+
+
+def _head_logprobs_fwd(hidden, head_weight, targets, chunk, logit_softcap):
+    """Two matmul passes over the vocabulary when only the hidden states are differentiated (a frozen
+    head: LoRA), saving d logp / d hidden [B,T,D]; else the rematerialized path's linearization."""
+    if head_weight.perturbed or not hidden.perturbed:
+        logprobs, head_vjp = jax.vjp(
+            lambda h, w: _rematerialized_logprobs(h, w, targets.value, chunk, logit_softcap),
+            hidden.value, head_weight.value)
+        return logprobs, (None, head_vjp)
+    chunk_fn = functools.partial(_chunk_logprobs_and_hidden_grad, head_weight=head_weight.value,
+                                 logit_softcap=logit_softcap)
+    logprobs, hidden_grads = _over_chunks(lambda h, y: chunk_fn(h, target_chunk=y), hidden.value,
+                                          targets.value, chunk)
+    return logprobs, (hidden_grads.astype(hidden.value.dtype), None)
+
+
+def _head_logprobs_bwd(chunk, logit_softcap, residuals, cotangent):
+    hidden_grads, head_vjp = residuals
+    if head_vjp is not None:
+        return (*head_vjp(cotangent), None)
+    return (cotangent[..., None] * hidden_grads).astype(hidden_grads.dtype), None, None
+
+
+_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd, symbolic_zeros=True)
 
 
 def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *,
@@ -39,6 +129,9 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
     hidden: [B,T,D] final-normed hidden states; head_weight: [D,V]; targets: [B,T] int.
     logit_softcap: if set (not None/0), logits become c*tanh(logits/c) before the softmax (Gemma 2).
     Values at positions whose target is out of [0, V) are meaningless (but finite).
+    Differentiated with the head frozen (not perturbed: LoRA, whose base is outside the trained params),
+    the gradient w.r.t. the hidden states is formed in the forward pass (two passes over the vocabulary
+    instead of three); with the head trained, the chunks are rematerialized in the backward.
     """
     batch, time, _ = hidden.shape
     if targets.shape != (batch, time):
@@ -47,25 +140,7 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
     if chunk_size <= 0:
         raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size} "
                          "(config key model.logprob_chunk)")
-    chunk = min(chunk_size, time)
-    num_chunks = -(-time // chunk)
-    padded_time = num_chunks * chunk
-    if padded_time != time:
-        # Pad T up to a whole number of chunks; the padded positions are sliced off at the end.
-        hidden = jnp.pad(hidden, ((0, 0), (0, padded_time - time), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, padded_time - time)))
-
-    # [B, N*C, ...] -> [N, B, C, ...]: the chunk axis leads so lax.map walks over it.
-    hidden_chunks = jnp.moveaxis(hidden.reshape(batch, num_chunks, chunk, -1), 1, 0)
-    target_chunks = jnp.moveaxis(targets.reshape(batch, num_chunks, chunk), 1, 0)
-
-    # The head weight is an explicit argument of the checkpointed function, so its gradient is
-    # accumulated chunk by chunk by the scan's transpose.
-    chunk_fn = jax.checkpoint(functools.partial(_chunk_logprobs, logit_softcap=logit_softcap))
-    logprob_chunks = jax.lax.map(lambda hy: chunk_fn(hy[0], head_weight, hy[1]),
-                                 (hidden_chunks, target_chunks))
-    logprobs = jnp.moveaxis(logprob_chunks, 0, 1).reshape(batch, padded_time)
-    return logprobs[:, :time]
+    return _head_logprobs(hidden, head_weight, targets, min(chunk_size, time), logit_softcap or None)
 
 
 def gather_scored(scored_index, hidden, targets, pair_index, side):

@@ -38,3 +38,21 @@ def test_prefix_shared_counts_less_than_two_rows():
              "scored_index": np.zeros((1, 1), np.int32)}
     shared = flops.forward_flops(CONFIG, batch)["forward"]
     assert shared < bench_real.two_row_forward_flops(CONFIG, [(prompt, chosen, rejected)])
+
+
+def test_jaxdpo_side_splits_its_batch_as_the_shipped_smollm2_config():
+    # The real-model bench measures jaxdpo as configs/smollm2.py trains: 8 pairs a step in micro-batches of 2.
+    from argparse import Namespace
+
+    from configs import smollm2
+
+    args = Namespace(model="m", dtype="float32", param_dtype="", chunk=256, remat="none", lora_rank=16, lora_alpha=16.0,
+                     max_length=512, max_prompt_length=384, layouts="prefix_shared", batch_size=8, micro_batch_size=0,
+                     warmup=1, steps=2, reference="cached")
+    shipped = smollm2.get_config().train.micro_batch_size
+    assert shipped < args.batch_size
+    assert bench_real.jaxdpo_config(args, "train.jsonl", "work").train.micro_batch_size == shipped
+    args.micro_batch_size = 8
+    assert bench_real.jaxdpo_config(args, "train.jsonl", "work").train.micro_batch_size == 8
+    args.batch_size, args.micro_batch_size = 1, 0
+    assert bench_real.jaxdpo_config(args, "train.jsonl", "work").train.micro_batch_size == 1

@@ -317,7 +317,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--micro-batch-size", type=int, default=0)
+    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward/backward (0: the batch; "
+                   "with --model, configs/smollm2.py's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after warmup")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layouts", default="prefix_shared")

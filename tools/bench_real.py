@@ -120,7 +120,9 @@ def two_row_forward_flops(cfg, lengths: list[tuple[int, int, int]]) -> float:
 
 # -- jaxdpo -------------------------------------------------------------------------------------------
 def jaxdpo_config(args, train_file: str, workdir: str):
-    from configs import dpo
+    """configs/dpo.py set to the bench's model and rows; pairs per micro-batch as configs/smollm2.py has them
+    unless --micro-batch-size says otherwise."""
+    from configs import dpo, smollm2
 
     c = dpo.get_config()
     c.workdir = workdir
@@ -136,7 +138,8 @@ def jaxdpo_config(args, train_file: str, workdir: str):
     c.data.layout = args.layouts.split(",")[0]
     c.data.cache_dir = os.path.join(workdir, "cache")
     c.train.batch_size = args.batch_size
-    c.train.micro_batch_size = args.micro_batch_size or args.batch_size
+    micro = args.micro_batch_size or min(args.batch_size, smollm2.get_config().train.micro_batch_size)
+    c.train.micro_batch_size = micro
     c.train.eval_batch_size = c.train.micro_batch_size
     c.train.steps = args.warmup + args.steps
     c.reference.mode = args.reference

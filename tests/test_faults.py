@@ -86,7 +86,8 @@ def load_error(root: str, name: str, *, data: str = "", **overrides) -> str:
 
 def one_line_error(result) -> str:
     """The run failed with exit 2 and exactly one `jaxdpo:` line on stderr, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    if result.returncode != 2:  # pytest.fail keeps the whole message (an assert's is cut short under -q)
+        pytest.fail(f"exit status {result.returncode}, stderr:\n{result.stderr[-4000:]}")
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("jaxdpo:")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -352,14 +353,29 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(root,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    # The limit holds for every file the child writes: it reads the compilation cache but writes no new
-    # entry into it (a compiled program can outgrow the limit when the cache is cold).
-    env = dict(train_env(root), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9")
-    result = subprocess.run(train_command(config), cwd=workdir, env=env, capture_output=True, text=True,
+    result = subprocess.run(train_command(config), cwd=workdir, env=train_env(root), capture_output=True, text=True,
                             timeout=600, preexec_fn=file_size_limit)
     line = one_line_error(result)
     assert "Exception ignored" not in result.stderr
     assert os.path.join(workdir, "checkpoints") in line and "checkpoint step 2 is intact" in line
+    assert checkpoint_steps(workdir) == [2]
+
+
+def test_disk_full_during_the_export_is_one_line_naming_the_committed_checkpoints(root, monkeypatch):
+    import errno
+
+    from jaxdpo.training import loop
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loop, "save_pretrained", no_space)
+    line = load_error(root, "export_full", **{"train.steps": 2, "train.save_every": 2, "data.eval_files": "",
+                                              "train.export_hf": True})
+    workdir = os.path.join(root, "export_full")
+    assert line.startswith(f"could not write the export in {workdir} (No space left on device); the run's "
+                           "checkpoints are complete.")
+    assert f"python tools/convert_to_hf.py {os.path.join(workdir, 'checkpoints')} OUT_DIR" in line
     assert checkpoint_steps(workdir) == [2]
 
 

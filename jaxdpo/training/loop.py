@@ -29,6 +29,7 @@ from jaxdpo.checkpoint.fingerprint import (
     setting_changes,
 )
 from jaxdpo.data import identity
+from jaxdpo.errors import ConfigError
 from jaxdpo.models import hub
 from jaxdpo.models import lora as lora_lib
 from jaxdpo.models import save_pretrained
@@ -290,7 +291,13 @@ def export(config, policy, state, tokenizer) -> dict[str, str]:
     read it (process 0 writes; an on-policy round loads it next on every host)."""
     if not config.train.export_hf:
         return {}
-    written = _write_exports(config, policy, state, tokenizer)
+    try:
+        written = _write_exports(config, policy, state, tokenizer)
+    except OSError as error:  # a full disk or quota: the checkpoints are committed by now, say so in one line
+        raise ConfigError(f"could not write the export in {os.path.abspath(config.workdir)} "
+                          f"({error.strerror or error}); the run's checkpoints are complete. Free space there, "
+                          f"then export the newest with `python tools/convert_to_hf.py "
+                          f"{os.path.join(config.workdir, 'checkpoints')} OUT_DIR`") from None
     barrier("export")
     return written
 

@@ -110,40 +110,37 @@ def test_sample_cli_greedy_equals_transformers_generate(smollm2_dir, tokenizer, 
     assert rows[0]["completion"] == "The capital of France is Paris."
 
 
-def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_path):
+def test_short_lora_dpo_run_then_sample_from_its_checkpoint(smollm2_dir, tmp_path, capsys):
     """configs/smollm2.py (LoRA, cached reference, prefix_shared) for two steps on one device, then
-    `jaxdpo.sample` reads the run's newest checkpoint (adapters on the recorded base model)."""
+    `jaxdpo.sample` reads the run's newest checkpoint (adapters on the recorded base model). Both in this
+    process: the CLIs' own paths are covered by the tiny-model tests."""
     import math
-    import subprocess
-    import sys
 
+    import jax
+
+    from configs import smollm2
+    from jaxdpo import sample
+    from jaxdpo.training.loop import train_and_evaluate
     from jaxdpo.training.metrics import read_metrics
+    from tests.tiny_assets import set_overrides
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workdir = tmp_path / "run"
-    flags = {"workdir": workdir, "model.path": smollm2_dir, "data.max_samples": 8, "data.eval_files": "",
-             "data.cache_dir": tmp_path / "cache", "train.steps": 2, "train.batch_size": 4,
-             "train.micro_batch_size": 4, "train.log_every": 1, "train.eval_every": 100, "train.save_every": 100}
-    # one CPU device (LLVM O0 as in every test: two steps and eight tokens run faster than O2 compiles)
-    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxdpo.train", "--config=configs/smollm2.py",
-         *[f"--config.{k}={v}" for k, v in flags.items()]],
-        cwd=repo, env=dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=repo), capture_output=True, text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = [r["train/loss"] for r in read_metrics(str(workdir)) if "train/loss" in r]
+    workdir = str(tmp_path / "run")
+    config = set_overrides(smollm2.get_config(), {
+        "workdir": workdir, "model.path": smollm2_dir, "data.max_samples": 8, "data.eval_files": "",
+        "data.train_files": os.path.join(repo, "assets", "smollm2", "train.jsonl"),
+        "data.cache_dir": str(tmp_path / "cache"), "train.steps": 2, "train.batch_size": 4,
+        "train.micro_batch_size": 4, "train.log_every": 1, "train.eval_every": 100, "train.save_every": 100})
+    train_and_evaluate(config, devices=jax.devices()[:1])
+    losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5) and math.isfinite(losses[1])
-    assert os.path.exists(workdir / "hf_adapter" / "adapter_model.safetensors")
+    assert os.path.exists(os.path.join(workdir, "hf_adapter", "adapter_model.safetensors"))
 
     prompts_file, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     prompts_file.write_text('{"prompt": [{"role": "user", "content": "What is 23 + 48?"}]}\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxdpo.sample", f"--model={workdir}", f"--prompts={prompts_file}",
-         "--max_new_tokens=8", "--temperature=0", f"--output={output}"],
-        cwd=repo, env=dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=repo), capture_output=True, text=True,
-        timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "tokens/s" in result.stdout
+    capsys.readouterr()
+    assert sample.main([f"--model={workdir}", f"--prompts={prompts_file}", "--max_new_tokens=8", "--temperature=0",
+                        f"--output={output}"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
     row = json.loads(output.read_text())
     assert row["completion"] and len(row["completion_ids"]) <= 8

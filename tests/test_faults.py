@@ -66,6 +66,29 @@ def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
                           capture_output=True, text=True, timeout=600)
 
 
+def rerun(root: str, name: str, capfd, **overrides) -> tuple[str, list[str]]:
+    """The run of root/name_config.py trained again in this process, as `python -m jaxdpo.train
+    --config=<that file>` run from root/name on one device would: (its stdout, its `jaxdpo:` notices, i.e.
+    the damaged files it set aside). A resume's checks need no process of their own (exit statuses do)."""
+    import warnings
+
+    import jax
+
+    from jaxdpo.errors import DamagedFileWarning
+    from jaxdpo.train import load_config_file
+    from jaxdpo.training.loop import train_and_evaluate
+    from tests.tiny_assets import set_overrides
+
+    config = set_overrides(load_config_file(os.path.join(root, f"{name}_config.py")), overrides)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("always", DamagedFileWarning)
+        patch.chdir(os.path.join(root, name))
+        train_and_evaluate(config, devices=jax.devices()[:1])
+    notices = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, DamagedFileWarning)]
+    return capfd.readouterr().out, notices
+
+
 def load_error(root: str, name: str, *, data: str = "", **overrides) -> str:
     """The ConfigError a run in root/name stops with while it loads, on one device as the CLI runs (tiny
     assets; data files by absolute path, from `data` or root/data)."""
@@ -110,13 +133,12 @@ def copy_run(root: str, base: str, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------ data identity on resume
-def test_resume_accepts_the_same_file_by_its_absolute_path(root, base):
-    config = copy_run(root, base, "absolute")
+def test_resume_accepts_the_same_file_by_its_absolute_path(root, base, capfd):
+    copy_run(root, base, "absolute")
     data = os.path.join(root, "absolute", "data")
-    result = train(root, config, f"--config.data.train_files={data}/train.jsonl",
-                   f"--config.data.eval_files={data}/eval.jsonl", cwd=os.path.join(root, "absolute"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed    from checkpoint step 4" in result.stdout
+    stdout, _ = rerun(root, "absolute", capfd, **{"data.train_files": f"{data}/train.jsonl",
+                                                  "data.eval_files": f"{data}/eval.jsonl"})
+    assert "resumed    from checkpoint step 4" in stdout
 
 
 def test_resume_refuses_swapped_chosen_and_rejected_in_a_same_size_file(root, base):
@@ -135,20 +157,19 @@ def test_resume_refuses_swapped_chosen_and_rejected_in_a_same_size_file(root, ba
 
 
 # ------------------------------------------------------------------------------ damaged cache entries
-def test_damaged_cache_entries_are_rebuilt(root, base):
-    config = copy_run(root, base, "damaged")
+def test_damaged_cache_entries_are_rebuilt(root, base, capfd):
+    copy_run(root, base, "damaged")
     cache = os.path.join(root, "damaged", "cache")
     (tokenized,) = [n for n in os.listdir(os.path.join(cache, "tokenized")) if n.endswith(".npz")][:1] or [None]
     damage(os.path.join(cache, "tokenized", tokenized), "truncated")
     for name in os.listdir(os.path.join(cache, "reference")):
         damage(os.path.join(cache, "reference", name), "bad_crc")
-    result = train(root, config, cwd=os.path.join(root, "damaged"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    damaged_lines = [line for line in result.stdout.splitlines() if "is damaged" in line]
+    stdout, _ = rerun(root, "damaged", capfd)
+    damaged_lines = [line for line in stdout.splitlines() if "is damaged" in line]
     assert any("tokenized" in line for line in damaged_lines) and any("reference" in line for line in damaged_lines)
-    assert "computed" in result.stdout  # the reference logprobs were computed again
-    again = train(root, config, cwd=os.path.join(root, "damaged"))
-    assert again.returncode == 0 and "is damaged" not in again.stdout
+    assert "computed" in stdout  # the reference logprobs were computed again
+    again, _ = rerun(root, "damaged", capfd)
+    assert "is damaged" not in again
 
 
 # ------------------------------------------------------------------------------ model files
@@ -209,20 +230,19 @@ def notices(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("jaxdpo:")]
 
 
-def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(root, base):
-    config = copy_run(root, base, "damaged_ckpt")
+def test_damaged_newest_checkpoint_is_moved_aside_and_saved_again(root, base, capfd):
+    copy_run(root, base, "damaged_ckpt")
     workdir = os.path.join(root, "damaged_ckpt")
     truncate_files(os.path.join(workdir, "checkpoints", "4"))
-    result = train(root, config, cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [line for line in notices(result) if "checkpoint step 4" in line]
-    assert "moved to" in line and "Traceback" not in result.stderr
-    assert "resumed    from checkpoint step 2" in result.stdout
+    stdout, set_aside = rerun(root, "damaged_ckpt", capfd)
+    (line,) = [line for line in set_aside if "checkpoint step 4" in line]
+    assert "moved to" in line
+    assert "resumed    from checkpoint step 2" in stdout
     (moved,) = os.listdir(os.path.join(workdir, "checkpoints", "damaged"))
     assert moved.startswith("4-")
     assert checkpoint_steps(workdir) == [2, 4]  # step 4 saved again; the good step 2 was not rotated out
-    again = train(root, config, cwd=workdir)
-    assert again.returncode == 0 and "resumed    from checkpoint step 4" in again.stdout, again.stderr[-3000:]
+    again, _ = rerun(root, "damaged_ckpt", capfd)
+    assert "resumed    from checkpoint step 4" in again
 
 
 def flip_bytes(path: str, count: int = 8) -> None:
@@ -232,16 +252,15 @@ def flip_bytes(path: str, count: int = 8) -> None:
     open(path, "wb").write(bytes(data))
 
 
-def test_flipped_bytes_in_a_checkpoint_are_detected_and_never_exported(root, base):
-    config = copy_run(root, base, "flipped")
+def test_flipped_bytes_in_a_checkpoint_are_detected_and_never_exported(root, base, capfd):
+    copy_run(root, base, "flipped")
     workdir = os.path.join(root, "flipped")
     state_dir = os.path.join(workdir, "checkpoints", "4", "state")
     files = [os.path.join(r, n) for r, _, names in os.walk(state_dir) for n in names]
     flip_bytes(max(files, key=os.path.getsize))  # the arrays' data file
-    result = train(root, config, "--config.train.export_hf=true", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert any("checkpoint step 4" in line and "checksum mismatch" in line for line in notices(result))
-    assert "resumed    from checkpoint step 2" in result.stdout
+    stdout, set_aside = rerun(root, "flipped", capfd, **{"train.export_hf": True})
+    assert any("checkpoint step 4" in line and "checksum mismatch" in line for line in set_aside)
+    assert "resumed    from checkpoint step 2" in stdout
     from safetensors.numpy import load_file
 
     weights = load_file(os.path.join(workdir, "hf", "model.safetensors"))
@@ -263,14 +282,13 @@ def test_divergence_stops_at_the_limit_between_logs_saves_and_exits_3(root, base
     assert saved <= 4 and f"checkpoint step {saved}" in line
 
 
-def test_learning_rate_and_steps_may_change_on_resume(root, base):
+def test_learning_rate_and_steps_may_change_on_resume(root, base, capfd):
     from jaxdpo.training.metrics import read_metrics
 
-    config = copy_run(root, base, "new_lr")
+    copy_run(root, base, "new_lr")
     workdir = os.path.join(root, "new_lr")
-    result = train(root, config, "--config.optim.lr=2e-4", "--config.train.steps=6", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "changed    optim.lr: 0.001 -> 0.0002 (from step 4 on)" in result.stdout
+    stdout, _ = rerun(root, "new_lr", capfd, **{"optim.lr": 2e-4, "train.steps": 6})
+    assert "changed    optim.lr: 0.001 -> 0.0002 (from step 4 on)" in stdout
     assert {"step": 4, "resume/optim.lr": 2e-4, "resume/train.steps": 6.0} in read_metrics(workdir)
     refused = load_error(root, "new_lr", data=os.path.join(workdir, "data"),
                          **{"data.cache_dir": os.path.join(workdir, "cache"), "optim.b2": 0.9, "train.steps": 8})
@@ -298,16 +316,15 @@ def test_preempted_run_exits_75_after_saving(root, base, signal_name):
 
 
 # ------------------------------------------------------------------------------ partial metrics line
-def test_partial_last_metrics_line_does_not_block_resume(root, base):
+def test_partial_last_metrics_line_does_not_block_resume(root, base, capfd):
     from jaxdpo.training.metrics import read_metrics
 
-    config = copy_run(root, base, "partial_metrics")
+    copy_run(root, base, "partial_metrics")
     workdir = os.path.join(root, "partial_metrics")
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "train/lo')  # a crash mid-write
-    result = train(root, config, "--config.train.steps=6", cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [line for line in notices(result) if "metrics.jsonl" in line]
+    _, set_aside = rerun(root, "partial_metrics", capfd, **{"train.steps": 6})
+    (line,) = [line for line in set_aside if "metrics.jsonl" in line]
     assert "partial last line" in line
     assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 

@@ -125,3 +125,22 @@ def assert_win_rate_metrics(record: dict, policy_scores, reference_scores):
                                              "judge_score_reference")]
     want = [p, max(0.0, center - half), min(1.0, center + half), sum(policy_scores) / n, sum(reference_scores) / n]
     assert got == pytest.approx(want, rel=0, abs=1e-9)
+
+
+def train_here(config, capfd, devices: int = 1) -> tuple[str, list[str]]:
+    """`config` trained in this process on its first `devices` devices, as `python -m jaxdpo.train` would on
+    that many: (its stdout, its `jaxdpo:` notices, i.e. the damaged files it set aside). What a resume does
+    needs no process of its own; signals and exit statuses do."""
+    import warnings
+
+    import jax
+
+    from jaxdpo.errors import DamagedFileWarning
+    from jaxdpo.training.loop import train_and_evaluate
+
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedFileWarning)
+        train_and_evaluate(config, devices=jax.devices()[:devices])
+    notices = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, DamagedFileWarning)]
+    return capfd.readouterr().out, notices

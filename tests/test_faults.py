@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.helpers import damage, truncate_files
+from tests.helpers import damage, train_here, truncate_files
 from tests.processes import REPO_ROOT, jax_env
 
 OVERRIDES = {"train.steps": 4, "train.save_every": 2, "train.keep_checkpoints": 2, "train.export_hf": False,
@@ -67,26 +67,15 @@ def train(root: str, config_file: str, *flags: str, cwd: str | None = None):
 
 
 def rerun(root: str, name: str, capfd, **overrides) -> tuple[str, list[str]]:
-    """The run of root/name_config.py trained again in this process, as `python -m jaxdpo.train
-    --config=<that file>` run from root/name on one device would: (its stdout, its `jaxdpo:` notices, i.e.
-    the damaged files it set aside). A resume's checks need no process of their own (exit statuses do)."""
-    import warnings
-
-    import jax
-
-    from jaxdpo.errors import DamagedFileWarning
+    """The run of root/name_config.py trained again in this process, from root/name on one device, as the
+    CLI would: (its stdout, its `jaxdpo:` notices)."""
     from jaxdpo.train import load_config_file
-    from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import set_overrides
 
     config = set_overrides(load_config_file(os.path.join(root, f"{name}_config.py")), overrides)
-    capfd.readouterr()
-    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
-        warnings.simplefilter("always", DamagedFileWarning)
+    with pytest.MonkeyPatch.context() as patch:
         patch.chdir(os.path.join(root, name))
-        train_and_evaluate(config, devices=jax.devices()[:1])
-    notices = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, DamagedFileWarning)]
-    return capfd.readouterr().out, notices
+        return train_here(config, capfd)
 
 
 def load_error(root: str, name: str, *, data: str = "", **overrides) -> str:

@@ -1,8 +1,9 @@
 """Scale-out: meshes, host-memory reference, divisibility errors, two processes.
 
 Every training here is 3 steps (2 for the two-process run) of the tiny Llama with no eval set and no
-export, so each test is one or two compiles. The two-process test runs this file as a script
-(`python tests/test_scale.py worker ...`), one process per simulated host with 2 CPU devices each.
+export, so each test is one or two compiles. The two-process tests share one pair of processes, each
+running this file as a script (`python tests/test_scale.py two_processes JOB`), one process per simulated
+host with 2 CPU devices each.
 """
 
 import json
@@ -196,26 +197,50 @@ def test_mesh_from_config_fills_the_minus_one_axis_and_rejects_a_bad_split(asset
 
 
 # ---------------------------------------------------------------------------------------------
-# two processes x 2 devices == one process x 4 devices
+# two processes x 2 devices == one process: one pair of processes (this file run as a script) trains,
+# samples with `jaxdpo.sample` from the run's checkpoint, and runs two on-policy rounds, while this process
+# does the same alone; the tests below compare what each wrote.
+
+TWO_PROCESS_TRAINING = dict(LEAN, **{"train.steps": 2, "train.eval_every": 100, "train.sample_every": 2,
+                                     "train.sample_prompts": 4, "sampling.max_new_tokens": 4})
+ONLINE_ROUNDS = {"train.steps": 2, "train.save_every": 1, "data.eval_files": "", "sampling.max_new_tokens": 8,
+                 "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4, "online.rounds": 2,
+                 "online.prompts_per_round": 16, "online.samples_per_prompt": 2, "online.max_new_tokens": 8}
+SAMPLE_FLAGS = ["--max_new_tokens=6", "--temperature=1", "--seed=3", "--batch_size=4"]
 
 
-
-def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(assets, tmp_path_factory):
+    """The two processes' outputs and this process's own, in one directory: two/ (training), two.jsonl
+    (sampled from two/), online_two/ (two rounds); one/ (training), one.jsonl (sampled from two/ by this
+    process), online_one/ (one round)."""
     import jax
 
+    from jaxdpo import sample
+    from jaxdpo.online.rounds import run_online
     from jaxdpo.training.loop import train_and_evaluate
-    from jaxdpo.training.metrics import read_metrics
     from tests.tiny_assets import tiny_run_config
 
+    root = tmp_path_factory.mktemp("two_processes")
     # samples at steps 0 and 2: 4 prompts split over both processes' devices, gathered on every host
-    overrides = dict(LEAN, **{"train.steps": 2, "data.eval_files": assets["eval"], "train.eval_every": 100,
-                              "train.sample_every": 2, "train.sample_prompts": 4, "sampling.max_new_tokens": 4})
-    procs = _start_two_processes("worker", assets, tmp_path, overrides)
+    training = dict(TWO_PROCESS_TRAINING, **{"data.eval_files": assets["eval"]})
+    online = dict(ONLINE_ROUNDS, **{"online.prompts": assets["train"], "online.eval_prompts": assets["eval"]})
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What color is the {a}?"}]}) + "\n"
+                               for a in ("cat", "dog", "owl", "fox", "bee")))
+    (root / "job.json").write_text(json.dumps({"assets": assets, "root": str(root), "training": training,
+                                               "online": online, "prompts": str(prompts)}))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "two_processes", str(root / "job.json")],
+                              env=child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
 
-    # the one-process run goes while the two processes start up
-    train_and_evaluate(tiny_run_config(assets, str(tmp_path / "one"), **overrides), devices=jax.devices()[:4])
+    # the one-process runs go while the two processes run theirs
+    train_and_evaluate(tiny_run_config(assets, str(root / "one"), **training), devices=jax.devices()[:4])
+    run_online(tiny_run_config(assets, str(root / "online_one"), **{**online, "online.rounds": 1}))
 
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420
     outputs = []
     for proc in procs:
         try:
@@ -223,84 +248,56 @@ def test_two_processes_of_two_devices_match_one_process_of_four(assets, tmp_path
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            pytest.fail(f"two-process training still running after 240 s; output:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(f"two processes still running after 420 s; output:\n{proc.communicate()[0][-3000:]}")
         assert proc.returncode == 0, out[-3000:]
         outputs.append(out)
+    # one process sampling from the two processes' checkpoint, once they are done with it
+    assert sample.main([f"--model={root / 'two'}", f"--prompts={prompts}", *SAMPLE_FLAGS,
+                        f"--output={root / 'one.jsonl'}"]) == 0
+    return root, outputs
+
+
+def test_two_processes_of_two_devices_train_as_one_process_of_four(two_processes):
+    from jaxdpo.training.metrics import read_metrics
+
+    root, outputs = two_processes
     assert "mesh {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}" in outputs[0] and "2 process(es)" in outputs[0]
     assert "2 process(es)" not in outputs[1]  # only process 0 prints the banner
     for out in outputs:  # each process loaded only its half of the 8 pairs (one padded row per side)
         assert "LOCAL pairs=4 rows=8" in out, out[-2000:]
 
-    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    one, two = read_metrics(str(root / "one")), read_metrics(str(root / "two"))
     assert [sorted(r) for r in two] == [sorted(r) for r in one]  # process 1 wrote no extra records
     for key in STEP_KEYS + EVAL_KEYS:  # eval at steps 0 and 2
         got, want = _series(two, key), _series(one, key)
         assert len(got) == len(want) == 2
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
     assert _series(one, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-6)
-    samples_one, samples_two = (_jsonl(tmp_path / run / "samples.jsonl") for run in ("one", "two"))
+    samples_one, samples_two = (_jsonl(root / run / "samples.jsonl") for run in ("one", "two"))
     assert len(samples_two) == len(samples_one) == 8  # steps 0 and 2, 4 prompts each, written by process 0 only
     for got, want in zip(samples_two, samples_one):
         for side in ("policy", "reference"):
             assert got[side]["completion"] == want[side]["completion"]
             np.testing.assert_allclose(got[side]["logp_policy"], want[side]["logp_policy"], rtol=1e-5)
-    _sample_cli_on_two_processes_writes_what_one_process_writes(str(tmp_path / "two"), tmp_path)
 
 
-def _sample_cli_on_two_processes_writes_what_one_process_writes(model: str, tmp_path):
-    """`python -m jaxdpo.sample` started on every host (2 processes x 2 devices, from the run's checkpoint:
-    its arrays are restored onto one local device) samples as one program; process 0 alone writes the
-    file, the same as one process's."""
-    from jaxdpo import sample
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What color is the {a}?"}]}) + "\n"
-                               for a in ("cat", "dog", "owl", "fox", "bee")))
-    flags = [f"--model={model}", f"--prompts={prompts}", "--max_new_tokens=6", "--temperature=1", "--seed=3",
-             "--batch_size=4"]
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdpo.sample", *flags, f"--output={tmp_path / 'two.jsonl'}"],
-                              env=child_env(port, pid), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for pid in range(2)]
-    assert sample.main([*flags, f"--output={tmp_path / 'one.jsonl'}"]) == 0
-    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert "wrote 5 completions" in outputs[0] and "wrote" not in outputs[1]
-    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+def test_sample_cli_on_two_processes_writes_what_one_process_writes(two_processes):
+    """`jaxdpo.sample` on every host (2 processes x 2 devices, from the two-process run's checkpoint: its
+    arrays are restored onto one local device) samples as one program; process 0 alone writes the file, the
+    same as one process's sampling from that checkpoint."""
+    root, outputs = two_processes
+    assert "wrote 5 completions" in outputs[0] and "wrote 5 completions" not in outputs[1]
+    assert (root / "two.jsonl").read_text() == (root / "one.jsonl").read_text()
 
 
-
-
-def test_two_processes_run_online_rounds_as_one(assets, tmp_path):
+def test_two_processes_run_online_rounds_as_one(two_processes):
     """Two on-policy rounds on 2 processes x 2 devices: process 0 writes each round's files and export and
     every process reads them back (a barrier after each write), so round 0's pairs equal one process's."""
-    from jaxdpo.online.rounds import run_online
-    from tests.tiny_assets import tiny_run_config
-
-    overrides = {"train.steps": 2, "train.save_every": 1, "data.eval_files": "", "sampling.max_new_tokens": 8,
-                 "judge.function": "tests.judge_functions:shorter", "judge.prompts": 4, "online.rounds": 2,
-                 "online.prompts_per_round": 16, "online.samples_per_prompt": 2, "online.max_new_tokens": 8,
-                 "online.prompts": assets["train"], "online.eval_prompts": assets["eval"]}
-    procs = _start_two_processes("online", assets, tmp_path, overrides)
-    run_online(tiny_run_config(assets, str(tmp_path / "one"), **{**overrides, "online.rounds": 1}))
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    two, one = tmp_path / "two" / "rounds", tmp_path / "one" / "rounds"
+    root, _ = two_processes
+    two, one = root / "online_two" / "rounds", root / "online_one" / "rounds"
     assert (two / "0.jsonl").read_text() == (one / "0.jsonl").read_text()
     assert (two / "1.done").exists() and (two / "1" / "hf" / "config.json").exists()
-    assert [r["step"] for r in _jsonl(tmp_path / "two" / "metrics.jsonl")] == [0, 1, 2]
-
-
-def _start_two_processes(mode: str, assets, tmp_path, overrides: dict) -> list:
-    """This file run as a script in `mode` ("worker": training, "online": rounds) by 2 processes of 2
-    devices each, on the tiny assets, into tmp_path/two."""
-    (tmp_path / "assets.json").write_text(json.dumps(assets))
-    port = free_port()
-    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(tmp_path / "assets.json"),
-                              str(tmp_path / "two"), json.dumps(overrides)], env=child_env(port, pid),
-                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for pid in range(2)]
+    assert [r["step"] for r in _jsonl(root / "online_two" / "metrics.jsonl")] == [0, 1, 2]
 
 
 def _jsonl(path):
@@ -308,35 +305,29 @@ def _jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _train_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
+def _two_processes_job(job_json: str) -> None:
+    """One of the two processes: train, sample from the run's checkpoint, then two on-policy rounds."""
     sys.path.insert(0, REPO_ROOT)  # for configs/ and tests.tiny_assets
     from jaxdpo.parallel import distributed
 
     distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
+    from jaxdpo import sample
+    from jaxdpo.online.rounds import run_online
     from jaxdpo.training.loop import train_and_evaluate
     from tests.tiny_assets import tiny_run_config
 
-    with open(assets_json) as f:
-        assets = json.load(f)
-    trainer = train_and_evaluate(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
+    with open(job_json) as f:
+        job = json.load(f)
+    root = job["root"]
+    trainer = train_and_evaluate(tiny_run_config(job["assets"], os.path.join(root, "two"), **job["training"]))
     local = trainer.data.batcher.train_batch(0)  # this process's micro-batches of step 0
     print(f"LOCAL pairs={sum(m['pair_valid'].shape[0] for m in local)} rows={sum(m['input_ids'].shape[0] for m in local)}",
           flush=True)
-    print("TRAINED", distributed.describe(), flush=True)
+    status = sample.main([f"--model={os.path.join(root, 'two')}", f"--prompts={job['prompts']}", *SAMPLE_FLAGS,
+                          f"--output={os.path.join(root, 'two.jsonl')}"])
+    assert status == 0
+    run_online(tiny_run_config(job["assets"], os.path.join(root, "online_two"), **job["online"]))
 
 
-def _online_worker(assets_json: str, workdir: str, overrides_json: str) -> None:
-    sys.path.insert(0, REPO_ROOT)
-    from jaxdpo.parallel import distributed
-
-    distributed.initialize({"heartbeat_timeout": 30, "shutdown_timeout": 60})
-    from jaxdpo.online.rounds import run_online
-    from tests.tiny_assets import tiny_run_config
-
-    with open(assets_json) as f:
-        assets = json.load(f)
-    run_online(tiny_run_config(assets, workdir, **json.loads(overrides_json)))
-
-
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] in ("worker", "online"):
-    {"worker": _train_worker, "online": _online_worker}[sys.argv[1]](*sys.argv[2:])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "two_processes":
+    _two_processes_job(sys.argv[2])

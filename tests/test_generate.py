@@ -120,6 +120,15 @@ def chi_square_p_value(observed: np.ndarray, expected: np.ndarray) -> float:
     return float(jax.scipy.special.gammaincc((len(observed) - 1) / 2, statistic / 2))
 
 
+def test_greedy_pick_is_argmax_with_its_tie_and_nan_rules():
+    logits = np.array([[1.0, 3.0, 3.0, 2.0], [np.nan, 1.0, np.nan, 5.0], [0.0, 0.0, 0.0, 0.0],
+                       [-np.inf, -np.inf, -np.inf, -np.inf], [1.0, np.inf, 2.0, np.inf]], np.float32)
+    picked = np.asarray(gen.first_max_index(logits))
+    np.testing.assert_array_equal(picked, np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(picked, [1, 0, 0, 0, 1])
+    assert picked.dtype == np.int32
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8),
                                                      (0.9, 12, 0.7)])
 def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):

@@ -6,7 +6,9 @@ Both decode greedily from the same chat prompts (SmolLM2's template) for exactly
 (EOS does not stop a row: no EOS ids for jaxdpo, min_new_tokens for transformers), so both produce the same
 number of tokens. decode tokens/s = rows * (N - 1) / (time for N new tokens - time for 1 new token): the
 prompt's prefill and the first token are taken out, what is left is the per-token loop. Each time is the
-median of --repeats calls after one untimed call (jaxdpo: compilation; transformers: warm-up).
+median of --repeats calls after one untimed call (jaxdpo: compilation; transformers: warm-up). Decode tokens
+per CPU-second take the same difference of the process's CPU time (every thread): on a machine other jobs
+share, wall time follows their load, CPU time much less.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
              "Why is the sky blue?", "What is 12 times 3?"]
 
 
-def _median_seconds(run, repeats: int) -> float:
+def _median_seconds(run, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) of one call."""
     run()  # compile / warm up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _jaxdpo_runner(model_dir: str, prompts: list[list[int]], pad_id: int, dtype: str):
@@ -67,11 +71,13 @@ def _transformers_runner(model_dir: str, prompts: list[list[int]], pad_id: int, 
     return run
 
 
-def decode_tokens_per_s(run, rows: int, new_tokens: int, repeats: int) -> tuple[float, float, float]:
-    """(decode tokens/s, seconds for new_tokens, seconds for 1)."""
-    full = _median_seconds(lambda: run(new_tokens), repeats)
-    first = _median_seconds(lambda: run(1), repeats)
-    return rows * (new_tokens - 1) / (full - first), full, first
+def decode_tokens_per_s(run, rows: int, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens per wall second and per CPU second, and the wall seconds for new_tokens and for 1."""
+    full, full_cpu = _median_seconds(lambda: run(new_tokens), repeats)
+    first, first_cpu = _median_seconds(lambda: run(1), repeats)
+    decoded = rows * (new_tokens - 1)
+    return {"decode_tokens_per_s": decoded / (full - first), "decode_tokens_per_cpu_s": decoded / (full_cpu - first_cpu),
+            "seconds": full, "seconds_first_token": first}
 
 
 def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repeats: int = 3,
@@ -92,11 +98,11 @@ def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repe
                    for i in range(batch)]
         row = {}
         for name, make in (("jaxdpo", _jaxdpo_runner), ("transformers", _transformers_runner)):
-            rate, full, first = decode_tokens_per_s(make(model_dir, prompts, pad_id, dtype), batch, new_tokens,
-                                                    repeats)
-            row[name] = {"decode_tokens_per_s": rate, "seconds": full, "seconds_first_token": first}
+            row[name] = decode_tokens_per_s(make(model_dir, prompts, pad_id, dtype), batch, new_tokens, repeats)
         row["speedup"] = row["jaxdpo"]["decode_tokens_per_s"] / row["transformers"]["decode_tokens_per_s"]
         report["batches"][batch] = row
-        print(f"batch {batch:3d}: jaxdpo {row['jaxdpo']['decode_tokens_per_s']:8.1f} tok/s  transformers "
-              f"{row['transformers']['decode_tokens_per_s']:8.1f} tok/s  -> {row['speedup']:.2f}x", flush=True)
+        jax_side, torch_side = row["jaxdpo"], row["transformers"]
+        print(f"batch {batch:3d}: jaxdpo {jax_side['decode_tokens_per_s']:8.1f} tok/s "
+              f"({jax_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  transformers {torch_side['decode_tokens_per_s']:8.1f} "
+              f"tok/s ({torch_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  -> {row['speedup']:.2f}x", flush=True)
     return report

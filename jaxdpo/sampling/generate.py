@@ -112,10 +112,20 @@ def candidate_logits(logits, *, temperature, top_k: int, top_p, use_top_p: bool)
     return values, ids
 
 
+def first_max_index(logits):
+    """jnp.argmax over the last axis (the first index on ties, the first NaN where a row holds one) as a max
+    and a min over a mask: two reductions XLA:CPU vectorizes, where its argmax is one (value, index) reduction
+    it does not (5x slower over a 49k vocabulary)."""
+    best = jnp.max(logits, axis=-1, keepdims=True)  # NaN where the row holds one
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    chosen = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(chosen, ids, logits.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits, keys, *, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
     """One token per row: logits [B,V] float32, keys [B] -> [B] int32."""
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_max_index(logits)
     values, ids = candidate_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
     choice = jax.vmap(jax.random.categorical)(keys, values)
     if ids is None:

@@ -76,8 +76,8 @@ def decode_tokens_per_s(run, rows: int, new_tokens: int, repeats: int) -> dict:
     full, full_cpu = _median_seconds(lambda: run(new_tokens), repeats)
     first, first_cpu = _median_seconds(lambda: run(1), repeats)
     decoded = rows * (new_tokens - 1)
-    return {"decode_tokens_per_s": decoded / (full - first), "decode_tokens_per_cpu_s": decoded / (full_cpu - first_cpu),
-            "seconds": full, "seconds_first_token": first}
+    return {"decode_tokens_per_s": decoded / (full - first),
+            "decode_tokens_per_cpu_s": decoded / (full_cpu - first_cpu), "seconds": full, "seconds_first_token": first}
 
 
 def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repeats: int = 3,
@@ -103,6 +103,7 @@ def bench_generate(model_dir: str, batch_sizes: list[int], new_tokens: int, repe
         report["batches"][batch] = row
         jax_side, torch_side = row["jaxdpo"], row["transformers"]
         print(f"batch {batch:3d}: jaxdpo {jax_side['decode_tokens_per_s']:8.1f} tok/s "
-              f"({jax_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  transformers {torch_side['decode_tokens_per_s']:8.1f} "
-              f"tok/s ({torch_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  -> {row['speedup']:.2f}x", flush=True)
+              f"({jax_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  transformers "
+              f"{torch_side['decode_tokens_per_s']:8.1f} tok/s ({torch_side['decode_tokens_per_cpu_s']:.1f}/CPU-s)  "
+              f"-> {row['speedup']:.2f}x", flush=True)
     return report

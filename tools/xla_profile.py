@@ -29,13 +29,14 @@ _OP_NAME = re.compile(r'op_name="(?P<op>[^"]*)"')
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _TABLE_ROW = re.compile(r'^(\d+) (?:"(?P<text>.*)"|\{(?P<fields>.*)\})$')
 
-# A part of the model -> (file under jaxdpo/, function names: the qualified name's first component; None = any).
+# A part of the model -> (file under jaxdpo/, function names: a qualified name or its first component; None = any).
 # An instruction belongs to the first part any frame of its call stack matches, in this order.
 PARTS = (
     ("LoRA adapters", "models/low_rank.py", ("lora_update", "low_rank", "_low_rank_forward", "_low_rank_backward")),
     ("attention mask", "ops/attention.py", ("make_attention_mask",)),
     ("attention (scores, softmax, PV)", "ops/attention.py", None),
     ("LM head + logsumexp", "ops/logprobs.py", ("_chunk_logprobs",)),
+    ("LM head (decode logits)", "models/decoder.py", ("Decoder.head_logits",)),
     ("scored gather, pair sums", "ops/logprobs.py", None),
     ("projections (q,k,v,o, MLP)", "models/decoder.py", ("_contract", "base_weight")),
     ("embedding", "models/decoder.py", ("embed_tokens",)),
@@ -100,13 +101,17 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
     return table
 
 
+def _names(functions: tuple[str, ...] | None, function: str) -> bool:
+    """Whether a PARTS entry's function names cover `function` (a qualified name such as Decoder.head_logits)."""
+    return functions is None or function in functions or function.split(".")[0] in functions
+
+
 def part_of(name: str, info: dict) -> str:
     """The model part an instruction belongs to (PARTS); a fusion that only moves data (XLA names it after
     its copy or transpose) is "copy: " + that part."""
     part = "other: " + (info["op_name"].rsplit("/", 1)[-1] or info["opcode"])
     for label, fragment, functions in PARTS:
-        if any(fragment in f and "jaxdpo/" in f and (functions is None or fn.split(".")[0] in functions)
-               for f, fn, _ in info["stack"]):
+        if any(fragment in f and "jaxdpo/" in f and _names(functions, fn) for f, fn, _ in info["stack"]):
             part = label
             break
     moves_data = info["opcode"] in COPY_OPCODES or name.startswith(("copy", "transpose"))

@@ -237,6 +237,23 @@ def test_round_two_reuses_the_compiled_steps_and_sampler_and_only_the_last_round
     assert all(set(TIMING_KEYS[2:]) <= set(r) for r in records[1:])
 
 
+def test_a_later_lora_rounds_checkpoint_is_refused_on_model_paths_base(lora_rounds):
+    """Round 1's adapters were trained on a base with round 0's folded in, held in memory only: building
+    that checkpoint on model.path's weights would be another model, so it is a one-line error; round 0's
+    adapters sit on model.path's weights and build."""
+    from jaxdpo.checkpoint.saved_policy import build_model, locate, read_params
+    from jaxdpo.errors import ConfigError
+
+    workdir, _, _, _ = lora_rounds
+    first, second = (read_params(*locate(os.path.join(workdir, "rounds", r))[:2]) for r in ("0", "1"))
+    assert first[1]["lora_rounds_in_base"] == 0 and second[1]["lora_rounds_in_base"] == 1
+    _, settings = build_model(*first)
+    assert settings.rank == LORA_ROUNDS["lora.rank"]
+    with pytest.raises(ConfigError, match=r"trained on model.path with 1 earlier on-policy round\(s\)' adapters "
+                                          r"folded in.*sample the run's WORKDIR"):
+        build_model(*second)
+
+
 def test_a_lora_run_extended_by_a_round_rebuilds_the_folded_base_bit_identically(lora_rounds, assets, tmp_path):
     from tests.tiny_assets import tiny_run_config
 

@@ -115,6 +115,11 @@ def build_model(params: dict, meta: dict, *, base: str | None = None, dtype=None
     from jaxdpo.models.decoder import LoRAParam, LoRASettings
     from jaxdpo.models.lora import quantize_base
 
+    folded = meta.get("lora_rounds_in_base", 0)
+    if folded and not base:
+        raise ConfigError(f"these LoRA adapters were trained on model.path with {folded} earlier on-policy "
+                          f"round(s)' adapters folded in, a base held in memory and not saved; sample the run's "
+                          f"WORKDIR (its last round's export) instead, or pass --base DIR with that base")
     base = base or meta.get("model_path")
     if not base or not os.path.isdir(base):
         raise ConfigError(f"this is a LoRA checkpoint (only adapters are saved); its base model directory "

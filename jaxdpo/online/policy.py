@@ -66,7 +66,8 @@ def after_round(held: HeldPolicy, trained_params) -> HeldPolicy:
     if held.policy.lora is None:
         return HeldPolicy(dataclasses.replace(held.policy, params=trained_params))
     return HeldPolicy(dataclasses.replace(held.policy, params=held.fresh_adapters,
-                                          frozen=folded_base(held.policy.frozen, trained_params, held.policy.lora)),
+                                          frozen=folded_base(held.policy.frozen, trained_params, held.policy.lora),
+                                          rounds_in_base=held.policy.rounds_in_base + 1),
                       held.fresh_adapters)
 
 

@@ -206,6 +206,9 @@ class Policy:
     lora: lora_lib.LoRASettings | None
     num_params: int  # every weight the forward uses (FLOPs count them all, trained or frozen)
     num_trainable: int
+    # On-policy rounds whose LoRA adapters are folded into `frozen` (0: model.path's weights alone). A
+    # checkpoint's adapters only make sense on that base, which is held in memory, not saved.
+    rounds_in_base: int = 0
 
 
 def attention_backend(config, model_config) -> str:

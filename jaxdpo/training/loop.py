@@ -281,6 +281,7 @@ def checkpoint_meta(ctx: RunContext, step: int, window) -> dict[str, Any]:
             "model_path": os.path.abspath(config.model.path),
             "tokenizer_path": os.path.abspath(config.model.tokenizer or config.model.path),
             "lora": dataclasses.asdict(ctx.policy.lora) if ctx.policy.lora is not None else None,
+            "lora_rounds_in_base": ctx.policy.rounds_in_base,
             # The hub repos and commits the paths came from, with their files: a resume trains from them.
             hub.META_KEY: hub.sources(config)}
 

@@ -27,7 +27,7 @@ MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in
 
 
 def write_shape_config(shape: dict, out_dir: str) -> str:
-    """A model directory holding only the config.json of a tools/bench.py SHAPES entry (no weights)."""
+    """A model directory holding only the config.json of a tools/bench_assets.py SHAPES entry (no weights)."""
     from jaxdpo.models import ModelConfig
     from jaxdpo.models.families import config_to_hf
 

@@ -26,6 +26,7 @@ from jaxdpo.models.config import ModelConfig
 from jaxdpo.models.low_rank import lora_update
 from jaxdpo.models.quantize import QuantizedBase, dequantize
 from jaxdpo.ops.attention import attention, make_attention_mask, padding_lengths
+from jaxdpo.ops.linear import linear
 from jaxdpo.parallel.sharding import logical_to_mesh_axes
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -200,7 +201,7 @@ def _contract(spec: str, y, w, ways: int):
     weight), contracted as one batched dot over the parts, and summed: XLA:CPU runs a plain matrix-vector
     product on one core and this one on several (DEVELOPING.md, Measurements)."""
     if ways == 1 or y.shape[-1] % ways:
-        return jnp.einsum(spec, y, w)
+        return linear(spec, y, w)
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     parts_y = y.reshape(*y.shape[:-1], ways, y.shape[-1] // ways)

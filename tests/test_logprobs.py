@@ -24,7 +24,9 @@ def make_inputs(batch=2, time=13, dim=32, vocab=97, seed=0):
     return hidden, head, targets
 
 
-@pytest.mark.parametrize("chunk_size,softcap", [(4, None), (5, None), (13, None), (256, None), (4, 3.0)])
+# chunk 13 and 256 hold the whole row in one chunk: a trained head then keeps the logit gradients (three
+# passes); 4 and 5 rematerialize each chunk (four).
+@pytest.mark.parametrize("chunk_size,softcap", [(4, None), (5, None), (13, None), (256, None), (4, 3.0), (13, 3.0)])
 def test_values_and_gradients_match_naive(chunk_size, softcap):
     hidden, head, targets = make_inputs()
     weights = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
@@ -92,7 +94,7 @@ def vocab_matmuls(jaxpr, vocab):
     return count
 
 
-def test_frozen_head_takes_two_vocab_passes_and_forward_only_one():
+def test_vocab_passes_forward_frozen_head_and_trained_head():
     hidden, head, targets = make_inputs(vocab=97)
 
     def loss(h, w):
@@ -104,6 +106,10 @@ def test_frozen_head_takes_two_vocab_passes_and_forward_only_one():
     assert vocab_matmuls(frozen_head.jaxpr, 97) == 2
     # forward, its recomputation in the backward, and the two gradient products
     assert vocab_matmuls(trained_head.jaxpr, 97) == 4
+    # the row in one chunk: the kept logit gradients stand in for the recomputation
+    one_chunk = jax.make_jaxpr(jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, chunk_size=13)),
+                                        argnums=(0, 1)))(hidden, head)
+    assert vocab_matmuls(one_chunk.jaxpr, 97) == 3
 
 
 def test_frozen_head_gradient_keeps_a_bfloat16_hidden_dtype():
@@ -212,7 +218,8 @@ def test_compiled_backward_memory_does_not_grow_with_full_logits():
     assert long < 8 * chunk_logits, (long, chunk_logits)
 
 
-def test_sharded_batch_and_vocab_match_naive():
+@pytest.mark.parametrize("chunk_size", [5, 12])
+def test_sharded_batch_and_vocab_match_naive(chunk_size):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -226,11 +233,11 @@ def test_sharded_batch_and_vocab_match_naive():
     targets = jax.device_put(targets, NamedSharding(mesh, P(batch_axes, None)))
 
     def loss(h, w):
-        return jnp.sum(token_logprobs(h, w, targets, chunk_size=5))
+        return jnp.sum(token_logprobs(h, w, targets, chunk_size=chunk_size))
 
     with jax.set_mesh(mesh):
         value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, head)
-        per_token = jax.jit(lambda h, w: token_logprobs(h, w, targets, chunk_size=5))(hidden, head)
+        per_token = jax.jit(lambda h, w: token_logprobs(h, w, targets, chunk_size=chunk_size))(hidden, head)
     h_host, w_host, y_host = (np.asarray(x) for x in (hidden, head, targets))
     np.testing.assert_allclose(per_token, naive_token_logprobs(h_host, w_host, y_host), atol=1e-5)
     want_value, want_grads = jax.value_and_grad(

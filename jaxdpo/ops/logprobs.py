@@ -5,8 +5,9 @@ unpaired rows; `slot_sums`: the N slots of groups).
 The LM head and the fp32 logsumexp run over chunks of the time axis in a `lax.map` (a scan), so only one
 chunk of logits is ever alive. Differentiated, the head's weight decides the passes over the vocabulary:
 frozen (LoRA), each chunk also forms d logp / d hidden while its logits are live, and the backward only
-scales it (two passes); trained, each chunk runs under `jax.checkpoint` and the backward recomputes it
-(three passes, and the head's gradient).
+scales it (two passes); trained, positions that fit one chunk keep that chunk's logit gradients and the
+backward forms both gradients from them (three passes), longer rows run each chunk under `jax.checkpoint`
+and the backward recomputes it (four).
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ def _chunk_logprobs(hidden_chunk, head_weight, target_chunk, logit_softcap):
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _chunk_logprobs_and_hidden_grad(hidden_chunk, head_weight, target_chunk, logit_softcap):
-    """log p(target) [B,C] and its gradient w.r.t. the hidden chunk [B,C,D] (both float32), the head held
-    fixed: d log p(y) / d h = W (onehot(y) - softmax) (times the softcap's derivative per logit), formed
-    while the chunk's logits are live, so no backward pass has to recompute them."""
+def _chunk_logprobs_and_logit_grads(hidden_chunk, head_weight, target_chunk, logit_softcap):
+    """log p(target) [B,C] and its gradient w.r.t. the chunk's logits before any softcap [B,C,V] (both
+    float32): onehot(y) - softmax, times the softcap's derivative per logit."""
     logits, softcap_slope = _chunk_logits(hidden_chunk, head_weight, logit_softcap)
     is_target = _is_target(logits, target_chunk)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
@@ -56,6 +56,14 @@ def _chunk_logprobs_and_hidden_grad(hidden_chunk, head_weight, target_chunk, log
     logit_grads = is_target.astype(jnp.float32) - jnp.exp(logits - log_normalizer[..., None])
     if softcap_slope is not None:
         logit_grads = logit_grads * softcap_slope
+    return logprobs, logit_grads
+
+
+def _chunk_logprobs_and_hidden_grad(hidden_chunk, head_weight, target_chunk, logit_softcap):
+    """log p(target) [B,C] and its gradient w.r.t. the hidden chunk [B,C,D] (both float32), the head held
+    fixed: d log p(y) / d h = W (onehot(y) - softmax) (times the softcap's derivative per logit), formed
+    while the chunk's logits are live, so no backward pass has to recompute them."""
+    logprobs, logit_grads = _chunk_logprobs_and_logit_grads(hidden_chunk, head_weight, target_chunk, logit_softcap)
     head = head_weight.astype(hidden_chunk.dtype)
     hidden_grads = jnp.einsum("bcv,dv->bcd", logit_grads.astype(head.dtype), head,
                               preferred_element_type=jnp.float32)
@@ -99,24 +107,36 @@ def _head_logprobs(hidden, head_weight, targets, chunk, logit_softcap):
 
 def _head_logprobs_fwd(hidden, head_weight, targets, chunk, logit_softcap):
     """Two matmul passes over the vocabulary when only the hidden states are differentiated (a frozen
-    head: LoRA), saving d logp / d hidden [B,T,D]; else the rematerialized path's linearization."""
-    if head_weight.perturbed or not hidden.perturbed:
-        logprobs, head_vjp = jax.vjp(
-            lambda h, w: _rematerialized_logprobs(h, w, targets.value, chunk, logit_softcap),
-            hidden.value, head_weight.value)
-        return logprobs, (None, head_vjp)
-    chunk_fn = functools.partial(_chunk_logprobs_and_hidden_grad, head_weight=head_weight.value,
-                                 logit_softcap=logit_softcap)
-    logprobs, hidden_grads = _over_chunks(lambda h, y: chunk_fn(h, target_chunk=y), hidden.value,
-                                          targets.value, chunk)
-    return logprobs, (hidden_grads.astype(hidden.value.dtype), None)
+    head: LoRA), saving d logp / d hidden [B,T,D]. A trained head whose positions fit one chunk keeps that
+    chunk's logit gradients [B,T,V] (the memory of the one chunk of logits the forward holds anyway), and
+    the backward forms both gradients from them: three passes. Longer rows take the rematerialized path's
+    linearization (four)."""
+    if not head_weight.perturbed and hidden.perturbed:
+        chunk_fn = functools.partial(_chunk_logprobs_and_hidden_grad, head_weight=head_weight.value,
+                                     logit_softcap=logit_softcap)
+        logprobs, hidden_grads = _over_chunks(lambda h, y: chunk_fn(h, target_chunk=y), hidden.value,
+                                              targets.value, chunk)
+        return logprobs, (hidden_grads.astype(hidden.value.dtype), None, None)
+    if head_weight.perturbed and hidden.value.shape[1] <= chunk:
+        logprobs, logit_grads = _chunk_logprobs_and_logit_grads(hidden.value, head_weight.value, targets.value,
+                                                                logit_softcap)
+        return logprobs, (None, None, (logit_grads.astype(hidden.value.dtype), hidden.value, head_weight.value))
+    logprobs, head_vjp = jax.vjp(lambda h, w: _rematerialized_logprobs(h, w, targets.value, chunk, logit_softcap),
+                                 hidden.value, head_weight.value)
+    return logprobs, (None, head_vjp, None)
 
 
 def _head_logprobs_bwd(chunk, logit_softcap, residuals, cotangent):
-    hidden_grads, head_vjp = residuals
+    hidden_grads, head_vjp, kept = residuals
     if head_vjp is not None:
         return (*head_vjp(cotangent), None)
-    return (cotangent[..., None] * hidden_grads).astype(hidden_grads.dtype), None, None
+    if hidden_grads is not None:
+        return (cotangent[..., None] * hidden_grads).astype(hidden_grads.dtype), None, None
+    logit_grads, hidden, head = kept
+    scaled = cotangent[..., None].astype(logit_grads.dtype) * logit_grads
+    hidden_grads = jnp.einsum("btv,dv->btd", scaled, head.astype(scaled.dtype), preferred_element_type=jnp.float32)
+    head_grads = jnp.einsum("btd,btv->dv", hidden, scaled, preferred_element_type=jnp.float32)
+    return hidden_grads.astype(hidden.dtype), head_grads.astype(head.dtype), None
 
 
 _head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd, symbolic_zeros=True)

@@ -1,6 +1,7 @@
 """The step's faster formulations give what the plain ones give: query-blocked causal attention
 (ops.attention.causal_blocked_attention) equals full attention on every real query row, values and gradients,
-and LoRA's low-rank update with its own backward (models.low_rank.low_rank) equals autodiff of (x A) B."""
+LoRA's low-rank update with its own backward (models.low_rank.low_rank) equals autodiff of (x A) B, and so
+does a projection with its own backward (ops.linear.linear) equal autodiff of its einsum."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from jaxdpo.models.low_rank import low_rank
 from jaxdpo.ops.attention import causal_blocked_attention, grouped_attention, make_attention_mask
+from jaxdpo.ops.linear import linear
 
 
 def prefix_shared_rows(rows: int, t: int):
@@ -64,3 +66,25 @@ def test_low_rank_backward_equals_autodiff(dims, x_shape, a_shape, b_shape):
     got = jax.grad(lambda *args: jnp.sum(low_rank(dims, *args) * weights), argnums=(0, 1, 2))(x, a, b)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, y_shape, w_shape", [
+    ("btd,dnh->btnh", (2, 5, 8), (8, 3, 4)),  # q_proj
+    ("bti,id->btd", (2, 5, 12), (12, 8)),  # o_proj, (heads, head_dim) merged
+    ("btf,fd->btd", (2, 5, 6), (6, 8)),  # down_proj
+])
+def test_linear_backward_equals_autodiff(spec, y_shape, w_shape):
+    keys = jax.random.split(jax.random.key(2), 3)
+    y, w = jax.random.normal(keys[0], y_shape), jax.random.normal(keys[1], w_shape)
+    weights = jax.random.normal(keys[2], jnp.einsum(spec, y, w).shape)
+
+    def loss(product):
+        return lambda y, w: jnp.sum(jnp.sin(product(spec, y, w)) * weights)
+
+    np.testing.assert_allclose(linear(spec, y, w), jnp.einsum(spec, y, w), rtol=1e-6)
+    expected = jax.grad(loss(jnp.einsum), argnums=(0, 1))(y, w)
+    for got, want in zip(jax.grad(loss(linear), argnums=(0, 1))(y, w), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a frozen weight (LoRA's base): only the input's gradient is formed, and it is the same
+    np.testing.assert_allclose(jax.grad(loss(linear))(y, w), expected[0], rtol=1e-5, atol=1e-6)
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(loss(linear)))(y, w))

@@ -1,1 +1,1 @@
-"""Kernels and numerics: attention backends (XLA, cuDNN, splash, ring) and chunked logprobs."""
+"""Kernels and numerics: attention backends (XLA, cuDNN, splash, ring), chunked logprobs and the projections' backward."""

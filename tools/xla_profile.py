@@ -41,6 +41,7 @@ PARTS = (
     ("LM head (decode logits)", "models/decoder.py", ("Decoder.head_logits",)),
     ("scored gather, pair sums", "ops/logprobs.py", None),
     ("projections (q,k,v,o, MLP)", "models/decoder.py", ("_contract", "base_weight")),
+    ("projections (q,k,v,o, MLP)", "ops/linear.py", None),
     ("embedding", "models/decoder.py", ("embed_tokens",)),
     ("norms, RoPE, residuals, MLP activation", "models/decoder.py", None),
     ("loss", "preference/", None),

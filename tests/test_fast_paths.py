@@ -1,7 +1,8 @@
 """The step's faster formulations give what the plain ones give: query-blocked causal attention
 (ops.attention.causal_blocked_attention) equals full attention on every real query row, values and gradients,
-LoRA's low-rank update with its own backward (models.low_rank.low_rank) equals autodiff of (x A) B, and so
-does a projection with its own backward (ops.linear.linear) equal autodiff of its einsum."""
+LoRA's low-rank update with its own backward (models.low_rank.low_rank) equals autodiff of (x A) B, so
+does a projection with its own backward (ops.linear.linear) equal autodiff of its einsum, and the decode step's
+attention over a KV cache (ops.attention.decode_attention) equals grouped_attention."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,12 @@ import numpy as np
 import pytest
 
 from jaxdpo.models.low_rank import low_rank
-from jaxdpo.ops.attention import causal_blocked_attention, grouped_attention, make_attention_mask
+from jaxdpo.ops.attention import (
+    causal_blocked_attention,
+    decode_attention,
+    grouped_attention,
+    make_attention_mask,
+)
 from jaxdpo.ops.linear import linear
 
 
@@ -46,6 +52,24 @@ def test_blocked_attention_equals_full_attention_on_real_rows(block):
     blocked_grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
     for full_grad, blocked_grad in zip(full_grads, blocked_grads):
         np.testing.assert_allclose(blocked_grad, full_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, softcap, tolerance", [
+    (jnp.float32, None, 1e-6), (jnp.float32, 5.0, 1e-6), (jnp.bfloat16, None, 2e-2)])
+def test_decode_attention_equals_grouped_attention(dtype, softcap, tolerance):
+    rows, slots, heads, kv_heads, head_dim = 3, 20, 6, 2, 8
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (rows, 1, heads, head_dim), dtype)
+    k, v = (jax.random.normal(key, (rows, slots, kv_heads, head_dim), dtype) for key in keys[1:])
+    visible = np.zeros((rows, 1, 1, slots), bool)  # left padding, then the filled slots, then empty ones
+    for row, (first, last) in enumerate([(0, 19), (5, 12), (11, 11)]):
+        visible[row, ..., first:last + 1] = True
+    expected = grouped_attention(q, k, v, mask=jnp.asarray(visible), scale=0.3, logit_softcap=softcap)
+    got = decode_attention(q, jnp.einsum("bskh->bkhs", k), jnp.einsum("bskh->bksh", v), mask=jnp.asarray(visible),
+                           scale=0.3, logit_softcap=softcap)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=tolerance,
+                               atol=tolerance)
 
 
 @pytest.mark.parametrize("dims, x_shape, a_shape, b_shape", [

@@ -6,9 +6,10 @@
 
 Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (a power of two, so new prompt
 lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, a (k, v) pair per
-layer (k [B,K,S,H], v [B,K,H,S]: the layouts the attention einsums read as stored; written in place). Row b's
-prompt occupies slots P-n_b .. P-1 with RoPE positions 0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while
-its positions stay its own, and a key slot s is visible to the query at slot q iff P-n_b <= s <= q (and, on
+layer (k [B,K,H,S], v [B,K,S,H]: each contraction of ops.attention.decode_attention sums over a non-minor
+axis of its cache; written in place). Row b's prompt occupies slots P-n_b .. P-1 with RoPE positions
+0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while its
+positions stay its own, and a key slot s is visible to the query at slot q iff P-n_b <= s <= q (and, on
 sliding-window layers, q - s < window: slots and positions differ by the same per-row offset).
 
 Draws: the token of row r at step j is drawn with key fold_in(fold_in(key(seed), r), j), r being the
@@ -42,7 +43,7 @@ from jaxdpo.models.decoder import (
     rope_inv_freq,
     rope_tables,
 )
-from jaxdpo.ops.attention import grouped_attention
+from jaxdpo.ops.attention import decode_attention, grouped_attention
 from jaxdpo.ops.logprobs import token_logprobs
 from jaxdpo.parallel import sequence_parallel
 from jaxdpo.parallel.sharding import gather_to_host, logical_spec, sequence_axis_size
@@ -169,11 +170,11 @@ def _per_layer(model) -> list[dict]:
 
 
 def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, write_slot, ways: int = 1):
-    """Run every layer (`layers`: _per_layer's trees) on x [B,T,D] (positions [B,T]): layer l writes its k, v
-    into cache[l]'s slots write_slot .. write_slot+T-1 and attends over that whole cache with `mask`
-    [B,1,T,S] (`sliding_mask` on sliding-window layers). cache: per layer (k [B,K,S,H], v [B,K,H,S]), updated
-    in place; `ways`: decoder._contract's. Returns (x, cache). The layers are unrolled, so each reads its own
-    weights in place."""
+    """Run every layer (`layers`: _per_layer's trees) on one token a row, x [B,1,D] (positions [B,1]): layer l
+    writes its k, v into cache[l]'s slot write_slot and attends over that whole cache with `mask` [B,1,1,S]
+    (`sliding_mask` on sliding-window layers). cache: per layer (k [B,K,H,S], v [B,K,S,H]), updated in place;
+    `ways`: decoder._contract's. Returns (x, cache). The layers are unrolled, so each reads its own weights in
+    place."""
     c, dtype = model.config, model.dtype
     lora_scale = _lora_scale(model)
     global_rope, local_rope = _rope(positions, c)
@@ -182,12 +183,12 @@ def _layers_with_cache(model, layers, x, positions, mask, sliding_mask, cache, w
         cos, sin = local_rope if sliding and local_rope is not None else global_rope
         q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale,
                                    contraction_ways=ways)
-        k = jnp.einsum("btkh->bkth", k).astype(cache_k.dtype)
-        v = jnp.einsum("btkh->bkht", v).astype(cache_v.dtype)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, write_slot, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, 0, write_slot))
-        a = grouped_attention(q, cache_k, cache_v, mask=sliding_mask if sliding else mask, scale=c.attention_scale,
-                              logit_softcap=c.attn_logit_softcap, cache_layout=True)
+        k = jnp.einsum("btkh->bkht", k).astype(cache_k.dtype)
+        v = jnp.einsum("btkh->bkth", v).astype(cache_v.dtype)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, write_slot))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, write_slot, 0))
+        a = decode_attention(q, cache_k, cache_v, mask=sliding_mask if sliding else mask, scale=c.attention_scale,
+                             logit_softcap=c.attn_logit_softcap)
         x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale,
                                      contraction_ways=ways)
         new_cache.append((cache_k, cache_v))
@@ -210,11 +211,10 @@ def _prefill(model, x, positions, mask, sliding_mask, num_slots: int):
         if local_rope is not None:
             cos, sin = jnp.where(sliding, local_rope[0], cos), jnp.where(sliding, local_rope[1], sin)
         q, k, v = attention_inputs(params, x, cos=cos, sin=sin, config=c, dtype=dtype, lora_scale=lora_scale)
-        k, v = jnp.einsum("btkh->bkth", k), jnp.einsum("btkh->bkht", v)
         layer_mask = mask if sliding_mask is None else jnp.where(sliding, sliding_mask, mask)
-        a = grouped_attention(q, k, v, mask=layer_mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap,
-                              cache_layout=True)
-        return attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale), (k, v)
+        a = grouped_attention(q, k, v, mask=layer_mask, scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
+        x = attention_output_and_mlp(params, x, a, config=c, dtype=dtype, lora_scale=lora_scale)
+        return x, (jnp.einsum("btkh->bkht", k), jnp.einsum("btkh->bkth", v))
 
     x, (ks, vs) = jax.lax.scan(layer, x, (model.layers.arrays(), jnp.asarray(c.layer_is_sliding)))
     empty_k, empty_v = _new_cache(model, b, num_slots)[0]
@@ -264,12 +264,12 @@ def _batch_axis(batch: int):
 
 def _new_cache(model, batch: int, num_slots: int):
     c = model.config
-    k = jnp.zeros((batch, c.num_kv_heads, num_slots, c.head_dim), model.dtype)
-    v = jnp.zeros((batch, c.num_kv_heads, c.head_dim, num_slots), model.dtype)
+    k = jnp.zeros((batch, c.num_kv_heads, c.head_dim, num_slots), model.dtype)
+    v = jnp.zeros((batch, c.num_kv_heads, num_slots, c.head_dim), model.dtype)
     if not jax.sharding.get_abstract_mesh().empty:  # rows split like the batch, kv heads like their weights
         rows = _batch_axis(batch)
-        k = jax.lax.with_sharding_constraint(k, logical_spec(rows, "kv_heads", "seq", "head_dim"))
-        v = jax.lax.with_sharding_constraint(v, logical_spec(rows, "kv_heads", "head_dim", "seq"))
+        k = jax.lax.with_sharding_constraint(k, logical_spec(rows, "kv_heads", "head_dim", "seq"))
+        v = jax.lax.with_sharding_constraint(v, logical_spec(rows, "kv_heads", "seq", "head_dim"))
     return tuple((k, v) for _ in range(c.num_layers))
 
 
@@ -277,7 +277,7 @@ class _DecodeState(NamedTuple):
     """What one decode step reads and writes (a pytree: the while_loop's carry)."""
 
     step: jax.Array  # int32: the index of the token this step draws
-    cache: tuple  # per layer (k [B,K,S,H], v [B,K,H,S])
+    cache: tuple  # per layer (k [B,K,H,S], v [B,K,S,H])
     last: jax.Array  # [B] int32: the token drawn at step - 1, written to the cache this step
     done: jax.Array  # [B] bool: the row emitted an EOS id
     ids: jax.Array  # [B,N] int32: the tokens drawn so far, pad_id after a row stopped
@@ -330,8 +330,12 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
 
 
 def _chosen_logprob(logits, token):
-    """log softmax(logits)[token] per row: the model's own probability (no temperature or filtering)."""
-    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    """log softmax(logits)[token] per row: the model's own probability (no temperature or filtering), as the
+    chosen logit less the row's logsumexp, so no [B,V] log-softmax is written out. The max is the one
+    first_max_index takes, which XLA computes once for both."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    logsumexp = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logsumexp
 
 
 _run_jitted = jax.jit(_run, static_argnames=("graphdef", "program"))

@@ -92,7 +92,8 @@ def test_lora_adapters_are_applied(tiny):
 
 
 def test_prompt_buckets_and_left_padding():
-    assert [gen.bucket_length(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+    assert [gen.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 64, 65, 97)] == \
+        [16, 16, 24, 24, 32, 48, 48, 64, 64, 96, 128]
     tokens, lengths = gen.left_pad([[5, 6], [7]], 4, pad_id=0)
     np.testing.assert_array_equal(tokens, [[0, 0, 5, 6], [0, 0, 0, 7]])
     np.testing.assert_array_equal(lengths, [2, 1])

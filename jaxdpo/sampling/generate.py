@@ -4,10 +4,10 @@
 `completion_logprobs` scores given completions under any params (e.g. the reference's). Texts in and out
 (chat templates, stop ids and strings) are jaxdpo.sampling.text's.
 
-Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (a power of two, so new prompt
-lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, a (k, v) pair per
-layer (k [B,K,H,S], v [B,K,S,H]: each contraction of ops.attention.decode_attention sums over a non-minor
-axis of its cache; written in place). Row b's prompt occupies slots P-n_b .. P-1 with RoPE positions
+Layout of one compiled call: B prompts are LEFT-padded to a bucket length P (`bucket_length`: a few sizes,
+so new prompt lengths reuse a compiled program); the KV cache holds S = P + max_new_tokens slots per row, a
+(k, v) pair per layer (k [B,K,H,S], v [B,K,S,H]: each contraction of ops.attention.decode_attention sums over
+a non-minor axis of its cache; written in place). Row b's prompt occupies slots P-n_b .. P-1 with RoPE positions
 0 .. n_b-1; decode step j writes slot P+j-1 at position n_b+j-1, so every row writes the same slot while its
 positions stay its own, and a key slot s is visible to the query at slot q iff P-n_b <= s <= q (and, on
 sliding-window layers, q - s < window: slots and positions differ by the same per-row offset).
@@ -137,8 +137,13 @@ def sample_tokens(logits, keys, *, temperature, top_p, greedy: bool, top_k: int,
 # ---- prompts -> one padded batch ----------------------------------------------------------------------------
 
 def bucket_length(n: int) -> int:
-    """Prompt slots for a longest prompt of n tokens: a power of two (at least MIN_PROMPT_BUCKET)."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(0, n - 1).bit_length())
+    """Slots for a longest prompt of n tokens: the smallest power of two or three times a power of two
+    (16, 24, 32, 48, 64, 96, ...; at least MIN_PROMPT_BUCKET) that holds n. Each bucket is one compiled
+    program; with the in-between sizes at most a third of the slots are padding instead of half, which the
+    prefill pays for in every row (DEVELOPING.md, Decode at batch 1 and 32)."""
+    power = max(MIN_PROMPT_BUCKET, 1 << max(0, n - 1).bit_length())
+    three_quarters = power // 4 * 3
+    return three_quarters if power > MIN_PROMPT_BUCKET and n <= three_quarters else power
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -202,7 +202,7 @@ def decode_attention(q, k_cache, v_cache, *, mask, scale, logit_softcap=None):
     S for the output) rather than as dots: with one query row each (b, kv head) pair is a [G,H] x [H,S]
     product, and XLA:CPU runs the B*K of them as a batched dot at a fraction of the memory bandwidth, while
     the fused multiply-and-sum reads each cache once, vectorized along its minor axis (DEVELOPING.md,
-    Decode at batch 1 and 32: 30 layers at 32 rows, 35 -> 18 ms)."""
+    Decode at batch 1 and 32)."""
     b, t, n, h = q.shape
     kv_heads = k_cache.shape[1]
     if t != 1 or n % kv_heads:

@@ -336,11 +336,8 @@ def _run(graphdef, states, tokens, lengths, row_ids, temperature, top_p, seed, *
 
 def _chosen_logprob(logits, token):
     """log softmax(logits)[token] per row: the model's own probability (no temperature or filtering), as the
-    chosen logit less the row's logsumexp, so no [B,V] log-softmax is written out. The max is the one
-    first_max_index takes, which XLA computes once for both."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    logsumexp = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logsumexp
+    chosen logit less the row's logsumexp, so no [B,V] log-softmax is written out."""
+    return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
 _run_jitted = jax.jit(_run, static_argnames=("graphdef", "program"))
